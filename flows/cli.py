@@ -1,0 +1,129 @@
+"""The `fsad` command line. Each subcommand parses its arguments and calls one function.
+
+Every failure exits non-zero with a one-line reason on stderr (no traceback unless FSAD_DEBUG=1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+
+class NotImplementedYet(SystemExit):
+    def __init__(self, what: str):
+        print(f"fsad {what}: not implemented yet", file=sys.stderr)
+        super().__init__(2)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from flows.demo import run_demo
+    return run_demo(workdir=args.workdir, data=args.data)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from flows.commands import train
+    return train(args)
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    from flows.commands import score
+    return score(args)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from flows.commands import bench
+    return bench(args)
+
+
+def _cmd_upload(args: argparse.Namespace) -> int:
+    raise NotImplementedYet("upload")
+
+
+def _cmd_retrain(args: argparse.Namespace) -> int:
+    raise NotImplementedYet("retrain")
+
+
+def _cmd_stack(args: argparse.Namespace) -> int:
+    raise NotImplementedYet("stack")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fsad",
+        description="Few-shot anomaly detection for industrial images: fine-tune on a handful of "
+                    "normal photos, calibrate, score, and run it as a Prefect + MLflow pipeline.",
+        epilog="Configuration: FSAD_HOME (default ~/.fsad), FSAD_STORAGE (folder or s3://BUCKET), "
+               "MLFLOW_TRACKING_URI (default SQLite in FSAD_HOME).")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, handler: Callable[[argparse.Namespace], int], help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.set_defaults(handler=handler)
+        return p
+
+    p = add("demo", _cmd_demo, "run the main job end to end on embedded defaults and a generated product")
+    p.add_argument("--workdir", default=None, help="folder for everything the demo writes (default: FSAD_HOME)")
+    p.add_argument("--data", default=None, help="an MVTec-layout category folder to use instead of generated data")
+
+    p = add("train", _cmd_train, "fine-tune and calibrate a model on k normal images of a category")
+    p.add_argument("--data", required=True, help="MVTec-layout category folder (train/good is the pool)")
+    p.add_argument("--k", type=int, required=True, help="number of normal images to draw from train/good")
+    p.add_argument("--seed", type=int, default=0, help="seed of the k-shot draw and of training")
+    p.add_argument("--out", required=True, help="model folder to write (config.json + safetensors)")
+    p.add_argument("--method", default="default", help="method name (see `fsad bench --help`)")
+    p.add_argument("--backbone", default=None, help="timm backbone name (default: the method's)")
+    p.add_argument("--weights", default=None, help="local checkpoint for the backbone instead of the bundled weights")
+    p.add_argument("--size", type=int, default=None, help="input size in pixels (square)")
+    p.add_argument("--resize", choices=("resize", "letterbox", "tile"), default=None, help="input resize policy")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+
+    p = add("score", _cmd_score, "score images with a trained model; writes a CSV of image, score, is_anomaly")
+    p.add_argument("--model", required=True, help="model folder, or models:/NAME@ALIAS from the MLflow registry")
+    p.add_argument("images", nargs="+", help="image files or folders")
+    p.add_argument("--out", default=None, help="CSV path (default: standard output)")
+    p.add_argument("--maps", default=None, help="folder for anomaly-map overlay PNGs")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+
+    p = add("bench", _cmd_bench, "benchmark methods over k and seeds on MVTec-layout data; writes JSON")
+    p.add_argument("--data", required=True, nargs="+", help="dataset root(s) or category folder(s)")
+    p.add_argument("--k", type=int, nargs="+", default=[1, 2, 4, 8])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--methods", nargs="+", default=["pretrained", "default"])
+    p.add_argument("--out", required=True, help="results JSON path")
+    p.add_argument("--report", default=None, help="also write the table as Markdown here")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--max-test", type=int, default=None, help="score at most this many test images (stratified), for quick runs")
+
+    p = add("upload", _cmd_upload, "put a few-shot set into storage (images first, manifest.json last)")
+    p.add_argument("--product", required=True)
+    p.add_argument("dir", help="folder with train/good/* and optionally eval/good|defect/*, or just images")
+
+    p = add("retrain", _cmd_retrain, "run the retraining flow now for a product")
+    p.add_argument("--product", required=True)
+    p.add_argument("--upload", default=None, help="upload id (default: the latest complete upload)")
+
+    p = add("stack", _cmd_stack, "start, stop or inspect local real services on 127.0.0.1 (Swift S3, MLflow, Prefect)")
+    p.add_argument("action", choices=("up", "down", "status"))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except SystemExit:
+        raise
+    except KeyboardInterrupt:
+        print("fsad: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # one-line reason for users; full trace on request
+        if os.environ.get("FSAD_DEBUG"):
+            raise
+        print(f"fsad {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""Turning decoded images into model input: resize policy, normalisation, tiling.
+
+The resize policy is part of a product's configuration, because parts differ: `resize`
+(plain, may change the aspect ratio), `letterbox` (aspect-preserving resize, padded with the
+edge colour) and `tile` (the long side is cut into square tiles, each scored separately).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+RESIZE_MODES = ("resize", "letterbox", "tile")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    size: int = 224
+    mode: str = "resize"
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+    def __post_init__(self) -> None:
+        if self.mode not in RESIZE_MODES:
+            raise ValueError(f"resize mode {self.mode!r}: one of {RESIZE_MODES}")
+        if not 32 <= self.size <= 2048:
+            raise ValueError(f"input size {self.size} outside [32, 2048]")
+
+
+def to_tensor(image: np.ndarray) -> torch.Tensor:
+    """HxWx3 uint8 -> 3xHxW float in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+
+
+def _resize(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    return F.interpolate(x[None], size=(h, w), mode="bilinear", align_corners=False, antialias=True)[0]
+
+
+def letterbox_geometry(h: int, w: int, size: int) -> tuple[int, int, int, int]:
+    """(new_h, new_w, top, left) of an aspect-preserving fit into size x size."""
+    scale = size / max(h, w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    return nh, nw, (size - nh) // 2, (size - nw) // 2
+
+
+def tile_boxes(h: int, w: int) -> list[tuple[int, int, int, int]]:
+    """Square tiles (top, left, side, side) covering the image along its long side, overlapping evenly."""
+    side = min(h, w)
+    n = int(np.ceil(max(h, w) / side))
+    starts = np.linspace(0, max(h, w) - side, n).round().astype(int) if n > 1 else np.zeros(1, int)
+    if h >= w:
+        return [(int(s), 0, side, side) for s in starts]
+    return [(0, int(s), side, side) for s in starts]
+
+
+def prepare(image: np.ndarray, spec: InputSpec) -> torch.Tensor:
+    """Model input for one image: Nx3xSxS (N = 1 except in tile mode), normalised."""
+    x = to_tensor(image)
+    _, h, w = x.shape
+    if spec.mode == "resize":
+        views = [_resize(x, spec.size, spec.size)]
+    elif spec.mode == "letterbox":
+        nh, nw, top, left = letterbox_geometry(h, w, spec.size)
+        canvas = torch.empty(3, spec.size, spec.size)
+        canvas[:] = x.mean(dim=(1, 2))[:, None, None]
+        canvas[:, top:top + nh, left:left + nw] = _resize(x, nh, nw)
+        views = [canvas]
+    else:
+        views = [_resize(x[:, t:t + s, l:l + s2], spec.size, spec.size) for t, l, s, s2 in tile_boxes(h, w)]
+    batch = torch.stack(views)
+    return normalise(batch, spec)
+
+
+def normalise(batch: torch.Tensor, spec: InputSpec) -> torch.Tensor:
+    mean = torch.tensor(spec.mean, dtype=batch.dtype, device=batch.device).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std, dtype=batch.dtype, device=batch.device).view(1, 3, 1, 1)
+    return (batch - mean) / std
+
+
+def map_to_image(amap: torch.Tensor, h: int, w: int, spec: InputSpec) -> np.ndarray:
+    """Anomaly map(s) in model space (NxSxS) back to the original HxW, undoing the resize policy."""
+    if spec.mode == "resize":
+        return _resize(amap[:1], h, w)[0].numpy()
+    if spec.mode == "letterbox":
+        nh, nw, top, left = letterbox_geometry(h, w, spec.size)
+        return _resize(amap[:1, top:top + nh, left:left + nw], h, w)[0].numpy()
+    out = torch.full((h, w), float("-inf"))
+    for tile, (t, l, s, s2) in zip(amap, tile_boxes(h, w)):
+        out[t:t + s, l:l + s2] = torch.maximum(out[t:t + s, l:l + s2], _resize(tile[None], s, s2)[0])
+    return out.numpy()

@@ -1,0 +1,1 @@
+"""Starting, stopping and configuring the real services (Swift S3, MLflow server, Prefect server)."""
