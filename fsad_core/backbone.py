@@ -177,33 +177,3 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict):
         raise WeightsError(f"{path} does not hold a state dict")
     return state
-
-
-class FeatureExtractor(nn.Module):
-    """Multi-stage features from a timm EfficientNet-style classifier.
-
-    Returns the intermediate stage maps named by `stages` (timm feature_info indices) and the
-    globally pooled final embedding (conv_head + bn2), so one forward pass serves both the patch
-    memory and the image-level Gaussian.
-    """
-
-    def __init__(self, model: nn.Module, stages: tuple[int, ...] = (1, 2)):
-        super().__init__()
-        self.model = model
-        info = model.feature_info
-        self.stage_modules = [info[s]["module"] for s in stages]
-        self.stage_channels = [info[s]["num_chs"] for s in stages]
-        self.stage_reductions = [info[s]["reduction"] for s in stages]
-        self.embed_dim = model.num_features
-
-    def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        m = self.model
-        x = m.bn1(m.conv_stem(x))
-        feats: list[torch.Tensor] = []
-        wanted = set(self.stage_modules)
-        for i, stage in enumerate(m.blocks):
-            x = stage(x)
-            if f"blocks.{i}" in wanted:
-                feats.append(x)
-        x = m.bn2(m.conv_head(x))
-        return feats, x.mean(dim=(2, 3))

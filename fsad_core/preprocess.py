@@ -57,7 +57,9 @@ def tile_boxes(h: int, w: int) -> list[tuple[int, int, int, int]]:
 
 
 def prepare(image: np.ndarray, spec: InputSpec) -> torch.Tensor:
-    """Model input for one image: Nx3xSxS (N = 1 except in tile mode), normalised."""
+    """Views of one image at model size: Nx3xSxS in [0, 1] (N = 1 except in tile mode).
+
+    Normalisation comes later (`normalise`), after augmentation and synthetic defects."""
     x = to_tensor(image)
     _, h, w = x.shape
     if spec.mode == "resize":
@@ -70,8 +72,7 @@ def prepare(image: np.ndarray, spec: InputSpec) -> torch.Tensor:
         views = [canvas]
     else:
         views = [_resize(x[:, t:t + s, l:l + s2], spec.size, spec.size) for t, l, s, s2 in tile_boxes(h, w)]
-    batch = torch.stack(views)
-    return normalise(batch, spec)
+    return torch.stack(views)
 
 
 def normalise(batch: torch.Tensor, spec: InputSpec) -> torch.Tensor:

@@ -1,0 +1,140 @@
+"""The model commands of the CLI: train, score, bench. Each reads files, calls fsad_core, writes files."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from fsad_core.data import find_categories, load_category
+from fsad_core.detector import Detector
+from fsad_core.imageio import ImageReadError, is_image_name, read_image
+from fsad_core.methods import method_config
+
+
+class Progress:
+    """One updating line on a terminal (plain lines otherwise) for long steps."""
+
+    def __init__(self, label: str, stream=sys.stderr):
+        self.label, self.stream = label, stream
+        self.tty = stream.isatty()
+        self.last = 0.0
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if done < total and now - self.last < (0.2 if self.tty else 10):
+            return
+        self.last = now
+        text = f"{self.label}: {stage} {done}/{total}"
+        self.stream.write(("\r" + text.ljust(70)) if self.tty else text + "\n")
+        if self.tty and stage == "calibrate":
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+def train(args: argparse.Namespace) -> int:
+    category = load_category(args.data)
+    samples = category.sample_k_shot(args.k, args.seed)
+    images = [s.image() for s in samples]
+    config = method_config(args.method, seed=args.seed, backbone=args.backbone, weights=args.weights,
+                           size=args.size, resize=args.resize)
+    detector, report = Detector.fit(images, config, device=args.device, progress=Progress(f"train k={args.k}"))
+    extra = {"method": args.method, "k": args.k, "seed": args.seed,
+             "training_images": [str(s.path) for s in samples], "fit_report": report.to_dict()}
+    out = detector.save(args.out, extra_config=extra)
+    t = detector.threshold
+    print(f"model written to {out} (fit {report.seconds:.1f} s; threshold {t.value:.4g}, rule {t.rule}, "
+          f"expected false-alarm rate {t.expected_false_alarm_rate})")
+    return 0
+
+
+def collect_images(paths: list[str]) -> list[Path]:
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.is_file() and is_image_name(f.name))
+        elif p.exists():
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"{p}: no such file or folder")
+    if not files:
+        raise FileNotFoundError(f"no images found in {' '.join(paths)}")
+    return files
+
+
+def load_model(ref: str, device: str) -> Detector:
+    if ref.startswith("models:/"):
+        from flows.registry import download_model
+        return Detector.load(download_model(ref), device=device)
+    return Detector.load(ref, device=device)
+
+
+def score(args: argparse.Namespace) -> int:
+    detector = load_model(args.model, args.device)
+    files = collect_images(args.images)
+    maps_dir = Path(args.maps) if args.maps else None
+    if maps_dir:
+        maps_dir.mkdir(parents=True, exist_ok=True)
+    out = open(args.out, "w", newline="") if args.out else sys.stdout
+    failed = 0
+    try:
+        writer = csv.writer(out)
+        writer.writerow(["image", "score", "is_anomaly", "threshold"])
+        for path in files:
+            try:
+                image = read_image(path)
+            except ImageReadError as exc:
+                print(f"fsad score: skipped {exc}", file=sys.stderr)
+                failed += 1
+                continue
+            result = detector.score([image], with_maps=maps_dir is not None)
+            writer.writerow([str(path), f"{result.scores[0]:.6g}", int(bool(result.is_anomaly[0])),
+                             f"{detector.threshold.value:.6g}"])
+            if maps_dir is not None:
+                from fsad_core.overlay import save_overlay
+                save_overlay(image, result.maps[0], maps_dir / f"{path.stem}_map.png")
+    finally:
+        if args.out:
+            out.close()
+    scored = len(files) - failed
+    print(f"fsad score: {scored} scored, {failed} failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def bench(args: argparse.Namespace) -> int:
+    from fsad_core.benchmark import CategoryCache, environment, format_table, run_one, table
+    roots = [c for d in args.data for c in find_categories(d)]
+    if not roots:
+        raise FileNotFoundError(f"no MVTec-layout category under {' '.join(args.data)}")
+    records: list[dict] = []
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    env = environment()
+    total = len(roots) * len(args.methods) * len(args.k) * len(args.seeds)
+    done = 0
+    for root in roots:
+        dataset = root.parent.name if root.parent.name != root.name else root.name
+        cache = CategoryCache.load(root, args.max_test)
+        for k in args.k:
+            if k > len(cache.category.train):
+                print(f"skip {root.name} k={k}: only {len(cache.category.train)} training images", file=sys.stderr)
+                continue
+            for method in args.methods:
+                for seed in args.seeds:
+                    done += 1
+                    label = f"[{done}/{total}] {dataset}/{root.name} {method} k={k} seed={seed}"
+                    record = run_one(cache, dataset, method, k, seed, args.device, Progress(label))
+                    records.append(record)
+                    print(f"{label}: image AUROC {record['image_auroc']:.3f} "
+                          f"(fit {record['fit_seconds']:.0f} s)", file=sys.stderr)
+                    out.write_text(json.dumps({"records": records, "environment": env}, indent=1))
+    rows = table(records)
+    print(format_table(rows))
+    if args.report:
+        Path(args.report).write_text(format_table(rows, markdown=True) + "\n")
+    return 0

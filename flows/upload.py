@@ -1,0 +1,246 @@
+"""``fsad upload``: put a few-shot image set into storage as one upload, manifest last.
+
+All-or-nothing at the level that matters: every file is read, decoded and checked before the first
+byte is written, so a bad set is refused with a list of all bad files and nothing in storage. The
+manifest is written only after every image, so a reader that sees ``manifest.json`` sees a complete
+upload; an interrupted upload stays without a manifest and is never trained on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import mimetypes
+import secrets
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from flows.storage import (
+    MANIFEST_NAME,
+    SPLITS_LABELS,
+    ObjectNotFound,
+    Store,
+    StorageError,
+    StorageKeyError,
+    manifest_key,
+    open_store,
+    upload_prefix,
+    validate_key,
+    validate_name,
+)
+from fsad_core.imageio import ImageReadError, is_image_name, read_image
+
+MANIFEST_FORMAT = 1
+_MAX_LISTED = 10
+
+
+class UploadError(ValueError):
+    """The folder cannot be uploaded as it is; the message lists every offending file."""
+
+
+class ManifestError(StorageError):
+    """manifest.json is missing (the upload is incomplete) or unreadable."""
+
+
+@dataclass(frozen=True)
+class ImageFacts:
+    """What the manifest records about one image (and what validation recomputes)."""
+
+    sha256: str
+    size: int
+    width: int  # as decoded, EXIF orientation applied: what the model sees
+    height: int
+    channels: int  # of the source file: 1 grey, 2 grey+alpha, 3 colour, 4 colour+alpha/CMYK
+    mode: str  # PIL mode of the source file, e.g. "L", "RGB", "I;16"
+
+
+@dataclass
+class UploadResult:
+    product: str
+    upload_id: str
+    uri: str
+    counts: dict[str, int]  # "train/good" -> n, ...
+    skipped: list[str] = field(default_factory=list)  # relative paths not uploaded, with the reason
+    content_sha256: str = ""
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+
+def new_upload_id(now: datetime | None = None) -> str:
+    """UTC timestamp + random suffix, e.g. ``20261129T101500Z-ab12cd``: sorts by time, never collides."""
+    now = now or datetime.now(timezone.utc)
+    return f"{now.astimezone(timezone.utc):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def describe_image(data: bytes, name: str) -> tuple[ImageFacts, Any]:
+    """Decode ``data`` (ImageReadError if unusable) and return its facts and the RGB array."""
+    rgb = read_image(data, name=name)
+    with Image.open(io.BytesIO(data)) as img:
+        mode = img.mode
+        bands = len(img.getbands())
+        if mode == "P":  # palette: colour, with alpha when a transparency entry exists
+            bands = 4 if "transparency" in img.info else 3
+    h, w = rgb.shape[:2]
+    return ImageFacts(sha256_hex(data), len(data), int(w), int(h), bands, mode), rgb
+
+
+def content_sha256(files: list[dict[str, Any]]) -> str:
+    """Identity of the training content: sha256 over ``"KEY\\tSHA256\\n"`` for entries sorted by key.
+
+    Keys are relative to the upload (``train/good/001.png``) and cannot contain tabs or newlines, so
+    the encoding is unambiguous; the same images give the same value whatever the upload id.
+    """
+    h = hashlib.sha256()
+    for key, digest in sorted((f["key"], f["sha256"]) for f in files):
+        h.update(f"{key}\t{digest}\n".encode("utf-8"))
+    return h.hexdigest()
+
+
+def _listdir(folder: Path) -> list[Path]:
+    return sorted(folder.iterdir(), key=lambda p: p.name)
+
+
+def _collect(folder: Path) -> tuple[list[tuple[str, Path]], list[str]]:
+    """(relative key, file) pairs to upload and the skipped entries with reasons.
+
+    ``DIR/train/good/*`` (+ ``DIR/eval/good|defect/*``) when ``DIR/train`` exists, otherwise the
+    images directly in ``DIR`` are the train/good set. Sub-folders are not descended into.
+    """
+    wanted: list[tuple[str, Path]] = []
+    skipped: list[str] = []
+
+    def take(src: Path, rel_dir: str, shown_dir: str) -> None:
+        for p in _listdir(src):
+            shown = f"{shown_dir}{p.name}"
+            if p.is_dir():
+                skipped.append(f"{shown}/ (folder not used here)")
+            elif not p.is_file():
+                skipped.append(f"{shown} (not a regular file)")
+            elif not is_image_name(p.name):
+                skipped.append(f"{shown} (not an image suffix)")
+            else:
+                wanted.append((f"{rel_dir}/{p.name}", p))
+
+    if (folder / "train").is_dir():
+        layout = {f"{s}/{lab}" for s, lab in SPLITS_LABELS}
+        for top in _listdir(folder):
+            if top.name not in ("train", "eval") or not top.is_dir():
+                skipped.append(f"{top.name}{'/' if top.is_dir() else ''} (not train/ or eval/)")
+                continue
+            for sub in _listdir(top):
+                rel = f"{top.name}/{sub.name}"
+                if rel in layout and sub.is_dir():
+                    take(sub, rel, rel + "/")
+                else:
+                    skipped.append(f"{rel}{'/' if sub.is_dir() else ''} (expected train/good, eval/good or eval/defect)")
+    else:
+        take(folder, "train/good", "")
+    return wanted, skipped
+
+
+def _one_line(problems: list[str]) -> str:
+    shown = "; ".join(problems[:_MAX_LISTED])
+    more = len(problems) - _MAX_LISTED
+    return shown + (f"; ... and {more} more" if more > 0 else "")
+
+
+def upload_folder(store: Store, product: str, folder: str | Path, upload_id: str | None = None) -> UploadResult:
+    """Upload ``folder`` as a new upload of ``product``; refuse (writing nothing) if any image is bad.
+
+    The upload id must be new: an existing upload is never overwritten.
+    """
+    validate_name(product, "product name")
+    upload_id = validate_name(upload_id, "upload id") if upload_id is not None else new_upload_id()
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UploadError(f"{folder}: not a folder")
+    prefix = upload_prefix(product, upload_id)
+
+    wanted, skipped = _collect(folder)
+    if not any(rel.startswith("train/good/") for rel, _ in wanted):
+        raise UploadError(f"{folder}: no training images found (expected images in train/good/ or directly "
+                          f"in the folder; suffixes: png jpg jpeg bmp tif tiff webp)")
+
+    # Pass 1: read, name-check and decode everything; write nothing.
+    entries: list[dict[str, Any]] = []
+    problems: list[str] = []
+    for rel, path in wanted:
+        try:
+            validate_key(prefix + rel)
+            data = path.read_bytes()
+            facts, _ = describe_image(data, rel)
+        except StorageKeyError as exc:
+            problems.append(f"{ascii(rel)}: unusable file name ({exc})")
+            continue
+        except ImageReadError as exc:
+            problems.append(str(exc))
+            continue
+        except OSError as exc:
+            problems.append(f"{rel}: cannot read ({exc.strerror or exc})")
+            continue
+        entries.append({"key": rel, **facts.__dict__})
+    if problems:
+        raise UploadError(f"refused, nothing uploaded; {len(problems)} bad file(s) in {folder}: {_one_line(problems)}")
+    if store.list(prefix):
+        raise UploadError(f"upload {upload_id} of {product} already exists at {store.uri(prefix)}; not overwriting")
+
+    # Pass 2: write images (re-read one at a time, checked against pass 1), then the manifest.
+    for entry, (rel, path) in zip(entries, wanted):
+        data = path.read_bytes()
+        if sha256_hex(data) != entry["sha256"]:
+            raise UploadError(f"{rel}: changed while uploading; upload {upload_id} left incomplete (no manifest)")
+        try:
+            store.put_bytes(prefix + rel, data, content_type=mimetypes.guess_type(rel)[0])
+        except StorageError as exc:
+            raise StorageError(f"{exc}; upload {upload_id} left incomplete (no manifest)") from None
+
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "product": product,
+        "upload_id": upload_id,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        "files": entries,
+        "content_sha256": content_sha256(entries),
+    }
+    store.put_json(manifest_key(product, upload_id), manifest)
+    counts = Counter(rel.rsplit("/", 1)[0] for rel, _ in wanted)
+    return UploadResult(product, upload_id, store.uri(prefix), dict(sorted(counts.items())), skipped,
+                        manifest["content_sha256"], manifest)
+
+
+def read_manifest(store: Store, product: str, upload_id: str) -> dict[str, Any]:
+    """The upload's manifest; ManifestError when it is missing (incomplete upload) or malformed."""
+    key = manifest_key(product, upload_id)
+    try:
+        manifest = store.get_json(key)
+    except ObjectNotFound:
+        raise ManifestError(f"upload {upload_id} of {product} has no {MANIFEST_NAME}: it is incomplete") from None
+    except StorageError as exc:
+        raise ManifestError(str(exc)) from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT \
+            or not isinstance(manifest.get("files"), list) \
+            or not all(isinstance(f, dict) and isinstance(f.get("key"), str) and isinstance(f.get("sha256"), str)
+                       for f in manifest["files"]):
+        raise ManifestError(f"{store.uri(key)}: not a format-{MANIFEST_FORMAT} fsad manifest")
+    return manifest
+
+
+def cli_upload(product: str, folder: str) -> int:
+    """``fsad upload --product NAME DIR``: upload and print a short summary; errors propagate."""
+    store = open_store()
+    result = upload_folder(store, product, folder)
+    parts = ", ".join(f"{n} {split}" for split, n in result.counts.items())
+    print(f"uploaded {product} {result.upload_id}: {parts} -> {result.uri}")
+    print(f"content_sha256 {result.content_sha256}")
+    if result.skipped:
+        print(f"skipped {len(result.skipped)}: {_one_line(result.skipped)}", file=sys.stderr)
+    return 0

@@ -1,0 +1,264 @@
+"""Data validation of an upload with Great Expectations, before anything is trained on it.
+
+The upload is turned into a pandas DataFrame (one row per object or missing manifest entry, with
+facts recomputed from the bytes), and a GX 1.x expectation suite runs over it in an ephemeral
+context: nothing is written to a GX project folder and nothing is sent anywhere. A failed upload is
+reported and copied to quarantine; the original is never deleted.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["GX_ANALYTICS_ENABLED"] = "false"  # before any GX import: never phone home
+
+import json
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from flows.storage import (
+    MANIFEST_NAME,
+    VALIDATION_NAME,
+    ObjectNotFound,
+    Store,
+    StorageError,
+    manifest_key,
+    quarantine_prefix,
+    upload_prefix,
+    validation_key,
+)
+from flows.upload import ManifestError, describe_image, read_manifest, sha256_hex
+from fsad_core.imageio import ImageReadError
+
+COLUMNS = ["key", "split", "label", "layout", "exists", "bytes", "sha256", "decodes", "decode_error",
+           "width", "height", "channels", "mode", "mean_brightness", "std_brightness",
+           "in_manifest", "manifest_sha256_matches", "manifest_size_matches", "manifest_status"]
+LAYOUTS = ["train/good", "eval/good", "eval/defect"]
+_GREY = np.array([0.299, 0.587, 0.114])  # ITU-R 601 luma, as PIL's "L" conversion
+_MAX_KEYS_SHOWN = 10
+
+
+class UploadNotFound(StorageError):
+    """Neither objects nor a manifest exist under the upload prefix."""
+
+
+@dataclass(frozen=True)
+class ValidationLimits:
+    """Thresholds of the suite; the defaults suit few-shot industrial sets."""
+
+    min_train: int = 1
+    max_train: int = 64
+    min_side: int = 32
+    max_side: int = 8192
+    min_std_brightness: float = 2.0  # below: a blank or nearly constant frame
+    min_mean_brightness: float = 2.0  # below / above: a black or white (saturated) frame
+    max_mean_brightness: float = 253.0
+
+
+@dataclass
+class ValidationReport:
+    product: str
+    upload_id: str
+    success: bool
+    failed: list[str]  # "expectation name: offending keys or observed value"
+    result: dict[str, Any]  # GX ExpectationSuiteValidationResult.to_json_dict()
+    limits: dict[str, Any] = field(default_factory=dict)
+    checked: str = ""
+    gx_version: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, default=str) + "\n"
+
+
+def _split_label(rel: str) -> tuple[str | None, str | None, str | None]:
+    parts = rel.split("/")
+    if len(parts) == 3:
+        return parts[0], parts[1], f"{parts[0]}/{parts[1]}"
+    return None, None, "/".join(parts[:-1]) or "."
+
+
+def _describe(rel: str, data: bytes) -> dict[str, Any]:
+    row: dict[str, Any] = {"exists": True, "bytes": len(data)}
+    try:
+        facts, rgb = describe_image(data, rel)
+    except ImageReadError as exc:
+        row.update(sha256=sha256_hex(data), decodes=False, decode_error=str(exc))
+        return row
+    grey = rgb.astype(np.float32) @ _GREY.astype(np.float32)
+    row.update(sha256=facts.sha256, decodes=True, decode_error=None, width=facts.width, height=facts.height,
+               channels=facts.channels, mode=facts.mode, mean_brightness=float(grey.mean()),
+               std_brightness=float(grey.std()))
+    return row
+
+
+def build_upload_frame(store: Store, product: str, upload_id: str) -> pd.DataFrame:
+    """One row per object of the upload (manifest.json / validation.json excluded), recomputed from
+    the bytes and cross-checked against the manifest, plus a row per manifest entry with no object."""
+    prefix = upload_prefix(product, upload_id)
+    objects = [k[len(prefix):] for k in store.list(prefix)]
+    objects = [rel for rel in objects if rel not in (MANIFEST_NAME, VALIDATION_NAME)]
+    manifest: dict[str, Any] | None = None
+    if not store.exists(manifest_key(product, upload_id)):
+        status = "missing"
+    else:
+        try:
+            manifest, status = read_manifest(store, product, upload_id), "ok"
+        except ManifestError:
+            status = "invalid"
+    if not objects and status == "missing":
+        raise UploadNotFound(f"no upload {upload_id} of product {product} at {store.uri(prefix)}")
+    entries = {f["key"]: f for f in manifest["files"]} if manifest else {}
+
+    rows: list[dict[str, Any]] = []
+    for rel in objects:
+        split, label, layout = _split_label(rel)
+        row: dict[str, Any] = {"key": rel, "split": split, "label": label, "layout": layout}
+        try:
+            row.update(_describe(rel, store.get_bytes(prefix + rel)))
+        except ObjectNotFound:  # deleted since the listing
+            row["exists"] = False
+        if manifest is not None:
+            entry = entries.get(rel)
+            row["in_manifest"] = entry is not None
+            if entry is not None and row["exists"]:
+                row["manifest_sha256_matches"] = entry.get("sha256") == row["sha256"]
+                row["manifest_size_matches"] = entry.get("size") == row["bytes"]
+        rows.append(row)
+    present = set(objects)
+    for rel in sorted(entries):
+        if rel not in present:
+            split, label, layout = _split_label(rel)
+            rows.append({"key": rel, "split": split, "label": label, "layout": layout, "exists": False,
+                         "in_manifest": True})
+    frame = pd.DataFrame(rows, columns=COLUMNS)
+    frame["manifest_status"] = status
+    return frame
+
+
+def _suite(frame: pd.DataFrame, limits: ValidationLimits) -> list[Any]:
+    import great_expectations.expectations as gxe
+    from great_expectations.expectations.row_conditions import Column
+
+    def named(exp: Any, name: str) -> Any:
+        exp.meta = {"name": name}
+        return exp
+
+    L = limits
+    exps = [
+        named(gxe.ExpectColumnValuesToBeInSet(column="manifest_status", value_set=["ok"]),
+              "manifest.json present and valid (upload complete)"),
+        named(gxe.ExpectColumnValuesToBeInSet(column="exists", value_set=[True]),
+              "every manifest entry exists in storage"),
+        named(gxe.ExpectColumnValuesToBeInSet(column="in_manifest", value_set=[True]),
+              "no object outside the manifest"),
+        named(gxe.ExpectColumnValuesToBeInSet(column="manifest_sha256_matches", value_set=[True]),
+              "sha256 matches the manifest"),
+        named(gxe.ExpectColumnValuesToBeInSet(column="manifest_size_matches", value_set=[True]),
+              "size matches the manifest"),
+        named(gxe.ExpectColumnValuesToBeInSet(column="layout", value_set=LAYOUTS),
+              "files are under train/good, eval/good or eval/defect"),
+        named(gxe.ExpectColumnValuesToBeInSet(column="decodes", value_set=[True]),
+              "every file decodes as an image"),
+        named(gxe.ExpectTableRowCountToBeBetween(
+                  min_value=L.min_train, max_value=L.max_train, 
+                  row_condition=(Column("layout") == "train/good") & (Column("exists") == True)),  # noqa: E712
+              f"train/good image count within [{L.min_train}, {L.max_train}]"),
+        named(gxe.ExpectColumnUniqueValueCountToBeBetween(column="channels", min_value=0, max_value=1),
+              "consistent channel count"),
+        named(gxe.ExpectColumnValuesToBeBetween(column="width", min_value=L.min_side, max_value=L.max_side),
+              f"width within [{L.min_side}, {L.max_side}]"),
+        named(gxe.ExpectColumnValuesToBeBetween(column="height", min_value=L.min_side, max_value=L.max_side),
+              f"height within [{L.min_side}, {L.max_side}]"),
+        named(gxe.ExpectColumnValuesToBeUnique(column="sha256"),
+              "no duplicate images (sha256 unique)"),
+        named(gxe.ExpectColumnValuesToBeBetween(column="std_brightness", min_value=L.min_std_brightness),
+              f"not blank (grey std >= {L.min_std_brightness})"),
+        named(gxe.ExpectColumnValuesToBeBetween(column="mean_brightness", min_value=L.min_mean_brightness,
+                                                max_value=L.max_mean_brightness),
+              f"not saturated (grey mean within [{L.min_mean_brightness}, {L.max_mean_brightness}])"),
+    ]
+    if bool(((frame["split"] == "eval") & (frame["exists"] == True)).any()):  # noqa: E712
+        exps.append(named(gxe.ExpectColumnDistinctValuesToContainSet(
+                              column="label", value_set=["good", "defect"],
+                              row_condition=(Column("split") == "eval") & (Column("exists") == True)),  # noqa: E712
+                          "eval set has both good and defect images"))
+    return exps
+
+
+def _describe_failure(res: dict[str, Any], frame: pd.DataFrame) -> str:
+    cfg = res["expectation_config"]
+    name = (cfg.get("meta") or {}).get("name") or cfg["type"]
+    r = res.get("result") or {}
+    if res.get("exception_info", {}).get("raised_exception"):
+        return f"{name}: could not be evaluated ({res['exception_info'].get('exception_message')})"
+    keys = [row["key"] for row in r.get("unexpected_index_list") or [] if isinstance(row, dict) and "key" in row]
+    if keys:
+        more = len(keys) - _MAX_KEYS_SHOWN
+        return f"{name}: " + ", ".join(sorted(keys)[:_MAX_KEYS_SHOWN]) + (f" and {more} more" if more > 0 else "")
+    if cfg.get("kwargs", {}).get("column") == "channels":
+        groups = frame.dropna(subset=["channels"]).groupby("channels")["key"].apply(lambda s: s.iloc[0])
+        return f"{name}: " + ", ".join(f"{int(c)} channel(s) e.g. {k}" for c, k in groups.items())
+    if r.get("partial_missing_list"):
+        return f"{name}: missing {', '.join(map(str, r['partial_missing_list']))}"
+    if "observed_value" in r:
+        return f"{name}: observed {r['observed_value']}"
+    return name
+
+
+def run_expectations(frame: pd.DataFrame, limits: ValidationLimits) -> tuple[bool, list[str], dict[str, Any], str]:
+    """Run the suite over ``frame`` in an ephemeral GX context: (success, failed, result dict, gx version)."""
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)
+    batch = (context.data_sources.add_pandas("fsad_upload")
+             .add_dataframe_asset("upload_objects")
+             .add_batch_definition_whole_dataframe("whole")
+             .get_batch(batch_parameters={"dataframe": frame}))
+    suite = gx.ExpectationSuite(name="fsad_upload")
+    for exp in _suite(frame, limits):
+        suite.add_expectation(exp)
+    res = batch.validate(suite, result_format={"result_format": "COMPLETE",
+                                               "unexpected_index_column_names": ["key"]})
+    result = json.loads(json.dumps(res.to_json_dict(), default=str))
+    failed = [_describe_failure(r, frame) for r in result["results"] if not r["success"]]
+    return bool(res.success), failed, result, gx.__version__
+
+
+def validate_upload(store: Store, product: str, upload_id: str,
+                    limits: ValidationLimits = ValidationLimits()) -> ValidationReport:
+    """Validate one upload; never raises for bad data (that is a failed report), only for a missing upload."""
+    frame = build_upload_frame(store, product, upload_id)
+    success, failed, result, version = run_expectations(frame, limits)
+    checked = datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+    return ValidationReport(product, upload_id, success, failed, result, asdict(limits), checked, version)
+
+
+def write_report(store: Store, product: str, upload_id: str, report: ValidationReport) -> str:
+    """Write ``validation.json`` beside the upload; returns its key."""
+    key = validation_key(product, upload_id)
+    store.put_bytes(key, report.to_json().encode("utf-8"), content_type="application/json")
+    return key
+
+
+def quarantine_upload(store: Store, product: str, upload_id: str, report: ValidationReport) -> str:
+    """Copy every object of the upload to ``quarantine/P/U/`` plus the report; the original stays.
+
+    Returns the quarantine prefix. Copying again is harmless (same keys, same content).
+    """
+    src, dst = upload_prefix(product, upload_id), quarantine_prefix(product, upload_id)
+    for key in store.list(src):
+        rel = key[len(src):]
+        if rel != VALIDATION_NAME:
+            store.copy(key, dst + rel)
+    store.put_bytes(dst + VALIDATION_NAME, report.to_json().encode("utf-8"), content_type="application/json")
+    return dst
+
+
+__all__ = ["COLUMNS", "UploadNotFound", "ValidationLimits", "ValidationReport",
+           "build_upload_frame", "quarantine_upload", "run_expectations", "validate_upload", "write_report"]

@@ -1,0 +1,155 @@
+"""The benchmark: methods x k x seeds on MVTec-layout categories, one record per run.
+
+Record keys (DESIGN.md): dataset, category, method, k, seed, image_auroc, pixel_auroc, aupro, f1,
+fit_seconds, score_ms_per_image, peak_rss_mb; null where a metric is not defined (no masks).
+F1 is taken at the model's own calibrated threshold, as a user would run it, not at a threshold
+tuned on the test labels.
+"""
+
+from __future__ import annotations
+
+import platform
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import psutil
+import torch
+
+from . import __version__
+from .data import Category, Sample, load_category
+from .detector import Detector, resolve_device
+from .methods import method_config
+from .metrics import aupro, image_auroc, pixel_auroc, rates_at_threshold, summarize
+
+RECORD_KEYS = ("dataset", "category", "method", "k", "seed", "image_auroc", "pixel_auroc", "aupro", "f1",
+               "fit_seconds", "score_ms_per_image", "peak_rss_mb")
+
+
+@contextmanager
+def peak_rss() -> Iterator[list[float]]:
+    """Samples this process's RSS every 50 ms; yields a one-element list filled with the peak (MB)."""
+    proc = psutil.Process()
+    peak = [proc.memory_info().rss]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.05):
+            peak[0] = max(peak[0], proc.memory_info().rss)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    out = [0.0]
+    try:
+        yield out
+    finally:
+        stop.set()
+        thread.join()
+        out[0] = max(peak[0], proc.memory_info().rss) / 2**20
+
+
+def stratified_subset(samples: list[Sample], n: int | None, seed: int = 0) -> list[Sample]:
+    """At most n test samples, keeping the defect types' proportions (for quick runs only)."""
+    if n is None or n >= len(samples):
+        return samples
+    rng = np.random.default_rng(seed)
+    groups: dict[str, list[Sample]] = {}
+    for s in samples:
+        groups.setdefault(s.defect_type, []).append(s)
+    out: list[Sample] = []
+    for items in groups.values():
+        take = max(1, round(n * len(items) / len(samples)))
+        out += [items[i] for i in sorted(rng.choice(len(items), size=min(take, len(items)), replace=False))]
+    return out
+
+
+@dataclass
+class CategoryCache:
+    """Decoded test images and masks of one category, shared by all its runs."""
+
+    category: Category
+    images: list[np.ndarray]
+    labels: np.ndarray
+    masks: list[np.ndarray] | None
+
+    @classmethod
+    def load(cls, root: Path, max_test: int | None) -> "CategoryCache":
+        cat = load_category(root)
+        test = stratified_subset(cat.test, max_test)
+        images = [s.image() for s in test]
+        masks = [s.mask(img.shape[:2]) for s, img in zip(test, images)] if cat.has_masks else None
+        return cls(cat, images, np.asarray([s.label for s in test]), masks)
+
+
+def run_one(cache: CategoryCache, dataset: str, method: str, k: int, seed: int, device: str = "auto",
+            progress: Callable[[str, int, int], None] | None = None) -> dict:
+    config = method_config(method, seed=seed)
+    train = [s.image() for s in cache.category.sample_k_shot(k, seed)]
+    with peak_rss() as peak:
+        t0 = time.perf_counter()
+        detector, _ = Detector.fit(train, config, device=device, progress=progress)
+        fit_seconds = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        result = detector.score(cache.images, with_maps=cache.masks is not None)
+        score_ms = (time.perf_counter() - t0) * 1000 / len(cache.images)
+    rates = rates_at_threshold(cache.labels, result.scores, detector.threshold.value)
+    return {
+        "dataset": dataset, "category": cache.category.name, "method": method, "k": k, "seed": seed,
+        "image_auroc": image_auroc(cache.labels, result.scores),
+        "pixel_auroc": pixel_auroc(cache.masks, result.maps) if cache.masks is not None else None,
+        "aupro": aupro(cache.masks, result.maps) if cache.masks is not None else None,
+        "f1": rates["f1"],
+        "false_alarm_rate": rates["false_alarm_rate"], "miss_rate": rates["miss_rate"],
+        "components_auroc": {name: image_auroc(cache.labels, v) for name, v in result.components.items()},
+        "fit_seconds": round(fit_seconds, 2), "score_ms_per_image": round(score_ms, 2),
+        "peak_rss_mb": round(peak[0], 1), "n_test": len(cache.images),
+    }
+
+
+def environment() -> dict:
+    dev = resolve_device("auto")
+    return {
+        "fsad": __version__, "torch": torch.__version__, "python": platform.python_version(),
+        "machine": platform.machine(), "cpu_count": psutil.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "device": str(dev) + (f" ({torch.cuda.get_device_name(0)})" if dev.type == "cuda" else ""),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def table(records: list[dict], metrics: tuple[str, ...] = ("image_auroc", "pixel_auroc", "aupro", "f1",
+                                                           "fit_seconds")) -> list[dict]:
+    """Rows of mean and std per (dataset, category, method, k) over seeds."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["dataset"], r["category"], r["method"], r["k"]), []).append(r)
+    rows = []
+    for (dataset, category, method, k), items in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][3], kv[0][2])):
+        row = {"dataset": dataset, "category": category, "method": method, "k": k, "seeds": len(items)}
+        for m in metrics:
+            row[m] = summarize([r.get(m) for r in items])
+        rows.append(row)
+    return rows
+
+
+def format_table(rows: list[dict], markdown: bool = False) -> str:
+    metrics = [m for m in rows[0] if m not in ("dataset", "category", "method", "k", "seeds")] if rows else []
+    head = ["dataset/category", "method", "k", "seeds", *metrics]
+
+    def cell(v: object) -> str:
+        if isinstance(v, tuple):
+            mean, std = v
+            return "-" if mean is None else f"{mean:.3f} ± {std:.3f}"
+        return str(v)
+
+    body = [[f"{r['dataset']}/{r['category']}" if r["dataset"] != r["category"] else r["category"], r["method"],
+             str(r["k"]), str(r["seeds"]), *[cell(r[m]) for m in metrics]] for r in rows]
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(b) + " |" for b in body]
+        return "\n".join(lines)
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+    return "\n".join("  ".join(x.ljust(w) for x, w in zip(line, widths)) for line in [head, *body])

@@ -1,0 +1,163 @@
+"""Decision thresholds: calibrated from few normal images (unsupervised) or a labelled set.
+
+A threshold is stored with the model together with its rule and expected error rates, so a
+deployment knows what false-alarm rate it signed up for. Flagging follows `fsad_core.metrics`:
+anomaly means ``score > threshold`` (strictly greater).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from scipy import stats
+from sklearn.metrics import precision_recall_curve
+
+from .metrics import as_finite_scores, as_labels, rates_at_threshold
+
+RULE_NORMAL_TAIL = "normal_gaussian_tail"
+RULE_SYNTHETIC_GAP = "synthetic_gap"
+RULE_SUPERVISED_F1 = "supervised_f1"
+
+
+def _json_safe(value: Any) -> Any:
+    """Plain Python containers and scalars (numpy scalars/arrays converted) for json.dumps."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _optional_float(value: float | None) -> float | None:
+    return None if value is None else float(value)
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """A decision threshold with the rule that chose it and the error rates it is expected to have."""
+
+    value: float
+    rule: str
+    expected_false_alarm_rate: float | None
+    expected_miss_rate: float | None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.value):
+            raise ValueError(f"threshold value must be finite, got {self.value}")
+
+    def is_anomaly(self, scores: np.ndarray | list[float]) -> np.ndarray:
+        """Bool flags, ``score > value``: the one comparison used by metrics and calibration."""
+        return np.asarray(scores, dtype=np.float64) > self.value
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "value": float(self.value),
+            "rule": self.rule,
+            "expected_false_alarm_rate": _optional_float(self.expected_false_alarm_rate),
+            "expected_miss_rate": _optional_float(self.expected_miss_rate),
+            "details": _json_safe(self.details),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Threshold:
+        return cls(
+            value=float(data["value"]),
+            rule=str(data["rule"]),
+            expected_false_alarm_rate=_optional_float(data.get("expected_false_alarm_rate")),
+            expected_miss_rate=_optional_float(data.get("expected_miss_rate")),
+            details=dict(data.get("details") or {}),
+        )
+
+
+def calibrate_unsupervised(normal_scores: np.ndarray | list[float],
+                           synthetic_scores: np.ndarray | list[float] | None = None,
+                           target_false_alarm_rate: float = 0.01, *,
+                           min_relative_spread: float = 0.1) -> Threshold:
+    """Threshold from leave-one-out scores of the k normal images (k >= 1), optionally refined
+    with scores of synthesized anomalies.
+
+    Rule (``normal_gaussian_tail``):
+      1. Fit a Gaussian to the normal scores: centre = median, spread = max(1.4826 * MAD,
+         ``min_relative_spread`` * |median|). The floor keeps k = 1..2 (MAD 0 or tiny) usable.
+         The predictive spread for a new image is spread * sqrt(1 + 1/k) (centre uncertainty).
+      2. tail = centre + z(1 - target) * predictive spread.
+      3. Guard: the threshold may flag at most floor(k * target) of the calibration normals, so it
+         is at least the (floor(k * target) + 1)-th largest normal score. For few shots
+         (k * target < 1) that is the max normal score: no calibration normal is ever flagged.
+    Refinement with synthetic anomalies (``synthetic_gap``): if the threshold misses more than half
+    of them, and a clear gap exists, i.e. their lower decile exceeds the guard by at least the
+    normal spread, the threshold moves down to the middle of the gap (guard + lower decile) / 2.
+    It never moves up and never below the guard.
+    Expected false-alarm rate is the fitted Gaussian's tail mass above the threshold; expected
+    miss rate is the fraction of synthetic scores <= threshold (None without synthetic scores).
+    """
+    if not 0.0 < target_false_alarm_rate < 1.0:
+        raise ValueError(f"target_false_alarm_rate must be in (0, 1), got {target_false_alarm_rate}")
+    if min_relative_spread < 0:
+        raise ValueError(f"min_relative_spread must be >= 0, got {min_relative_spread}")
+    normal = as_finite_scores(normal_scores, "normal_scores")
+    synthetic = None if synthetic_scores is None else as_finite_scores(synthetic_scores, "synthetic_scores")
+
+    k = normal.size
+    centre = float(np.median(normal))
+    mad_spread = float(stats.median_abs_deviation(normal, scale="normal"))
+    spread = max(mad_spread, min_relative_spread * abs(centre))
+    predictive_spread = spread * math.sqrt(1.0 + 1.0 / k)
+    z = float(stats.norm.isf(target_false_alarm_rate))
+    tail = centre + z * predictive_spread
+    allowed_false_alarms = math.floor(k * target_false_alarm_rate)
+    guard = float(np.sort(normal)[::-1][allowed_false_alarms])
+    value, rule = max(tail, guard), RULE_NORMAL_TAIL
+
+    details: dict[str, Any] = {
+        "k": k, "target_false_alarm_rate": target_false_alarm_rate, "centre": centre,
+        "spread": spread, "mad_spread": mad_spread, "predictive_spread": predictive_spread, "z": z,
+        "tail_threshold": tail, "guard": guard, "guard_applied": guard > tail,
+        "max_normal_score": float(normal.max()),
+    }
+    expected_miss = None
+    if synthetic is not None:
+        details["n_synthetic"] = synthetic.size
+        gap_top = float(np.quantile(synthetic, 0.1))
+        details["synthetic_lower_decile"] = gap_top
+        if np.mean(synthetic <= value) > 0.5 and gap_top - guard >= spread:
+            value, rule = (guard + gap_top) / 2.0, RULE_SYNTHETIC_GAP
+        expected_miss = float(np.mean(synthetic <= value))
+
+    expected_far = float(stats.norm.sf((value - centre) / predictive_spread)) if predictive_spread > 0 else 0.0
+    return Threshold(float(value), rule, expected_far, expected_miss, details)
+
+
+def calibrate_supervised(scores: np.ndarray | list[float], labels: np.ndarray | list[int]) -> Threshold:
+    """F1-optimal threshold on a labelled validation set (label 1 = defect), both classes required.
+
+    Among F1-optimal cut points the highest is taken (fewest false alarms). The value is the
+    midpoint between the lowest flagged score and the next lower distinct score, so that
+    ``score > value`` reproduces the optimum with the widest margin.
+    """
+    s = as_finite_scores(scores)
+    y = as_labels(labels, s.size)
+    if np.unique(y).size < 2:
+        raise ValueError("calibrate_supervised needs both normal (0) and defect (1) labels in the validation set")
+    precision, recall, cuts = precision_recall_curve(y, s)
+    precision, recall = precision[:-1], recall[:-1]
+    denom = precision + recall
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(denom), where=denom > 0)
+    best = int(np.flatnonzero(f1 == f1.max())[-1])  # cuts increase: last = highest
+    lowest_flagged = float(cuts[best])
+    below = s[s < lowest_flagged]
+    if below.size:
+        lower = float(below.max())
+        value = lower + (lowest_flagged - lower) / 2.0
+        if not lower <= value < lowest_flagged:  # adjacent floats: the midpoint rounds up
+            value = lower
+    else:
+        value = float(np.nextafter(lowest_flagged, -np.inf))
+    rates = rates_at_threshold(y, s, value)
+    return Threshold(value, RULE_SUPERVISED_F1, rates["false_alarm_rate"], rates["miss_rate"], rates)

@@ -1,0 +1,65 @@
+"""Named methods: one registry from a method name to a DetectorConfig, as timm does for models.
+
+The ablation of DESIGN.md is four rows of this table; `default` is the best measured setting.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+
+from .detector import DetectorConfig
+from .finetune import FinetuneConfig
+from .losses import LossWeights
+
+_METHODS: dict[str, Callable[[], DetectorConfig]] = {}
+_DESCRIPTIONS: dict[str, str] = {}
+
+
+def register_method(name: str, description: str) -> Callable[[Callable[[], DetectorConfig]], Callable[[], DetectorConfig]]:
+    def wrap(fn: Callable[[], DetectorConfig]) -> Callable[[], DetectorConfig]:
+        _METHODS[name] = fn
+        _DESCRIPTIONS[name] = description
+        return fn
+    return wrap
+
+
+def list_methods() -> dict[str, str]:
+    return dict(_DESCRIPTIONS)
+
+
+def method_config(name: str, **overrides: object) -> DetectorConfig:
+    """The DetectorConfig of a named method, with field overrides (e.g. seed, size, backbone)."""
+    if name not in _METHODS:
+        raise ValueError(f"unknown method {name!r}; one of {sorted(_METHODS)}")
+    config = _METHODS[name]()
+    return replace(config, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def _finetuned(instance: float, cross: float, negative: float) -> DetectorConfig:
+    return DetectorConfig(finetune=FinetuneConfig(loss=LossWeights(instance=instance, cross=cross, negative=negative)))
+
+
+@register_method("pretrained", "ImageNet features, no fine-tuning; same scoring (the baseline)")
+def _pretrained() -> DetectorConfig:
+    return DetectorConfig(finetune=None)
+
+
+@register_method("instance", "fine-tuned with instance pairs only")
+def _instance() -> DetectorConfig:
+    return _finetuned(1.0, 0.0, 0.0)
+
+
+@register_method("instance+cross", "fine-tuned with instance and cross-instance positive pairs")
+def _instance_cross() -> DetectorConfig:
+    return _finetuned(1.0, 1.0, 0.0)
+
+
+@register_method("full", "instance + cross-instance pairs + synthesized negatives")
+def _full() -> DetectorConfig:
+    return _finetuned(1.0, 1.0, 1.0)
+
+
+@register_method("default", "the best measured setting (see README): full fine-tuning, fused score")
+def _default() -> DetectorConfig:
+    return _finetuned(1.0, 1.0, 1.0)

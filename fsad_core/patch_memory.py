@@ -1,0 +1,74 @@
+"""A memory bank of normal patch features; anomaly maps by nearest-neighbour distance.
+
+As in PatchCore: mid-level features aggregated over a 3x3 neighbourhood, brought to one
+resolution and concatenated; the bank is reduced by greedy k-centre coreset selection when it
+grows past a cap, which keeps the coverage of rare normal patches better than random sampling.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def patch_features(stage_maps: list[torch.Tensor]) -> torch.Tensor:
+    """Stage maps (each BxCxHixWi) -> BxCxHxW at the first map's resolution, locally averaged."""
+    target = stage_maps[0].shape[-2:]
+    parts = []
+    for fmap in stage_maps:
+        fmap = F.avg_pool2d(fmap.float(), kernel_size=3, stride=1, padding=1)
+        if fmap.shape[-2:] != target:
+            fmap = F.interpolate(fmap, size=target, mode="bilinear", align_corners=False)
+        parts.append(fmap)
+    return torch.cat(parts, dim=1)
+
+
+def greedy_coreset(x: torch.Tensor, n: int, seed: int = 0, proj_dim: int = 128) -> torch.Tensor:
+    """Indices of n rows of x chosen by greedy k-centre on a random projection."""
+    if n >= x.shape[0]:
+        return torch.arange(x.shape[0])
+    g = torch.Generator().manual_seed(seed)
+    if x.shape[1] > proj_dim:
+        proj = torch.randn(x.shape[1], proj_dim, generator=g) / proj_dim ** 0.5
+        x = x @ proj
+    chosen = [int(torch.randint(x.shape[0], (1,), generator=g))]
+    dist = torch.cdist(x, x[chosen]).squeeze(1)
+    for _ in range(n - 1):
+        i = int(torch.argmax(dist))
+        chosen.append(i)
+        dist = torch.minimum(dist, torch.cdist(x, x[i:i + 1]).squeeze(1))
+    return torch.tensor(chosen)
+
+
+class PatchMemory:
+    def __init__(self, bank: torch.Tensor):
+        self.bank = bank.float()
+
+    @classmethod
+    def fit(cls, features: torch.Tensor, max_size: int = 16384, seed: int = 0) -> "PatchMemory":
+        """features: BxCxHxW patch features of normal images."""
+        flat = features.permute(0, 2, 3, 1).reshape(-1, features.shape[1]).float()
+        idx = greedy_coreset(flat, max_size, seed)
+        return cls(flat[idx].contiguous())
+
+    def distances(self, features: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+        """BxCxHxW -> BxHxW distance of each patch to its nearest normal patch."""
+        b, c, h, w = features.shape
+        flat = features.permute(0, 2, 3, 1).reshape(-1, c).float()
+        out = torch.empty(flat.shape[0])
+        for start in range(0, flat.shape[0], chunk):
+            out[start:start + chunk] = torch.cdist(flat[start:start + chunk], self.bank).amin(dim=1)
+        return out.view(b, h, w)
+
+
+def smooth_and_upsample(dist: torch.Tensor, size: int, sigma: float = 4.0) -> torch.Tensor:
+    """BxHxW patch distances -> BxSxS map, bilinear upsampling then Gaussian blur (sigma in pixels)."""
+    up = F.interpolate(dist[:, None], size=(size, size), mode="bilinear", align_corners=False)
+    if sigma > 0:
+        radius = int(round(3 * sigma))
+        xs = torch.arange(-radius, radius + 1, dtype=up.dtype)
+        kernel = torch.exp(-0.5 * (xs / sigma) ** 2)
+        kernel = kernel / kernel.sum()
+        up = F.conv2d(F.pad(up, (radius, radius, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1))
+        up = F.conv2d(F.pad(up, (0, 0, radius, radius), mode="reflect"), kernel.view(1, 1, -1, 1))
+    return up[:, 0]

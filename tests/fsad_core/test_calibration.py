@@ -1,0 +1,101 @@
+import json
+
+import numpy as np
+import pytest
+
+from fsad_core.calibration import (
+    RULE_NORMAL_TAIL,
+    RULE_SUPERVISED_F1,
+    RULE_SYNTHETIC_GAP,
+    Threshold,
+    calibrate_supervised,
+    calibrate_unsupervised,
+)
+from fsad_core.metrics import rates_at_threshold
+
+
+def test_gaussian_normals_give_the_gaussian_quantile():
+    rng = np.random.default_rng(0)
+    t = calibrate_unsupervised(rng.normal(size=20_000), target_false_alarm_rate=0.05)
+    assert t.rule == RULE_NORMAL_TAIL
+    assert t.value == pytest.approx(1.645, abs=0.05)
+    fresh = rng.normal(size=50_000)
+    assert np.mean(t.is_anomaly(fresh)) == pytest.approx(0.05, abs=0.01)
+    assert t.expected_false_alarm_rate == pytest.approx(0.05, abs=0.005)
+
+
+@pytest.mark.parametrize("normals", [[7.3], [7.3, 7.31], [5.0, 9.0], [0.0], [-2.0, -2.0]])
+def test_few_shots_never_flag_a_normal(normals):
+    t = calibrate_unsupervised(normals)
+    assert np.isfinite(t.value)
+    assert t.value >= max(normals)
+    assert not t.is_anomaly(normals).any()
+    if max(normals) > 0:
+        assert t.value > max(normals)
+
+
+def test_sixteen_shots_guard_against_the_max():
+    normals = np.r_[np.full(15, 1.0), 50.0]  # one outlying normal: MAD ignores it, the guard does not
+    t = calibrate_unsupervised(normals, target_false_alarm_rate=0.01)
+    assert t.value >= 50.0 and t.details["guard_applied"]
+
+
+def test_synthetic_gap_lowers_a_too_conservative_threshold():
+    rng = np.random.default_rng(1)
+    normals = 10 + rng.normal(0, 1, 4)
+    tail = calibrate_unsupervised(normals, target_false_alarm_rate=1e-6)
+    synthetic = tail.value - 2 + rng.normal(0, 0.3, 50)  # above the normals, mostly below the tail threshold
+    t = calibrate_unsupervised(normals, synthetic, target_false_alarm_rate=1e-6)
+    assert t.rule == RULE_SYNTHETIC_GAP
+    assert normals.max() < t.value < np.quantile(synthetic, 0.1)
+    assert t.expected_miss_rate <= 0.1
+    assert t.expected_false_alarm_rate > tail.expected_false_alarm_rate
+
+
+def test_synthetic_without_gap_keeps_the_tail_and_reports_misses():
+    normals = [10.0, 10.5, 11.0]
+    synthetic = [9.0, 10.2, 10.8, 30.0]
+    t = calibrate_unsupervised(normals, synthetic)
+    assert t.rule == RULE_NORMAL_TAIL
+    assert t.value == calibrate_unsupervised(normals).value
+    assert t.expected_miss_rate == 0.75
+
+
+@pytest.mark.parametrize("bad", [[], [1.0, np.nan], [np.inf]])
+def test_unsupervised_rejects_bad_input(bad):
+    with pytest.raises(ValueError):
+        calibrate_unsupervised(bad)
+    with pytest.raises(ValueError):
+        calibrate_unsupervised([1.0, 2.0], synthetic_scores=bad)
+
+
+def test_supervised_separable_gives_f1_one_with_margin():
+    scores = [0.1, 0.2, 0.3, 0.8, 0.9]
+    labels = [0, 0, 0, 1, 1]
+    t = calibrate_supervised(scores, labels)
+    assert t.rule == RULE_SUPERVISED_F1
+    assert t.value == pytest.approx(0.55)
+    assert t.details["f1"] == 1.0
+    assert t.expected_false_alarm_rate == 0.0 and t.expected_miss_rate == 0.0
+
+
+def test_supervised_reproduces_the_f1_optimum():
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 2, 300)
+    scores = np.round(rng.normal(size=300) + 1.2 * labels, 1)  # ties
+    t = calibrate_supervised(scores, labels)
+    best = max(rates_at_threshold(labels, scores, c)["f1"] or 0.0 for c in np.r_[np.unique(scores), scores.min() - 1])
+    assert t.details["f1"] == pytest.approx(best)
+
+
+def test_supervised_needs_both_classes():
+    with pytest.raises(ValueError, match="both"):
+        calibrate_supervised([0.1, 0.2], [0, 0])
+
+
+def test_threshold_json_round_trip():
+    t = calibrate_unsupervised(np.array([1.0, 1.2, 0.9], dtype=np.float32), np.array([3.0, 4.0]))
+    data = json.loads(json.dumps(t.to_dict()))
+    assert Threshold.from_dict(data) == t
+    with pytest.raises(ValueError):
+        Threshold(float("nan"), "x", None, None)

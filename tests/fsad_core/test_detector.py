@@ -1,0 +1,101 @@
+"""A tiny end-to-end fit and score on generated data, and the model artifact round trip."""
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from fsad_core.data import load_category
+from fsad_core.detector import Detector, DetectorConfig
+from fsad_core.finetune import FinetuneConfig
+from fsad_core.methods import list_methods, method_config
+from fsad_core.metrics import image_auroc, pixel_auroc
+from fsad_core.synthetic import make_category
+
+SMALL = dict(size=96, pool_views=16, negatives=8, calibration_negatives=8, memory_views=2)
+
+
+@pytest.fixture(scope="module")
+def washer(tmp_path_factory):
+    root = make_category(tmp_path_factory.mktemp("d") / "washer", kind="object", n_train=4, n_test_good=6,
+                         n_test_defect=8, size=96, seed=11, defect_types=("spot", "contamination", "crack"))
+    return load_category(root)
+
+
+@pytest.fixture(scope="module")
+def fitted(washer):
+    config = replace(method_config("default", seed=0), **SMALL,
+                     finetune=FinetuneConfig(steps=8, normals_per_batch=8, negatives_per_batch=4))
+    images = [s.image() for s in washer.sample_k_shot(3, 0)]
+    return Detector.fit(images, config, device="cpu")
+
+
+def test_fit_reports_history_and_calibrated_threshold(fitted):
+    detector, report = fitted
+    assert report.history is not None and 1 <= len(report.history.loss) <= 8
+    assert all(np.isfinite(report.history.loss))
+    t = detector.threshold
+    assert np.isfinite(t.value) and t.value > max(report.normal_scores["fused"])  # never flags every normal
+    assert report.normal_rule.startswith("leave-one-out")
+
+
+def test_separates_obvious_defects_and_localises_them(fitted, washer):
+    detector, _ = fitted
+    images = [s.image() for s in washer.test]
+    result = detector.score(images, with_maps=True)
+    labels = np.array([s.label for s in washer.test])
+    assert image_auroc(labels, result.scores) >= 0.9
+    masks = [s.mask(img.shape[:2]) for s, img in zip(washer.test, images)]
+    assert all(m.shape == img.shape[:2] for m, img in zip(result.maps, images))
+    assert pixel_auroc(masks, result.maps) >= 0.85
+
+
+def test_artifact_round_trip_gives_identical_scores_without_pickle(fitted, washer, tmp_path):
+    detector, _ = fitted
+    folder = detector.save(tmp_path / "model")
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == ["config.json", "network.safetensors", "scoring.safetensors"]
+    config = json.loads((folder / "config.json").read_text())
+    assert config["format_version"] == 1 and config["detector"]["backbone"] == "tf_efficientnet_lite0"
+    assert config["threshold"]["rule"] and config["normalisation"]["mean"] == [0.5, 0.5, 0.5]
+    (folder / "planted.pkl").write_bytes(b"cos\nsystem\n(S'echo pwned'\ntR.")  # never read
+    again = Detector.load(folder, device="cpu")
+    images = [s.image() for s in washer.test[:4]]
+    a, b = detector.score(images), again.score(images)
+    np.testing.assert_allclose(a.scores, b.scores, rtol=1e-5)
+    assert again.threshold == detector.threshold
+
+
+def test_fit_is_deterministic_under_a_seed(washer):
+    config = replace(method_config("full", seed=1), **{**SMALL, "calibration_negatives": 0},
+                     finetune=FinetuneConfig(steps=3, normals_per_batch=4, negatives_per_batch=2))
+    images = [s.image() for s in washer.sample_k_shot(2, 1)]
+    a, ra = Detector.fit(images, config, device="cpu")
+    b, rb = Detector.fit(images, config, device="cpu")
+    assert ra.history.loss == rb.history.loss
+    probe = [washer.test[-1].image()]
+    assert a.score(probe).scores[0] == pytest.approx(b.score(probe).scores[0], rel=1e-6)
+
+
+def test_single_image_fit_uses_held_out_views(washer):
+    config = replace(method_config("pretrained"), **SMALL)
+    detector, report = Detector.fit([washer.train[0].image()], config, device="cpu")
+    assert report.normal_rule.startswith("held-out augmented views")
+    assert np.isfinite(detector.threshold.value)
+
+
+def test_methods_registry_has_the_ablation():
+    assert {"pretrained", "instance", "instance+cross", "full", "default"} <= set(list_methods())
+    assert method_config("pretrained").finetune is None
+    assert method_config("instance").finetune.loss.cross == 0
+    with pytest.raises(ValueError, match="unknown method"):
+        method_config("nope")
+
+
+def test_bad_config_is_refused():
+    with pytest.raises(ValueError):
+        DetectorConfig(score="median")
+    with pytest.raises(ValueError):
+        DetectorConfig(resize="stretch")

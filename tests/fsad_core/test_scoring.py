@@ -1,0 +1,44 @@
+import numpy as np
+import torch
+from scipy.spatial.distance import mahalanobis
+from sklearn.covariance import LedoitWolf
+
+from fsad_core.gaussian import Gaussian
+from fsad_core.patch_memory import PatchMemory, greedy_coreset, smooth_and_upsample
+
+
+def test_mahalanobis_matches_scipy_with_ledoit_wolf_precision():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(30, 6)) @ rng.normal(size=(6, 6))
+    q = rng.normal(size=(5, 6))
+    g = Gaussian.fit(torch.from_numpy(x))
+    lw = LedoitWolf().fit(x)
+    ref = [mahalanobis(v, lw.location_, lw.get_precision()) for v in q]
+    np.testing.assert_allclose(g.distance(torch.from_numpy(q)).numpy(), ref, rtol=1e-8)
+
+
+def test_gaussian_handles_fewer_samples_than_dimensions():
+    x = torch.randn(4, 100, dtype=torch.float64)
+    d = Gaussian.fit(x).distance(torch.randn(3, 100, dtype=torch.float64))
+    assert torch.isfinite(d).all()
+
+
+def test_patch_memory_distance_is_zero_on_memorised_patches_and_positive_elsewhere():
+    feats = torch.randn(2, 8, 5, 5)
+    mem = PatchMemory.fit(feats, max_size=1000)
+    assert mem.distances(feats).abs().max() < 1e-3
+    assert (mem.distances(feats + 3.0) > 1).all()
+
+
+def test_coreset_covers_far_points():
+    x = torch.cat([torch.zeros(100, 2), torch.tensor([[50.0, 50.0]])])
+    idx = greedy_coreset(x, 2)
+    assert 100 in idx.tolist()
+
+
+def test_map_upsampling_keeps_peak_location():
+    dist = torch.zeros(1, 8, 8)
+    dist[0, 2, 5] = 1
+    up = smooth_and_upsample(dist, 64, sigma=2)
+    y, x = divmod(int(up[0].argmax()), 64)
+    assert abs(y - 20) <= 6 and abs(x - 44) <= 6
