@@ -38,15 +38,23 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_upload(args: argparse.Namespace) -> int:
-    raise NotImplementedYet("upload")
+    from flows.upload import cli_upload
+    return cli_upload(args.product, args.dir)
 
 
 def _cmd_retrain(args: argparse.Namespace) -> int:
-    raise NotImplementedYet("retrain")
+    from flows.retrain import format_summary, retrain_flow
+    summary = retrain_flow(args.product, upload_id=args.upload)
+    print(format_summary(summary))
+    if summary["status"] == "gate_failed":  # no new champion: a failure for scripts that retrain
+        print(f"fsad retrain: {summary['message']}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _cmd_stack(args: argparse.Namespace) -> int:
-    raise NotImplementedYet("stack")
+    from infra.stack import main as stack_main
+    return stack_main(args.action)
 
 
 def build_parser() -> argparse.ArgumentParser:

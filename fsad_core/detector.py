@@ -17,7 +17,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +50,9 @@ class DetectorConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     finetune: FinetuneConfig | None = field(default_factory=FinetuneConfig)
     split: int = 4
-    patch_blocks: tuple[int, int] = (2, 4)
+    patch_blocks: tuple[int, ...] = (2, 4)
+    first_level: int = 4          # pooled outputs of blocks >= this (and the head) get a Gaussian each
+    pooling: str = "mean"         # "mean" or "mean+std" over positions
     pool_views: int = 64          # augmented views in the pool, spread over the k images (>= 8 each)
     negatives: int = 48           # synthetic anomalies in the pool
     negative_kinds: tuple[str, ...] = NEGATIVE_KINDS
@@ -118,10 +120,6 @@ class FitReport:
         return d
 
 
-def _batched(fn: Callable[[torch.Tensor], object], x: torch.Tensor, batch: int = 32) -> list:
-    return [fn(x[i:i + batch]) for i in range(0, x.shape[0], batch)]
-
-
 class Detector:
     def __init__(self, config: DetectorConfig, net: Network, gaussians: list[Gaussian], level_scale: torch.Tensor,
                  memory: PatchMemory, fusion: dict[str, tuple[float, float]], threshold: Threshold | None,
@@ -151,116 +149,83 @@ class Detector:
         rng = np.random.default_rng(config.seed)
         spec = get_spec(config.backbone)
         input_spec = InputSpec(config.size, config.resize, spec.mean, spec.std)
-        net = Network(create_backbone(config.backbone, config.weights), config.split, config.patch_blocks).to(dev).eval()
+        net = _network(config, create_backbone(config.backbone, config.weights)).to(dev).eval()
 
         # Each tile of each image is a training "image"; views are drawn per tile.
         bases = [t for img in images for t in prepare(img, input_spec)]
         k = len(bases)
         per_image = max(8, math.ceil(config.pool_views / k))
-        views, source = [], []
-        for i, base in enumerate(bases):
-            aug = augment_views(base, per_image - 1, config.augment, generator_seed=config.seed * 1000 + i)
-            views.append(torch.cat([base[None], aug]))
-            source += [i] * per_image
-        views_t = torch.cat(views)
-        source_t = torch.tensor(source)
-        negs = []
-        for _ in range(config.negatives):
-            a, b = rng.integers(len(views_t), size=2)
-            neg, _, _ = synthesize(rng, views_t[a], config.negative_kinds, source=views_t[b])
-            negs.append(neg)
-        negs_t = torch.stack(negs) if negs else views_t[:0]
+        views = torch.cat([torch.cat([base[None], augment_views(base, per_image - 1, config.augment,
+                                                                generator_seed=config.seed * 1000 + i)])
+                           for i, base in enumerate(bases)])
+        source = torch.arange(k).repeat_interleave(per_image)
+        view_in_image = torch.arange(per_image).repeat(k)
 
-        def prefix(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            with torch.no_grad():
-                e, h = net.forward_prefix(normalise(x.to(dev), input_spec))
-            return e.cpu(), h.cpu()
+        def synthesize_from(indices: np.ndarray) -> torch.Tensor:
+            return torch.stack([synthesize(rng, views[int(j)], config.negative_kinds,
+                                           source=views[int(rng.integers(len(views)))])[0] for j in indices])
 
         if progress:
             progress("features", 0, 1)
-        normal_early, normal_cache = map(torch.cat, zip(*_batched(prefix, views_t)))
-        neg_cache = torch.cat([h for _, h in _batched(prefix, negs_t)]) if negs else views_t[:0]
-
+        normal_pre = _prefix(net, views, input_spec, dev)
         history = None
         if config.finetune is not None:
+            negatives = synthesize_from(rng.integers(len(views), size=config.negatives))
+            neg_h = _prefix(net, negatives, input_spec, dev).h
             report = (lambda step, total, loss: progress("fine-tune", step, total)) if progress else None
-            history = finetune(net, normal_cache, source_t, neg_cache, config.finetune, config.seed, dev, report)
+            history = finetune(net, normal_pre.h, source, neg_h, config.finetune, config.seed, dev, report)
         net.eval()
+        normal = _features(net, normal_pre, dev)
+        in_memory = view_in_image < config.memory_views
 
-        def suffix(h: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-            with torch.no_grad():
-                late, pooled = net.forward_suffix(h.to(dev))
-            return late.cpu(), [p.cpu().double() for p in pooled]
+        def fit_scoring(keep: torch.Tensor) -> "Detector":
+            gaussians = [Gaussian.fit(level[keep]) for level in normal.pooled]
+            scale = torch.stack([g.distance(level[keep]).mean() for g, level in zip(gaussians, normal.pooled)])
+            memory = PatchMemory.fit(normal.patches[keep & in_memory], config.memory_max, config.seed)
+            return cls(config, net, gaussians, scale, memory, {}, None, device=dev)
 
-        normal_late, normal_pooled = _cat_suffix(_batched(suffix, normal_cache))
-        view_in_image = torch.cat([torch.arange(per_image)] * k)
-        mem_mask = view_in_image < config.memory_views
-        normal_patches = patch_features([normal_early[mem_mask], normal_late[mem_mask]])
-        mem_source = source_t[mem_mask]
-
-        def fit_scoring(keep: torch.Tensor, mem_keep: torch.Tensor) -> tuple[list[Gaussian], torch.Tensor, PatchMemory]:
-            gaussians = [Gaussian.fit(level[keep]) for level in normal_pooled]
-            scale = torch.stack([g.distance(level[keep]).mean() for g, level in zip(gaussians, normal_pooled)])
-            memory = PatchMemory.fit(normal_patches[mem_keep], config.memory_max, config.seed)
-            return gaussians, scale, memory
-
-        gaussians, scale, memory = fit_scoring(torch.ones(len(source_t), dtype=torch.bool),
-                                               torch.ones(len(mem_source), dtype=torch.bool))
         # Leave-one-out scores of the normals, and of synthetic anomalies made from the left-out
         # image, so both come from a model that never saw that image. With one image: held-out
-        # augmented views instead.
-        originals = view_in_image == 0
-        cal_per_fold = max(2, config.calibration_negatives // k)
+        # augmented views instead (the first half of the views fits, the second half is scored).
         if k >= 2:
             rule = "leave-one-out over the k normal images"
-            folds = [(source_t != i, mem_source != i, originals & (source_t == i), source_t == i) for i in range(k)]
+            folds = [(source != i, (source == i) & (view_in_image == 0), source == i) for i in range(k)]
         else:
             rule = "held-out augmented views of the single normal image"
-            half = per_image // 2
-            fit_keep = view_in_image < half
-            folds = [(fit_keep, view_in_image[mem_mask] < min(config.memory_views, half), ~fit_keep, ~fit_keep)]
-        normal_comps: list[dict[str, np.ndarray]] = []
-        synth_comps: list[dict[str, np.ndarray]] = []
-        for keep, mem_keep, held, neg_from in folds:
-            fold = cls._from_parts(config, net, *fit_scoring(keep, mem_keep), fusion=None, device=dev)
-            normal_comps.append(fold._components([p[held] for p in normal_pooled],
-                                                 patch_features([normal_early[held], normal_late[held]])))
-            if config.calibration_negatives > 0:
-                candidates = torch.nonzero(neg_from).flatten().numpy()
+            fit_half = view_in_image < per_image // 2
+            folds = [(fit_half, ~fit_half, ~fit_half)]
+        cal_per_fold = max(2, config.calibration_negatives // k) if config.calibration_negatives > 0 else 0
+        normal_parts: list[dict[str, np.ndarray]] = []
+        synth_parts: list[dict[str, np.ndarray]] = []
+        for keep, held, negatives_from in folds:
+            fold = fit_scoring(keep)
+            normal_parts.append(fold._components(normal.select(held)))
+            if cal_per_fold:
+                candidates = torch.nonzero(negatives_from).flatten().numpy()
                 picks = rng.choice(candidates, size=cal_per_fold, replace=len(candidates) < cal_per_fold)
-                cal = torch.stack([synthesize(rng, views_t[j], config.negative_kinds,
-                                              source=views_t[int(rng.integers(len(views_t)))])[0] for j in picks])
-                early, h = prefix(cal)
-                late, pooled = suffix(h)
-                synth_comps.append(fold._components(pooled, patch_features([early, late])))
-        loo_maha = np.concatenate([c["mahalanobis"] for c in normal_comps]).tolist()
-        loo_patch = np.concatenate([c["patch"] for c in normal_comps]).tolist()
+                cal = _features(net, _prefix(net, synthesize_from(picks), input_spec, dev), dev)
+                synth_parts.append(fold._components(cal))
 
-        fusion = {"mahalanobis": _mean_std(loo_maha), "patch": _mean_std(loo_patch)}
-        detector = cls._from_parts(config, net, gaussians, scale, memory, fusion=fusion, device=dev)
+        detector = fit_scoring(torch.ones(len(source), dtype=torch.bool))
         detector.meta = {"k": len(images), "tiles": k}
-        normal_scores = {"mahalanobis": loo_maha, "patch": loo_patch,
-                         "fused": [detector._fuse(a, b) for a, b in zip(loo_maha, loo_patch)]}
+        loo = {name: np.concatenate([p[name] for p in normal_parts]) for name in ("mahalanobis", "patch")}
+        detector.fusion = {name: _mean_std(v) for name, v in loo.items()}
+        normal_scores = {**{n: v.tolist() for n, v in loo.items()},
+                         "fused": [detector._fuse(a, b) for a, b in zip(loo["mahalanobis"], loo["patch"])]}
         synthetic_scores: dict[str, list[float]] = {name: [] for name in SCORE_KINDS}
-        if synth_comps:
-            maha = np.concatenate([c["mahalanobis"] for c in synth_comps])
-            patch = np.concatenate([c["patch"] for c in synth_comps])
-            synthetic_scores = {"mahalanobis": maha.tolist(), "patch": patch.tolist(),
-                                "fused": [detector._fuse(a, b) for a, b in zip(maha, patch)]}
+        if synth_parts:
+            syn = {name: np.concatenate([p[name] for p in synth_parts]) for name in ("mahalanobis", "patch")}
+            synthetic_scores = {**{n: v.tolist() for n, v in syn.items()},
+                                "fused": [detector._fuse(a, b) for a, b in zip(syn["mahalanobis"], syn["patch"])]}
         if progress:
             progress("calibrate", 1, 1)
-        detector.threshold = calibrate_unsupervised(np.asarray(normal_scores[config.score]),
-                                                    np.asarray(synthetic_scores[config.score]) if synth_comps else None,
-                                                    config.target_false_alarm_rate)
+        detector.threshold = calibrate_unsupervised(
+            np.asarray(normal_scores[config.score]),
+            np.asarray(synthetic_scores[config.score]) if synth_parts else None,
+            config.target_false_alarm_rate)
         detector.threshold.details["normal_rule"] = rule
         report = FitReport(history, normal_scores, synthetic_scores, rule, time.perf_counter() - start)
         return detector, report
-
-    @classmethod
-    def _from_parts(cls, config: DetectorConfig, net: Network, gaussians: list[Gaussian], scale: torch.Tensor,
-                    memory: PatchMemory, fusion: dict[str, tuple[float, float]] | None,
-                    device: torch.device) -> "Detector":
-        return cls(config, net, gaussians, scale, memory, fusion or {}, None, device=device)
 
     # ----------------------------------------------------------------------------- scoring
     def _fuse(self, maha: float, patch: float) -> float:
@@ -269,27 +234,28 @@ class Detector:
         (mm, ms), (pm, ps) = self.fusion["mahalanobis"], self.fusion["patch"]
         return (maha - mm) / ms + (patch - pm) / ps
 
-    def _components(self, pooled: list[torch.Tensor], feats: torch.Tensor) -> dict[str, np.ndarray]:
-        maha = _maha(pooled, self.gaussians, self.level_scale)
-        patch = _patch_scores(self.memory, feats, self.config)
+    def _components(self, feats: "Features") -> dict[str, np.ndarray]:
+        maha = _maha(feats.pooled, self.gaussians, self.level_scale)
+        patch = self.anomaly_maps(feats).flatten(1).amax(dim=1).numpy()
         fused = np.asarray([self._fuse(a, b) for a, b in zip(maha, patch)])
         return {"mahalanobis": maha, "patch": patch, "fused": fused}
 
+    def anomaly_maps(self, feats: "Features") -> torch.Tensor:
+        """BxSxS maps in model space: nearest-normal-patch distance, upsampled and smoothed."""
+        sigma = self.config.map_sigma * self.config.size / 224
+        return smooth_and_upsample(self.memory.distances(feats.patches), self.config.size, sigma)
+
     @torch.no_grad()
     def score(self, images: list[np.ndarray], with_maps: bool = False, batch: int = 16) -> ScoreResult:
-        """Score images in batches; in tile mode an image's score is its worst tile's."""
+        """Score images in batches; in tile mode each score is the worst tile's."""
         comps: dict[str, list[float]] = {name: [] for name in SCORE_KINDS}
         maps: list[np.ndarray] = []
-        sigma = self.config.map_sigma * self.config.size / 224
         for first in range(0, len(images), batch):
             chunk = images[first:first + batch]
             views = [prepare(img, self.input_spec) for img in chunk]
-            x = normalise(torch.cat(views), self.input_spec).to(self.device)
-            early, h = self.net.forward_prefix(x)
-            late, pooled = self.net.forward_suffix(h)
-            feats = patch_features([early.cpu(), late.cpu()])
-            maha = _maha([p.cpu().double() for p in pooled], self.gaussians, self.level_scale)
-            amap = smooth_and_upsample(self.memory.distances(feats), self.config.size, sigma)
+            feats = _features(self.net, _prefix(self.net, torch.cat(views), self.input_spec, self.device), self.device)
+            maha = _maha(feats.pooled, self.gaussians, self.level_scale)
+            amap = self.anomaly_maps(feats)
             patch = amap.flatten(1).amax(dim=1).numpy()
             offset = 0
             for img, v in zip(chunk, views):
@@ -344,8 +310,7 @@ class Detector:
         if config_json.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{folder}: unsupported model format {config_json.get('format_version')}")
         config = DetectorConfig.from_dict(config_json["detector"])
-        backbone = create_backbone(config.backbone, pretrained=False)
-        net = Network(backbone, config.split, config.patch_blocks)
+        net = _network(config, create_backbone(config.backbone, pretrained=False))
         net.load_state_dict(load_file(str(folder / "network.safetensors")), strict=True)
         scoring = load_file(str(folder / "scoring.safetensors"))
         gaussians = [Gaussian.from_state(scoring, f"gaussian.{i}") for i in range(config_json["levels"])]
@@ -355,26 +320,62 @@ class Detector:
         return cls(config, net.to(dev), gaussians, scoring["level_scale"], PatchMemory(scoring["memory"]), fusion,
                    threshold, meta=config_json.get("meta", {}), device=dev)
 
-    def with_threshold(self, threshold: Threshold) -> "Detector":
-        self.threshold = threshold
-        return self
+
+@dataclass
+class _Prefix:
+    """Cached outputs of the frozen prefix for a batch of views."""
+
+    maps: dict[int, torch.Tensor]
+    pooled: list[torch.Tensor]
+    h: torch.Tensor
+
+    def select(self, mask: torch.Tensor) -> "_Prefix":
+        return _Prefix({i: m[mask] for i, m in self.maps.items()}, [p[mask] for p in self.pooled], self.h[mask])
 
 
-def _cat_suffix(parts: list[tuple[torch.Tensor, list[torch.Tensor]]]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    late = torch.cat([p[0] for p in parts])
-    pooled = [torch.cat([p[1][i] for p in parts]) for i in range(len(parts[0][1]))]
-    return late, pooled
+@dataclass
+class Features:
+    """What the scorers need of a batch of views: pooled levels and patch features."""
+
+    pooled: list[torch.Tensor]
+    patches: torch.Tensor
+
+    def select(self, mask: torch.Tensor) -> "Features":
+        return Features([p[mask] for p in self.pooled], self.patches[mask])
+
+
+def _network(config: DetectorConfig, backbone: torch.nn.Module) -> Network:
+    return Network(backbone, config.split, config.patch_blocks, config.first_level, config.pooling)
+
+
+@torch.no_grad()
+def _prefix(net: Network, views: torch.Tensor, spec: InputSpec, device: torch.device, batch: int = 32) -> _Prefix:
+    parts = []
+    for i in range(0, views.shape[0], batch):
+        maps, pooled, h = net.forward_prefix(normalise(views[i:i + batch].to(device), spec))
+        parts.append(({j: m.cpu() for j, m in maps.items()}, [p.cpu() for p in pooled], h.cpu()))
+    return _Prefix({j: torch.cat([p[0][j] for p in parts]) for j in parts[0][0]},
+                   [torch.cat([p[1][i] for p in parts]) for i in range(len(parts[0][1]))],
+                   torch.cat([p[2] for p in parts]))
+
+
+@torch.no_grad()
+def _features(net: Network, pre: _Prefix, device: torch.device, batch: int = 32) -> Features:
+    maps_parts, pooled_parts = [], []
+    for i in range(0, pre.h.shape[0], batch):
+        maps, pooled = net.forward_suffix(pre.h[i:i + batch].to(device))
+        maps_parts.append({j: m.float().cpu() for j, m in maps.items()})
+        pooled_parts.append([p.cpu() for p in pooled])
+    suffix_maps = {j: torch.cat([m[j] for m in maps_parts]) for j in maps_parts[0]}
+    all_maps = {**pre.maps, **suffix_maps}
+    pooled = pre.pooled + [torch.cat([p[i] for p in pooled_parts]) for i in range(len(pooled_parts[0]))]
+    patches = patch_features([all_maps[j].float() for j in net.patch_blocks])
+    return Features([p.double() for p in pooled], patches)
 
 
 def _maha(pooled: list[torch.Tensor], gaussians: list[Gaussian], scale: torch.Tensor) -> np.ndarray:
     total = sum(g.distance(p) / s for g, p, s in zip(gaussians, pooled, scale))
     return total.numpy()
-
-
-def _patch_scores(memory: PatchMemory, feats: torch.Tensor, config: DetectorConfig) -> np.ndarray:
-    dist = memory.distances(feats)
-    amap = smooth_and_upsample(dist, config.size, config.map_sigma * config.size / 224)
-    return amap.flatten(1).amax(dim=1).numpy()
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -384,4 +385,3 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return mean, max(std, 0.05 * abs(mean), 1e-6)  # floor: with k = 1..3 the spread is barely known
 
 
-__all__ = ["Detector", "DetectorConfig", "FitReport", "ScoreResult", "resolve_device", "replace"]

@@ -93,7 +93,7 @@ def finetune(net: Network, normal_cache: torch.Tensor, view_source: torch.Tensor
         is_normal = source >= 0
         with autocast:
             _, pooled = net.forward_suffix(h.to(device))
-            z = net.project(pooled[-1])
+            z = net.project(net.embedding(pooled))
         loss, terms = contrastive_loss(z, source.to(device), is_normal.to(device), config.loss)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

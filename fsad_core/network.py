@@ -2,9 +2,13 @@
 
 The prefix (stem and the first blocks) stays frozen, so its outputs for a pool of augmented views
 can be computed once and cached; fine-tuning then only runs the suffix (later blocks, conv_head)
-and a small projection head, which makes a fit take minutes on a CPU. The same split serves
-scoring: patch features come from one prefix stage and one suffix stage, and the image-level
-Gaussian uses pooled outputs of the suffix.
+and a small projection head, which makes a fit take minutes on a CPU. The same forward pass
+serves scoring: patch maps come from the `patch_blocks`, and the image-level Gaussians use
+spatially pooled outputs of every block from `first_level` on, plus the head.
+
+Pooling keeps the mean and the standard deviation over positions: the mean describes the part,
+the spread describes how uniform its surface is, which is what a small local defect on an
+otherwise regular surface changes.
 """
 
 from __future__ import annotations
@@ -13,9 +17,17 @@ import torch
 from torch import nn
 
 
+def pool(x: torch.Tensor, stats: str) -> torch.Tensor:
+    """BxCxHxW -> Bx(C or 2C): spatial mean, or mean and standard deviation."""
+    mean = x.mean(dim=(2, 3))
+    if stats == "mean":
+        return mean
+    return torch.cat([mean, x.float().std(dim=(2, 3), unbiased=False).to(mean.dtype)], dim=1)
+
+
 class Network(nn.Module):
-    def __init__(self, backbone: nn.Module, split: int = 4, patch_blocks: tuple[int, int] = (2, 4),
-                 proj_dim: int = 128):
+    def __init__(self, backbone: nn.Module, split: int = 4, patch_blocks: tuple[int, ...] = (2, 4),
+                 first_level: int = 4, pooling: str = "mean", proj_dim: int = 128):
         super().__init__()
         for attr in ("conv_stem", "bn1", "blocks", "conv_head", "bn2"):
             if not hasattr(backbone, attr):
@@ -23,13 +35,17 @@ class Network(nn.Module):
         n_blocks = len(backbone.blocks)
         if not 1 <= split < n_blocks:
             raise ValueError(f"split must be in [1, {n_blocks - 1}]")
-        if not (patch_blocks[0] < split <= patch_blocks[1] < n_blocks):
-            raise ValueError(f"patch_blocks {patch_blocks} must straddle split {split}")
+        if not all(0 <= b < n_blocks for b in patch_blocks) or not 0 <= first_level < n_blocks:
+            raise ValueError(f"patch_blocks {patch_blocks} and first_level {first_level} must be in [0, {n_blocks - 1}]")
+        if pooling not in ("mean", "mean+std"):
+            raise ValueError(f"pooling {pooling!r}: 'mean' or 'mean+std'")
         self.backbone = backbone
         self.split = split
-        self.patch_blocks = patch_blocks
-        embed_dim = backbone.num_features
-        self.head = nn.Sequential(nn.Linear(embed_dim, 512), nn.ReLU(inplace=True), nn.Linear(512, proj_dim))
+        self.patch_blocks = tuple(patch_blocks)
+        self.first_level = first_level
+        self.pooling = pooling
+        self.head = nn.Sequential(nn.Linear(backbone.num_features, 512), nn.ReLU(inplace=True),
+                                  nn.Linear(512, proj_dim))
         for p in self.prefix_parameters():
             p.requires_grad_(False)
 
@@ -47,30 +63,35 @@ class Network(nn.Module):
         yield from b.conv_head.parameters()
         yield from b.bn2.parameters()
 
-    def forward_prefix(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (the early patch map, the prefix output that the suffix continues from)."""
-        b = self.backbone
-        x = b.bn1(b.conv_stem(x))
-        early = x
-        for i, block in enumerate(b.blocks[:self.split]):
-            x = block(x)
-            if i == self.patch_blocks[0]:
-                early = x
-        return early, x
-
-    def forward_suffix(self, h: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Returns (the late patch map, pooled embeddings per level: each suffix block, then the head)."""
-        b = self.backbone
+    def _blocks(self, h: torch.Tensor, start: int, stop: int) -> tuple[torch.Tensor, dict[int, torch.Tensor],
+                                                                        list[torch.Tensor]]:
+        maps: dict[int, torch.Tensor] = {}
         pooled: list[torch.Tensor] = []
-        late = h
-        for i, block in enumerate(b.blocks[self.split:], start=self.split):
-            h = block(h)
-            pooled.append(h.mean(dim=(2, 3)))
-            if i == self.patch_blocks[1]:
-                late = h
+        for i in range(start, stop):
+            h = self.backbone.blocks[i](h)
+            if i in self.patch_blocks:
+                maps[i] = h
+            if i >= self.first_level:
+                pooled.append(pool(h, self.pooling))
+        return h, maps, pooled
+
+    def forward_prefix(self, x: torch.Tensor) -> tuple[dict[int, torch.Tensor], list[torch.Tensor], torch.Tensor]:
+        """(patch maps of prefix blocks, pooled prefix levels, the output the suffix continues from)."""
+        b = self.backbone
+        h, maps, pooled = self._blocks(b.bn1(b.conv_stem(x)), 0, self.split)
+        return maps, pooled, h
+
+    def forward_suffix(self, h: torch.Tensor) -> tuple[dict[int, torch.Tensor], list[torch.Tensor]]:
+        """(patch maps of suffix blocks, pooled levels of suffix blocks then the head's)."""
+        b = self.backbone
+        h, maps, pooled = self._blocks(h, self.split, len(b.blocks))
         h = b.bn2(b.conv_head(h))
-        pooled.append(h.mean(dim=(2, 3)))
-        return late, pooled
+        pooled.append(pool(h, self.pooling))
+        return maps, pooled
+
+    def embedding(self, pooled_suffix: list[torch.Tensor]) -> torch.Tensor:
+        """The head's mean-pooled features (the first num_features columns of the last level)."""
+        return pooled_suffix[-1][:, :self.backbone.num_features]
 
     def project(self, embedding: torch.Tensor) -> torch.Tensor:
         return self.head(embedding)

@@ -1,0 +1,27 @@
+"""A real local stack (Swift S3, MLflow, Prefect) for the integration tests of this folder.
+
+Free ports and a temporary FSAD_HOME, so a stack the user runs on the default ports is untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from infra.config import free_port_env
+from infra.stack import StackInfo, down, up
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackInfo]:
+    home = tmp_path_factory.mktemp("fsad-home")
+    quiet = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+             "MLFLOW_DISABLE_TELEMETRY": "true"}
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in {**free_port_env(), **quiet}.items():
+            mp.setenv(key, value)
+        try:
+            yield up(home)
+        finally:
+            down(home)
