@@ -103,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", default=None, help="also write the table as Markdown here")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--max-test", type=int, default=None, help="score at most this many test images (stratified), for quick runs")
+    p.add_argument("--size", type=int, default=None, help="input size override for every method (default: each method's)")
 
     p = add("upload", _cmd_upload, "put a few-shot set into storage (images first, manifest.json last)")
     p.add_argument("--product", required=True)

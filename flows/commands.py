@@ -128,7 +128,7 @@ def bench(args: argparse.Namespace) -> int:
                 for seed in args.seeds:
                     done += 1
                     label = f"[{done}/{total}] {dataset}/{root.name} {method} k={k} seed={seed}"
-                    record = run_one(cache, dataset, method, k, seed, args.device, Progress(label))
+                    record = run_one(cache, dataset, method, k, seed, args.device, Progress(label), size=args.size)
                     records.append(record)
                     print(f"{label}: image AUROC {record['image_auroc']:.3f} "
                           f"(fit {record['fit_seconds']:.0f} s)", file=sys.stderr)

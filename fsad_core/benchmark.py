@@ -86,8 +86,8 @@ class CategoryCache:
 
 
 def run_one(cache: CategoryCache, dataset: str, method: str, k: int, seed: int, device: str = "auto",
-            progress: Callable[[str, int, int], None] | None = None) -> dict:
-    config = method_config(method, seed=seed)
+            progress: Callable[[str, int, int], None] | None = None, size: int | None = None) -> dict:
+    config = method_config(method, seed=seed, size=size)
     train = [s.image() for s in cache.category.sample_k_shot(k, seed)]
     with peak_rss() as peak:
         t0 = time.perf_counter()

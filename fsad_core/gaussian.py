@@ -1,41 +1,57 @@
 """A Gaussian fitted to normal embeddings, scored by Mahalanobis distance.
 
-Few samples in many dimensions (k images x a few views vs 1000+ features) make the sample
-covariance singular, so it is shrunk towards a scaled identity (Ledoit-Wolf, scikit-learn).
+Few samples in many dimensions (k images x a few dozen views vs 1000-2500 features) make the
+sample covariance singular, so it is shrunk towards a scaled identity with the Ledoit-Wolf
+coefficient (scikit-learn). The shrunk covariance a*I + b*X'X is inverted through the Woodbury
+identity on the n x n Gram matrix, never as a d x d matrix: fitting and storing cost O(n^2 d)
+instead of O(d^3), and the model keeps only the n centred samples, not a d x d precision.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
-from sklearn.covariance import LedoitWolf
+from sklearn.covariance import ledoit_wolf_shrinkage
 
 
 class Gaussian:
-    def __init__(self, mean: torch.Tensor, precision: torch.Tensor):
+    def __init__(self, mean: torch.Tensor, samples: torch.Tensor, a: float, b: float):
         self.mean = mean.double()
-        self.precision = precision.double()
+        self.samples = samples.double()  # n x d, centred
+        self.a, self.b = float(a), float(b)
+        n = self.samples.shape[0]
+        gram = self.samples @ self.samples.T
+        self._inner = torch.linalg.inv(self.a * torch.eye(n, dtype=torch.float64) + self.b * gram)
 
     @classmethod
     def fit(cls, x: torch.Tensor) -> "Gaussian":
         """x: NxD embeddings (N >= 2)."""
         if x.shape[0] < 2:
             raise ValueError(f"a Gaussian needs at least 2 embeddings, got {x.shape[0]}")
-        data = x.double().cpu().numpy()
-        if not np.isfinite(data).all():
+        data = x.double().cpu()
+        if not torch.isfinite(data).all():
             raise ValueError("non-finite embeddings")
-        lw = LedoitWolf(assume_centered=False).fit(data)
-        return cls(torch.from_numpy(lw.location_), torch.from_numpy(lw.get_precision()))
+        mean = data.mean(dim=0)
+        centred = data - mean
+        n, d = centred.shape
+        shrinkage = float(ledoit_wolf_shrinkage(centred.numpy(), assume_centered=True))
+        mu = float((centred ** 2).sum()) / (n * d)  # trace(S) / d
+        mu = max(mu, 1e-12)
+        return cls(mean, centred, a=shrinkage * mu, b=(1 - shrinkage) / n)
 
     def distance(self, x: torch.Tensor) -> torch.Tensor:
         """Mahalanobis distance of each row of x (NxD) -> N."""
-        d = x.double().cpu() - self.mean
-        sq = torch.einsum("nd,de,ne->n", d, self.precision, d).clamp_min(0)
-        return sq.sqrt()
+        v = x.double().cpu() - self.mean
+        u = v @ self.samples.T
+        sq = ((v * v).sum(dim=1) - self.b * torch.einsum("ni,ij,nj->n", u, self._inner, u)) / self.a
+        return sq.clamp_min(0).sqrt()
 
     def state(self, prefix: str) -> dict[str, torch.Tensor]:
-        return {f"{prefix}.mean": self.mean, f"{prefix}.precision": self.precision}
+        return {f"{prefix}.mean": self.mean, f"{prefix}.samples": self.samples,
+                f"{prefix}.ab": torch.tensor([self.a, self.b], dtype=torch.float64)}
 
     @classmethod
     def from_state(cls, state: dict[str, torch.Tensor], prefix: str) -> "Gaussian":
-        return cls(state[f"{prefix}.mean"], state[f"{prefix}.precision"])
+        a, b = state[f"{prefix}.ab"].tolist()
+        return cls(state[f"{prefix}.mean"], state[f"{prefix}.samples"], a, b)
+
+

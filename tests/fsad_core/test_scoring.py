@@ -26,7 +26,7 @@ def test_gaussian_handles_fewer_samples_than_dimensions():
 def test_patch_memory_distance_is_zero_on_memorised_patches_and_positive_elsewhere():
     feats = torch.randn(2, 8, 5, 5)
     mem = PatchMemory.fit(feats, max_size=1000)
-    assert mem.distances(feats).abs().max() < 1e-3
+    assert mem.distances(feats).abs().max() < 1e-2  # cdist uses the matmul form: ~1e-3 error
     assert (mem.distances(feats + 3.0) > 1).all()
 
 

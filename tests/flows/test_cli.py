@@ -1,0 +1,74 @@
+"""The command line as a user runs it: a real subprocess, real files, exit codes and outputs."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fsad_core.synthetic import make_category
+
+FSAD = [sys.executable, "-m", "flows.cli"]
+
+
+def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*FSAD, *args], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **(env or {})}, cwd=Path(__file__).resolve().parents[2])
+
+
+@pytest.fixture(scope="module")
+def category(tmp_path_factory):
+    return make_category(tmp_path_factory.mktemp("cli") / "washer", kind="object", n_train=4, n_test_good=4,
+                         n_test_defect=4, size=64, seed=5)
+
+
+def test_help_lists_every_subcommand():
+    out = run("--help")
+    assert out.returncode == 0
+    for cmd in ("demo", "train", "score", "bench", "upload", "retrain", "stack"):
+        assert cmd in out.stdout
+
+
+def test_bad_input_exits_non_zero_with_one_line_reason(tmp_path):
+    out = run("train", "--data", str(tmp_path / "missing"), "--k", "2", "--out", str(tmp_path / "m"))
+    assert out.returncode != 0
+    assert out.stderr.strip().count("\n") == 0 and "train/good" in out.stderr
+
+
+def test_train_then_score_writes_csv_and_maps_and_reports_bad_files(category, tmp_path):
+    model = tmp_path / "model"
+    out = run("train", "--data", str(category), "--k", "2", "--seed", "0", "--out", str(model),
+              "--method", "pretrained", "--size", "64", "--device", "cpu")
+    assert out.returncode == 0, out.stderr
+    assert (model / "config.json").is_file()
+    images = tmp_path / "images"
+    images.mkdir()
+    for p in list((category / "test").rglob("*.png"))[:3]:
+        (images / f"{p.parent.name}_{p.name}").write_bytes(p.read_bytes())
+    (images / "broken.png").write_bytes(b"not a png")
+    scores, maps = tmp_path / "scores.csv", tmp_path / "maps"
+    out = run("score", "--model", str(model), str(images), "--out", str(scores), "--maps", str(maps))
+    assert out.returncode == 1  # one bad file
+    assert "broken.png" in out.stderr and "3 scored, 1 failed" in out.stderr
+    rows = list(csv.DictReader(scores.open()))
+    assert len(rows) == 3 and {"image", "score", "is_anomaly"} <= set(rows[0])
+    assert len(list(maps.glob("*.png"))) == 3
+
+
+def test_bench_writes_the_json_contract(category, tmp_path):
+    out_json, report = tmp_path / "r.json", tmp_path / "r.md"
+    out = run("bench", "--data", str(category), "--k", "1", "2", "--seeds", "0", "--methods", "pretrained",
+              "--size", "64", "--out", str(out_json), "--report", str(report), "--device", "cpu")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out_json.read_text())
+    assert len(result["records"]) == 2 and "environment" in result
+    keys = {"dataset", "category", "method", "k", "seed", "image_auroc", "pixel_auroc", "aupro", "f1",
+            "fit_seconds", "score_ms_per_image", "peak_rss_mb"}
+    for r in result["records"]:
+        assert keys <= set(r)
+        assert 0 <= r["image_auroc"] <= 1 and r["pixel_auroc"] is not None
+    assert "pretrained" in out.stdout and "± " in out.stdout
+    assert report.read_text().startswith("| dataset/category")
