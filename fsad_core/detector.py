@@ -52,7 +52,7 @@ class DetectorConfig:
     split: int = 4
     patch_blocks: tuple[int, ...] = (2, 4)
     first_level: int = 4          # pooled outputs of blocks >= this (and the head) get a Gaussian each
-    pooling: str = "mean"         # "mean" or "mean+std" over positions
+    pooling: str = "mean+std"     # "mean" or "mean+std" over positions
     pool_views: int = 64          # augmented views in the pool, spread over the k images (>= 8 each)
     negatives: int = 48           # synthetic anomalies in the pool
     negative_kinds: tuple[str, ...] = NEGATIVE_KINDS

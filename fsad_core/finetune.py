@@ -22,7 +22,7 @@ from .network import Network
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    steps: int = 120
+    steps: int = 60
     lr_backbone: float = 1e-4
     lr_head: float = 1e-3
     weight_decay: float = 1e-4

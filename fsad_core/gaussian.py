@@ -5,12 +5,13 @@ sample covariance singular, so it is shrunk towards a scaled identity with the L
 coefficient (scikit-learn). The shrunk covariance a*I + b*X'X is inverted through the Woodbury
 identity on the n x n Gram matrix, never as a d x d matrix: fitting and storing cost O(n^2 d)
 instead of O(d^3), and the model keeps only the n centred samples, not a d x d precision.
+The shrinkage coefficient is scikit-learn's Ledoit-Wolf formula rewritten on the Gram matrix
+(sklearn's own takes O(n d^2), seconds per level at d = 2560); a test pins it to sklearn's.
 """
 
 from __future__ import annotations
 
 import torch
-from sklearn.covariance import ledoit_wolf_shrinkage
 
 
 class Gaussian:
@@ -33,9 +34,8 @@ class Gaussian:
         mean = data.mean(dim=0)
         centred = data - mean
         n, d = centred.shape
-        shrinkage = float(ledoit_wolf_shrinkage(centred.numpy(), assume_centered=True))
-        mu = float((centred ** 2).sum()) / (n * d)  # trace(S) / d
-        mu = max(mu, 1e-12)
+        gram = centred @ centred.T
+        shrinkage, mu = ledoit_wolf_from_gram(gram, d)
         return cls(mean, centred, a=shrinkage * mu, b=(1 - shrinkage) / n)
 
     def distance(self, x: torch.Tensor) -> torch.Tensor:
@@ -55,3 +55,17 @@ class Gaussian:
         return cls(state[f"{prefix}.mean"], state[f"{prefix}.samples"], a, b)
 
 
+
+
+def ledoit_wolf_from_gram(gram: torch.Tensor, d: int) -> tuple[float, float]:
+    """(shrinkage, mu) of sklearn.covariance.ledoit_wolf_shrinkage(X, assume_centered=True) from
+    G = X X' (n x n) and the dimension d, where mu = trace(X'X / n) / d is the identity's scale."""
+    n = gram.shape[0]
+    diag = torch.diagonal(gram)
+    mu = max(float(diag.sum()) / (n * d), 1e-12)
+    beta_ = float((diag ** 2).sum())            # sum of (X^2)'(X^2)
+    delta_ = float((gram ** 2).sum()) / n ** 2  # ||X'X||_F^2 / n^2
+    beta = (beta_ / n - delta_) / (d * n)
+    delta = (delta_ - 2 * mu * float(diag.sum()) / n + d * mu ** 2) / d
+    beta = min(beta, delta)
+    return (0.0 if beta == 0 else beta / delta), mu

@@ -1,0 +1,102 @@
+"""Scheduled retraining: retrain every product whose newest complete upload the champion has not seen.
+
+The event trigger (retrain-on-upload) reacts to each upload as it arrives; this nightly sweep
+(deployment ``retrain-scheduled``) catches what it missed: events lost while the server was down,
+uploads from before the sensor ran, runs that crashed. Products are retrained one after another as
+subflows, and one failing product does not stop the others; the sweep fails at the end, naming them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+
+from flows import registry, tracking
+from flows.retrain import retrain_flow
+from flows.settings import Settings, config_sha256, load_settings, training_config
+from flows.storage import ObjectNotFound, latest_complete_upload, list_products, open_store, validation_key
+from flows.upload import ManifestError, read_manifest
+
+
+@dataclass(frozen=True)
+class Plan:
+    product: str
+    upload_id: str | None  # the upload to train on; None when the product is not due
+    reason: str
+
+
+def decide(product: str, latest_upload: str | None, latest_content: str | None, rejected: bool,
+           trained_version: str | None, champion: str | None, champion_upload: str | None) -> Plan:
+    """Whether ``product`` is due (no I/O). Upload ids sort by time, so a larger id is a newer upload."""
+    def skip(reason: str) -> Plan:
+        return Plan(product, None, reason)
+
+    if latest_upload is None:
+        return skip("no complete upload")
+    if rejected:
+        return skip(f"latest upload {latest_upload} was rejected by validation (quarantined)")
+    if trained_version is not None:
+        return skip(f"latest upload {latest_upload} already trained as version {trained_version} "
+                    f"(content {str(latest_content)[:12]}, same configuration)")
+    if champion is None:
+        return Plan(product, latest_upload, "no champion yet")
+    if champion_upload is None or latest_upload > champion_upload:
+        return Plan(product, latest_upload, f"upload {latest_upload} is newer than champion v{champion}'s "
+                                            f"upload {champion_upload or 'unknown'}")
+    return skip(f"champion v{champion} was trained on the latest upload {champion_upload}")
+
+
+@task(retries=2, retry_delay_seconds=10)
+def plan_product(settings: Settings, product: str, config_hash: str) -> Plan:
+    """Read the facts ``decide`` needs from storage and the MLflow registry."""
+    store = open_store(settings.storage_url)
+    latest = latest_complete_upload(store, product)
+    if latest is None:
+        return decide(product, None, None, False, None, None, None)
+    try:
+        content = read_manifest(store, product, latest.upload_id).get("content_sha256")
+    except ManifestError:
+        content = None  # malformed: retraining validates and quarantines it
+    try:
+        rejected = store.get_json(validation_key(product, latest.upload_id)).get("success") is False
+    except ObjectNotFound:
+        rejected = False
+    tracking.configure(settings)
+    trained = registry.find_trained_version(product, content, config_hash) if content else None
+    champion = registry.alias_version(product, registry.CHAMPION)
+    champion_upload = registry.version_tags(product, champion).get("upload_id") if champion else None
+    return decide(product, latest.upload_id, content, rejected,
+                  str(trained.version) if trained is not None else None, champion, champion_upload)
+
+
+@flow(name="retrain-due")
+def retrain_due_flow(method: str = "default", seed: int = 0) -> dict[str, Any]:
+    """Retrain each due product (see ``decide``); returns per product the plan and the retraining
+    status. Raises at the end when the planning or retraining of any product failed."""
+    logger = get_run_logger()
+    settings = load_settings()
+    config_hash = config_sha256(training_config(method, seed, settings.train_overrides))
+    store = open_store(settings.storage_url)
+    results: dict[str, Any] = {}
+    failed: list[str] = []
+    for product in list_products(store):
+        planned = plan_product(settings, product, config_hash, return_state=True)
+        if not planned.is_completed():
+            failed.append(f"{product} (planning: {planned.message})")
+            continue
+        plan: Plan = planned.result()
+        logger.info("%s: %s", product, plan.reason)
+        results[product] = asdict(plan)
+        if plan.upload_id is None:
+            continue
+        state = retrain_flow(product, plan.upload_id, method, seed, return_state=True)
+        if state.is_completed():
+            results[product]["status"] = state.result()["status"]
+        else:
+            results[product]["status"] = "failed"
+            failed.append(f"{product} (upload {plan.upload_id}: {state.message})")
+    if failed:
+        raise RuntimeError(f"retraining failed for {len(failed)} product(s): {'; '.join(failed)}")
+    return results

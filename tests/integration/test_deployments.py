@@ -1,0 +1,174 @@
+"""prefect.yaml against the real local stack: `prefect --no-prompt deploy --all` creates the four
+deployments with their schedules and trigger, and the event path runs end to end on the stack's
+process worker: an upload to S3 -> upload-sensor announces it -> the trigger starts retrain-on-upload
+with product/upload_id from the event -> a registered model version. Then neither a second sensor
+run nor the scheduled sweep trains it again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+from mlflow import MlflowClient
+from prefect.client.orchestration import SyncPrefectClient, get_client
+from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+from prefect.client.schemas.objects import Deployment, FlowRun
+from prefect.deployments import run_deployment
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+from flows.sensor import EVENT, announced_key, upload_sensor_flow
+from flows.storage import open_store
+from flows.upload import upload_folder
+from fsad_core.data import load_category
+from fsad_core.synthetic import make_category
+from infra.config import WORK_POOL, free_port_env
+from infra.stack import StackInfo, down, up
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(1500)]
+
+ROOT = Path(__file__).resolve().parents[2]
+PRODUCT = "washer"
+TINY_TRAINING = {"size": 64, "pool_views": 16, "negatives": 4, "calibration_negatives": 4, "memory_views": 1,
+                 "finetune": {"steps": 2}}
+QUIET = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
+NAMES = {"retrain-scheduled": "retrain-due/retrain-scheduled", "retrain-on-upload": "retrain/retrain-on-upload",
+         "upload-sensor": "upload-sensor/upload-sensor", "benchmark": "benchmark/benchmark"}
+T = TypeVar("T")
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackInfo]:
+    """The stack on free ports in a temporary home. Flow runs inherit the worker's environment, so the
+    small training settings and a gate minimum of 0 (a tiny model must still become champion) are
+    set before it starts; this process then uses the stack as a client."""
+    home = tmp_path_factory.mktemp("fsad-home")
+    env = {**free_port_env(), **QUIET, "FSAD_HOME": str(home), "FSAD_TRAIN_OVERRIDES": json.dumps(TINY_TRAINING),
+           "FSAD_GATE_MIN_AUROC": "0"}
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        try:
+            info = up(home)
+            for key, value in info.env().items():
+                mp.setenv(key, value)
+            with temporary_settings(updates={PREFECT_API_URL: info.prefect_api_url}):
+                yield info
+        finally:
+            down(home)
+
+
+@pytest.fixture(scope="module")
+def client(stack: StackInfo) -> Iterator[SyncPrefectClient]:
+    with get_client(sync_client=True) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def deployments(stack: StackInfo, client: SyncPrefectClient,
+                tmp_path_factory: pytest.TempPathFactory) -> dict[str, Deployment]:
+    """What a user runs: `prefect --no-prompt deploy --all` in the repository root."""
+    env = {**os.environ, **stack.env(), **QUIET,
+           "PREFECT_HOME": str(tmp_path_factory.mktemp("prefect-cli"))}
+    done = subprocess.run([str(Path(sys.executable).parent / "prefect"), "--no-prompt", "deploy", "--all"],
+                          check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"prefect deploy failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+    return {name: client.read_deployment_by_name(full) for name, full in NAMES.items()}
+
+
+def wait_for(what: str, check: Callable[[], T | None], timeout_s: float, stack: StackInfo, every_s: float = 3.0) -> T:
+    """Poll ``check`` until it returns something truthy; on timeout fail with the worker's log tail."""
+    deadline = time.monotonic() + timeout_s
+    while not (found := check()):
+        if time.monotonic() > deadline:
+            log = (stack.root / "logs" / "prefect-worker.log").read_text(errors="replace")[-4000:]
+            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}; worker log:\n{log}")
+        time.sleep(every_s)
+    return found
+
+
+def retrain_runs(client: SyncPrefectClient, upload_id: str | None = None) -> list[FlowRun]:
+    """Runs of the `retrain` flow (deployment or subflow) for PRODUCT, optionally for one upload."""
+    runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["retrain"])))
+    return [r for r in runs if r.parameters.get("product") == PRODUCT
+            and (upload_id is None or r.parameters.get("upload_id") == upload_id)]
+
+
+def tiny_upload_folder(tmp: Path) -> Path:
+    """A valid few-shot set in upload layout: 2 normal images, eval 2 good + 2 defect (96 px)."""
+    category = load_category(make_category(tmp / "data" / PRODUCT, kind="object", n_train=2, n_test_good=2,
+                                           n_test_defect=2, size=96, seed=5))
+    folder = tmp / "upload"
+    for sub, samples in (("train/good", category.train),
+                         ("eval/good", [s for s in category.test if s.label == 0]),
+                         ("eval/defect", [s for s in category.test if s.label == 1])):
+        (folder / sub).mkdir(parents=True)
+        for s in samples:
+            shutil.copy(s.path, folder / sub / f"{s.path.parent.name}_{s.path.name}")
+    return folder
+
+
+def test_deployments_from_prefect_yaml(deployments: dict[str, Deployment], client: SyncPrefectClient) -> None:
+    for name, d in deployments.items():
+        assert d.work_pool_name == WORK_POOL, name
+        assert d.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}], name
+
+    [nightly] = deployments["retrain-scheduled"].schedules
+    assert nightly.active and nightly.schedule.cron == "0 2 * * *" and nightly.schedule.timezone == "UTC"
+    [sensor] = deployments["upload-sensor"].schedules
+    assert sensor.active and sensor.schedule.interval == timedelta(seconds=60)
+    assert deployments["retrain-on-upload"].schedules == [] and deployments["benchmark"].schedules == []
+    assert deployments["benchmark"].parameters["methods"] == ["pretrained", "default"]
+
+    on_upload = deployments["retrain-on-upload"]
+    [automation] = client.read_resource_related_automations(f"prefect.deployment.{on_upload.id}")
+    trigger, [action] = automation.trigger, automation.actions
+    assert automation.enabled and trigger.expect == {EVENT}
+    assert trigger.match.model_dump()["prefect.resource.id"] == "fsad.upload.*"
+    assert action.type == "run-deployment" and action.deployment_id == on_upload.id
+    assert action.parameters == {"product": "{{ event.resource['fsad.product'] }}",
+                                 "upload_id": "{{ event.resource['fsad.upload_id'] }}"}
+
+
+def test_upload_is_announced_trained_once_and_not_retrained(
+        stack: StackInfo, deployments: dict[str, Deployment], client: SyncPrefectClient, tmp_path: Path) -> None:
+    store = open_store()
+    uploaded = upload_folder(store, PRODUCT, tiny_upload_folder(tmp_path))
+    # The sensor runs every minute anyway; one run now saves the wait. Either announces the upload.
+    run_deployment(NAMES["upload-sensor"], timeout=0)
+
+    [run] = wait_for("a retrain-on-upload run for the upload", lambda: retrain_runs(client, uploaded.upload_id),
+                     300, stack)
+    assert run.deployment_id == deployments["retrain-on-upload"].id
+    assert run.parameters == {"product": PRODUCT, "upload_id": uploaded.upload_id}
+    assert store.exists(announced_key(PRODUCT, uploaded.upload_id))
+
+    def finished() -> FlowRun | None:
+        current = client.read_flow_run(run.id)
+        return current if current.state.is_final() else None
+
+    final = wait_for("the retrain run to finish", finished, 900, stack)
+    assert final.state.is_completed(), f"{final.state.type}: {final.state.message}"
+    mlflow = MlflowClient(stack.mlflow_uri)
+    [version] = mlflow.search_model_versions(f"name = 'fsad-{PRODUCT}'")
+    assert version.tags["upload_id"] == uploaded.upload_id
+    assert version.tags["content_sha256"] == uploaded.content_sha256
+    assert mlflow.get_registered_model(f"fsad-{PRODUCT}").aliases["champion"] == version.version
+
+    # Announced once: another sensor run finds nothing new.
+    assert asyncio.run(upload_sensor_flow()) == []
+    # The nightly sweep sees the champion trained on the latest upload and trains nothing.
+    sweep = run_deployment(NAMES["retrain-scheduled"], timeout=300)
+    assert sweep.state.is_completed(), f"{sweep.state.type}: {sweep.state.message}"
+    assert [r.id for r in retrain_runs(client)] == [run.id]
+    assert len(mlflow.search_model_versions(f"name = 'fsad-{PRODUCT}'")) == 1
