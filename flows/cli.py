@@ -43,6 +43,9 @@ def _cmd_upload(args: argparse.Namespace) -> int:
 
 
 def _cmd_retrain(args: argparse.Namespace) -> int:
+    # Without PREFECT_API_URL the flow runs on Prefect's ephemeral API, whose 20 s start-up limit is
+    # too short on small busy machines; read when prefect is first imported, i.e. just below.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     from flows.retrain import format_summary, retrain_flow
     summary = retrain_flow(args.product, upload_id=args.upload)
     print(format_summary(summary))

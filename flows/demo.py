@@ -1,0 +1,158 @@
+"""``fsad demo``: the main job end to end on embedded defaults, in a few minutes on a laptop CPU.
+
+Everything lives under one folder (``--workdir``, default FSAD_HOME): a local folder store, SQLite
+MLflow with local artifacts and an ephemeral Prefect API whose database is kept there too, so the
+runs can be looked at afterwards. A product is generated (or a real MVTec-layout category is used
+with ``--data``), a few-shot set with a labelled evaluation set is uploaded, the retraining flow
+runs, and the version it produces ends up as ``champion``. Running it again on the same folder
+uploads the same images and shows the idempotency: "already trained as version N".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shlex
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from flows.settings import Settings, load_settings
+from fsad_core.benchmark import stratified_subset
+from fsad_core.data import load_category
+from fsad_core.synthetic import make_category
+
+DEMO_PRODUCT = "demo-washer"
+DEMO_K = 6
+DATA_K = 8
+DATA_MAX_EVAL = 40  # stratified subset of a real category's test set: keeps the demo in minutes
+DEMO_TRAINING = {  # small on purpose: the demo must finish in minutes on two busy CPU cores
+    "size": 128, "pool_views": 24, "negatives": 16, "calibration_negatives": 12, "memory_views": 2,
+    "finetune": {"steps": 20, "normals_per_batch": 12, "negatives_per_batch": 6},
+}
+_PREFECT_STARTUP_S = 180  # the ephemeral API server starts slowly on busy small machines
+_QUIET = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
+          "GX_ANALYTICS_ENABLED": "false"}
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """Set environment variables for the demo and restore the caller's afterwards."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, old in saved.items():
+            if old is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = old
+
+
+@contextlib.contextmanager
+def _ephemeral_prefect(home: Path) -> Iterator[None]:
+    """Prefect's ephemeral API with its database under ``home`` (not a configured server)."""
+    from prefect.settings import (PREFECT_API_URL, PREFECT_HOME, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+                                  temporary_settings)
+
+    updates = {PREFECT_HOME: str(home), PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: _PREFECT_STARTUP_S}
+    with temporary_settings(updates=updates, restore_defaults={PREFECT_API_URL}):
+        yield
+
+
+def _copy_images(files: list[Path], dst: Path, rename: bool = False) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        shutil.copy2(f, dst / (f"{f.parent.name}_{f.name}" if rename else f.name))
+
+
+def prepare_upload_set(out: Path, data: str | None) -> tuple[str, Path, str]:
+    """(product, folder in upload layout, description): generated, or drawn from a real category."""
+    if out.exists():
+        shutil.rmtree(out)
+    if data is None:
+        category = make_category(out.parent / "generated" / DEMO_PRODUCT, kind="object", n_train=DEMO_K,
+                                 n_test_good=8, n_test_defect=8, size=144, seed=7)
+        cat, product, k = load_category(category), DEMO_PRODUCT, DEMO_K
+        test = cat.test
+        what = f"generated object product (144 px), k={k} normal images, eval 8 good + 8 defect"
+    else:
+        cat = load_category(data)
+        k = min(DATA_K, len(cat.train))
+        product = "demo-" + "".join(c if c.isalnum() or c in "._-" else "-" for c in cat.name)[:58]
+        test = stratified_subset(cat.test, DATA_MAX_EVAL)
+        if not {s.label for s in test} >= {0, 1}:
+            raise ValueError(f"{data}: the test set needs good and defect images for the evaluation set")
+        what = (f"{cat.root}: k={k} from train/good (seed 0), eval {sum(s.label == 0 for s in test)} good + "
+                f"{sum(s.label == 1 for s in test)} defect from test/")
+    _copy_images([s.path for s in cat.sample_k_shot(k, 0)], out / "train" / "good")
+    _copy_images([s.path for s in test if s.label == 0], out / "eval" / "good")
+    _copy_images([s.path for s in test if s.label == 1], out / "eval" / "defect", rename=True)
+    return product, out, what
+
+
+def _print_summary(summary: dict[str, Any], settings: Settings, product: str, folder: Path, prefect_home: Path,
+                   seconds: float) -> None:
+    from flows.retrain import format_summary
+
+    q, home = shlex.quote, settings.home
+    print(f"\n== fsad demo done in {seconds:.0f} s")
+    print(format_summary(summary))
+    print("\nwhere things are")
+    print(f"  storage   {settings.storage_url}/products/{product}/uploads/{summary['upload_id']}/ "
+          f"(validation.json beside the images)")
+    print(f"  MLflow    {settings.tracking_uri}  artifacts {settings.artifact_root}")
+    print(f"  Prefect   {prefect_home}/prefect.db")
+    print("\nlook at it")
+    print(f"  mlflow ui --backend-store-uri {q(settings.tracking_uri)}")
+    print(f"  PREFECT_HOME={q(str(prefect_home))} prefect server start      # UI at http://127.0.0.1:4200")
+    print(f"  PREFECT_HOME={q(str(prefect_home))} prefect flow-run ls")
+    print(f"  FSAD_HOME={q(str(home))} fsad score --model models:/fsad-{product}@champion {q(str(folder / 'eval'))}")
+    overrides = q(json.dumps(settings.train_overrides, separators=(",", ":")))
+    print(f"  FSAD_HOME={q(str(home))} PREFECT_HOME={q(str(prefect_home))} FSAD_TRAIN_OVERRIDES={overrides} "
+          f"fsad retrain --product {product}   # same images and settings: not trained twice")
+
+
+def run_demo(workdir: str | None = None, data: str | None = None) -> int:
+    """Generate (or take) a product, upload it, run the retraining flow, print what happened."""
+    start = time.monotonic()
+    home = Path(workdir).expanduser().absolute() if workdir else load_settings().home
+    embedded = {
+        "FSAD_HOME": str(home), "FSAD_STORAGE": str(home / "store"),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}",
+        "FSAD_TRAIN_OVERRIDES": os.environ.get("FSAD_TRAIN_OVERRIDES") or json.dumps(DEMO_TRAINING),
+        **_QUIET,
+    }
+    prefect_home = home / "prefect"
+    home.mkdir(parents=True, exist_ok=True)
+    with _environment(embedded), _ephemeral_prefect(prefect_home):
+        from flows.retrain import retrain_flow
+        from flows.storage import open_store
+        from flows.upload import upload_folder
+
+        settings = load_settings()
+        product, folder, what = prepare_upload_set(home / "demo" / "upload-set", data)
+        print(f"fsad demo in {home}")
+        print(f"data        {what}")
+        print(f"training    {json.dumps(settings.train_overrides)} (small settings for a quick demo; "
+              f"FSAD_TRAIN_OVERRIDES changes them)")
+        print(f"gate        benchmark AUROC >= {settings.gate_min_auroc} and not worse than the champion")
+        result = upload_folder(open_store(settings.storage_url), product, folder)
+        print(f"uploaded    {product} {result.upload_id}: "
+              + ", ".join(f"{n} {split}" for split, n in result.counts.items()))
+        print("retraining  (Prefect flow `retrain`; progress below)", flush=True)
+        summary = retrain_flow(product, upload_id=result.upload_id)
+        _print_summary(summary, settings, product, folder, prefect_home, time.monotonic() - start)
+        champion = summary.get("aliases", {}).get("champion")
+        if champion is None:
+            print(f"fsad demo: no champion for {product}: {summary['message']}", file=sys.stderr)
+            return 1
+    return 0
+
+
+__all__ = ["DEMO_TRAINING", "prepare_upload_set", "run_demo"]

@@ -1,0 +1,248 @@
+"""The MLflow model registry side of the pipeline: versions, the gate, verification and aliases.
+
+Registered model ``fsad-PRODUCT``. A new version gets alias ``candidate``. The gate passes when the
+benchmark AUROC is at least the minimum and not worse than the current champion's AUROC on the
+same labelled evaluation set (the champion is downloaded and scores that set itself). Its inputs
+and verdict are tags on the version. Only a version whose artifact was downloaded back, loaded and
+found to reproduce the in-memory score (tag ``verified=true``) can become ``champion``; the former
+champion then becomes ``previous``.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from flows.pyfunc import INPUT_COLUMN, encode_png, model_folder
+from flows.settings import Settings, load_settings
+from flows.tracking import configure
+from fsad_core.detector import Detector
+from fsad_core.metrics import image_auroc
+
+MODEL_PREFIX = "fsad-"
+CANDIDATE, CHAMPION, PREVIOUS = "candidate", "champion", "previous"
+_PICKLE_SUFFIXES = (".pkl", ".pickle", ".cloudpickle", ".joblib")
+_SCORE_RTOL = 1e-5
+_SCORE_ATOL = 1e-5
+
+
+class RegistryError(RuntimeError):
+    """A registry operation that must not go ahead (bad reference, unverified promotion, ...)."""
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    passed: bool
+    reason: str
+    min_auroc: float
+    candidate_auroc: float | None
+    eval_set: str
+    champion_version: str | None = None
+    champion_auroc: float | None = None
+
+    def tags(self) -> dict[str, str]:
+        def num(v: float | None) -> str:
+            return "n/a" if v is None else f"{v:.6f}"
+
+        return {"gate.verdict": "passed" if self.passed else "failed", "gate.reason": self.reason,
+                "gate.min_auroc": num(self.min_auroc), "gate.candidate_auroc": num(self.candidate_auroc),
+                "gate.eval_set": self.eval_set, "gate.champion_version": self.champion_version or "none",
+                "gate.champion_auroc": num(self.champion_auroc)}
+
+
+@dataclass(frozen=True)
+class Verification:
+    ok: bool
+    expected_score: float
+    loaded_score: float
+    reason: str
+
+
+def model_name(product: str) -> str:
+    return MODEL_PREFIX + product
+
+
+def _client() -> Any:
+    from mlflow import MlflowClient
+
+    return MlflowClient()
+
+
+def _is_missing(exc: Exception) -> bool:
+    return getattr(exc, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND")
+
+
+def alias_version(product: str, alias: str) -> str | None:
+    """The version an alias points at, None when the alias (or the model) does not exist."""
+    return aliases(product).get(alias)
+
+
+def aliases(product: str) -> dict[str, str]:
+    """alias -> version of ``fsad-PRODUCT`` (empty when the model is not registered yet)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return {a: str(v) for a, v in sorted(_client().get_registered_model(model_name(product)).aliases.items())}
+    except MlflowException as exc:
+        if _is_missing(exc):
+            return {}
+        raise
+
+
+def version_tags(product: str, version: str) -> dict[str, str]:
+    return dict(_client().get_model_version(model_name(product), version).tags)
+
+
+def find_trained_version(product: str, content_sha256: str, config_sha256: str) -> Any | None:
+    """The earliest version trained on the same content with the same configuration, if any."""
+    versions = _client().search_model_versions(
+        f"name = '{model_name(product)}' and tags.content_sha256 = '{content_sha256}' "
+        f"and tags.config_sha256 = '{config_sha256}'")
+    return min(versions, key=lambda mv: int(mv.version)) if versions else None
+
+
+def register(product: str, model_uri: str, run_id: str, tags: dict[str, str]) -> Any:
+    """A version of ``fsad-PRODUCT`` for the run's model with alias ``candidate``.
+
+    Safe to retry: a version already created for this run is reused instead of duplicated.
+    """
+    import mlflow
+
+    client, name = _client(), model_name(product)
+    existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    mv = existing[0] if existing else mlflow.register_model(model_uri, name, tags=tags)
+    client.set_registered_model_alias(name, CANDIDATE, str(mv.version))
+    return mv
+
+
+def decide(candidate_auroc: float | None, min_auroc: float, eval_set: str,
+           champion_version: str | None = None, champion_auroc: float | None = None) -> GateDecision:
+    """The gate's verdict from its inputs (no I/O): minimum AUROC, then not worse than the champion."""
+    def made(passed: bool, reason: str) -> GateDecision:
+        return GateDecision(passed, reason, min_auroc, candidate_auroc, eval_set, champion_version, champion_auroc)
+
+    if candidate_auroc is None or not math.isfinite(candidate_auroc):
+        return made(False, "benchmark AUROC undefined (the benchmark set lacks a class)")
+    if candidate_auroc < min_auroc:
+        return made(False, f"benchmark AUROC {candidate_auroc:.4f} below the minimum {min_auroc:.4f}")
+    if champion_version is None:
+        return made(True, f"benchmark AUROC {candidate_auroc:.4f} >= minimum {min_auroc:.4f}; no champion yet")
+    if champion_auroc is None:
+        return made(True, f"benchmark AUROC {candidate_auroc:.4f} >= minimum {min_auroc:.4f}; champion "
+                          f"v{champion_version} not compared (no labelled evaluation set in this upload)")
+    if candidate_auroc < champion_auroc:
+        return made(False, f"benchmark AUROC {candidate_auroc:.4f} worse than champion v{champion_version} "
+                           f"({champion_auroc:.4f}) on the same {eval_set} set")
+    return made(True, f"benchmark AUROC {candidate_auroc:.4f} >= minimum {min_auroc:.4f} and >= champion "
+                      f"v{champion_version} ({champion_auroc:.4f}) on the same {eval_set} set")
+
+
+def champion_auroc(product: str, images: list[np.ndarray] | None, labels: list[int] | None,
+                   device: str = "auto", settings: Settings | None = None) -> tuple[str | None, float | None]:
+    """(champion version, its AUROC on the given labelled set); (None, None) without a champion and
+    (version, None) when there is no labelled set to score it on."""
+    version = alias_version(product, CHAMPION)
+    if version is None or not images or labels is None:
+        return version, None
+    detector = Detector.load(download_model(f"models:/{model_name(product)}/{version}", settings=settings),
+                             device=device)
+    return version, image_auroc(labels, detector.score(images).scores)
+
+
+def record_gate(product: str, version: str, decision: GateDecision) -> None:
+    client, name = _client(), model_name(product)
+    for key, value in decision.tags().items():
+        client.set_model_version_tag(name, version, key, value)
+
+
+def verify(product: str, version: str, smoke_image: np.ndarray, expected_score: float) -> Verification:
+    """Download the version from the registry into a fresh folder, check it holds no pickle, load it
+    through pyfunc, score the smoke image and compare with the in-memory score; tag the outcome."""
+    import mlflow
+
+    name = model_name(product)
+    with tempfile.TemporaryDirectory(prefix="fsad-verify-") as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=tmp))
+        pickles = sorted(p.name for p in local.rglob("*") if p.suffix in _PICKLE_SUFFIXES)
+        if pickles:
+            result = Verification(False, expected_score, math.nan, f"artifact holds pickle files: {', '.join(pickles)}")
+        else:
+            out = mlflow.pyfunc.load_model(str(local)).predict(pd.DataFrame({INPUT_COLUMN: [encode_png(smoke_image)]}))
+            loaded = float(out["score"].iloc[0])
+            ok = math.isclose(loaded, expected_score, rel_tol=_SCORE_RTOL, abs_tol=_SCORE_ATOL)
+            reason = "downloaded model reproduces the in-memory score" if ok else \
+                f"downloaded model scores {loaded:.6g}, in memory {expected_score:.6g}"
+            result = Verification(ok, expected_score, loaded, reason)
+    client = _client()
+    client.set_model_version_tag(name, version, "verified", "true" if result.ok else "false")
+    client.set_model_version_tag(name, version, "verified.reason", result.reason)
+    return result
+
+
+def promote(product: str, version: str) -> dict[str, str]:
+    """Move ``champion`` to a verified, gate-passed version and ``previous`` to the former champion."""
+    client, name = _client(), model_name(product)
+    tags = client.get_model_version(name, version).tags
+    if tags.get("verified") != "true":
+        raise RegistryError(f"{name} v{version} is not verified (tag verified={tags.get('verified')!r}); "
+                            f"not promoting it to {CHAMPION}")
+    if tags.get("gate.verdict") != "passed":
+        raise RegistryError(f"{name} v{version} did not pass the gate; not promoting it to {CHAMPION}")
+    former = alias_version(product, CHAMPION)
+    if former is not None and former != str(version):
+        client.set_registered_model_alias(name, PREVIOUS, former)
+    client.set_registered_model_alias(name, CHAMPION, str(version))
+    return aliases(product)
+
+
+def _resolve(ref: str) -> tuple[str, str]:
+    """``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` -> (name, version)."""
+    from mlflow.exceptions import MlflowException
+
+    body = ref.removeprefix("models:/")
+    if body == ref or not body:
+        raise RegistryError(f"{ref!r}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+    try:
+        if "@" in body:
+            name, alias = body.split("@", 1)
+            return name, str(_client().get_model_version_by_alias(name, alias).version)
+        name, _, version = body.partition("/")
+        if not version.isdigit():
+            raise RegistryError(f"{ref!r}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+        return name, str(_client().get_model_version(name, version).version)
+    except MlflowException as exc:
+        raise RegistryError(f"{ref}: not found in the registry at the tracking URI "
+                            f"({exc.message.splitlines()[0]})") from None
+
+
+def download_model(ref: str, dst: str | Path | None = None, settings: Settings | None = None) -> Path:
+    """The model folder (config.json + safetensors) of a registry reference, downloaded once into
+    ``dst`` (default ``FSAD_HOME/models/NAME/VERSION``; versions are immutable, so it is reused)."""
+    import mlflow
+
+    settings = settings or load_settings()
+    configure(settings)
+    name, version = _resolve(ref)
+    target = Path(dst) if dst is not None else settings.home / "models" / name / version
+    if not (target / "MLmodel").is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(partial))
+            shutil.rmtree(target, ignore_errors=True)
+            partial.rename(target)
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
+    return model_folder(target)
+
+
+__all__ = ["CANDIDATE", "CHAMPION", "PREVIOUS", "GateDecision", "RegistryError", "Verification", "alias_version",
+           "aliases", "champion_auroc", "decide", "download_model", "find_trained_version", "model_name",
+           "promote", "record_gate", "register", "verify", "version_tags"]

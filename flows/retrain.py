@@ -1,0 +1,468 @@
+"""The retraining flow: one upload of one product, from storage to a promoted model.
+
+    load manifest -> validate (GX; a failed upload is quarantined, logged and the flow fails)
+    -> already trained? (same content_sha256 + configuration: stop) -> load images -> fine-tune
+    -> benchmark scores -> calibrate -> evaluate -> log to MLflow -> register (alias candidate)
+    -> gate -> verify + promote (aliases champion / previous)
+
+From the idempotency check to the alias moves, one run per product holds a lease-based Prefect
+global concurrency slot (``fsad-retrain-PRODUCT``), so two runs of the same upload train once.
+Storage reads and MLflow calls are tasks with retries; a permanent error (bad input, missing
+object) is not retried. Light, JSON-able task results are persisted so a retried flow run does not
+repeat them; images, models and scores stay in memory. Fine-tuning on CUDA is tagged ``gpu`` and
+holds a slot of the global concurrency limit ``gpu`` when one exists (no limit: no waiting).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from prefect import flow, get_run_logger, task
+from prefect.concurrency.sync import concurrency
+
+from flows import registry, tracking
+from flows.registry import RegistryError
+from flows.settings import Settings, SettingsError, config_sha256, load_settings, training_config
+from flows.storage import (ObjectNotFound, StorageKeyError, latest_complete_upload, manifest_key, open_store,
+                           upload_prefix)
+from flows.upload import ManifestError, read_manifest, sha256_hex
+from flows.validation import UploadNotFound, ValidationReport, quarantine_upload, validate_upload, write_report
+from fsad_core.calibration import Threshold, calibrate_supervised
+from fsad_core.detector import Detector, DetectorConfig, FitReport, resolve_device
+from fsad_core.imageio import read_image
+from fsad_core.metrics import image_auroc, rates_at_threshold
+
+GPU_LIMIT = "gpu"
+PRODUCT_LOCK_PREFIX = "fsad-retrain-"
+PRODUCT_LOCK_LEASE_S = 60  # a killed run frees its product within this; renewed while the run lives
+LABELLED, LOO_SYNTHETIC = "labelled", "loo+synthetic"
+_PROGRESS_EVERY_S = 10.0
+_OVERLAYS = 3
+
+
+class UploadRejected(RuntimeError):
+    """The upload failed validation; it was quarantined and its report logged."""
+
+
+class NoUpload(RuntimeError):
+    """No (complete) upload to train on."""
+
+
+_PERMANENT = (NoUpload, ManifestError, ObjectNotFound, StorageKeyError, UploadNotFound, RegistryError, SettingsError,
+              ValueError, TypeError)
+
+
+def _transient(task_: Any, task_run: Any, state: Any) -> bool:
+    """Retry only what may succeed on a second try (network, services), not bad input."""
+    try:
+        state.result()
+    except _PERMANENT:
+        return False
+    except Exception:
+        return True
+    return False
+
+
+_IO = dict(retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=_transient)
+
+
+@dataclass
+class UploadData:
+    """Decoded images of an upload: the k normal training images and the optional labelled eval set."""
+
+    train: list[np.ndarray]
+    eval_images: list[np.ndarray]
+    eval_labels: list[int]
+    eval_keys: list[str]
+
+    @property
+    def labelled(self) -> bool:
+        return bool(self.eval_images)
+
+
+@dataclass
+class Benchmark:
+    """The set the model is judged on: the labelled eval set, or leave-one-out normals + synthetic anomalies."""
+
+    kind: str
+    labels: list[int]
+    scores: np.ndarray
+    components: dict[str, np.ndarray]
+
+
+# ---- storage and validation -----------------------------------------------------------------
+
+@task(**_IO)
+def resolve_upload(settings: Settings, product: str, upload_id: str | None) -> str:
+    if upload_id is not None:
+        return upload_id
+    latest = latest_complete_upload(open_store(settings.storage_url), product)
+    if latest is None:
+        raise NoUpload(f"no complete upload of product {product} in {settings.storage_url}")
+    return latest.upload_id
+
+
+@task(**_IO)
+def load_manifest(settings: Settings, product: str, upload_id: str) -> dict[str, Any] | None:
+    """The manifest; None when it exists but is malformed (validation then rejects the upload).
+    No manifest at all means the upload is incomplete (maybe still being written): not ours to judge."""
+    store = open_store(settings.storage_url)
+    if not store.exists(manifest_key(product, upload_id)):
+        raise ManifestError(f"upload {upload_id} of {product} has no manifest.json: incomplete, not training on it")
+    try:
+        return read_manifest(store, product, upload_id)
+    except ManifestError:
+        return None
+
+
+@task(**_IO)
+def validate(settings: Settings, product: str, upload_id: str) -> dict[str, Any]:
+    """Run the GX suite and write validation.json beside the upload."""
+    store = open_store(settings.storage_url)
+    report = validate_upload(store, product, upload_id)
+    key = write_report(store, product, upload_id, report)
+    get_run_logger().info("validation of %s: %s (%s)", upload_id, "passed" if report.success else "FAILED",
+                          store.uri(key))
+    return {"success": report.success, "failed": report.failed, "report_json": report.to_json(),
+            "uri": store.uri(key)}
+
+
+@task(**_IO)
+def quarantine(settings: Settings, product: str, upload_id: str, validation: dict[str, Any]) -> str:
+    """Copy the upload and its report to quarantine/ (the original stays where it is)."""
+    store = open_store(settings.storage_url)
+    report = ValidationReport(**json.loads(validation["report_json"]))
+    where = store.uri(quarantine_upload(store, product, upload_id, report))
+    get_run_logger().warning("upload %s quarantined at %s", upload_id, where)
+    return where
+
+
+@task(**_IO)
+def log_rejection(settings: Settings, product: str, upload_id: str, validation: dict[str, Any],
+                  quarantine_uri: str) -> str:
+    tracking.configure(settings)
+    return tracking.log_rejected_upload(product, upload_id, validation["report_json"], validation["failed"],
+                                        quarantine_uri, settings)
+
+
+@task(**_IO)
+def find_existing(settings: Settings, product: str, content_sha256: str, config_hash: str) -> dict[str, Any] | None:
+    tracking.configure(settings)
+    mv = registry.find_trained_version(product, content_sha256, config_hash)
+    if mv is None:
+        return None
+    return {"version": str(mv.version), "run_id": mv.run_id, "tags": dict(mv.tags)}
+
+
+@task(**_IO, persist_result=False)
+def load_images(settings: Settings, product: str, upload_id: str, manifest: dict[str, Any]) -> UploadData:
+    """Decode the manifest's images, each checked against its manifest sha256 once more: what is
+    trained on is exactly the content that was validated and that content_sha256 names."""
+    store, prefix = open_store(settings.storage_url), upload_prefix(product, upload_id)
+    data = UploadData([], [], [], [])
+    for entry in sorted(manifest["files"], key=lambda f: f["key"]):
+        key, blob = entry["key"], store.get_bytes(prefix + entry["key"])
+        if sha256_hex(blob) != entry["sha256"]:
+            raise ValueError(f"{store.uri(prefix + key)} changed since validation (sha256 differs from the manifest)")
+        image = read_image(blob, name=key)
+        if key.startswith("train/good/"):
+            data.train.append(image)
+        elif key.startswith(("eval/good/", "eval/defect/")):
+            data.eval_images.append(image)
+            data.eval_labels.append(0 if key.startswith("eval/good/") else 1)
+            data.eval_keys.append(key)
+    get_run_logger().info("loaded %d training images and %d evaluation images (%d defect)", len(data.train),
+                          len(data.eval_images), sum(data.eval_labels))
+    return data
+
+
+# ---- training and evaluation ----------------------------------------------------------------
+
+def _progress(logger: Any) -> Callable[[str, int, int], None]:
+    """Detector.fit progress as log lines: each new stage, then at most every few seconds."""
+    last = {"stage": "", "t": 0.0}
+
+    def report(stage: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if stage != last["stage"] or done == total or now - last["t"] >= _PROGRESS_EVERY_S:
+            logger.info("%s %d/%d", stage, done, total)
+            last.update(stage=stage, t=now)
+    return report
+
+
+@contextlib.contextmanager
+def training_slot(device_type: str) -> Iterator[None]:
+    """Hold a slot of the global concurrency limit ``gpu`` while training on CUDA; a missing limit
+    is skipped by Prefect (strict=False), and CPU training takes no slot at all."""
+    if device_type != "cuda":
+        yield
+        return
+    with concurrency(GPU_LIMIT, occupy=1, strict=False):
+        yield
+
+
+@contextlib.contextmanager
+def product_lock(product: str) -> Iterator[None]:
+    """One retraining per product at a time: the idempotency check, training, registration and the
+    alias moves are one critical section. A Prefect global concurrency limit of 1 named
+    ``fsad-retrain-PRODUCT`` (created on first use) is the lock; its slot is a lease that Prefect
+    renews while the run lives, so a killed run blocks the next one for at most the lease."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectAlreadyExists
+
+    name = PRODUCT_LOCK_PREFIX + product
+    with get_client(sync_client=True) as client:
+        with contextlib.suppress(ObjectAlreadyExists):
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+    with concurrency(name, occupy=1, strict=True, lease_duration=PRODUCT_LOCK_LEASE_S):
+        yield
+
+
+@task(persist_result=False)
+def fine_tune(images: list[np.ndarray], config: DetectorConfig, device: str) -> tuple[Detector, FitReport]:
+    logger = get_run_logger()
+    dev = resolve_device(device)
+    steps = config.finetune.steps if config.finetune else 0
+    logger.info("fine-tuning on %d images: %s at %d px, %d steps, %d pooled views, device %s", len(images),
+                config.backbone, config.size, steps, config.pool_views, dev)
+    with training_slot(dev.type):
+        detector, report = Detector.fit(images, config, device=dev, progress=_progress(logger))
+    logger.info("fit done in %.1f s", report.seconds)
+    return detector, report
+
+
+@task(persist_result=False)
+def score_benchmark(detector: Detector, report: FitReport, data: UploadData) -> Benchmark:
+    """Labelled eval set when the upload has one, else the fit's leave-one-out normal scores and
+    synthetic-anomaly scores (each from a model that never saw that image)."""
+    if data.labelled:
+        result = detector.score(data.eval_images)
+        return Benchmark(LABELLED, list(data.eval_labels), result.scores, result.components)
+    kinds = report.normal_scores.keys()
+    components = {k: np.asarray(report.normal_scores[k] + report.synthetic_scores[k]) for k in kinds}
+    labels = [0] * len(report.normal_scores[detector.config.score]) + \
+        [1] * len(report.synthetic_scores[detector.config.score])
+    return Benchmark(LOO_SYNTHETIC, labels, components[detector.config.score], components)
+
+
+@task(persist_result=False)
+def calibrate(detector: Detector, bench: Benchmark) -> Threshold:
+    """F1-optimal threshold on a labelled set; otherwise the fit's unsupervised threshold stays."""
+    if bench.kind == LABELLED:
+        supervised = calibrate_supervised(bench.scores, bench.labels)
+        supervised.details["unsupervised"] = detector.threshold.to_dict()  # kept for comparison
+        detector.threshold = supervised
+    t = detector.threshold
+    get_run_logger().info("threshold %.4g (%s)", t.value, t.rule)
+    return t
+
+
+@task(persist_result=False)
+def evaluate(bench: Benchmark, threshold: Threshold, report: FitReport) -> dict[str, float]:
+    """Benchmark metrics; F1 and rates are at the model's threshold (for a labelled set, chosen on it)."""
+    rates = rates_at_threshold(bench.labels, bench.scores, threshold.value)
+    metrics: dict[str, float | None] = {
+        "benchmark_auroc": image_auroc(bench.labels, bench.scores),
+        "f1": rates["f1"], "false_alarm_rate": rates["false_alarm_rate"], "miss_rate": rates["miss_rate"],
+        "precision": rates["precision"], "recall": rates["recall"], "threshold": threshold.value,
+        "n_benchmark_normal": rates["n_normal"], "n_benchmark_defect": rates["n_defect"],
+        "fit_seconds": report.seconds,
+    }
+    for kind, scores in bench.components.items():
+        metrics[f"auroc_{kind}"] = image_auroc(bench.labels, scores)
+    if report.history and report.history.loss:
+        metrics["final_train_loss"] = report.history.loss[-1]
+    get_run_logger().info("benchmark (%s): AUROC %s, F1 %s", bench.kind, _fmt(metrics["benchmark_auroc"]),
+                          _fmt(metrics["f1"]))
+    return {k: float(v) for k, v in metrics.items() if v is not None and np.isfinite(v)}
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+@task(persist_result=False)
+def anomaly_maps(detector: Detector, data: UploadData) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """A few images with their anomaly maps: defects first when there is a labelled set."""
+    if data.labelled:
+        order = sorted(range(len(data.eval_images)), key=lambda i: -data.eval_labels[i])[:_OVERLAYS]
+        picked = [(data.eval_keys[i].replace("/", "_").rsplit(".", 1)[0], data.eval_images[i]) for i in order]
+    else:
+        picked = [(f"train_{i}", img) for i, img in enumerate(data.train[:_OVERLAYS])]
+    maps = detector.score([img for _, img in picked], with_maps=True).maps or []
+    return [(name, img, amap) for (name, img), amap in zip(picked, maps)]
+
+
+# ---- MLflow -----------------------------------------------------------------------------------
+
+@task(**_IO, persist_result=False)
+def log_run(settings: Settings, record: tracking.TrainingRecord, detector: Detector) -> tracking.LoggedRun:
+    tracking.configure(settings)
+    logged = tracking.log_training_run(record, detector, settings)
+    get_run_logger().info("logged run %s in experiment %s", logged.run_id, tracking.experiment_name(record.product))
+    return logged
+
+
+@task(**_IO)
+def register(settings: Settings, product: str, model_uri: str, run_id: str, tags: dict[str, str]) -> str:
+    tracking.configure(settings)
+    version = str(registry.register(product, model_uri, run_id, tags).version)
+    get_run_logger().info("registered %s version %s (alias %s)", registry.model_name(product), version,
+                          registry.CANDIDATE)
+    return version
+
+
+@task(**_IO, persist_result=False)
+def gate(settings: Settings, product: str, version: str, auroc: float | None, bench_kind: str,
+         data: UploadData, device: str) -> registry.GateDecision:
+    """Score the champion on the same labelled set, decide, and record the verdict as version tags."""
+    tracking.configure(settings)
+    images, labels = (data.eval_images, data.eval_labels) if bench_kind == LABELLED else (None, None)
+    champion, champion_auroc = registry.champion_auroc(product, images, labels, device, settings)
+    decision = registry.decide(auroc, settings.gate_min_auroc, bench_kind, champion, champion_auroc)
+    registry.record_gate(product, version, decision)
+    get_run_logger().info("gate %s: %s", "passed" if decision.passed else "FAILED", decision.reason)
+    return decision
+
+
+@task(**_IO, persist_result=False)
+def verify_and_promote(settings: Settings, product: str, version: str, detector: Detector,
+                       smoke_image: np.ndarray) -> dict[str, str]:
+    """Only a version whose downloaded artifact reproduces the in-memory score becomes champion."""
+    tracking.configure(settings)
+    expected = float(detector.score([smoke_image]).scores[0])
+    check = registry.verify(product, version, smoke_image, expected)
+    if not check.ok:
+        raise RegistryError(f"{registry.model_name(product)} v{version} failed verification: {check.reason}")
+    aliases = registry.promote(product, version)
+    get_run_logger().info("promoted %s v%s to %s; aliases %s", registry.model_name(product), version,
+                          registry.CHAMPION, aliases)
+    return aliases
+
+
+@task(**_IO)
+def current_aliases(settings: Settings, product: str) -> dict[str, str]:
+    tracking.configure(settings)
+    return registry.aliases(product)
+
+
+# ---- the flow ---------------------------------------------------------------------------------
+
+@flow(name="retrain", flow_run_name="retrain-{product}", persist_result=True, result_serializer="json")
+def retrain_flow(product: str, upload_id: str | None = None, method: str = "default", seed: int = 0) -> dict[str, Any]:
+    """Train, gate and (if it passes) promote a model from one upload (default: the latest complete).
+
+    Returns a JSON-able summary: ``status`` (promoted | gate_failed | already_trained), ``message``,
+    ``upload_id``, ``version``, ``model``, ``gate``, ``aliases``, ``metrics``, ``threshold``...
+    A rejected upload raises UploadRejected (the flow run ends Failed) after quarantining it.
+    """
+    settings = load_settings()
+    tracking.configure(settings)
+    training_config(method, seed, settings.train_overrides)  # a bad method fails before any work
+
+    upload_id = resolve_upload(settings, product, upload_id)
+    manifest = load_manifest(settings, product, upload_id)
+    validation = validate(settings, product, upload_id)
+    if not validation["success"] or manifest is None:
+        where = quarantine(settings, product, upload_id, validation)
+        log_rejection(settings, product, upload_id, validation, where)
+        raise UploadRejected(f"upload {upload_id} of {product} failed validation: "
+                             f"{'; '.join(validation['failed']) or 'malformed manifest'} (quarantined at {where})")
+    get_run_logger().info("waiting for the retraining slot of %s (one retraining per product at a time)", product)
+    with product_lock(product):
+        return _train_and_promote(settings, product, upload_id, manifest, validation, method, seed)
+
+
+def _train_and_promote(settings: Settings, product: str, upload_id: str, manifest: dict[str, Any],
+                       validation: dict[str, Any], method: str, seed: int) -> dict[str, Any]:
+    """The flow's critical section (under the product lock): already trained? else train, log,
+    register, gate, verify and promote."""
+    logger = get_run_logger()
+    config = training_config(method, seed, settings.train_overrides)
+    config_hash = config_sha256(config)
+    device = resolve_device(settings.device).type
+    content = manifest["content_sha256"]
+    summary: dict[str, Any] = {"product": product, "upload_id": upload_id, "content_sha256": content,
+                               "method": method, "seed": seed, "config_sha256": config_hash,
+                               "validation": validation["uri"]}
+
+    existing = find_existing(settings, product, content, config_hash)
+    if existing is not None:
+        tags = existing["tags"]
+        summary.update(status="already_trained", version=existing["version"], run_id=existing["run_id"],
+                       model=f"models:/{registry.model_name(product)}/{existing['version']}",
+                       gate={"passed": tags.get("gate.verdict") == "passed",
+                             "reason": tags.get("gate.reason", "no gate verdict recorded")},
+                       aliases=current_aliases(settings, product),
+                       message=f"already trained as version {existing['version']} (same content_sha256 and "
+                               f"configuration); not training again")
+        logger.info(summary["message"])
+        return summary
+
+    data = load_images(settings, product, upload_id, manifest)
+    tagged = fine_tune.with_options(tags={GPU_LIMIT}) if device == "cuda" else fine_tune
+    detector, report = tagged(data.train, config, device)
+    bench = score_benchmark(detector, report, data)
+    threshold = calibrate(detector, bench)
+    metrics = evaluate(bench, threshold, report)
+
+    record = tracking.TrainingRecord(
+        product=product, upload_id=upload_id, content_sha256=content, method=method, config=config,
+        config_sha256=config_hash, k=len(data.train), eval_set=bench.kind, metrics=metrics, history=report.history,
+        threshold=threshold, validation_json=validation["report_json"], fit_report=report.to_dict(),
+        roc_labels=bench.labels, roc_scores=bench.scores.tolist(), overlays=anomaly_maps(detector, data),
+        example_image=(data.eval_images or data.train)[0])
+    logged = log_run(settings, record, detector)
+    version = register(settings, product, logged.model_uri, logged.run_id, {
+        "content_sha256": content, "config_sha256": config_hash, "method": method, "seed": str(seed),
+        "upload_id": upload_id, "eval_set": bench.kind, "k": str(len(data.train)),
+        "benchmark_auroc": f"{metrics.get('benchmark_auroc', float('nan')):.6f}"})
+    decision = gate(settings, product, version, metrics.get("benchmark_auroc"), bench.kind, data, device)
+
+    if decision.passed:
+        aliases = verify_and_promote(settings, product, version, detector, record.example_image)
+        status, message = "promoted", f"version {version} passed the gate and is now {registry.CHAMPION}"
+    else:
+        aliases = current_aliases(settings, product)
+        status = "gate_failed"
+        message = (f"version {version} failed the gate ({decision.reason}); {registry.CHAMPION} stays "
+                   f"{'v' + aliases[registry.CHAMPION] if registry.CHAMPION in aliases else 'unset'}")
+    logger.info(message)
+    summary.update(status=status, message=message, version=version, run_id=logged.run_id,
+                   model=f"models:/{registry.model_name(product)}/{version}", eval_set=bench.kind,
+                   k=len(data.train), metrics=metrics, aliases=aliases,
+                   gate={"passed": decision.passed, "reason": decision.reason, "min_auroc": decision.min_auroc,
+                         "candidate_auroc": decision.candidate_auroc,
+                         "champion_version": decision.champion_version, "champion_auroc": decision.champion_auroc},
+                   threshold={"value": threshold.value, "rule": threshold.rule,
+                              "expected_false_alarm_rate": threshold.expected_false_alarm_rate},
+                   training={"size": config.size, "steps": config.finetune.steps if config.finetune else 0,
+                             "pool_views": config.pool_views, "backbone": config.backbone, "device": device})
+    return summary
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The flow's summary as a few human-readable lines (CLI and demo)."""
+    lines = [f"{summary['product']} upload {summary['upload_id']}: {summary['message']}",
+             f"model     {summary['model']}  aliases {json.dumps(summary.get('aliases', {}), sort_keys=True)}"]
+    gate_ = summary.get("gate") or {}
+    lines.append(f"gate      {'passed' if gate_.get('passed') else 'failed'}: {gate_.get('reason')}")
+    if "metrics" in summary:
+        m = summary["metrics"]
+        shown = ("benchmark_auroc", "f1", "false_alarm_rate", "miss_rate", "fit_seconds")
+        lines.append(f"metrics   ({summary['eval_set']} benchmark) "
+                     + ", ".join(f"{k} {m[k]:.4g}" for k in shown if k in m))
+        t = summary["threshold"]
+        lines.append(f"threshold {t['value']:.4g} ({t['rule']})")
+    return "\n".join(lines)
+
+
+__all__ = ["GPU_LIMIT", "NoUpload", "PRODUCT_LOCK_PREFIX", "UploadRejected", "format_summary", "product_lock",
+           "retrain_flow", "training_slot"]

@@ -1,0 +1,110 @@
+"""Pipeline configuration from the environment, with embedded defaults that need no service.
+
+    FSAD_HOME               ~/.fsad: embedded store, MLflow database and artifacts, model cache
+    FSAD_STORAGE            $FSAD_HOME/store, or s3://BUCKET (boto3's standard AWS_* settings)
+    MLFLOW_TRACKING_URI     sqlite:///$FSAD_HOME/mlflow.db (artifacts in $FSAD_HOME/mlartifacts)
+    FSAD_GATE_MIN_AUROC     0.9: minimum benchmark AUROC for a version to become champion
+    FSAD_TRAIN_OVERRIDES    JSON of DetectorConfig fields for small or fast runs, e.g.
+                            {"size": 96, "pool_views": 16, "finetune": {"steps": 10}}
+    FSAD_DEVICE             auto | cpu | cuda
+
+Credentials (AWS_*, MLflow tokens) are read by boto3/MLflow from the environment themselves and
+are never copied into settings, logs, parameters or tags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fsad_core.detector import DetectorConfig
+from fsad_core.methods import method_config
+
+DEFAULT_MIN_AUROC = 0.9
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class SettingsError(ValueError):
+    """An environment setting that cannot be used; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path
+    storage_url: str
+    tracking_uri: str
+    artifact_root: Path | None  # where embedded MLflow keeps artifacts; None: the server decides
+    gate_min_auroc: float = DEFAULT_MIN_AUROC
+    train_overrides: dict[str, Any] = field(default_factory=dict)
+    device: str = "auto"
+
+    @property
+    def embedded_tracking(self) -> bool:
+        return self.tracking_uri.startswith("sqlite:")
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    """Read the settings once from ``env`` (default: os.environ); SettingsError on bad values."""
+    env = os.environ if env is None else env
+    home = Path(env.get("FSAD_HOME") or "~/.fsad").expanduser().absolute()
+    storage = env.get("FSAD_STORAGE") or str(home / "store")
+    tracking = env.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow.db'}"
+    try:
+        min_auroc = float(env.get("FSAD_GATE_MIN_AUROC") or DEFAULT_MIN_AUROC)
+    except ValueError:
+        raise SettingsError(f"FSAD_GATE_MIN_AUROC={env['FSAD_GATE_MIN_AUROC']!r}: not a number") from None
+    if not 0.0 <= min_auroc <= 1.0:
+        raise SettingsError(f"FSAD_GATE_MIN_AUROC={min_auroc}: must be within [0, 1]")
+    try:
+        overrides = json.loads(env.get("FSAD_TRAIN_OVERRIDES") or "{}")
+    except json.JSONDecodeError as exc:
+        raise SettingsError(f"FSAD_TRAIN_OVERRIDES: not valid JSON ({exc})") from None
+    if not isinstance(overrides, dict):
+        raise SettingsError("FSAD_TRAIN_OVERRIDES: must be a JSON object of DetectorConfig fields")
+    device = env.get("FSAD_DEVICE") or "auto"
+    if device not in DEVICES:
+        raise SettingsError(f"FSAD_DEVICE={device!r}: one of {', '.join(DEVICES)}")
+    settings = Settings(home, storage, tracking, home / "mlartifacts" if tracking.startswith("sqlite:") else None,
+                        min_auroc, overrides, device)
+    training_config("default", 0, settings.train_overrides)  # fail now, not after validation
+    return settings
+
+
+def training_config(method: str, seed: int, overrides: Mapping[str, Any]) -> DetectorConfig:
+    """The method's DetectorConfig with ``seed`` and the overrides (``finetune`` may be a nested dict)."""
+    config = method_config(method, seed=seed)
+    top = {k: v for k, v in overrides.items() if k != "finetune"}
+    known = {f.name for f in dataclasses.fields(DetectorConfig)}
+    unknown = sorted(set(top) - known)
+    if unknown:
+        raise SettingsError(f"FSAD_TRAIN_OVERRIDES: unknown DetectorConfig field(s) {', '.join(unknown)}")
+    if "seed" in top:
+        raise SettingsError("FSAD_TRAIN_OVERRIDES: the seed is a flow parameter, not an override")
+    nested = sorted(k for k, v in top.items() if isinstance(v, dict))
+    if nested:
+        raise SettingsError(f"FSAD_TRAIN_OVERRIDES: only 'finetune' may be an object, not {', '.join(nested)}")
+    ft = overrides.get("finetune")
+    if ft is not None and not isinstance(ft, dict):
+        raise SettingsError("FSAD_TRAIN_OVERRIDES: finetune must be an object of FinetuneConfig fields")
+    top = {k: tuple(v) if isinstance(v, list) else v for k, v in top.items()}
+    try:
+        config = dataclasses.replace(config, **top)
+        if ft and config.finetune is not None:  # `pretrained` has nothing to fine-tune
+            config = dataclasses.replace(config, finetune=dataclasses.replace(config.finetune, **ft))
+    except (TypeError, ValueError) as exc:
+        raise SettingsError(f"FSAD_TRAIN_OVERRIDES: {exc}") from None
+    return config
+
+
+def config_sha256(config: DetectorConfig) -> str:
+    """Identity of a training configuration (with the method's seed): same hash, same training."""
+    return hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode("utf-8")).hexdigest()
+
+
+__all__ = ["Settings", "SettingsError", "config_sha256", "load_settings", "training_config"]

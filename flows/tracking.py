@@ -1,0 +1,206 @@
+"""MLflow tracking of the pipeline: one run per training (or rejected upload) in ``fsad/PRODUCT``.
+
+A training run holds everything needed to judge it later without the training machine: parameters
+(method, k, seed, backbone, input size, loss weights, data identity; never credentials), metrics,
+the loss curve as step metrics, the validation report, the threshold, a ROC plot, a few anomaly-map
+overlays and the model itself as a no-pickle pyfunc model (see flows.pyfunc).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from flows.pyfunc import DATA_DIRNAME, log_pyfunc_model
+from flows.settings import Settings
+from fsad_core.calibration import Threshold
+from fsad_core.detector import Detector, DetectorConfig
+from fsad_core.finetune import TrainingHistory
+from fsad_core.overlay import overlay
+
+EXPERIMENT_PREFIX = "fsad/"
+_BATCH = 1000  # MLflow's limit of metrics per log_batch call
+
+
+@dataclass(frozen=True)
+class LoggedRun:
+    run_id: str
+    experiment_id: str
+    model_uri: str  # models:/m-... of the logged pyfunc model, what the registry version points at
+
+
+@dataclass(frozen=True)
+class TrainingRecord:
+    """What one training run logs; built by the retrain flow from its task results."""
+
+    product: str
+    upload_id: str
+    content_sha256: str
+    method: str
+    config: DetectorConfig
+    config_sha256: str
+    k: int
+    eval_set: str  # "labelled" or "loo+synthetic"
+    metrics: dict[str, float]
+    history: TrainingHistory | None
+    threshold: Threshold
+    validation_json: str
+    fit_report: dict[str, Any]
+    roc_labels: Sequence[int]
+    roc_scores: Sequence[float]
+    overlays: list[tuple[str, np.ndarray, np.ndarray]]  # (name, image, anomaly map)
+    example_image: np.ndarray
+
+
+def configure(settings: Settings) -> None:
+    """Point MLflow's tracking and registry at the configured backend (idempotent)."""
+    import mlflow
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one-line logs, no bars
+    if settings.embedded_tracking:
+        settings.home.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    mlflow.set_registry_uri(settings.tracking_uri)
+
+
+def experiment_name(product: str) -> str:
+    return EXPERIMENT_PREFIX + product
+
+
+def ensure_experiment(product: str, settings: Settings) -> str:
+    """Id of ``fsad/PRODUCT``, created when missing (embedded: artifacts under FSAD_HOME/mlartifacts)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client, name = MlflowClient(), experiment_name(product)
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    location = (settings.artifact_root / product).as_uri() if settings.artifact_root else None
+    try:
+        return client.create_experiment(name, artifact_location=location, tags={"fsad.product": product})
+    except MlflowException:  # created meanwhile by a concurrent run
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id
+
+
+def training_params(record: TrainingRecord) -> dict[str, Any]:
+    """Flat, human-readable parameters of a training run."""
+    c = record.config
+    params: dict[str, Any] = {
+        "method": record.method, "k": record.k, "seed": c.seed, "backbone": c.backbone, "size": c.size,
+        "resize": c.resize, "score": c.score, "pool_views": c.pool_views, "negatives": c.negatives,
+        "calibration_negatives": c.calibration_negatives, "memory_views": c.memory_views,
+        "target_false_alarm_rate": c.target_false_alarm_rate, "finetune": c.finetune is not None,
+        "upload_id": record.upload_id, "content_sha256": record.content_sha256,
+        "config_sha256": record.config_sha256, "eval_set": record.eval_set,
+        "threshold_rule": record.threshold.rule,
+    }
+    if c.finetune is not None:
+        ft = c.finetune
+        params.update({"finetune_steps": ft.steps, "lr_backbone": ft.lr_backbone, "lr_head": ft.lr_head,
+                       "loss_instance": ft.loss.instance, "loss_cross": ft.loss.cross,
+                       "loss_negative": ft.loss.negative})
+    return params
+
+
+def _loss_metrics(history: TrainingHistory | None) -> list[Any]:
+    from mlflow.entities import Metric
+
+    if history is None:
+        return []
+    now = int(time.time() * 1000)
+    out = [Metric("train_loss", float(v), now, step) for step, v in enumerate(history.loss)]
+    for step, terms in enumerate(history.terms):
+        out += [Metric(f"train_loss_{name}", float(v), now, step) for name, v in terms.items()]
+    return out
+
+
+def roc_png(labels: Sequence[int], scores: Sequence[float], title: str) -> bytes:
+    """The ROC curve as PNG (matplotlib's Agg canvas through Figure: no pyplot, no global backend)."""
+    from matplotlib.figure import Figure
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    fpr, tpr, _ = roc_curve(labels, scores)
+    fig = Figure(figsize=(4, 4), dpi=100)
+    ax = fig.add_subplot()
+    ax.plot(fpr, tpr, lw=2, label=f"AUROC {roc_auc_score(labels, scores):.3f}")
+    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
+    ax.set(xlabel="false-alarm rate", ylabel="detection rate", title=title, xlim=(0, 1), ylim=(0, 1.02))
+    ax.legend(loc="lower right")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    return buf.getvalue()
+
+
+def log_training_run(record: TrainingRecord, detector: Detector, settings: Settings) -> LoggedRun:
+    """Log one training run and its pyfunc model; the model folder is written from ``detector``."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    experiment_id = ensure_experiment(record.product, settings)
+    tags = {"fsad.product": record.product, "fsad.upload_id": record.upload_id, "fsad.status": "trained",
+            "content_sha256": record.content_sha256, "config_sha256": record.config_sha256,
+            "eval_set": record.eval_set}
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"{record.upload_id}-{record.method}-s{record.config.seed}",
+                          tags=tags) as run:
+        run_id = run.info.run_id
+        mlflow.log_params(training_params(record))
+        mlflow.log_metrics(record.metrics)
+        loss = _loss_metrics(record.history)
+        client = MlflowClient()
+        for i in range(0, len(loss), _BATCH):
+            client.log_batch(run_id, metrics=loss[i:i + _BATCH])
+        mlflow.log_text(record.validation_json, "validation.json")
+        mlflow.log_dict(record.threshold.to_dict(), "threshold.json")
+        mlflow.log_dict(record.fit_report, "fit_report.json")
+        with tempfile.TemporaryDirectory(prefix="fsad-run-") as tmp:
+            plots = Path(tmp) / "plots"
+            plots.mkdir()
+            if len(set(record.roc_labels)) == 2:  # a ROC curve needs both classes
+                (plots / "roc.png").write_bytes(roc_png(record.roc_labels, record.roc_scores,
+                                                        f"{record.product}: {record.eval_set} benchmark"))
+            for name, image, amap in record.overlays:
+                Image.fromarray(overlay(image, amap)).save(plots / f"overlay_{name}.png")
+            mlflow.log_artifacts(str(plots), "plots")
+            model_dir = detector.save(Path(tmp) / DATA_DIRNAME, extra_config={
+                "product": record.product, "upload_id": record.upload_id, "method": record.method,
+                "k": record.k, "seed": record.config.seed, "content_sha256": record.content_sha256,
+                "config_sha256": record.config_sha256, "eval_set": record.eval_set,
+                "fit_report": record.fit_report})
+            info = log_pyfunc_model(model_dir, record.example_image)
+    return LoggedRun(run_id, experiment_id, info.model_uri)
+
+
+def log_rejected_upload(product: str, upload_id: str, validation_json: str, failed: list[str],
+                        quarantine_uri: str, settings: Settings) -> str:
+    """A run marked FAILED that holds the validation report of a rejected upload; returns its id."""
+    import mlflow
+
+    experiment_id = ensure_experiment(product, settings)
+    tags = {"fsad.product": product, "fsad.upload_id": upload_id, "fsad.status": "failed",
+            "fsad.failure": "validation", "fsad.quarantine": quarantine_uri}
+    run = mlflow.start_run(experiment_id=experiment_id, run_name=f"{upload_id}-validation-failed", tags=tags)
+    try:
+        mlflow.log_param("upload_id", upload_id)
+        mlflow.log_metric("failed_expectations", len(failed))
+        mlflow.log_text(validation_json, "validation.json")
+        mlflow.log_text("\n".join(failed) + "\n", "failed_expectations.txt")
+    finally:
+        mlflow.end_run(status="FAILED")
+    return run.info.run_id
+
+
+__all__ = ["EXPERIMENT_PREFIX", "LoggedRun", "TrainingRecord", "configure", "ensure_experiment",
+           "experiment_name", "log_rejected_upload", "log_training_run", "roc_png", "training_params"]

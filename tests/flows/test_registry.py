@@ -1,0 +1,178 @@
+"""Registry side on embedded MLflow (SQLite in tmp): the gate's rules, the no-pickle pyfunc model,
+verification, promotion with champion/previous, download_model and the idempotency lookup.
+
+One tiny real model is fitted for the module (pretrained features, k=2, 64 px) and logged twice,
+so two versions exist without a second fit.
+"""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+
+from flows import registry, tracking
+from flows.pyfunc import LOADER_MODULE, encode_png
+from flows.registry import CANDIDATE, CHAMPION, PREVIOUS, RegistryError, decide
+from flows.settings import config_sha256, load_settings, training_config
+from fsad_core.data import load_category
+from fsad_core.detector import Detector
+from fsad_core.metrics import image_auroc
+from fsad_core.synthetic import make_category
+
+PRODUCT = "regtest"
+TINY = {"size": 64, "pool_views": 16, "negatives": 4, "calibration_negatives": 4, "memory_views": 1}
+CLEARED = ("FSAD_STORAGE", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "FSAD_TRAIN_OVERRIDES", "FSAD_GATE_MIN_AUROC",
+           "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL")
+
+
+@pytest.fixture(scope="module")
+def settings(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        for name in CLEARED:
+            mp.delenv(name, raising=False)
+        mp.setenv("FSAD_HOME", str(tmp_path_factory.mktemp("fsad-home")))
+        s = load_settings()
+        tracking.configure(s)
+        yield s
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    root = make_category(tmp_path_factory.mktemp("data") / "washer", kind="object", n_train=2, n_test_good=4,
+                         n_test_defect=4, size=96, seed=5)
+    cat = load_category(root)
+    config = training_config("pretrained", 0, TINY)
+    detector, report = Detector.fit([s.image() for s in cat.train], config, device="cpu")
+    images = [s.image() for s in cat.test]
+    labels = [s.label for s in cat.test]
+    return detector, report, config, images, labels, [s.path for s in cat.test]
+
+
+def log(settings, fitted, upload_id: str, content: str) -> tracking.LoggedRun:
+    detector, report, config, images, labels, _ = fitted
+    scores = detector.score(images).scores
+    record = tracking.TrainingRecord(
+        product=PRODUCT, upload_id=upload_id, content_sha256=content, method="pretrained", config=config,
+        config_sha256=config_sha256(config), k=2, eval_set="labelled",
+        metrics={"benchmark_auroc": image_auroc(labels, scores)}, history=report.history,
+        threshold=detector.threshold, validation_json='{"success": true}\n', fit_report=report.to_dict(),
+        roc_labels=labels, roc_scores=scores.tolist(), overlays=[("first", images[0], np.zeros(images[0].shape[:2]))],
+        example_image=images[0])
+    return tracking.log_training_run(record, detector, settings)
+
+
+@pytest.fixture(scope="module")
+def versions(settings, fitted):
+    """Two registered versions of the same real model (logged twice)."""
+    _, _, config, _, _, _ = fitted
+    out = []
+    for i, content in enumerate(["a" * 64, "b" * 64]):
+        logged = log(settings, fitted, f"20260101T00000{i}Z-cafe0{i}", content)
+        tags = {"content_sha256": content, "config_sha256": config_sha256(config)}
+        out.append((logged, str(registry.register(PRODUCT, logged.model_uri, logged.run_id, tags).version)))
+    return out
+
+
+# ---- the gate's rules (no I/O) ------------------------------------------------------------------
+
+@pytest.mark.parametrize("auroc, minimum, champ, champ_auroc, passed, phrase", [
+    (0.95, 0.9, None, None, True, "no champion yet"),
+    (0.85, 0.9, None, None, False, "below the minimum"),
+    (0.95, 0.9, "3", 0.97, False, "worse than champion v3"),
+    (0.97, 0.9, "3", 0.97, True, ">= champion v3"),
+    (0.95, 0.9, "3", None, True, "not compared"),
+    (None, 0.9, None, None, False, "undefined"),
+])
+def test_gate_rules(auroc, minimum, champ, champ_auroc, passed, phrase):
+    d = decide(auroc, minimum, "labelled", champ, champ_auroc)
+    assert d.passed is passed and phrase in d.reason
+    tags = d.tags()
+    assert tags["gate.verdict"] == ("passed" if passed else "failed")
+    assert tags["gate.champion_version"] == (champ or "none") and tags["gate.reason"] == d.reason
+
+
+# ---- the pyfunc model -----------------------------------------------------------------------------
+
+def test_logged_model_is_a_no_pickle_pyfunc_that_scores_like_the_detector(settings, fitted, versions, tmp_path):
+    detector, _, _, images, _, paths = fitted
+    logged, _ = versions[0]
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=logged.model_uri, dst_path=str(tmp_path)))
+    names = {p.name for p in local.rglob("*") if p.is_file()}
+    assert {"MLmodel", "config.json", "network.safetensors", "scoring.safetensors"} <= names
+    assert not [n for n in names if n.endswith((".pkl", ".pickle")) or "cloudpickle" in n]
+    assert f"loader_module: {LOADER_MODULE}" in (local / "MLmodel").read_text()
+    model = mlflow.pyfunc.load_model(logged.model_uri)
+    assert [c.name for c in model.metadata.get_input_schema().inputs] == ["image"]
+    out = model.predict(pd.DataFrame({"image": [encode_png(images[0]), str(paths[1])]}))
+    expected = detector.score(images[:2])
+    np.testing.assert_allclose(out["score"].to_numpy(), expected.scores, rtol=1e-5, atol=1e-5)
+    assert out["is_anomaly"].tolist() == expected.is_anomaly.tolist()
+    with pytest.raises(ValueError, match="row 0"):
+        model.predict(pd.DataFrame({"image": [base64.b64encode(b"not an image").decode() + "!"]}))
+    run_artifacts = {f.path for f in mlflow.MlflowClient().list_artifacts(logged.run_id)}
+    assert {"validation.json", "threshold.json", "fit_report.json", "plots"} <= run_artifacts
+
+
+# ---- versions, verification, promotion ----------------------------------------------------------
+
+def test_register_verify_promote_moves_champion_and_previous(settings, fitted, versions):
+    detector, _, _, images, labels, _ = fitted
+    (_, v1), (_, v2) = versions
+    assert registry.aliases(PRODUCT)[CANDIDATE] == v2
+    with pytest.raises(RegistryError, match="not verified"):
+        registry.promote(PRODUCT, v1)
+    for version in (v1, v2):
+        registry.record_gate(PRODUCT, version, decide(1.0, 0.9, "labelled"))
+        check = registry.verify(PRODUCT, version, images[0], float(detector.score(images[:1]).scores[0]))
+        assert check.ok, check.reason
+        assert registry.version_tags(PRODUCT, version)["verified"] == "true"
+    assert registry.promote(PRODUCT, v1) == {CANDIDATE: v2, CHAMPION: v1}
+    champion, auroc = registry.champion_auroc(PRODUCT, images, labels, "cpu", settings)
+    assert champion == v1 and auroc == image_auroc(labels, detector.score(images).scores)
+    assert registry.promote(PRODUCT, v2) == {CANDIDATE: v2, CHAMPION: v2, PREVIOUS: v1}
+
+
+def test_a_version_that_does_not_reproduce_its_score_is_never_champion(settings, fitted, versions):
+    _, _, _, images, _, _ = fitted
+    logged = log(settings, fitted, "20260101T000009Z-bad000", "c" * 64)
+    version = str(registry.register(PRODUCT, logged.model_uri, logged.run_id, {}).version)
+    registry.record_gate(PRODUCT, version, decide(1.0, 0.9, "labelled"))
+    check = registry.verify(PRODUCT, version, images[0], expected_score=1e6)
+    assert not check.ok and "in memory" in check.reason
+    assert registry.version_tags(PRODUCT, version)["verified"] == "false"
+    before = registry.alias_version(PRODUCT, CHAMPION)
+    with pytest.raises(RegistryError, match="not verified"):
+        registry.promote(PRODUCT, version)
+    assert registry.alias_version(PRODUCT, CHAMPION) == before
+
+
+def test_register_is_safe_to_retry_for_the_same_run(settings, versions):
+    logged, version = versions[0]
+    assert str(registry.register(PRODUCT, logged.model_uri, logged.run_id, {}).version) == version
+
+
+def test_find_trained_version_matches_content_and_configuration(settings, fitted, versions):
+    _, _, config, _, _, _ = fitted
+    v2 = versions[1][1]
+    assert str(registry.find_trained_version(PRODUCT, "b" * 64, config_sha256(config)).version) == v2
+    assert registry.find_trained_version(PRODUCT, "b" * 64, "0" * 64) is None
+    assert registry.find_trained_version("no-such-product", "a" * 64, config_sha256(config)) is None
+
+
+def test_download_model_resolves_aliases_and_versions_into_a_loadable_folder(settings, fitted, versions):
+    detector, _, _, images, _, _ = fitted
+    folder = registry.download_model(f"models:/{registry.model_name(PRODUCT)}@{CHAMPION}", settings=settings)
+    assert folder.name == "detector" and (folder / "config.json").is_file()
+    assert folder.parent.parent == settings.home / "models" / registry.model_name(PRODUCT) / versions[1][1]
+    np.testing.assert_allclose(Detector.load(folder, device="cpu").score(images[:2]).scores,
+                               detector.score(images[:2]).scores, rtol=1e-5, atol=1e-5)
+    again = registry.download_model(f"models:/{registry.model_name(PRODUCT)}/{versions[1][1]}", settings=settings)
+    assert again == folder
+    for bad in ("fsad-regtest@champion", f"models:/{registry.model_name(PRODUCT)}@nope", "models:/fsad-none/1"):
+        with pytest.raises(RegistryError):
+            registry.download_model(bad, settings=settings)

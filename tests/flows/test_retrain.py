@@ -1,0 +1,248 @@
+"""The retraining flow end to end on embedded services: a local folder store, SQLite MLflow in tmp
+and Prefect's test harness (a temporary API server and database).
+
+The story: a good upload becomes champion; the same content again is not trained twice; an upload
+whose training images come from another product scores worse on the same evaluation set and fails
+the gate (champion and previous unchanged); a corrupt upload is quarantined with its report and
+creates no model version; an incomplete upload is refused without quarantine. Retrainings of one
+product are serialised by a Prefect concurrency slot; training on CUDA takes the ``gpu`` slot.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+from prefect.testing.utilities import prefect_test_harness
+
+from flows import registry, tracking
+from flows.pyfunc import encode_png
+from flows.registry import CANDIDATE, CHAMPION, PREVIOUS
+from flows.retrain import GPU_LIMIT, UploadRejected, product_lock, retrain_flow, training_slot
+from flows.settings import load_settings
+from flows.storage import open_store, quarantine_prefix, upload_prefix, validation_key
+from flows.upload import ManifestError, content_sha256, describe_image, sha256_hex, upload_folder
+from fsad_core.imageio import read_image
+from fsad_core.synthetic import make_category
+
+P = "washer"
+U_GOOD, U_SAME, U_WORSE, U_CORRUPT, U_PARTIAL = (f"20260101T00000{i}Z-abc00{i}" for i in range(1, 6))
+TINY = {"size": 64, "pool_views": 16, "negatives": 4, "calibration_negatives": 4, "memory_views": 1,
+        "finetune": {"steps": 3, "normals_per_batch": 8, "negatives_per_batch": 4}}
+CLEARED = ("FSAD_STORAGE", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "FSAD_GATE_MIN_AUROC", "FSAD_DEVICE",
+           "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL", "PREFECT_API_URL")
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """Embedded settings in tmp and a Prefect test API; results persisted under tmp as well."""
+    from prefect.settings import temporary_settings
+
+    home = tmp_path_factory.mktemp("fsad-home")
+    with pytest.MonkeyPatch.context() as mp:
+        for name in CLEARED:
+            mp.delenv(name, raising=False)
+        mp.setenv("FSAD_HOME", str(home))
+        mp.setenv("FSAD_TRAIN_OVERRIDES", json.dumps(TINY))
+        mp.setenv("FSAD_DEVICE", "cpu")
+        with prefect_test_harness(server_startup_timeout=180), \
+                temporary_settings(updates={"results.local_storage_path": str(home / "prefect-results")}):
+            yield mp
+
+
+@pytest.fixture(scope="module")
+def sets(tmp_path_factory) -> dict[str, Path]:
+    """Upload folders: the product, and the same eval set with another product's training images."""
+    root = tmp_path_factory.mktemp("sets")
+    washer = make_category(root / "gen-washer", kind="object", n_train=2, n_test_good=3, n_test_defect=3,
+                           size=96, seed=1)
+    gravel = make_category(root / "gen-gravel", kind="texture", n_train=2, n_test_good=0, n_test_defect=0,
+                           size=96, seed=2)
+
+    def layout(name: str, train_from: Path) -> Path:
+        out = root / name
+        shutil.copytree(train_from / "train" / "good", out / "train" / "good")
+        shutil.copytree(washer / "test" / "good", out / "eval" / "good")
+        (out / "eval" / "defect").mkdir(parents=True)
+        for f in sorted((washer / "test").glob("*/*.png")):
+            if f.parent.name != "good":
+                shutil.copy(f, out / "eval" / "defect" / f"{f.parent.name}_{f.name}")
+        return out
+
+    return {"good": layout("good", washer), "worse": layout("worse", gravel)}
+
+
+def versions() -> list[str]:
+    found = mlflow.MlflowClient().search_model_versions(f"name = '{registry.model_name(P)}'")
+    return sorted(str(v.version) for v in found)
+
+
+def test_good_upload_becomes_a_verified_champion(env, sets, tmp_path):
+    store = open_store()
+    upload_folder(store, P, sets["good"], upload_id=U_GOOD)
+    summary = retrain_flow(P, upload_id=U_GOOD)
+
+    assert summary["status"] == "promoted", summary["message"]
+    assert summary["version"] == "1" and summary["eval_set"] == "labelled"
+    assert summary["aliases"] == {CANDIDATE: "1", CHAMPION: "1"}
+    assert summary["metrics"]["benchmark_auroc"] >= 0.9 and summary["gate"]["passed"]
+    assert summary["threshold"]["rule"] == "supervised_f1"
+    json.dumps(summary)  # JSON-able: it is the flow's persisted result
+    tags = registry.version_tags(P, "1")
+    assert tags["verified"] == "true" and tags["gate.verdict"] == "passed"
+    assert tags["content_sha256"] == summary["content_sha256"] and tags["upload_id"] == U_GOOD
+    assert json.loads(store.get_bytes(validation_key(P, U_GOOD)))["success"] is True
+
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{registry.model_name(P)}@{CHAMPION}",
+                                                     dst_path=str(tmp_path)))
+    assert not [p for p in local.rglob("*") if p.suffix in (".pkl", ".pickle")]
+    model = mlflow.pyfunc.load_model(f"models:/{registry.model_name(P)}@{CHAMPION}")
+    defect = read_image(sorted((sets["good"] / "eval" / "defect").iterdir())[0])
+    good = read_image(sorted((sets["good"] / "eval" / "good").iterdir())[0])
+    out = model.predict(pd.DataFrame({"image": [encode_png(good), encode_png(defect)]}))
+    assert out["score"].iloc[1] > out["score"].iloc[0]
+
+    run = mlflow.MlflowClient().get_run(summary["run_id"])
+    assert run.data.params["upload_id"] == U_GOOD and run.data.params["content_sha256"] == summary["content_sha256"]
+    assert "benchmark_auroc" in run.data.metrics and run.data.tags["fsad.status"] == "trained"
+    assert len(mlflow.MlflowClient().get_metric_history(run.info.run_id, "train_loss")) == TINY["finetune"]["steps"]
+
+
+def test_same_content_is_not_trained_twice(env, sets):
+    result = upload_folder(open_store(), P, sets["good"], upload_id=U_SAME)
+    summary = retrain_flow(P)  # default: the latest complete upload, i.e. U_SAME
+    assert summary["upload_id"] == U_SAME and result.content_sha256 == summary["content_sha256"]
+    assert summary["status"] == "already_trained" and summary["version"] == "1"
+    assert "already trained as version 1" in summary["message"]
+    assert retrain_flow(P, upload_id=U_GOOD)["status"] == "already_trained"
+    assert versions() == ["1"]
+
+
+def test_worse_upload_fails_the_gate_and_the_champion_stays(env, sets):
+    env.setenv("FSAD_GATE_MIN_AUROC", "0")  # so that the comparison with the champion decides
+    upload_folder(open_store(), P, sets["worse"], upload_id=U_WORSE)
+    try:
+        summary = retrain_flow(P, upload_id=U_WORSE)
+    finally:
+        env.delenv("FSAD_GATE_MIN_AUROC")
+    assert summary["status"] == "gate_failed" and summary["version"] == "2"
+    gate = summary["gate"]
+    assert not gate["passed"] and gate["champion_version"] == "1"
+    assert gate["candidate_auroc"] < gate["champion_auroc"]
+    assert "worse than champion v1" in gate["reason"]
+    assert registry.aliases(P) == {CANDIDATE: "2", CHAMPION: "1"}
+    assert PREVIOUS not in registry.aliases(P)  # nothing was promoted, so previous was not moved
+    tags = registry.version_tags(P, "2")
+    assert tags["gate.verdict"] == "failed" and tags["gate.champion_auroc"] == f"{gate['champion_auroc']:.6f}"
+    assert "verified" not in tags
+
+
+def test_upload_without_eval_set_is_judged_on_leave_one_out_and_synthetic_anomalies(env, sets):
+    env.setenv("FSAD_GATE_MIN_AUROC", "0")  # a 64 px toy model: the point is the path, not the score
+    try:
+        upload_folder(open_store(), "noeval", sets["good"] / "train" / "good", upload_id=U_GOOD)
+        summary = retrain_flow("noeval")
+    finally:
+        env.delenv("FSAD_GATE_MIN_AUROC")
+    assert summary["status"] == "promoted" and summary["eval_set"] == "loo+synthetic"
+    assert summary["threshold"]["rule"] != "supervised_f1"  # the fit's unsupervised threshold stays
+    assert summary["metrics"]["n_benchmark_normal"] == 2 and summary["metrics"]["n_benchmark_defect"] > 0
+    assert registry.version_tags("noeval", "1")["gate.eval_set"] == "loo+synthetic"
+
+
+def test_corrupt_upload_is_quarantined_and_creates_no_version(env, sets):
+    store = open_store()
+    prefix = upload_prefix(P, U_CORRUPT)
+    good = (sets["good"] / "train" / "good" / "000.png").read_bytes()
+    files = {"train/good/000.png": good, "train/good/001.png": good[: len(good) // 2]}  # truncated PNG
+    entries = []
+    for rel, data in files.items():
+        store.put_bytes(prefix + rel, data)
+        try:
+            facts, _ = describe_image(data, rel)
+            entries.append({"key": rel, **facts.__dict__})
+        except ValueError:
+            entries.append({"key": rel, "sha256": sha256_hex(data), "size": len(data)})
+    store.put_json(prefix + "manifest.json", {"format": 1, "product": P, "upload_id": U_CORRUPT, "created": "x",
+                                              "files": entries, "content_sha256": content_sha256(entries)})
+
+    state = retrain_flow(P, upload_id=U_CORRUPT, return_state=True)
+    assert state.is_failed()
+    assert "every file decodes as an image: train/good/001.png" in state.message
+    with pytest.raises(UploadRejected, match="quarantined at"):
+        state.result()
+
+    report = json.loads(store.get_bytes(validation_key(P, U_CORRUPT)))
+    assert report["success"] is False and any("decodes" in f for f in report["failed"])
+    quarantined = set(store.list(quarantine_prefix(P, U_CORRUPT)))
+    assert {quarantine_prefix(P, U_CORRUPT) + name for name in
+            ("train/good/000.png", "train/good/001.png", "manifest.json", "validation.json")} <= quarantined
+    assert store.exists(prefix + "train/good/001.png")  # copied, never moved
+    assert versions() == ["1", "2"] and registry.aliases(P)[CHAMPION] == "1"
+    runs = mlflow.search_runs(experiment_names=[tracking.experiment_name(P)],
+                              filter_string=f"tags.`fsad.upload_id` = '{U_CORRUPT}'", output_format="list")
+    assert [r.data.tags["fsad.status"] for r in runs] == ["failed"] and runs[0].info.status == "FAILED"
+    assert "validation.json" in {a.path for a in mlflow.MlflowClient().list_artifacts(runs[0].info.run_id)}
+
+
+def test_incomplete_upload_is_refused_without_quarantine(env):
+    store = open_store()
+    store.put_bytes(upload_prefix(P, U_PARTIAL) + "train/good/000.png", b"\x89PNG half")
+    with pytest.raises(ManifestError, match="incomplete"):
+        retrain_flow(P, upload_id=U_PARTIAL)
+    assert not store.list(quarantine_prefix(P, U_PARTIAL))
+    assert versions() == ["1", "2"]
+
+
+def test_gpu_slot_neither_blocks_nor_fails_without_a_limit_and_is_held_with_one(env):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+
+    start = time.monotonic()
+    with training_slot("cuda"):  # no limit named gpu exists: Prefect skips the acquisition
+        pass
+    with training_slot("cpu"):
+        pass
+    assert time.monotonic() - start < 30
+    with get_client(sync_client=True) as client:
+        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=GPU_LIMIT, limit=1))
+        try:
+            with training_slot("cuda"):
+                assert client.read_global_concurrency_limit_by_name(GPU_LIMIT).active_slots == 1
+            assert client.read_global_concurrency_limit_by_name(GPU_LIMIT).active_slots == 0
+        finally:
+            client.delete_global_concurrency_limit_by_name(GPU_LIMIT)
+
+
+def test_product_lock_admits_one_retraining_per_product_at_a_time(env):
+    events: list[str] = []
+
+    def first() -> None:
+        with product_lock("locked"):
+            events.append("first in")
+            time.sleep(3)
+            events.append("first out")
+
+    holder = threading.Thread(target=first)
+    holder.start()
+    while not events:
+        time.sleep(0.1)
+    with product_lock("another"):  # other products are not held up
+        events.append("another in")
+    with product_lock("locked"):
+        events.append("second in")
+    holder.join()
+    assert events == ["first in", "another in", "first out", "second in"]
+
+
+def test_settings_come_from_the_environment(env):
+    s = load_settings()
+    assert s.embedded_tracking and s.storage_url.endswith("store") and s.train_overrides == TINY
+    tracking.configure(s)
+    assert mlflow.get_tracking_uri() == s.tracking_uri

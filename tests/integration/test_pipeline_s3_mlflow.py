@@ -1,0 +1,194 @@
+"""The retraining story against real services from ``infra.stack.up()``: OpenStack Swift as S3,
+an MLflow server (SQLite backend, artifacts proxied into the bucket) and a Prefect server.
+
+Uploads go to the bucket through S3Store, the flow runs here against the Prefect server, models and
+artifacts end up in the bucket through MLflow. Assertions are on the registry (aliases, tags), on
+the bucket listing and on the flow runs the Prefect server recorded. (Starting the flow from an
+upload event is the deployment's test.)
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+import pytest
+
+pytestmark = pytest.mark.integration
+
+P = "bolt"
+U_GOOD, U_SAME, U_WORSE, U_CORRUPT = (f"20260201T00000{i}Z-def00{i}" for i in range(1, 5))
+TINY = {"size": 64, "pool_views": 16, "negatives": 4, "calibration_negatives": 4, "memory_views": 1,
+        "finetune": {"steps": 3, "normals_per_batch": 8, "negatives_per_batch": 4}}
+QUIET = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory) -> Iterator[object]:
+    """A private stack on free ports; the process environment and Prefect's settings point at it."""
+    from prefect.settings import temporary_settings
+
+    from infra.config import free_port_env
+    from infra.stack import down, up
+
+    home = tmp_path_factory.mktemp("fsad-home")
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in {**free_port_env(), **QUIET}.items():
+            mp.setenv(key, value)
+        try:
+            info = up(home)
+            for key, value in {**info.env(), "FSAD_HOME": str(home), "FSAD_TRAIN_OVERRIDES": json.dumps(TINY),
+                               "FSAD_DEVICE": "cpu"}.items():
+                mp.setenv(key, value)
+            mp.delenv("FSAD_GATE_MIN_AUROC", raising=False)
+            with temporary_settings(updates={"api.url": info.prefect_api_url,
+                                             "results.local_storage_path": str(home / "prefect-results")}):
+                yield info
+        finally:
+            down(home)
+
+
+@pytest.fixture(scope="module")
+def sets(tmp_path_factory) -> dict[str, Path]:
+    from fsad_core.synthetic import make_category
+
+    root = tmp_path_factory.mktemp("sets")
+    bolt = make_category(root / "gen-bolt", kind="object", n_train=2, n_test_good=3, n_test_defect=3, size=96, seed=3)
+    other = make_category(root / "gen-other", kind="texture", n_train=2, n_test_good=0, n_test_defect=0, size=96,
+                          seed=4)
+
+    def layout(name: str, train_from: Path) -> Path:
+        out = root / name
+        shutil.copytree(train_from / "train" / "good", out / "train" / "good")
+        shutil.copytree(bolt / "test" / "good", out / "eval" / "good")
+        (out / "eval" / "defect").mkdir(parents=True)
+        for f in sorted((bolt / "test").glob("*/*.png")):
+            if f.parent.name != "good":
+                shutil.copy(f, out / "eval" / "defect" / f"{f.parent.name}_{f.name}")
+        return out
+
+    return {"good": layout("good", bolt), "worse": layout("worse", other)}
+
+
+def bucket_keys(info, prefix: str = "") -> list[str]:
+    """The bucket's listing straight from S3 (not through the code under test)."""
+    from infra.s3client import make_s3_client
+
+    client = make_s3_client(info.s3_endpoint, info.access_key, info.secret_key, info.region)
+    keys: list[str] = []
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=info.bucket, Prefix=prefix):
+        keys += [o["Key"] for o in page.get("Contents", [])]
+    return keys
+
+
+def versions() -> list[str]:
+    from flows.registry import model_name
+
+    return sorted(str(v.version) for v in mlflow.MlflowClient().search_model_versions(f"name = '{model_name(P)}'"))
+
+
+def test_good_upload_to_s3_is_validated_trained_and_promoted(stack, sets):
+    from flows.registry import CANDIDATE, CHAMPION, aliases, model_name, version_tags
+    from flows.retrain import retrain_flow
+    from flows.storage import S3Store, open_store
+    from flows.upload import upload_folder
+
+    store = open_store()
+    assert isinstance(store, S3Store)
+    upload_folder(store, P, sets["good"], upload_id=U_GOOD)
+    prefix = f"products/{P}/uploads/{U_GOOD}/"
+    assert f"{prefix}manifest.json" in bucket_keys(stack, prefix)
+
+    summary = retrain_flow(P, upload_id=U_GOOD)
+    assert summary["status"] == "promoted", summary["message"]
+    assert aliases(P) == {CANDIDATE: "1", CHAMPION: "1"}
+    tags = version_tags(P, "1")
+    assert tags["verified"] == "true" and tags["gate.verdict"] == "passed" and tags["upload_id"] == U_GOOD
+    assert json.loads(store.get_bytes(f"{prefix}validation.json"))["success"] is True
+
+    artifacts = bucket_keys(stack, "mlflow-artifacts/")
+    assert any(k.endswith("/data/detector/network.safetensors") for k in artifacts)
+    assert any(k.endswith("/validation.json") for k in artifacts)
+    assert any(k.endswith("/plots/roc.png") for k in artifacts)
+    assert not [k for k in artifacts if k.endswith((".pkl", ".pickle"))]
+    assert mlflow.get_tracking_uri().startswith("http://127.0.0.1")
+    assert mlflow.MlflowClient().get_model_version(model_name(P), "1").run_id == summary["run_id"]
+
+
+def test_champion_scores_from_the_registry_through_the_cli(stack, sets, capsys):
+    from flows.cli import main
+    from flows.registry import model_name
+
+    defect = sorted((sets["good"] / "eval" / "defect").iterdir())[0]
+    good = sorted((sets["good"] / "eval" / "good").iterdir())[0]
+    assert main(["score", "--model", f"models:/{model_name(P)}@champion", str(good), str(defect)]) == 0
+    rows = [line.split(",") for line in capsys.readouterr().out.strip().splitlines()[1:]]
+    assert float(rows[1][1]) > float(rows[0][1])
+
+
+def test_same_content_is_not_trained_again(stack, sets):
+    from flows.retrain import retrain_flow
+    from flows.storage import open_store
+    from flows.upload import upload_folder
+
+    upload_folder(open_store(), P, sets["good"], upload_id=U_SAME)
+    summary = retrain_flow(P)
+    assert summary["upload_id"] == U_SAME and summary["status"] == "already_trained"
+    assert versions() == ["1"]
+
+
+def test_worse_upload_fails_the_gate_and_aliases_stay(stack, sets, monkeypatch):
+    from flows.registry import CANDIDATE, CHAMPION, aliases, version_tags
+    from flows.retrain import retrain_flow
+    from flows.storage import open_store
+    from flows.upload import upload_folder
+
+    monkeypatch.setenv("FSAD_GATE_MIN_AUROC", "0")  # the comparison with the champion decides
+    upload_folder(open_store(), P, sets["worse"], upload_id=U_WORSE)
+    summary = retrain_flow(P, upload_id=U_WORSE)
+    assert summary["status"] == "gate_failed" and "worse than champion v1" in summary["gate"]["reason"]
+    assert aliases(P) == {CANDIDATE: "2", CHAMPION: "1"}
+    assert version_tags(P, "2")["gate.verdict"] == "failed"
+
+
+def test_corrupt_upload_is_quarantined_in_s3_with_its_report(stack, sets):
+    from flows.retrain import UploadRejected, retrain_flow
+    from flows.storage import open_store
+    from flows.upload import content_sha256, describe_image, sha256_hex
+
+    store = open_store()
+    prefix = f"products/{P}/uploads/{U_CORRUPT}/"
+    data = (sets["good"] / "train" / "good" / "000.png").read_bytes()
+    files = {"train/good/000.png": data, "train/good/001.png": data[: len(data) // 2]}
+    entries = []
+    for rel, blob in files.items():
+        store.put_bytes(prefix + rel, blob)
+        try:
+            entries.append({"key": rel, **describe_image(blob, rel)[0].__dict__})
+        except ValueError:
+            entries.append({"key": rel, "sha256": sha256_hex(blob), "size": len(blob)})
+    store.put_json(prefix + "manifest.json", {"format": 1, "product": P, "upload_id": U_CORRUPT, "created": "x",
+                                              "files": entries, "content_sha256": content_sha256(entries)})
+
+    with pytest.raises(UploadRejected, match="every file decodes as an image"):
+        retrain_flow(P, upload_id=U_CORRUPT)
+    quarantine = set(bucket_keys(stack, f"quarantine/{P}/{U_CORRUPT}/"))
+    assert {f"quarantine/{P}/{U_CORRUPT}/{n}" for n in
+            ("train/good/000.png", "train/good/001.png", "manifest.json", "validation.json")} <= quarantine
+    assert f"{prefix}validation.json" in bucket_keys(stack, prefix)
+    report = json.loads(store.get_bytes(f"quarantine/{P}/{U_CORRUPT}/validation.json"))
+    assert report["success"] is False
+    assert versions() == ["1", "2"]
+
+
+def test_the_prefect_server_recorded_every_flow_run(stack):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["retrain"])))
+    states = sorted(r.state.type.value for r in runs if r.parameters.get("product") == P)
+    assert states == ["COMPLETED"] * 3 + ["FAILED"]
