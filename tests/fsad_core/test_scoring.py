@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 from scipy.spatial.distance import mahalanobis
 from sklearn.covariance import LedoitWolf
@@ -15,6 +16,18 @@ def test_mahalanobis_matches_scipy_with_ledoit_wolf_precision():
     lw = LedoitWolf().fit(x)
     ref = [mahalanobis(v, lw.location_, lw.get_precision()) for v in q]
     np.testing.assert_allclose(g.distance(torch.from_numpy(q)).numpy(), ref, rtol=1e-8)
+
+
+def test_shrinkage_from_gram_equals_sklearn():
+    from sklearn.covariance import ledoit_wolf_shrinkage
+
+    from fsad_core.gaussian import ledoit_wolf_from_gram
+    rng = np.random.default_rng(1)
+    for n, d in ((5, 40), (30, 6), (64, 300)):
+        x = rng.normal(size=(n, d)) * rng.uniform(0.1, 3, size=d)
+        x -= x.mean(axis=0)
+        ours, _ = ledoit_wolf_from_gram(torch.from_numpy(x @ x.T), d)
+        assert ours == pytest.approx(ledoit_wolf_shrinkage(x, assume_centered=True), rel=1e-9)
 
 
 def test_gaussian_handles_fewer_samples_than_dimensions():

@@ -160,7 +160,9 @@ def test_upload_is_announced_trained_once_and_not_retrained(
     final = wait_for("the retrain run to finish", finished, 900, stack)
     assert final.state.is_completed(), f"{final.state.type}: {final.state.message}"
     mlflow = MlflowClient(stack.mlflow_uri)
-    [version] = mlflow.search_model_versions(f"name = 'fsad-{PRODUCT}'")
+    versions = mlflow.search_model_versions(f"name = 'fsad-{PRODUCT}'")
+    assert len(versions) == 1, [(v.version, v.run_id, v.tags) for v in versions]
+    [version] = versions
     assert version.tags["upload_id"] == uploaded.upload_id
     assert version.tags["content_sha256"] == uploaded.content_sha256
     assert mlflow.get_registered_model(f"fsad-{PRODUCT}").aliases["champion"] == version.version

@@ -1,0 +1,302 @@
+"""Against the real local stack (Swift S3, MLflow server, Prefect server), one per module on free
+ports in a temporary FSAD_HOME: loopback-only services, a private bucket, keys that cannot escape
+the product prefix, and faults while the retraining flow runs (``fsad retrain`` in a subprocess,
+as a worker would run it): MLflow down at logging time, S3 down at download time, the process
+killed mid-fine-tuning, two runs of the same upload at once. The last test checks the state the
+module built: every uploaded object exactly once, champions verified."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from conftest import CLEARED, TINY, noise_rgb, png_bytes
+from flows import registry
+from flows.storage import S3Store, StorageKeyError, quarantine_prefix, upload_prefix
+from flows.upload import upload_folder
+from infra import procs
+from infra.config import StackConfig, free_port_env
+from infra.netcheck import non_loopback
+from infra.probes import http_status
+from infra.s3client import make_s3_client
+from infra.stack import StackInfo, down, listening_addresses, up
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[2]
+FLOW_TIMEOUT_S = 420
+UPLOADED: dict[str, bytes] = {}  # every object key this module uploaded -> its bytes
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory) -> Iterator[tuple[StackInfo, Path, dict[str, str]]]:
+    home = tmp_path_factory.mktemp("fsad-stack-home")
+    quiet = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    with pytest.MonkeyPatch.context() as mp:
+        for name in CLEARED:
+            mp.delenv(name, raising=False)
+        for key, value in {**free_port_env(), **quiet}.items():
+            mp.setenv(key, value)
+        try:
+            info = up(home)
+            env = {**info.env(), "FSAD_HOME": str(home / "client"), "FSAD_TRAIN_OVERRIDES": json.dumps(TINY),
+                   "FSAD_DEVICE": "cpu", "FSAD_GATE_MIN_AUROC": "0", "PREFECT_HOME": str(home / "prefect-client"),
+                   "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+            for key, value in env.items():
+                mp.setenv(key, value)
+            mlflow.set_tracking_uri(info.mlflow_uri)
+            mlflow.set_registry_uri(info.mlflow_uri)
+            yield info, home, env
+        finally:
+            down(home)
+
+
+def _store(info: StackInfo) -> S3Store:
+    return S3Store(info.bucket, client=make_s3_client(info.s3_endpoint, info.access_key, info.secret_key, info.region))
+
+
+def _upload(info: StackInfo, product: str, upload_id: str, seeds: range, tmp: Path) -> None:
+    folder = tmp / f"{product}-{upload_id}"
+    folder.mkdir(parents=True)
+    for s in seeds:
+        (folder / f"{s}.png").write_bytes(png_bytes(noise_rgb(s)))
+    result = upload_folder(_store(info), product, folder, upload_id=upload_id)
+    prefix = upload_prefix(product, upload_id)
+    for f in result.manifest["files"]:
+        UPLOADED[prefix + f["key"]] = (folder / f["key"].rsplit("/", 1)[1]).read_bytes()
+
+
+class Retrain:
+    """``fsad retrain`` in a subprocess, its output collected by a thread (bounded waits only)."""
+
+    def __init__(self, env: dict[str, str], product: str, upload_id: str):
+        self.lines: list[str] = []
+        self._q: queue.Queue[str] = queue.Queue()
+        full = {**os.environ, **env}
+        self.proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "retrain", "--product", product,
+                                      "--upload", upload_id], cwd=REPO, env=full, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            self._q.put(line)
+
+    def wait_for(self, text: str, timeout_s: float = FLOW_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if any(text in ln for ln in self.lines):
+                return
+            if self.proc.poll() is not None and self._q.empty():
+                time.sleep(0.5)
+                if any(text in ln for ln in self.lines):
+                    return
+                raise AssertionError(f"exited before {text!r}:\n{self.output[-4000:]}")
+            time.sleep(0.2)
+        self.kill()
+        raise AssertionError(f"no {text!r} within {timeout_s} s:\n{self.output[-4000:]}")
+
+    def finish(self, timeout_s: float = FLOW_TIMEOUT_S) -> int:
+        try:
+            return self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"fsad retrain did not finish within {timeout_s} s:\n{self.output[-4000:]}")
+        finally:
+            time.sleep(0.3)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # its own session: the flow and its children
+            self.proc.wait(timeout=30)
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+
+def versions_of(product: str) -> list[mlflow.entities.model_registry.ModelVersion]:
+    from mlflow.exceptions import MlflowException
+    try:
+        return list(mlflow.MlflowClient().search_model_versions(f"name = '{registry.model_name(product)}'"))
+    except MlflowException:
+        return []
+
+
+def _run_dir(home: Path) -> Path:
+    return StackConfig.load(home).run_dir
+
+
+# ---- security against the real services -----------------------------------------------------------
+
+def test_services_listen_on_loopback_only(stack):
+    info, home, _ = stack
+    listening = listening_addresses(home)
+    assert {"mlflow", "prefect-server", "swift-proxy"} <= {n for n, a in listening.items() if a}
+    assert non_loopback(listening) == []
+    assert all(ip.startswith("127.") for addrs in listening.values() for ip, _ in addrs)
+
+
+def test_bucket_is_private_unsigned_requests_are_refused(stack, tmp_path):
+    info, _, _ = stack
+    _upload(info, "seal", "20260101T000001Z-good01", range(2), tmp_path)
+    key = f"{upload_prefix('seal', '20260101T000001Z-good01')}manifest.json"
+    for url in (f"{info.s3_endpoint}/{info.bucket}", f"{info.s3_endpoint}/{info.bucket}/{key}",
+                f"{info.s3_endpoint}/{info.bucket}?list-type=2"):
+        status = http_status(url)
+        assert status is not None and 400 <= status < 500, (url, status)  # Swift s3api: 401/403/412
+    put = urllib.request.Request(f"{info.s3_endpoint}/{info.bucket}/anonymous.txt", data=b"x", method="PUT")
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with pytest.raises(urllib.error.HTTPError) as err:
+        opener.open(put, timeout=10)
+    assert 400 <= err.value.code < 500
+    assert not _store(info).exists("anonymous.txt")
+
+
+@pytest.mark.parametrize("key", ["../escape", "products/seal/../../escape", "/abs/escape", "products\\seal\\x",
+                                 "products/seal/\x07x", "products/seal/\udcffx", "products//seal/x"])
+def test_unsafe_keys_never_reach_the_bucket(stack, key):
+    info, _, _ = stack
+    store = _store(info)
+    before = store.list()
+    with pytest.raises(StorageKeyError):
+        store.put_bytes(key, b"x")
+    with pytest.raises(StorageKeyError):
+        store.copy(before[0], key)
+    assert store.list() == before
+
+
+# ---- faults during the flow ---------------------------------------------------------------------
+
+def test_good_upload_is_promoted_on_the_real_stack(stack):
+    info, _, env = stack
+    run = Retrain(env, "seal", "20260101T000001Z-good01")
+    assert run.finish() == 0, run.output[-4000:]
+    assert "passed the gate and is now champion" in run.output
+    (mv,) = versions_of("seal")
+    assert registry.aliases("seal")[registry.CHAMPION] == mv.version
+
+
+def test_mlflow_down_at_logging_time_fails_cleanly_and_a_rerun_succeeds(stack, tmp_path):
+    info, home, env = stack
+    product, uid = "seal", "20260101T000002Z-mlfdwn"
+    _upload(info, product, uid, range(10, 12), tmp_path)
+    before = sorted(v.version for v in versions_of(product))
+    aliases_before = registry.aliases(product)
+    run = Retrain(env, product, uid)
+    run.wait_for("fine-tuning on")  # the last MLflow call before logging is behind us
+    assert procs.stop(_run_dir(home), "mlflow")
+    code = run.finish()
+    assert code != 0, run.output[-4000:]
+    last = [ln for ln in run.output.strip().splitlines() if ln.startswith("fsad retrain:")]
+    assert len(last) == 1, run.output[-4000:]
+    up(home)  # restarts only what is down: mlflow
+    assert sorted(v.version for v in versions_of(product)) == before  # registry untouched
+    assert registry.aliases(product) == aliases_before
+    rerun = Retrain(env, product, uid)
+    assert rerun.finish() == 0, rerun.output[-4000:]
+    mine = [v for v in versions_of(product) if v.tags.get("upload_id") == uid]
+    assert len(mine) == 1 and mine[0].tags.get("verified") == "true"
+
+
+def test_s3_down_during_download_retries_then_fails_and_a_rerun_completes(stack, tmp_path):
+    info, home, env = stack
+    product, uid = "ring", "20260101T000001Z-s3down"
+    _upload(info, product, uid, range(20, 22), tmp_path)
+    run = Retrain(env, product, uid)
+    run.wait_for(f"validation of {uid}: passed")
+    assert procs.stop(_run_dir(home), "swift-proxy")
+    code = run.finish()
+    assert code != 0, run.output[-4000:]
+    assert "Retry 1/3" in run.output and "Retry 3/3" in run.output, run.output[-4000:]  # retried, then failed
+    assert versions_of(product) == []
+    up(home)
+    rerun = Retrain(env, product, uid)
+    assert rerun.finish() == 0, rerun.output[-4000:]
+    assert [v.tags.get("upload_id") for v in versions_of(product)] == [uid]
+
+
+def test_killed_mid_fine_tuning_then_rerun_registers_exactly_one_version(stack, tmp_path):
+    info, _, env = stack
+    product, uid = "ring", "20260101T000002Z-killed"
+    _upload(info, product, uid, range(30, 32), tmp_path)
+    run = Retrain(env, product, uid)
+    run.wait_for("fine-tuning on")
+    run.kill()
+    assert not [v for v in versions_of(product) if v.tags.get("upload_id") == uid]
+    rerun = Retrain(env, product, uid)
+    assert rerun.finish() == 0, rerun.output[-4000:]
+    again = Retrain(env, product, uid)  # and once more: already trained, nothing new
+    assert again.finish() == 0 and "already trained" in again.output
+    assert len([v for v in versions_of(product) if v.tags.get("upload_id") == uid]) == 1
+
+
+def test_two_runs_of_the_same_upload_at_once_make_one_version(stack, tmp_path):
+    info, _, env = stack
+    product, uid = "shim", "20260101T000001Z-twice1"
+    _upload(info, product, uid, range(40, 42), tmp_path)
+    runs = [Retrain(env, product, uid), Retrain(env, product, uid)]
+    codes = [r.finish() for r in runs]
+    assert codes == [0, 0], [r.output[-2000:] for r in runs]
+    assert len(versions_of(product)) == 1, f"{len(versions_of(product))} versions for one upload"
+    assert sum("already trained" in r.output for r in runs) == 1
+
+
+def test_rejected_upload_is_quarantined_in_the_bucket(stack, tmp_path):
+    info, _, env = stack
+    product, uid = "ring", "20260101T000003Z-reject"
+    _upload(info, product, uid, range(50, 52), tmp_path)
+    key = f"{upload_prefix(product, uid)}train/good/50.png"
+    _store(info).put_bytes(key, b"<html>gone</html>")  # replaced after upload: fails sha256 and decode
+    UPLOADED[key] = b"<html>gone</html>"
+    run = Retrain(env, product, uid)
+    assert run.finish() != 0
+    assert "every file decodes as an image: train/good/50.png" in run.output
+    assert _store(info).exists(quarantine_prefix(product, uid) + "validation.json")
+
+
+# ---- the state this module built ----------------------------------------------------------------
+
+def test_final_state_every_object_once_and_champions_verified(stack):
+    info, _, _ = stack
+    store = _store(info)
+    keys = store.list()
+    assert len(keys) == len(set(keys))
+    assert not [k for k in keys if k.endswith(".fsadtmp") or "/." in k]
+    for key, data in UPLOADED.items():
+        assert store.get_bytes(key) == data, key  # every uploaded object, whole
+    allowed = {"manifest.json", "validation.json"}
+    for k in keys:
+        if k.startswith("products/"):
+            assert k in UPLOADED or k.rsplit("/", 1)[1] in allowed, f"unexpected object {k}"
+    # quarantine holds copies of rejected uploads only, byte for byte
+    for k in keys:
+        if k.startswith("quarantine/"):
+            _, product, uid, rel = k.split("/", 3)
+            original = upload_prefix(product, uid) + rel
+            if rel != "validation.json":
+                assert hashlib.sha256(store.get_bytes(k)).digest() == hashlib.sha256(store.get_bytes(original)).digest()
+    client = mlflow.MlflowClient()
+    for product in ("seal", "ring"):
+        champion = registry.alias_version(product, registry.CHAMPION)
+        assert champion is not None, product
+        tags = client.get_model_version(registry.model_name(product), champion).tags
+        assert tags["verified"] == "true" and tags["gate.verdict"] == "passed", (product, tags)
+        assert "reproduces the in-memory score" in tags["verified.reason"]
+        for v in versions_of(product):  # no unverified version ever became champion
+            if v.version != champion and registry.PREVIOUS not in v.aliases:
+                assert registry.CHAMPION not in v.aliases
