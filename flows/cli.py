@@ -11,12 +11,6 @@ import sys
 from collections.abc import Callable, Sequence
 
 
-class NotImplementedYet(SystemExit):
-    def __init__(self, what: str):
-        print(f"fsad {what}: not implemented yet", file=sys.stderr)
-        super().__init__(2)
-
-
 def _cmd_demo(args: argparse.Namespace) -> int:
     from flows.demo import run_demo
     return run_demo(workdir=args.workdir, data=args.data)

@@ -9,7 +9,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 from fsad_core.data import find_categories, load_category
 from fsad_core.detector import Detector

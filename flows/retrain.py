@@ -393,8 +393,7 @@ def _train_and_promote(settings: Settings, product: str, upload_id: str, manifes
                                "method": method, "seed": seed, "config_sha256": config_hash,
                                "validation": validation["uri"]}
 
-    existing = find_existing(settings, product, content, config_hash)
-    if existing is not None:
+    def already_trained(existing: dict[str, Any]) -> dict[str, Any]:
         tags = existing["tags"]
         summary.update(status="already_trained", version=existing["version"], run_id=existing["run_id"],
                        model=f"models:/{registry.model_name(product)}/{existing['version']}",
@@ -405,6 +404,10 @@ def _train_and_promote(settings: Settings, product: str, upload_id: str, manifes
                                f"configuration); not training again")
         logger.info(summary["message"])
         return summary
+
+    existing = find_existing(settings, product, content, config_hash)
+    if existing is not None:
+        return already_trained(existing)
 
     data = load_images(settings, product, upload_id, manifest)
     tagged = fine_tune.with_options(tags={GPU_LIMIT}) if device == "cuda" else fine_tune
@@ -419,6 +422,11 @@ def _train_and_promote(settings: Settings, product: str, upload_id: str, manifes
         threshold=threshold, validation_json=validation["report_json"], fit_report=report.to_dict(),
         roc_labels=bench.labels, roc_scores=bench.scores.tolist(), overlays=anomaly_maps(detector, data),
         example_image=(data.eval_images or data.train)[0])
+    # Checked again before anything is logged: should the product lock ever lapse during a long
+    # fine-tuning (its lease expired on a starved machine), a run that finished first wins.
+    existing = find_existing(settings, product, content, config_hash)
+    if existing is not None:
+        return already_trained(existing)
     logged = log_run(settings, record, detector)
     version = register(settings, product, logged.model_uri, logged.run_id, {
         "content_sha256": content, "config_sha256": config_hash, "method": method, "seed": str(seed),

@@ -5,7 +5,6 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-import torch
 
 from fsad_core.data import load_category
 from fsad_core.detector import Detector, DetectorConfig

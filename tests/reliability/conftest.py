@@ -21,9 +21,11 @@ CLEARED = ("FSAD_STORAGE", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "FSAD_G
            "AWS_SECRET_ACCESS_KEY", "FSAD_MAX_PIXELS")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def prefect_api(tmp_path_factory) -> Iterator[None]:
-    """One Prefect test API (temporary server + database) for every flow run of the suite."""
+    """A Prefect test API (temporary server + database) for the flow runs of one module; closed
+    with the module, so its log and event workers drain while the environment they were started
+    in (and their server) still exists."""
     from prefect.settings import temporary_settings
     from prefect.testing.utilities import prefect_test_harness
 

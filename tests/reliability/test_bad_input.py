@@ -9,10 +9,10 @@ reported and kept.
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 import subprocess
+import time
 import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -22,12 +22,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import TINY, bomb_png, embedded_env, noise_rgb, png_bytes
+from conftest import bomb_png, embedded_env, noise_rgb, png_bytes
 from flows import registry
 from flows.cli import main as cli_main
 from flows.retrain import NoUpload, retrain_flow
 from flows.storage import (LocalStore, StorageKeyError, list_uploads, manifest_key, open_store, quarantine_prefix,
-                           stale_incomplete_uploads, upload_prefix, validate_key)
+                           stale_incomplete_uploads, upload_prefix)
 from flows.upload import ManifestError, UploadError, upload_folder
 from fsad_core.imageio import read_image
 
@@ -328,7 +328,7 @@ def test_single_image_and_mixed_sizes_train_a_registered_model(home, tmp_path):
 def test_score_scores_the_good_files_and_reports_each_bad_one(home, tmp_path, capsys):
     """Needs the model of test_single_image_and_mixed_sizes...: scored through models:/NAME@champion."""
     folder = tmp_path / "incoming"
-    good = good_folder(folder, n=2, seed=400)
+    good_folder(folder, n=2, seed=400)
     for name, (make, _) in BAD.items():
         (folder / name).write_bytes(make())
     out = tmp_path / "scores.csv"
@@ -351,7 +351,14 @@ def test_no_complete_upload_is_a_permanent_error_not_retried(home):
 
     state = retrain_flow("nothing-here", return_state=True)
     assert state.is_failed() and "no complete upload" in state.message
+    flow_runs = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+    deadline = time.monotonic() + 60  # task runs reach the API asynchronously, through events
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
-    (resolve,) = [r for r in runs if r.task_key.startswith("resolve_upload") or r.name.startswith("resolve_upload")]
+        while True:
+            runs = client.read_task_runs(flow_run_filter=flow_runs)
+            resolves = [r for r in runs if r.task_key.startswith("resolve_upload") or r.name.startswith("resolve_upload")]
+            if resolves or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+    (resolve,) = resolves
     assert resolve.run_count == 1, f"resolve_upload ran {resolve.run_count} times"

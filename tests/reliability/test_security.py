@@ -10,7 +10,6 @@ import shutil
 from pathlib import Path
 
 import mlflow
-import numpy as np
 import pandas as pd
 import pytest
 
