@@ -65,6 +65,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackInfo]:
             with temporary_settings(updates={PREFECT_API_URL: info.prefect_api_url}):
                 yield info
         finally:
+            # Flush Prefect's event and log workers while their server still runs (see the pipeline test).
+            from prefect.events.worker import EventsWorker
+            from prefect.logging.handlers import APILogWorker
+            EventsWorker.drain_all(timeout=30)
+            APILogWorker.drain_all(timeout=30)
             down(home)
 
 

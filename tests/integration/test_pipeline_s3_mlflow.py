@@ -48,6 +48,12 @@ def stack(tmp_path_factory) -> Iterator[object]:
                                              "results.local_storage_path": str(home / "prefect-results")}):
                 yield info
         finally:
+            # Flush Prefect's event and log workers while their server still runs: workers left
+            # pointing at a stopped server make a later test harness's drain wait forever.
+            from prefect.events.worker import EventsWorker
+            from prefect.logging.handlers import APILogWorker
+            EventsWorker.drain_all(timeout=30)
+            APILogWorker.drain_all(timeout=30)
             down(home)
 
 
