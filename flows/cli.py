@@ -33,7 +33,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def _cmd_upload(args: argparse.Namespace) -> int:
     from flows.upload import cli_upload
-    return cli_upload(args.product, args.dir)
+    return cli_upload(args.product, args.dir, args.resume)
 
 
 def _cmd_retrain(args: argparse.Namespace) -> int:
@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("upload", _cmd_upload, "put a few-shot set into storage (images first, manifest.json last)")
     p.add_argument("--product", required=True)
+    p.add_argument("--resume", default=None, metavar="UPLOAD_ID",
+                   help="finish an interrupted upload of the same folder (kept objects are not written twice)")
     p.add_argument("dir", help="folder with train/good/* and optionally eval/good|defect/*, or just images")
 
     p = add("retrain", _cmd_retrain, "run the retraining flow now for a product")

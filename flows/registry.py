@@ -174,12 +174,18 @@ def verify(product: str, version: str, smoke_image: np.ndarray, expected_score: 
         if pickles:
             result = Verification(False, expected_score, math.nan, f"artifact holds pickle files: {', '.join(pickles)}")
         else:
-            out = mlflow.pyfunc.load_model(str(local)).predict(pd.DataFrame({INPUT_COLUMN: [encode_png(smoke_image)]}))
-            loaded = float(out["score"].iloc[0])
-            ok = math.isclose(loaded, expected_score, rel_tol=_SCORE_RTOL, abs_tol=_SCORE_ATOL)
-            reason = "downloaded model reproduces the in-memory score" if ok else \
-                f"downloaded model scores {loaded:.6g}, in memory {expected_score:.6g}"
-            result = Verification(ok, expected_score, loaded, reason)
+            try:  # a damaged artifact is a verdict (not verified), not a crash that leaves no tag
+                out = mlflow.pyfunc.load_model(str(local)).predict(
+                    pd.DataFrame({INPUT_COLUMN: [encode_png(smoke_image)]}))
+                loaded = float(out["score"].iloc[0])
+            except Exception as exc:
+                result = Verification(False, expected_score, math.nan, f"downloaded model does not load or score: "
+                                      f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            else:
+                ok = math.isclose(loaded, expected_score, rel_tol=_SCORE_RTOL, abs_tol=_SCORE_ATOL)
+                reason = "downloaded model reproduces the in-memory score" if ok else \
+                    f"downloaded model scores {loaded:.6g}, in memory {expected_score:.6g}"
+                result = Verification(ok, expected_score, loaded, reason)
     client = _client()
     client.set_model_version_tag(name, version, "verified", "true" if result.ok else "false")
     client.set_model_version_tag(name, version, "verified.reason", result.reason)

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 from prefect.concurrency.sync import concurrency
 
 from flows import registry, tracking
@@ -151,7 +152,7 @@ def log_rejection(settings: Settings, product: str, upload_id: str, validation: 
                                         quarantine_uri, settings)
 
 
-@task(**_IO)
+@task(**_IO, cache_policy=NO_CACHE)  # asked again later in the same run: must read the registry anew
 def find_existing(settings: Settings, product: str, content_sha256: str, config_hash: str) -> dict[str, Any] | None:
     tracking.configure(settings)
     mv = registry.find_trained_version(product, content_sha256, config_hash)
@@ -347,7 +348,7 @@ def verify_and_promote(settings: Settings, product: str, version: str, detector:
     return aliases
 
 
-@task(**_IO)
+@task(**_IO, cache_policy=NO_CACHE)
 def current_aliases(settings: Settings, product: str) -> dict[str, str]:
     tracking.configure(settings)
     return registry.aliases(product)

@@ -153,12 +153,20 @@ def _one_line(problems: list[str]) -> str:
     return shown + (f"; ... and {more} more" if more > 0 else "")
 
 
-def upload_folder(store: Store, product: str, folder: str | Path, upload_id: str | None = None) -> UploadResult:
+def upload_folder(store: Store, product: str, folder: str | Path, upload_id: str | None = None,
+                  resume: str | None = None) -> UploadResult:
     """Upload ``folder`` as a new upload of ``product``; refuse (writing nothing) if any image is bad.
 
-    The upload id must be new: an existing upload is never overwritten.
+    The upload id must be new: an existing upload is never overwritten. ``resume`` names an
+    interrupted upload (no manifest yet) of the same folder to finish instead: objects already
+    stored with the right content are kept, the rest written, then the manifest, so a retry after
+    a storage outage leaves one copy of each object under one upload id.
     """
     validate_name(product, "product name")
+    if resume is not None:
+        if upload_id is not None and upload_id != resume:
+            raise UploadError(f"upload id {upload_id} and resume {resume} differ")
+        upload_id = validate_name(resume, "upload id")
     upload_id = validate_name(upload_id, "upload id") if upload_id is not None else new_upload_id()
     folder = Path(folder)
     if not folder.is_dir():
@@ -190,18 +198,22 @@ def upload_folder(store: Store, product: str, folder: str | Path, upload_id: str
         entries.append({"key": rel, **facts.__dict__})
     if problems:
         raise UploadError(f"refused, nothing uploaded; {len(problems)} bad file(s) in {folder}: {_one_line(problems)}")
-    if store.list(prefix):
+    present = _resumable(store, product, upload_id, {e["key"] for e in entries}) if resume else {}
+    if not resume and store.list(prefix):
         raise UploadError(f"upload {upload_id} of {product} already exists at {store.uri(prefix)}; not overwriting")
 
     # Pass 2: write images (re-read one at a time, checked against pass 1), then the manifest.
+    incomplete = f"upload {upload_id} left incomplete (no manifest); finish it with --resume {upload_id}"
     for entry, (rel, path) in zip(entries, wanted):
         data = path.read_bytes()
         if sha256_hex(data) != entry["sha256"]:
-            raise UploadError(f"{rel}: changed while uploading; upload {upload_id} left incomplete (no manifest)")
+            raise UploadError(f"{rel}: changed while uploading; {incomplete}")
+        if rel in present and present[rel] == entry["size"] and sha256_hex(store.get_bytes(prefix + rel)) == entry["sha256"]:
+            continue
         try:
             store.put_bytes(prefix + rel, data, content_type=mimetypes.guess_type(rel)[0])
         except StorageError as exc:
-            raise StorageError(f"{exc}; upload {upload_id} left incomplete (no manifest)") from None
+            raise StorageError(f"{exc}; {incomplete}") from None
 
     manifest = {
         "format": MANIFEST_FORMAT,
@@ -215,6 +227,22 @@ def upload_folder(store: Store, product: str, folder: str | Path, upload_id: str
     counts = Counter(rel.rsplit("/", 1)[0] for rel, _ in wanted)
     return UploadResult(product, upload_id, store.uri(prefix), dict(sorted(counts.items())), skipped,
                         manifest["content_sha256"], manifest)
+
+
+def _resumable(store: Store, product: str, upload_id: str, keys: set[str]) -> dict[str, int]:
+    """relative key -> size of the objects an interrupted upload already holds; refuses a complete
+    upload, a missing one, and one holding objects this folder would not write."""
+    prefix = upload_prefix(product, upload_id)
+    present = {o.key[len(prefix):]: o.size for o in store.list_info(prefix)}
+    if not present:
+        raise UploadError(f"nothing to resume: upload {upload_id} of {product} does not exist at {store.uri(prefix)}")
+    if MANIFEST_NAME in present:
+        raise UploadError(f"upload {upload_id} of {product} is complete (it has {MANIFEST_NAME}); not resuming")
+    foreign = sorted(set(present) - keys)
+    if foreign:
+        raise UploadError(f"upload {upload_id} of {product} holds files this folder does not have, so it is not "
+                          f"this folder's upload; not resuming: {_one_line(foreign)}")
+    return present
 
 
 def read_manifest(store: Store, product: str, upload_id: str) -> dict[str, Any]:
@@ -234,10 +262,11 @@ def read_manifest(store: Store, product: str, upload_id: str) -> dict[str, Any]:
     return manifest
 
 
-def cli_upload(product: str, folder: str) -> int:
-    """``fsad upload --product NAME DIR``: upload and print a short summary; errors propagate."""
+def cli_upload(product: str, folder: str, resume: str | None = None) -> int:
+    """``fsad upload --product NAME [--resume UPLOAD_ID] DIR``: upload and print a short summary;
+    errors propagate."""
     store = open_store()
-    result = upload_folder(store, product, folder)
+    result = upload_folder(store, product, folder, resume=resume)
     parts = ", ".join(f"{n} {split}" for split, n in result.counts.items())
     print(f"uploaded {product} {result.upload_id}: {parts} -> {result.uri}")
     print(f"content_sha256 {result.content_sha256}")

@@ -14,6 +14,8 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 
 from flows import registry, tracking
 from flows.pyfunc import LOADER_MODULE, encode_png
@@ -176,3 +178,56 @@ def test_download_model_resolves_aliases_and_versions_into_a_loadable_folder(set
     for bad in ("fsad-regtest@champion", f"models:/{registry.model_name(PRODUCT)}@nope", "models:/fsad-none/1"):
         with pytest.raises(RegistryError):
             registry.download_model(bad, settings=settings)
+
+
+# ---- faults around promotion (last: they leave extra versions behind) ----------------------------
+
+def _perturb_weights(weights: Path) -> None:
+    generator = torch.Generator().manual_seed(0)
+    save_file({k: v + 0.05 * torch.randn(v.shape, generator=generator) if v.ndim == 4 else v
+               for k, v in load_file(str(weights)).items()}, str(weights))
+
+
+def _truncate(weights: Path) -> None:
+    weights.write_bytes(weights.read_bytes()[:1000])
+
+
+@pytest.mark.parametrize("damage, reason", [(_perturb_weights, "in memory"), (_truncate, "does not load or score")])
+def test_an_artifact_changed_after_logging_fails_verification_and_is_never_champion(settings, fitted, versions,
+                                                                                   damage, reason):
+    detector, _, _, images, _, _ = fitted
+    logged = log(settings, fitted, "20260101T000010Z-tamper", "d" * 64)
+    version = str(registry.register(PRODUCT, logged.model_uri, logged.run_id, {}).version)
+    registry.record_gate(PRODUCT, version, decide(1.0, 0.9, "labelled"))
+    stored = mlflow.get_logged_model(logged.model_uri.removeprefix("models:/")).artifact_location
+    [weights] = Path(stored.removeprefix("file://")).rglob("network.safetensors")
+    damage(weights)  # changed in the store after logging, before verification
+
+    before = registry.aliases(PRODUCT)
+    check = registry.verify(PRODUCT, version, images[0], float(detector.score(images[:1]).scores[0]))
+    assert not check.ok and reason in check.reason, check.reason
+    assert registry.version_tags(PRODUCT, version)["verified"] == "false"
+    with pytest.raises(RegistryError, match="not verified"):
+        registry.promote(PRODUCT, version)
+    assert registry.aliases(PRODUCT) == {**before, CANDIDATE: version}
+
+
+def test_a_failure_while_moving_aliases_never_leaves_champion_on_an_unverified_version(settings, fitted, versions,
+                                                                                      monkeypatch):
+    detector, _, _, images, _, _ = fitted
+    (_, v1), (_, v2) = versions
+    assert registry.alias_version(PRODUCT, CHAMPION) == v2
+    real = mlflow.MlflowClient.set_registered_model_alias
+
+    def server_gone_at_champion(self, name, alias, version):
+        if alias == CHAMPION:
+            raise mlflow.exceptions.MlflowException("connection refused")
+        return real(self, name, alias, version)
+
+    monkeypatch.setattr(mlflow.MlflowClient, "set_registered_model_alias", server_gone_at_champion)
+    with pytest.raises(mlflow.exceptions.MlflowException):
+        registry.promote(PRODUCT, v1)
+    champion = registry.alias_version(PRODUCT, CHAMPION)
+    assert champion == v2 and registry.version_tags(PRODUCT, champion)["verified"] == "true"
+    monkeypatch.undo()
+    assert registry.promote(PRODUCT, v1)[CHAMPION] == v1  # the retry completes the move

@@ -124,6 +124,27 @@ def test_same_content_is_not_trained_twice(env, sets):
     assert versions() == ["1"]
 
 
+def test_already_trained_is_read_anew_each_time_a_run_asks(env):
+    """The flow asks again right before logging (a run whose lock lapsed must see the version another
+    run registered meanwhile), so that task's answer must never come from Prefect's result cache."""
+    from prefect import flow
+
+    from flows.retrain import find_existing
+
+    settings = load_settings()
+    source = mlflow.MlflowClient().get_model_version(registry.model_name(P), versions()[0]).source
+    tags = {"content_sha256": "e" * 64, "config_sha256": "f" * 64}
+
+    @flow
+    def ask_register_ask() -> tuple:
+        before = find_existing(settings, "probe", tags["content_sha256"], tags["config_sha256"])
+        mlflow.register_model(source, registry.model_name("probe"), tags=tags)
+        return before, find_existing(settings, "probe", tags["content_sha256"], tags["config_sha256"])
+
+    before, after = ask_register_ask()
+    assert before is None and after is not None and after["version"] == "1"
+
+
 def test_worse_upload_fails_the_gate_and_the_champion_stays(env, sets):
     env.setenv("FSAD_GATE_MIN_AUROC", "0")  # so that the comparison with the champion decides
     upload_folder(open_store(), P, sets["worse"], upload_id=U_WORSE)

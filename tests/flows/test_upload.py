@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flows.storage import LocalStore, StorageKeyError, list_uploads, manifest_key, upload_prefix
+from flows.storage import LocalStore, StorageError, StorageKeyError, list_uploads, manifest_key, upload_prefix
 from flows.upload import (
     ManifestError,
     UploadError,
@@ -161,6 +161,51 @@ def test_refusals(store: LocalStore, tmp_path: Path, category: Path) -> None:
     upload_folder(store, "p", category, upload_id="fixed")
     with pytest.raises(UploadError, match="already exists"):
         upload_folder(store, "p", category, upload_id="fixed")
+
+
+class FailingStore(RecordingStore):
+    """A store whose writes start failing after ``ok`` of them, as when the server goes away."""
+
+    def __init__(self, root: Path, ok: int):
+        super().__init__(root)
+        self.ok = ok
+
+    def put_bytes(self, key: str, data: bytes, content_type: str | None = None) -> None:
+        if len(self.puts) >= self.ok:
+            raise StorageError(f"put {key}: could not connect to the endpoint")
+        super().put_bytes(key, data, content_type)
+
+
+def test_interrupted_upload_is_resumed_writing_each_object_once(tmp_path: Path, category: Path) -> None:
+    failing = FailingStore(tmp_path / "store", ok=2)
+    with pytest.raises(StorageError, match="left incomplete .*--resume 20260101T000000Z-resume"):
+        upload_folder(failing, "bottle", category, upload_id="20260101T000000Z-resume")
+    prefix = upload_prefix("bottle", "20260101T000000Z-resume")
+    assert len(failing.list(prefix)) == 2 and not failing.exists(manifest_key("bottle", "20260101T000000Z-resume"))
+
+    store = RecordingStore(tmp_path / "store")
+    res = upload_folder(store, "bottle", category, resume="20260101T000000Z-resume")
+    assert res.upload_id == "20260101T000000Z-resume"
+    # eval/ sorts first: its two files were stored before the failure and are not written again
+    assert store.puts == [prefix + "train/good/001.png", prefix + "train/good/002.png",
+                          manifest_key("bottle", res.upload_id)]
+    assert len(store.list(prefix)) == 5
+    for f in read_manifest(store, "bottle", res.upload_id)["files"]:
+        assert hashlib.sha256(store.get_bytes(prefix + f["key"])).hexdigest() == f["sha256"]
+    assert res.content_sha256 == upload_folder(LocalStore(tmp_path / "other"), "bottle", category).content_sha256
+
+
+def test_resume_refuses_what_is_not_an_interrupted_upload_of_this_folder(store: LocalStore, tmp_path: Path,
+                                                                         category: Path) -> None:
+    with pytest.raises(UploadError, match="nothing to resume"):
+        upload_folder(store, "bottle", category, resume="20260101T000000Z-absent")
+    done = upload_folder(store, "bottle", category)
+    with pytest.raises(UploadError, match="is complete"):
+        upload_folder(store, "bottle", category, resume=done.upload_id)
+    store.put_bytes(upload_prefix("bottle", "20260101T000000Z-other") + "train/good/zzz.png", png(9))
+    with pytest.raises(UploadError, match="does not have.*zzz.png"):
+        upload_folder(store, "bottle", category, resume="20260101T000000Z-other")
+    assert not store.exists(manifest_key("bottle", "20260101T000000Z-other"))
 
 
 def test_upload_id_is_time_sortable() -> None:

@@ -145,8 +145,6 @@ def test_deployments_from_prefect_yaml(deployments: dict[str, Deployment], clien
                                  "upload_id": "{{ event.resource['fsad.upload_id'] }}"}
 
 
-@pytest.mark.xfail(strict=False, reason="known flaky in the full suite (passes alone): a second model version or a "
-                   "lost MLflow server was seen after earlier modules ran; root cause open, see issue 4")
 def test_upload_is_announced_trained_once_and_not_retrained(
         stack: StackInfo, deployments: dict[str, Deployment], client: SyncPrefectClient, tmp_path: Path) -> None:
     store = open_store()

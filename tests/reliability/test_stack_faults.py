@@ -26,7 +26,7 @@ import pytest
 
 from conftest import CLEARED, TINY, noise_rgb, png_bytes
 from flows import registry
-from flows.storage import S3Store, StorageKeyError, quarantine_prefix, upload_prefix
+from flows.storage import S3Store, StorageError, StorageKeyError, manifest_key, quarantine_prefix, upload_prefix
 from flows.upload import upload_folder
 from infra import procs
 from infra.config import StackConfig, free_port_env
@@ -228,6 +228,39 @@ def test_s3_down_during_download_retries_then_fails_and_a_rerun_completes(stack,
     rerun = Retrain(env, product, uid)
     assert rerun.finish() == 0, rerun.output[-4000:]
     assert [v.tags.get("upload_id") for v in versions_of(product)] == [uid]
+
+
+def test_s3_down_during_an_upload_retries_fails_clearly_and_resume_stores_each_object_once(stack, tmp_path):
+    info, home, _ = stack
+    product, uid = "gasket", "20260101T000001Z-s3upld"
+    folder = tmp_path / "set"
+    folder.mkdir()
+    for s in range(60, 66):
+        (folder / f"{s}.png").write_bytes(png_bytes(noise_rgb(s)))
+    client = make_s3_client(info.s3_endpoint, info.access_key, info.secret_key, info.region)
+    sends: list[str] = []
+    client.meta.events.register("before-send.s3.PutObject", lambda request, **_: sends.append(request.url))
+
+    class ServerStopsAfterTwoPuts(S3Store):
+        def put_bytes(self, key: str, data: bytes, content_type: str | None = None) -> None:
+            if len(sends) == 2:
+                assert procs.stop(_run_dir(home), "swift-proxy")
+            super().put_bytes(key, data, content_type)
+
+    with pytest.raises(StorageError, match=f"left incomplete \\(no manifest\\); finish it with --resume {uid}"):
+        upload_folder(ServerStopsAfterTwoPuts(info.bucket, client=client), product, folder, upload_id=uid)
+    assert len(sends) >= 2 + 3 and len(set(sends[2:])) == 1  # the third object: retried, then the failure
+    up(home)
+    store, prefix = _store(info), upload_prefix(product, uid)
+    assert len(store.list(prefix)) == 2 and not store.exists(manifest_key(product, uid))
+
+    result = upload_folder(store, product, folder, resume=uid)
+    expected = sorted([prefix + f["key"] for f in result.manifest["files"]] + [manifest_key(product, uid)])
+    assert store.list(prefix) == expected and len(expected) == 7
+    for f in result.manifest["files"]:
+        data = (folder / f["key"].rsplit("/", 1)[1]).read_bytes()
+        assert store.get_bytes(prefix + f["key"]) == data
+        UPLOADED[prefix + f["key"]] = data
 
 
 def test_killed_mid_fine_tuning_then_rerun_registers_exactly_one_version(stack, tmp_path):
