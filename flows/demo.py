@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from flows.settings import Settings, load_settings
+from flows.upload import upload_folder, write_upload_folder
 from fsad_core.benchmark import stratified_subset
 from fsad_core.data import load_category
 from fsad_core.synthetic import make_category
@@ -65,12 +66,6 @@ def _ephemeral_prefect(home: Path) -> Iterator[None]:
         yield
 
 
-def _copy_images(files: list[Path], dst: Path, rename: bool = False) -> None:
-    dst.mkdir(parents=True, exist_ok=True)
-    for f in files:
-        shutil.copy2(f, dst / (f"{f.parent.name}_{f.name}" if rename else f.name))
-
-
 def prepare_upload_set(out: Path, data: str | None) -> tuple[str, Path, str]:
     """(product, folder in upload layout, description): generated, or drawn from a real category."""
     if out.exists():
@@ -90,9 +85,8 @@ def prepare_upload_set(out: Path, data: str | None) -> tuple[str, Path, str]:
             raise ValueError(f"{data}: the test set needs good and defect images for the evaluation set")
         what = (f"{cat.root}: k={k} from train/good (seed 0), eval {sum(s.label == 0 for s in test)} good + "
                 f"{sum(s.label == 1 for s in test)} defect from test/")
-    _copy_images([s.path for s in cat.sample_k_shot(k, 0)], out / "train" / "good")
-    _copy_images([s.path for s in test if s.label == 0], out / "eval" / "good")
-    _copy_images([s.path for s in test if s.label == 1], out / "eval" / "defect", rename=True)
+    write_upload_folder(out, [s.path for s in cat.sample_k_shot(k, 0)], [s.path for s in test if s.label == 0],
+                        [s.path for s in test if s.label == 1])
     return product, out, what
 
 
@@ -133,7 +127,6 @@ def run_demo(workdir: str | None = None, data: str | None = None) -> int:
     with _environment(embedded), _ephemeral_prefect(prefect_home):
         from flows.retrain import retrain_flow
         from flows.storage import open_store
-        from flows.upload import upload_folder
 
         settings = load_settings()
         product, folder, what = prepare_upload_set(home / "demo" / "upload-set", data)

@@ -12,6 +12,7 @@ import hashlib
 import io
 import mimetypes
 import secrets
+import shutil
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -151,6 +152,20 @@ def _one_line(problems: list[str]) -> str:
     shown = "; ".join(problems[:_MAX_LISTED])
     more = len(problems) - _MAX_LISTED
     return shown + (f"; ... and {more} more" if more > 0 else "")
+
+
+def write_upload_folder(out: Path, train: list[Path], eval_good: list[Path] | tuple = (),
+                        eval_defect: list[Path] | tuple = ()) -> Path:
+    """Copy image files into the layout ``fsad upload`` reads (train/good, eval/good, eval/defect),
+    e.g. from an MVTec-layout category. Defect files get their defect-type folder as a name prefix,
+    so same-named files of different defect types stay apart."""
+    for sub, files, rename in (("train/good", train, False), ("eval/good", eval_good, False),
+                               ("eval/defect", eval_defect, True)):
+        if files:
+            (out / sub).mkdir(parents=True, exist_ok=True)
+        for f in files:
+            shutil.copy2(f, out / sub / (f"{f.parent.name}_{f.name}" if rename else f.name))
+    return out
 
 
 def upload_folder(store: Store, product: str, folder: str | Path, upload_id: str | None = None,

@@ -12,8 +12,10 @@ per service).
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,7 @@ from infra.probes import http_status, tcp_ok
 from infra.s3client import make_s3_client
 from infra.services import SERVICE_NAMES, Service, build_services
 
-__all__ = ["StackError", "StackInfo", "down", "listening_addresses", "main", "status",
+__all__ = ["StackError", "StackInfo", "down", "listening_addresses", "main", "running", "status",
            "stack_info", "up"]
 
 
@@ -152,6 +154,23 @@ def _down(home: Path | None = None) -> list[str]:
 def down(home: Path | None = None) -> None:
     """Stop every service of the stack (SIGTERM, SIGKILL after a timeout); idempotent."""
     _down(home)
+
+
+@contextlib.contextmanager
+def running(home: Path | None = None) -> Iterator[StackInfo]:
+    """The stack up for the duration of a ``with`` block (scripts, tests), down afterwards.
+
+    Before stopping, this process's Prefect event and log workers are flushed while their server
+    still answers: workers left pointing at a stopped server make a later drain wait forever."""
+    try:
+        yield up(home)
+    finally:
+        if "prefect" in sys.modules:
+            from prefect.events.worker import EventsWorker
+            from prefect.logging.handlers import APILogWorker
+            EventsWorker.drain_all(timeout=30)
+            APILogWorker.drain_all(timeout=30)
+        down(home)
 
 
 def status(home: Path | None = None) -> dict[str, Any]:

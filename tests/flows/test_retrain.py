@@ -11,7 +11,6 @@ product are serialised by a Prefect concurrency slot; training on CUDA takes the
 from __future__ import annotations
 
 import json
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -27,7 +26,8 @@ from flows.registry import CANDIDATE, CHAMPION, PREVIOUS
 from flows.retrain import GPU_LIMIT, UploadRejected, product_lock, retrain_flow, training_slot
 from flows.settings import load_settings
 from flows.storage import open_store, quarantine_prefix, upload_prefix, validation_key
-from flows.upload import ManifestError, content_sha256, describe_image, sha256_hex, upload_folder
+from flows.upload import ManifestError, content_sha256, describe_image, sha256_hex, upload_folder, write_upload_folder
+from fsad_core.data import load_category
 from fsad_core.imageio import read_image
 from fsad_core.synthetic import make_category
 
@@ -65,17 +65,10 @@ def sets(tmp_path_factory) -> dict[str, Path]:
     gravel = make_category(root / "gen-gravel", kind="texture", n_train=2, n_test_good=0, n_test_defect=0,
                            size=96, seed=2)
 
-    def layout(name: str, train_from: Path) -> Path:
-        out = root / name
-        shutil.copytree(train_from / "train" / "good", out / "train" / "good")
-        shutil.copytree(washer / "test" / "good", out / "eval" / "good")
-        (out / "eval" / "defect").mkdir(parents=True)
-        for f in sorted((washer / "test").glob("*/*.png")):
-            if f.parent.name != "good":
-                shutil.copy(f, out / "eval" / "defect" / f"{f.parent.name}_{f.name}")
-        return out
-
-    return {"good": layout("good", washer), "worse": layout("worse", gravel)}
+    test = load_category(washer).test
+    good, defect = [s.path for s in test if s.label == 0], [s.path for s in test if s.label == 1]
+    return {name: write_upload_folder(root / name, [s.path for s in load_category(src).train], good, defect)
+            for name, src in (("good", washer), ("worse", gravel))}
 
 
 def versions() -> list[str]:

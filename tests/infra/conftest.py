@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from infra.config import free_port_env
-from infra.stack import StackInfo, down, up
+from infra.stack import StackInfo, running
 
 
 @pytest.fixture(scope="session")
@@ -21,7 +21,5 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackInfo]:
     with pytest.MonkeyPatch.context() as mp:
         for key, value in {**free_port_env(), **quiet}.items():
             mp.setenv(key, value)
-        try:
-            yield up(home)
-        finally:
-            down(home)
+        with running(home) as info:
+            yield info

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -29,11 +28,11 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from flows.sensor import EVENT, announced_key, upload_sensor_flow
 from flows.storage import open_store
-from flows.upload import upload_folder
+from flows.upload import upload_folder, write_upload_folder
 from fsad_core.data import load_category
 from fsad_core.synthetic import make_category
 from infra.config import WORK_POOL, free_port_env
-from infra.stack import StackInfo, down, up
+from infra.stack import StackInfo, running
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1500)]
 
@@ -58,19 +57,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackInfo]:
     with pytest.MonkeyPatch.context() as mp:
         for key, value in env.items():
             mp.setenv(key, value)
-        try:
-            info = up(home)
+        with running(home) as info:
             for key, value in info.env().items():
                 mp.setenv(key, value)
             with temporary_settings(updates={PREFECT_API_URL: info.prefect_api_url}):
                 yield info
-        finally:
-            # Flush Prefect's event and log workers while their server still runs (see the pipeline test).
-            from prefect.events.worker import EventsWorker
-            from prefect.logging.handlers import APILogWorker
-            EventsWorker.drain_all(timeout=30)
-            APILogWorker.drain_all(timeout=30)
-            down(home)
 
 
 @pytest.fixture(scope="module")
@@ -113,14 +104,9 @@ def tiny_upload_folder(tmp: Path) -> Path:
     """A valid few-shot set in upload layout: 2 normal images, eval 2 good + 2 defect (96 px)."""
     category = load_category(make_category(tmp / "data" / PRODUCT, kind="object", n_train=2, n_test_good=2,
                                            n_test_defect=2, size=96, seed=5))
-    folder = tmp / "upload"
-    for sub, samples in (("train/good", category.train),
-                         ("eval/good", [s for s in category.test if s.label == 0]),
-                         ("eval/defect", [s for s in category.test if s.label == 1])):
-        (folder / sub).mkdir(parents=True)
-        for s in samples:
-            shutil.copy(s.path, folder / sub / f"{s.path.parent.name}_{s.path.name}")
-    return folder
+    return write_upload_folder(tmp / "upload", [s.path for s in category.train],
+                               [s.path for s in category.test if s.label == 0],
+                               [s.path for s in category.test if s.label == 1])
 
 
 def test_deployments_from_prefect_yaml(deployments: dict[str, Deployment], client: SyncPrefectClient) -> None:

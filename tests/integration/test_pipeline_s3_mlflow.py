@@ -10,7 +10,6 @@ upload event is the deployment's test.)
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,14 +31,13 @@ def stack(tmp_path_factory) -> Iterator[object]:
     from prefect.settings import temporary_settings
 
     from infra.config import free_port_env
-    from infra.stack import down, up
+    from infra.stack import running
 
     home = tmp_path_factory.mktemp("fsad-home")
     with pytest.MonkeyPatch.context() as mp:
         for key, value in {**free_port_env(), **QUIET}.items():
             mp.setenv(key, value)
-        try:
-            info = up(home)
+        with running(home) as info:
             for key, value in {**info.env(), "FSAD_HOME": str(home), "FSAD_TRAIN_OVERRIDES": json.dumps(TINY),
                                "FSAD_DEVICE": "cpu"}.items():
                 mp.setenv(key, value)
@@ -47,18 +45,12 @@ def stack(tmp_path_factory) -> Iterator[object]:
             with temporary_settings(updates={"api.url": info.prefect_api_url,
                                              "results.local_storage_path": str(home / "prefect-results")}):
                 yield info
-        finally:
-            # Flush Prefect's event and log workers while their server still runs: workers left
-            # pointing at a stopped server make a later test harness's drain wait forever.
-            from prefect.events.worker import EventsWorker
-            from prefect.logging.handlers import APILogWorker
-            EventsWorker.drain_all(timeout=30)
-            APILogWorker.drain_all(timeout=30)
-            down(home)
 
 
 @pytest.fixture(scope="module")
 def sets(tmp_path_factory) -> dict[str, Path]:
+    from flows.upload import write_upload_folder
+    from fsad_core.data import load_category
     from fsad_core.synthetic import make_category
 
     root = tmp_path_factory.mktemp("sets")
@@ -66,17 +58,10 @@ def sets(tmp_path_factory) -> dict[str, Path]:
     other = make_category(root / "gen-other", kind="texture", n_train=2, n_test_good=0, n_test_defect=0, size=96,
                           seed=4)
 
-    def layout(name: str, train_from: Path) -> Path:
-        out = root / name
-        shutil.copytree(train_from / "train" / "good", out / "train" / "good")
-        shutil.copytree(bolt / "test" / "good", out / "eval" / "good")
-        (out / "eval" / "defect").mkdir(parents=True)
-        for f in sorted((bolt / "test").glob("*/*.png")):
-            if f.parent.name != "good":
-                shutil.copy(f, out / "eval" / "defect" / f"{f.parent.name}_{f.name}")
-        return out
-
-    return {"good": layout("good", bolt), "worse": layout("worse", other)}
+    test = load_category(bolt).test
+    good, defect = [s.path for s in test if s.label == 0], [s.path for s in test if s.label == 1]
+    return {name: write_upload_folder(root / name, [s.path for s in load_category(src).train], good, defect)
+            for name, src in (("good", bolt), ("worse", other))}
 
 
 def bucket_keys(info, prefix: str = "") -> list[str]:

@@ -33,7 +33,7 @@ from infra.config import StackConfig, free_port_env
 from infra.netcheck import non_loopback
 from infra.probes import http_status
 from infra.s3client import make_s3_client
-from infra.stack import StackInfo, down, listening_addresses, up
+from infra.stack import StackInfo, listening_addresses, running, up
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -50,8 +50,7 @@ def stack(tmp_path_factory) -> Iterator[tuple[StackInfo, Path, dict[str, str]]]:
             mp.delenv(name, raising=False)
         for key, value in {**free_port_env(), **quiet}.items():
             mp.setenv(key, value)
-        try:
-            info = up(home)
+        with running(home) as info:
             env = {**info.env(), "FSAD_HOME": str(home / "client"), "FSAD_TRAIN_OVERRIDES": json.dumps(TINY),
                    "FSAD_DEVICE": "cpu", "FSAD_GATE_MIN_AUROC": "0", "PREFECT_HOME": str(home / "prefect-client"),
                    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
@@ -60,8 +59,6 @@ def stack(tmp_path_factory) -> Iterator[tuple[StackInfo, Path, dict[str, str]]]:
             mlflow.set_tracking_uri(info.mlflow_uri)
             mlflow.set_registry_uri(info.mlflow_uri)
             yield info, home, env
-        finally:
-            down(home)
 
 
 def _store(info: StackInfo) -> S3Store:
