@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import socket
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-# Test-only credentials of the Swift tempauth user; the S3 access key is "ACCOUNT:USER".
+# The Swift tempauth user; the S3 access key is "ACCOUNT:USER". Its secret is drawn at random for
+# each stack (or set with FSAD_S3_SECRET) and kept in stack.json and env.sh, both readable by the
+# owner only: a well-known password on a service would be one more way in.
 SWIFT_ACCOUNT = "test"
 SWIFT_USER = "tester"
-SWIFT_KEY = "testing"
 REGION = "us-east-1"
 WORK_POOL = "fsad-process"
 HOST = "127.0.0.1"
@@ -35,6 +37,14 @@ PORT_ENV = {
 
 class StackError(RuntimeError):
     """A service could not be installed, started or reached; the message says which and why."""
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write a file only its owner can read (it holds the stack's S3 secret)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
 
 
 def fsad_home(home: Path | None = None) -> Path:
@@ -56,6 +66,7 @@ class StackConfig:
     memcached_port: int
     bucket: str
     timeout_s: float
+    secret_key: str
 
     @classmethod
     def from_env(cls, home: Path | None = None) -> StackConfig:
@@ -71,6 +82,7 @@ class StackConfig:
             root=fsad_home(home) / "stack",
             bucket=os.environ.get("FSAD_S3_BUCKET", "").strip() or "fsad",
             timeout_s=float(os.environ.get("FSAD_STACK_TIMEOUT", "") or 180),
+            secret_key=os.environ.get("FSAD_S3_SECRET", "").strip() or secrets.token_urlsafe(24),
             **ports,
         )
 
@@ -89,7 +101,7 @@ class StackConfig:
     def save(self) -> None:
         data = {k: v for k, v in asdict(self).items() if k != "root"}
         self.state_file.parent.mkdir(parents=True, exist_ok=True)
-        self.state_file.write_text(json.dumps(data, indent=2) + "\n")
+        write_private(self.state_file, json.dumps(data, indent=2) + "\n")
 
     # -- paths -----------------------------------------------------------------------------
     @property

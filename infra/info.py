@@ -6,7 +6,7 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from infra.config import REGION, SWIFT_ACCOUNT, SWIFT_KEY, SWIFT_USER, StackConfig
+from infra.config import REGION, SWIFT_ACCOUNT, SWIFT_USER, StackConfig
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ class StackInfo:
             s3_endpoint=cfg.s3_endpoint,
             bucket=cfg.bucket,
             access_key=f"{SWIFT_ACCOUNT}:{SWIFT_USER}",
-            secret_key=SWIFT_KEY,
+            secret_key=cfg.secret_key,
             mlflow_uri=cfg.mlflow_uri,
             prefect_api_url=cfg.prefect_api_url,
             root=cfg.root,

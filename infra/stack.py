@@ -7,12 +7,14 @@ Settings (read by ``up`` when the stack is stopped, then saved in ``stack.json``
 ``FSAD_HOME`` (~/.fsad), ``FSAD_S3_PORT`` (8080), ``FSAD_MLFLOW_PORT`` (5000),
 ``FSAD_PREFECT_PORT`` (4200), ``FSAD_SWIFT_BACKEND_PORT`` (6200-6202),
 ``FSAD_MEMCACHED_PORT`` (11212), ``FSAD_S3_BUCKET`` (fsad), ``FSAD_STACK_TIMEOUT`` (180 s
-per service).
+per service), ``FSAD_S3_SECRET`` (drawn at random on the first ``up`` of a home, then kept).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -20,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from infra import install, procs
-from infra.config import WORK_POOL, StackConfig, StackError
+from infra.config import WORK_POOL, StackConfig, StackError, write_private
 from infra.info import StackInfo
 from infra.netcheck import listening_of, non_loopback
 from infra.probes import http_status, tcp_ok
@@ -126,8 +128,10 @@ def up(home: Path | None = None) -> StackInfo:
     """
     cfg0 = StackConfig.load(home)
     running = _running(cfg0)
-    # A running stack keeps its saved ports; a stopped one takes the current environment.
-    cfg = cfg0 if running else StackConfig.from_env(home)
+    # A running stack keeps its saved ports; a stopped one takes the current environment, but keeps
+    # its secret (clients hold it) unless FSAD_S3_SECRET sets another.
+    secret = os.environ.get("FSAD_S3_SECRET", "").strip() or cfg0.secret_key
+    cfg = cfg0 if running else dataclasses.replace(StackConfig.from_env(home), secret_key=secret)
     for folder in (cfg.log_dir, cfg.run_dir, cfg.mlflow_dir, cfg.prefect_dir, cfg.swift_dir):
         folder.mkdir(parents=True, exist_ok=True)
     install.ensure_packages(cfg.log_dir / "install.log")
@@ -142,7 +146,7 @@ def up(home: Path | None = None) -> StackInfo:
         for name in reversed(started):
             procs.stop(cfg.run_dir, name)
         raise
-    cfg.env_file.write_text(info.env_sh())
+    write_private(cfg.env_file, info.env_sh())
     return StackInfo.from_config(cfg, tuple(started))
 
 
@@ -202,7 +206,7 @@ def listening_addresses(home: Path | None = None) -> dict[str, list[tuple[str, i
 
 def _print_info(info: StackInfo) -> None:
     print(f"  S3 (Swift)  {info.s3_endpoint}  bucket {info.bucket}  "
-          f"key {info.access_key}  secret {info.secret_key}")
+          f"key {info.access_key}  (secret in env.sh)")
     print(f"  MLflow      {info.mlflow_uri}")
     print(f"  Prefect     {info.prefect_api_url}  work pool {WORK_POOL}")
     if info.root is not None:

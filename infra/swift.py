@@ -16,7 +16,7 @@ import subprocess
 from pathlib import Path
 from string import Template
 
-from infra.config import HOST, REGION, SWIFT_ACCOUNT, SWIFT_KEY, SWIFT_USER, StackConfig, StackError
+from infra.config import HOST, REGION, SWIFT_ACCOUNT, SWIFT_USER, StackConfig, StackError, write_private
 from infra.install import which
 
 DEVICE = "d1"
@@ -62,7 +62,7 @@ allow_multipart_uploads = true
 
 [filter:tempauth]
 use = egg:swift#tempauth
-# test-only credentials: S3 access key "$account:$swift_user", secret "$key"
+# S3 access key "$account:$swift_user", secret "$key" (random per stack, see infra/config.py)
 user_${account}_${swift_user} = $key .admin
 
 [filter:cache]
@@ -146,9 +146,9 @@ def write_configs(cfg: StackConfig) -> None:
     for ring in RINGS:
         conf_path(cfg, ring).write_text(Template(_BACKEND).substitute(
             common, name=ring, port=backend_port(cfg, ring)))
-    conf_path(cfg, "proxy").write_text(Template(_PROXY).substitute(
+    write_private(conf_path(cfg, "proxy"), Template(_PROXY).substitute(
         common, name="proxy-server", port=cfg.s3_port, region=REGION, account=SWIFT_ACCOUNT,
-        swift_user=SWIFT_USER, key=SWIFT_KEY, memcached_port=cfg.memcached_port))
+        swift_user=SWIFT_USER, key=cfg.secret_key, memcached_port=cfg.memcached_port))
 
 
 # Runs in Swift's own interpreter: the library behind ``swift-ring-builder create/add/rebalance``,

@@ -45,7 +45,7 @@ def test_info_env_and_env_sh(tmp_path: Path) -> None:
     cfg = StackConfig.from_env(tmp_path)
     info = StackInfo.from_config(cfg)
     env = info.env()
-    assert env["AWS_ACCESS_KEY_ID"] == "test:tester" and env["AWS_SECRET_ACCESS_KEY"] == "testing"
+    assert env["AWS_ACCESS_KEY_ID"] == "test:tester" and env["AWS_SECRET_ACCESS_KEY"] == cfg.secret_key
     assert env["FSAD_STORAGE"] == f"s3://{cfg.bucket}"
     assert env["MLFLOW_S3_ENDPOINT_URL"] == env["AWS_ENDPOINT_URL"] == info.s3_endpoint
     out = subprocess.run(["sh", "-c", "set -e; . /dev/stdin; env"], input=info.env_sh(),
@@ -82,3 +82,14 @@ def test_install_is_a_quick_noop_when_present(tmp_path: Path) -> None:
         pytest.skip("Swift packages not installed here")
     assert install.ensure_packages(tmp_path / "install.log") is False
     assert not (tmp_path / "install.log").exists()
+
+
+def test_each_stack_draws_its_own_secret_and_keeps_it_private(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FSAD_S3_SECRET", raising=False)
+    a, b = StackConfig.from_env(tmp_path / "a"), StackConfig.from_env(tmp_path / "b")
+    assert a.secret_key != b.secret_key and len(a.secret_key) >= 32
+    a.save()
+    assert StackConfig.load(tmp_path / "a").secret_key == a.secret_key
+    assert a.state_file.stat().st_mode & 0o077 == 0  # owner only
+    monkeypatch.setenv("FSAD_S3_SECRET", "chosen-by-the-user")
+    assert StackConfig.from_env(tmp_path / "c").secret_key == "chosen-by-the-user"

@@ -28,7 +28,7 @@ from conftest import CLEARED, TINY, noise_rgb, png_bytes
 from flows import registry
 from flows.storage import S3Store, StorageError, StorageKeyError, manifest_key, quarantine_prefix, upload_prefix
 from flows.upload import upload_folder
-from infra import procs
+from infra import procs, swift
 from infra.config import StackConfig, free_port_env
 from infra.netcheck import non_loopback
 from infra.probes import http_status
@@ -39,6 +39,7 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 FLOW_TIMEOUT_S = 420
 UPLOADED: dict[str, bytes] = {}  # every object key this module uploaded -> its bytes
+RUNS: list["Retrain"] = []  # every fsad retrain this module ran (their console output is checked)
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +88,7 @@ class Retrain:
                                       "--upload", upload_id], cwd=REPO, env=full, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, start_new_session=True)
         threading.Thread(target=self._read, daemon=True).start()
+        RUNS.append(self)
 
     def _read(self) -> None:
         for line in self.proc.stdout:
@@ -297,6 +299,22 @@ def test_rejected_upload_is_quarantined_in_the_bucket(stack, tmp_path):
     assert run.finish() != 0
     assert "every file decodes as an image: train/good/50.png" in run.output
     assert _store(info).exists(quarantine_prefix(product, uid) + "validation.json")
+
+
+def test_the_stack_secret_never_reaches_logs_mlflow_prefect_or_the_bucket(stack):
+    """After every run above: the S3 secret is only where the stack keeps it by design (stack.json,
+    env.sh, the proxy config), not in a service log, the MLflow or Prefect database (params, tags,
+    flow-run logs), a client file, an object in the bucket, or the console of any run."""
+    info, home, _ = stack
+    cfg = StackConfig.load(home)
+    kept = {cfg.state_file, cfg.env_file, swift.conf_path(cfg, "proxy")}
+    secret = info.secret_key.encode()
+    assert len(RUNS) >= 6 and secret in cfg.env_file.read_bytes()
+    leaks = [str(p) for p in home.rglob("*") if p.is_file() and p not in kept and secret in p.read_bytes()]
+    store = _store(info)
+    leaks += [f"s3://{info.bucket}/{key}" for key in store.list() if secret in store.get_bytes(key)]
+    leaks += [f"console of fsad retrain #{i}" for i, run in enumerate(RUNS) if info.secret_key in run.output]
+    assert leaks == []
 
 
 # ---- the state this module built ----------------------------------------------------------------
