@@ -47,8 +47,11 @@ def train(args: argparse.Namespace) -> int:
              "training_images": [str(s.path) for s in samples], "fit_report": report.to_dict()}
     out = detector.save(args.out, extra_config=extra)
     t = detector.threshold
+    far = "unknown" if t.expected_false_alarm_rate is None else f"{t.expected_false_alarm_rate:.3g}"
     print(f"model written to {out} (fit {report.seconds:.1f} s; threshold {t.value:.4g}, rule {t.rule}, "
-          f"expected false-alarm rate {t.expected_false_alarm_rate})")
+          f"expected false-alarm rate {far})")
+    if t.details.get("provisional"):
+        print(f"note: the threshold is provisional ({t.details['provisional_reason']})", file=sys.stderr)
     return 0
 
 

@@ -262,6 +262,8 @@ def calibrate(detector: Detector, bench: Benchmark) -> Threshold:
         detector.threshold = supervised
     t = detector.threshold
     get_run_logger().info("threshold %.4g (%s)", t.value, t.rule)
+    if t.details.get("provisional"):
+        get_run_logger().warning("the threshold is provisional: %s", t.details["provisional_reason"])
     return t
 
 

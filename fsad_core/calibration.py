@@ -20,6 +20,7 @@ from .metrics import as_finite_scores, as_labels, rates_at_threshold
 RULE_NORMAL_TAIL = "normal_gaussian_tail"
 RULE_SYNTHETIC_GAP = "synthetic_gap"
 RULE_SUPERVISED_F1 = "supervised_f1"
+RULE_SINGLE_IMAGE = "single_image_midpoint"
 
 
 def _json_safe(value: Any) -> Any:
@@ -78,7 +79,7 @@ class Threshold:
 def calibrate_unsupervised(normal_scores: np.ndarray | list[float],
                            synthetic_scores: np.ndarray | list[float] | None = None,
                            target_false_alarm_rate: float = 0.01, *,
-                           min_relative_spread: float = 0.1) -> Threshold:
+                           min_relative_spread: float = 0.1, views_of_one_image: bool = False) -> Threshold:
     """Threshold from leave-one-out scores of the k normal images (k >= 1), optionally refined
     with scores of synthesized anomalies.
 
@@ -94,6 +95,12 @@ def calibrate_unsupervised(normal_scores: np.ndarray | list[float],
     of them, and a clear gap exists, i.e. their lower decile exceeds the guard by at least the
     normal spread, the threshold moves down to the middle of the gap (guard + lower decile) / 2.
     It never moves up and never below the guard.
+    With ``views_of_one_image`` (k = 1: the "normal" scores are held-out augmented views of the only
+    image) they understate how far other normal images score, and a threshold from them flags
+    nearly every real normal image. Then (``single_image_midpoint``) the threshold is at least the
+    midpoint between the highest view score and the median synthetic anomaly, its false-alarm
+    rate is unknown (None), and ``details["provisional"]`` says so: more normal images, or a
+    labelled evaluation set, are what calibrate it properly.
     Expected false-alarm rate is the fitted Gaussian's tail mass above the threshold; expected
     miss rate is the fraction of synthetic scores <= threshold (None without synthetic scores).
     """
@@ -128,9 +135,17 @@ def calibrate_unsupervised(normal_scores: np.ndarray | list[float],
         details["synthetic_lower_decile"] = gap_top
         if np.mean(synthetic <= value) > 0.5 and gap_top - guard >= spread:
             value, rule = (guard + gap_top) / 2.0, RULE_SYNTHETIC_GAP
+        if views_of_one_image:
+            value, rule = max(value, (float(normal.max()) + float(np.median(synthetic))) / 2.0), RULE_SINGLE_IMAGE
         expected_miss = float(np.mean(synthetic <= value))
 
-    expected_far = float(stats.norm.sf((value - centre) / predictive_spread)) if predictive_spread > 0 else 0.0
+    expected_far: float | None = float(stats.norm.sf((value - centre) / predictive_spread)) \
+        if predictive_spread > 0 else 0.0
+    if views_of_one_image:
+        expected_far = None
+        details["provisional"] = True
+        details["provisional_reason"] = ("one normal image: its augmented views understate how much normal "
+                                         "images differ; calibrate with more normal images or a labelled set")
     return Threshold(float(value), rule, expected_far, expected_miss, details)
 
 

@@ -222,7 +222,7 @@ class Detector:
         detector.threshold = calibrate_unsupervised(
             np.asarray(normal_scores[config.score]),
             np.asarray(synthetic_scores[config.score]) if synth_parts else None,
-            config.target_false_alarm_rate)
+            config.target_false_alarm_rate, views_of_one_image=k == 1)
         detector.threshold.details["normal_rule"] = rule
         report = FitReport(history, normal_scores, synthetic_scores, rule, time.perf_counter() - start)
         return detector, report

@@ -5,6 +5,7 @@ import pytest
 
 from fsad_core.calibration import (
     RULE_NORMAL_TAIL,
+    RULE_SINGLE_IMAGE,
     RULE_SUPERVISED_F1,
     RULE_SYNTHETIC_GAP,
     Threshold,
@@ -59,6 +60,16 @@ def test_synthetic_without_gap_keeps_the_tail_and_reports_misses():
     assert t.rule == RULE_NORMAL_TAIL
     assert t.value == calibrate_unsupervised(normals).value
     assert t.expected_miss_rate == 0.75
+
+
+def test_one_image_threshold_sits_between_its_views_and_the_synthetic_anomalies_and_is_provisional():
+    views = np.random.default_rng(3).normal(1.0, 0.1, size=32)  # tight: views of one image
+    synthetic = np.linspace(8.0, 12.0, 16)
+    t = calibrate_unsupervised(views, synthetic, views_of_one_image=True)
+    assert t.rule == RULE_SINGLE_IMAGE and t.value == pytest.approx((views.max() + 10.0) / 2)
+    assert t.expected_false_alarm_rate is None and t.details["provisional"] is True
+    assert t.expected_miss_rate == 0.0
+    assert calibrate_unsupervised(views, synthetic).value < t.value  # the views alone would flag far more
 
 
 @pytest.mark.parametrize("bad", [[], [1.0, np.nan], [np.inf]])
