@@ -49,6 +49,17 @@ def test_coreset_covers_far_points():
     assert 100 in idx.tolist()
 
 
+def test_coreset_is_farthest_point_selection_by_exact_distances():
+    x = torch.randn(400, 8, generator=torch.Generator().manual_seed(0))
+    idx = greedy_coreset(x, 25, seed=1).tolist()
+    reference = [idx[0]]
+    dist = torch.cdist(x, x[reference]).squeeze(1)
+    for _ in range(24):
+        reference.append(int(dist.argmax()))
+        dist = torch.minimum(dist, torch.cdist(x, x[reference[-1:]]).squeeze(1))
+    assert idx == reference
+
+
 def test_map_upsampling_keeps_peak_location():
     dist = torch.zeros(1, 8, 8)
     dist[0, 2, 5] = 1
