@@ -150,7 +150,9 @@ def test_upload_is_announced_trained_once_and_not_retrained(
 
     final = wait_for("the retrain run to finish", finished, 900, stack)
     assert final.state.is_completed(), f"{final.state.type}: {final.state.message}"
-    mlflow = MlflowClient(stack.mlflow_uri)
+    # Both URIs: a registry URI set globally by an earlier module (mlflow.set_registry_uri) would
+    # otherwise win over the tracking URI given here, and this would read another registry.
+    mlflow = MlflowClient(tracking_uri=stack.mlflow_uri, registry_uri=stack.mlflow_uri)
     versions = mlflow.search_model_versions(f"name = 'fsad-{PRODUCT}'")
     assert len(versions) == 1, [(v.version, v.run_id, v.tags) for v in versions]
     [version] = versions
