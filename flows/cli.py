@@ -31,6 +31,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return bench(args)
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from flows.commands import report
+    return report(args)
+
+
 def _cmd_upload(args: argparse.Namespace) -> int:
     from flows.upload import cli_upload
     return cli_upload(args.product, args.dir, args.resume)
@@ -101,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--max-test", type=int, default=None, help="score at most this many test images (stratified), for quick runs")
     p.add_argument("--size", type=int, default=None, help="input size override for every method (default: each method's)")
+
+    p = add("report", _cmd_report, "merge result files of several bench runs into one table of means and stds")
+    p.add_argument("results", nargs="+", help="JSON files written by fsad bench --out")
+    p.add_argument("--markdown", action="store_true", help="print a Markdown table")
 
     p = add("upload", _cmd_upload, "put a few-shot set into storage (images first, manifest.json last)")
     p.add_argument("--product", required=True)

@@ -140,3 +140,22 @@ def bench(args: argparse.Namespace) -> int:
     if args.report:
         Path(args.report).write_text(format_table(rows, markdown=True) + "\n")
     return 0
+
+
+def report(args: argparse.Namespace) -> int:
+    """Merge result files of several ``fsad bench`` runs into one table (later files win for the
+    same dataset, category, method, k and seed)."""
+    from fsad_core.benchmark import format_table, table
+    merged: dict[tuple, dict] = {}
+    for name in args.results:
+        try:
+            records = json.loads(Path(name).read_text())["records"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{name}: not a result file of fsad bench ({exc})") from None
+        for r in records:
+            merged[(r["dataset"], r["category"], r["method"], r["k"], r["seed"])] = r
+    if not merged:
+        raise ValueError("no records in " + " ".join(args.results))
+    rows = table(list(merged.values()))
+    print(format_table(rows, markdown=args.markdown))
+    return 0

@@ -28,7 +28,7 @@ def category(tmp_path_factory):
 def test_help_lists_every_subcommand():
     out = run("--help")
     assert out.returncode == 0
-    for cmd in ("demo", "train", "score", "bench", "upload", "retrain", "stack"):
+    for cmd in ("demo", "train", "score", "bench", "report", "upload", "retrain", "stack"):
         assert cmd in out.stdout
 
 
@@ -72,3 +72,15 @@ def test_bench_writes_the_json_contract(category, tmp_path):
         assert 0 <= r["image_auroc"] <= 1 and r["pixel_auroc"] is not None
     assert "pretrained" in out.stdout and "± " in out.stdout
     assert report.read_text().startswith("| dataset/category")
+
+    # fsad report merges this run with another (the later file wins for the same run key)
+    rerun = [dict(r, image_auroc=0.5) for r in result["records"] if r["k"] == 2]
+    other = tmp_path / "rerun.json"
+    other.write_text(json.dumps({"records": rerun + [dict(rerun[0], seed=1, image_auroc=0.7)]}))
+    merged = run("report", str(out_json), str(other), "--markdown")
+    assert merged.returncode == 0, merged.stderr
+    rows = {line.split(" | ")[2]: line for line in merged.stdout.splitlines()[2:]}
+    assert rows["1"].split(" | ")[3] == "1" and rows["2"].split(" | ")[3] == "2"
+    assert rows["2"].split(" | ")[4] == "0.600 ± 0.141"
+    bad = run("report", str(report))
+    assert bad.returncode == 1 and "not a result file of fsad bench" in bad.stderr
