@@ -62,4 +62,4 @@ def _full() -> DetectorConfig:
 
 @register_method("default", "the best measured setting (see README): full fine-tuning, fused score")
 def _default() -> DetectorConfig:
-    return _finetuned(1.0, 1.0, 1.0)
+    return _full()
