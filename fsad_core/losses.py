@@ -5,7 +5,9 @@ source image, and of synthetic negatives. All terms are NT-Xent/SupCon-style: fo
 -log( sum over positives exp(sim/t) / sum over all others exp(sim/t) ).
 
 - instance: the positive is the other view of the same image (adapts features to the product);
-- cross:    every view of another normal image is also a positive (tightens the normal cluster);
+- cross:    every view of another normal image is also a positive (tightens the normal cluster).
+            It contrasts normals with synthetic negatives only: without negatives in the batch
+            every other sample is a positive and the term is identically zero (README, ablation);
 - negatives: synthetic anomalies are in every denominator; with `negative` > 0 they also anchor
   a term that keeps them apart from the normal cluster, so it cannot absorb them.
 """
