@@ -228,13 +228,12 @@ def test_unsafe_product_or_upload_id_is_refused_before_anything_is_written(produ
 
 # ---- through the retraining flow ------------------------------------------------------------
 
-def _flow_failure(product: str, upload_id: str):
+def _assert_rejected(product: str, upload_id: str, *expectations: str) -> None:
+    """The flow fails naming each expectation, the upload is quarantined whole, no version exists."""
     state = retrain_flow(product, upload_id=upload_id, return_state=True)
     assert state.is_failed(), state
-    return state
-
-
-def _assert_quarantined_whole(product: str, upload_id: str) -> None:
+    for expectation in expectations:
+        assert expectation in state.message
     store = open_store()
     src, dst = upload_prefix(product, upload_id), quarantine_prefix(product, upload_id)
     originals = {k[len(src):]: store.get_bytes(k) for k in store.list(src) if not k.endswith("validation.json")}
@@ -242,15 +241,13 @@ def _assert_quarantined_whole(product: str, upload_id: str) -> None:
     assert originals and copies == originals  # copied whole, original kept
     report = json.loads(store.get_bytes(dst + "validation.json"))
     assert report["success"] is False
+    assert versions(product) == []
 
 
 def test_more_images_than_the_limit_is_quarantined_with_the_expectation_named(home, tmp_path):
     product, uid = "nut", "20260101T000001Z-many65"
     upload_folder(open_store(), product, good_folder(tmp_path / "set", n=65), upload_id=uid)
-    state = _flow_failure(product, uid)
-    assert "train/good image count within [1, 64]: observed 65" in state.message
-    _assert_quarantined_whole(product, uid)
-    assert versions(product) == []
+    _assert_rejected(product, uid, "train/good image count within [1, 64]: observed 65")
 
 
 def test_manifest_that_lies_about_hash_and_size_is_quarantined(home, tmp_path):
@@ -262,11 +259,8 @@ def test_manifest_that_lies_about_hash_and_size_is_quarantined(home, tmp_path):
     files["train/good/good_0.png"]["sha256"] = "0" * 64
     files["train/good/good_1.png"]["size"] += 1
     store.put_json(manifest_key(product, uid), manifest)
-    state = _flow_failure(product, uid)
-    assert "sha256 matches the manifest: train/good/good_0.png" in state.message
-    assert "size matches the manifest: train/good/good_1.png" in state.message
-    _assert_quarantined_whole(product, uid)
-    assert versions(product) == []
+    _assert_rejected(product, uid, "sha256 matches the manifest: train/good/good_0.png",
+                     "size matches the manifest: train/good/good_1.png")
 
 
 def test_eval_set_with_only_one_class_is_quarantined(home, tmp_path):
@@ -275,10 +269,7 @@ def test_eval_set_with_only_one_class_is_quarantined(home, tmp_path):
     good_folder(folder / "train" / "good", n=2)
     good_folder(folder / "eval" / "good", n=2, seed=50)
     upload_folder(open_store(), product, folder, upload_id=uid)
-    state = _flow_failure(product, uid)
-    assert "eval set has both good and defect images: missing defect" in state.message
-    _assert_quarantined_whole(product, uid)
-    assert versions(product) == []
+    _assert_rejected(product, uid, "eval set has both good and defect images: missing defect")
 
 
 def test_upload_whose_manifest_never_arrives_is_never_trained_and_reported_stale(home, tmp_path):
