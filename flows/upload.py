@@ -15,6 +15,7 @@ import secrets
 import shutil
 import sys
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -154,8 +155,8 @@ def _one_line(problems: list[str]) -> str:
     return shown + (f"; ... and {more} more" if more > 0 else "")
 
 
-def write_upload_folder(out: Path, train: list[Path], eval_good: list[Path] | tuple = (),
-                        eval_defect: list[Path] | tuple = ()) -> Path:
+def write_upload_folder(out: Path, train: Sequence[Path], eval_good: Sequence[Path] = (),
+                        eval_defect: Sequence[Path] = ()) -> Path:
     """Copy image files into the layout ``fsad upload`` reads (train/good, eval/good, eval/defect),
     e.g. from an MVTec-layout category. Defect files get their defect-type folder as a name prefix,
     so same-named files of different defect types stay apart."""
@@ -181,7 +182,7 @@ def upload_folder(store: Store, product: str, folder: str | Path, upload_id: str
     if resume is not None:
         if upload_id is not None and upload_id != resume:
             raise UploadError(f"upload id {upload_id} and resume {resume} differ")
-        upload_id = validate_name(resume, "upload id")
+        upload_id = resume
     upload_id = validate_name(upload_id, "upload id") if upload_id is not None else new_upload_id()
     folder = Path(folder)
     if not folder.is_dir():

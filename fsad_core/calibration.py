@@ -139,13 +139,14 @@ def calibrate_unsupervised(normal_scores: np.ndarray | list[float],
             value, rule = max(value, (float(normal.max()) + float(np.median(synthetic))) / 2.0), RULE_SINGLE_IMAGE
         expected_miss = float(np.mean(synthetic <= value))
 
-    expected_far: float | None = float(stats.norm.sf((value - centre) / predictive_spread)) \
-        if predictive_spread > 0 else 0.0
+    expected_far: float | None
     if views_of_one_image:
         expected_far = None
         details["provisional"] = True
         details["provisional_reason"] = ("one normal image: its augmented views understate how much normal "
                                          "images differ; calibrate with more normal images or a labelled set")
+    else:
+        expected_far = float(stats.norm.sf((value - centre) / predictive_spread)) if predictive_spread > 0 else 0.0
     return Threshold(float(value), rule, expected_far, expected_miss, details)
 
 
