@@ -5,9 +5,10 @@ source image, and of synthetic negatives. All terms are NT-Xent/SupCon-style: fo
 -log( sum over positives exp(sim/t) / sum over all others exp(sim/t) ).
 
 - instance: the positive is the other view of the same image (adapts features to the product);
-- cross:    every view of another normal image is also a positive (tightens the normal cluster).
-            It contrasts normals with synthetic negatives only: without negatives in the batch
-            every other sample is a positive and the term is identically zero (README, ablation);
+- cross:    the positives are the views of the *other* normal images, while the anchor's own
+            views stay in the denominator: the term asks that another normal image be as close
+            as one's own view, which tightens the normal cluster across instances. It needs
+            k >= 2 and works with or without negatives (with them, they are in the denominator);
 - negatives: synthetic anomalies are in every denominator; with `negative` > 0 they also anchor
   a term that keeps them apart from the normal cluster, so it cannot absorb them.
 """
@@ -66,7 +67,8 @@ def contrastive_loss(z: torch.Tensor, source: torch.Tensor, is_normal: torch.Ten
     if weights.instance > 0:
         terms["instance"] = _supcon(logits[anchors], same[anchors], valid[anchors])
     if weights.cross > 0:
-        terms["cross"] = _supcon(logits[anchors], normal_pair[anchors], valid[anchors])
+        other = normal_pair & ~same
+        terms["cross"] = _supcon(logits[anchors], other[anchors], valid[anchors])
     if weights.negative > 0 and (~is_normal).sum() > 1:
         neg = ~is_normal
         neg_pair = neg[:, None] & neg[None, :] & ~eye

@@ -50,3 +50,25 @@ def test_gradient_flows():
     loss, _ = contrastive_loss(z, source, normal, LossWeights())
     loss.backward()
     assert torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
+
+
+def test_cross_term_works_without_negatives_and_pulls_images_together():
+    # No negatives: the cross term must still be defined (own views in the denominator) and lower
+    # when two images' views coincide than when each image sits apart from the other.
+    source = torch.tensor([0, 0, 1, 1])
+    w = LossWeights(instance=0, cross=1, negative=0, temperature=0.1)
+    together = torch.tensor([[1.0, 0], [1, 0], [1, 0], [1, 0]])
+    apart = torch.tensor([[1.0, 0], [1, 0], [0, 1], [0, 1]])
+    low, terms = contrastive_loss(together, source, source >= 0, w)
+    high, _ = contrastive_loss(apart, source, source >= 0, w)
+    assert "cross" in terms and float(low) > 0
+    assert math.isclose(float(low), math.log(3 / 2), rel_tol=1e-5)  # -log(2 e^10 / 3 e^10)
+    assert float(high) > float(low) + 5
+
+
+def test_cross_term_is_zero_with_one_image():
+    # k = 1 has no other image: the term has no anchor with a positive and contributes nothing.
+    source = torch.tensor([0, 0, 0, -1])
+    z = torch.randn(4, 3, generator=torch.Generator().manual_seed(2))
+    _, terms = contrastive_loss(z, source, source >= 0, LossWeights(instance=0, cross=1, negative=0))
+    assert terms["cross"] == 0.0
