@@ -8,7 +8,12 @@ Scores (higher = more anomalous):
 - `mahalanobis`: sum over levels of the Mahalanobis distance of the pooled embedding, each level
   divided by its mean distance on the normal views, so levels count alike;
 - `patch`: maximum of the anomaly map (nearest-neighbour patch distance, upsampled, smoothed);
-- `fused`: z(mahalanobis) + z(patch), each standardised by its leave-one-out normal scores.
+- `fused`: z(mahalanobis) + z(patch), each standardised by its leave-one-out normal scores. With
+  one image there is no part-to-part spread to standardise by: the held-out views measure only
+  augmentation noise, which fine-tuning removes on purpose (on ELPV their Mahalanobis spread was a
+  fifth of the normal test images'), so z-scores would hand the fusion to that component. At k = 1
+  each component is instead put in units of the gap from the normal views to the median synthetic
+  anomaly: 0 = the normal image, 1 = a typical synthetic defect, for both components alike.
 """
 
 from __future__ import annotations
@@ -209,12 +214,14 @@ class Detector:
         detector = fit_scoring(torch.ones(len(source), dtype=torch.bool))
         detector.meta = {"k": len(images), "tiles": k}
         loo = {name: np.concatenate([p[name] for p in normal_parts]) for name in ("mahalanobis", "patch")}
-        detector.fusion = {name: _mean_std(v) for name, v in loo.items()}
+        syn = {name: np.concatenate([p[name] for p in synth_parts]) for name in ("mahalanobis", "patch")} \
+            if synth_parts else None
+        detector.fusion, fusion_rule = _fusion_scales(loo, syn, single_image=k == 1)
+        detector.meta["fusion_rule"] = fusion_rule
         normal_scores = {**{n: v.tolist() for n, v in loo.items()},
                          "fused": [detector._fuse(a, b) for a, b in zip(loo["mahalanobis"], loo["patch"])]}
         synthetic_scores: dict[str, list[float]] = {name: [] for name in SCORE_KINDS}
-        if synth_parts:
-            syn = {name: np.concatenate([p[name] for p in synth_parts]) for name in ("mahalanobis", "patch")}
+        if syn is not None:
             synthetic_scores = {**{n: v.tolist() for n, v in syn.items()},
                                 "fused": [detector._fuse(a, b) for a, b in zip(syn["mahalanobis"], syn["patch"])]}
         if progress:
@@ -376,6 +383,23 @@ def _features(net: Network, pre: _Prefix, device: torch.device, batch: int = 32)
 def _maha(pooled: list[torch.Tensor], gaussians: list[Gaussian], scale: torch.Tensor) -> np.ndarray:
     total = sum(g.distance(p) / s for g, p, s in zip(gaussians, pooled, scale))
     return total.numpy()
+
+
+FUSION_LOO = "z-scores over the leave-one-out normal scores"
+FUSION_SYNTHETIC_GAP = "single image: units of the gap from the held-out views to the median synthetic anomaly"
+
+
+def _fusion_scales(normal: dict[str, np.ndarray], synthetic: dict[str, np.ndarray] | None,
+                   single_image: bool) -> tuple[dict[str, tuple[float, float]], str]:
+    """(centre, scale) per component for the fused score, and the rule that chose them."""
+    scales = {name: _mean_std(v) for name, v in normal.items()}
+    if not single_image or synthetic is None:
+        return scales, FUSION_LOO
+    gaps = {name: float(np.median(synthetic[name])) - scales[name][0] for name in normal}
+    # A component whose synthetic anomalies do not score above the normal views gives no unit.
+    if min(gaps.values()) <= 0:
+        return scales, FUSION_LOO
+    return {name: (scales[name][0], max(gaps[name], scales[name][1])) for name in normal}, FUSION_SYNTHETIC_GAP
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:

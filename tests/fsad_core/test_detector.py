@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from fsad_core.data import load_category
-from fsad_core.detector import Detector, DetectorConfig
+from fsad_core.detector import FUSION_LOO, FUSION_SYNTHETIC_GAP, Detector, DetectorConfig, _fusion_scales
 from fsad_core.finetune import FinetuneConfig
 from fsad_core.methods import list_methods, method_config
 from fsad_core.metrics import image_auroc, pixel_auroc
@@ -83,6 +83,21 @@ def test_single_image_fit_uses_held_out_views(washer):
     detector, report = Detector.fit([washer.train[0].image()], config, device="cpu")
     assert report.normal_rule.startswith("held-out augmented views")
     assert np.isfinite(detector.threshold.value)
+    assert detector.meta["fusion_rule"] == FUSION_SYNTHETIC_GAP
+    # In those units the normal views sit near 0 and the median synthetic anomaly near 1 per component.
+    assert np.median(report.synthetic_scores["fused"]) == pytest.approx(2.0, abs=0.6)
+
+
+def test_fusion_scales_single_image_use_the_synthetic_gap():
+    normal = {"mahalanobis": np.array([10.0, 11, 12]), "patch": np.array([1.0, 1.1, 1.2])}
+    synthetic = {"mahalanobis": np.array([50.0, 60, 70]), "patch": np.array([2.0, 2.1, 2.2])}
+    scales, rule = _fusion_scales(normal, synthetic, single_image=True)
+    assert rule == FUSION_SYNTHETIC_GAP
+    assert scales["mahalanobis"] == pytest.approx((11.0, 49.0)) and scales["patch"] == pytest.approx((1.1, 1.0))
+    # k >= 2, no synthetic anomalies, or a component they do not raise: z-scores of the normal scores.
+    for args in ((synthetic, False), (None, True), ({**synthetic, "patch": np.array([1.0, 1.0, 1.0])}, True)):
+        scales, rule = _fusion_scales(normal, *args)
+        assert rule == FUSION_LOO and scales["mahalanobis"] == pytest.approx((11.0, 1.0))
 
 
 def test_methods_registry_has_the_ablation():
