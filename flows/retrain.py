@@ -216,12 +216,17 @@ def product_lock(product: str) -> Iterator[None]:
     renews while the run lives, so a killed run blocks the next one for at most the lease."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-    from prefect.exceptions import ObjectAlreadyExists
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
     name = PRODUCT_LOCK_PREFIX + product
     with get_client(sync_client=True) as client:
-        with contextlib.suppress(ObjectAlreadyExists):
-            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+        # Look before creating: a refused create makes the server log a database traceback, which
+        # users of a persistent Prefect home would see on every retraining after the first.
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            with contextlib.suppress(ObjectAlreadyExists):  # another run created it just now
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
     with concurrency(name, occupy=1, strict=True, lease_duration=PRODUCT_LOCK_LEASE_S):
         yield
 
