@@ -213,22 +213,17 @@ class Detector:
 
         detector = fit_scoring(torch.ones(len(source), dtype=torch.bool))
         detector.meta = {"k": len(images), "tiles": k}
-        loo = {name: np.concatenate([p[name] for p in normal_parts]) for name in ("mahalanobis", "patch")}
-        syn = {name: np.concatenate([p[name] for p in synth_parts]) for name in ("mahalanobis", "patch")} \
-            if synth_parts else None
+        loo = _concat(normal_parts)
+        syn = _concat(synth_parts) if synth_parts else None
         detector.fusion, fusion_rule = _fusion_scales(loo, syn, single_image=k == 1)
         detector.meta["fusion_rule"] = fusion_rule
-        normal_scores = {**{n: v.tolist() for n, v in loo.items()},
-                         "fused": [detector._fuse(a, b) for a, b in zip(loo["mahalanobis"], loo["patch"])]}
-        synthetic_scores: dict[str, list[float]] = {name: [] for name in SCORE_KINDS}
-        if syn is not None:
-            synthetic_scores = {**{n: v.tolist() for n, v in syn.items()},
-                                "fused": [detector._fuse(a, b) for a, b in zip(syn["mahalanobis"], syn["patch"])]}
+        normal_scores = detector._with_fused(loo)
+        synthetic_scores = detector._with_fused(syn) if syn is not None else {name: [] for name in SCORE_KINDS}
         if progress:
             progress("calibrate", 1, 1)
         detector.threshold = calibrate_unsupervised(
             np.asarray(normal_scores[config.score]),
-            np.asarray(synthetic_scores[config.score]) if synth_parts else None,
+            np.asarray(synthetic_scores[config.score]) if syn is not None else None,
             config.target_false_alarm_rate, views_of_one_image=k == 1)
         detector.threshold.details["normal_rule"] = rule
         report = FitReport(history, normal_scores, synthetic_scores, rule, time.perf_counter() - start)
@@ -240,6 +235,12 @@ class Detector:
             return math.nan
         (mm, ms), (pm, ps) = self.fusion["mahalanobis"], self.fusion["patch"]
         return (maha - mm) / ms + (patch - pm) / ps
+
+    def _with_fused(self, components: dict[str, np.ndarray]) -> dict[str, list[float]]:
+        """Mahalanobis and patch scores as lists, with the fused score of each pair added."""
+        maha, patch = components["mahalanobis"], components["patch"]
+        return {"mahalanobis": maha.tolist(), "patch": patch.tolist(),
+                "fused": [self._fuse(a, b) for a, b in zip(maha, patch)]}
 
     def _components(self, feats: "Features") -> dict[str, np.ndarray]:
         maha = _maha(feats.pooled, self.gaussians, self.level_scale)
@@ -383,6 +384,11 @@ def _features(net: Network, pre: _Prefix, device: torch.device, batch: int = 32)
 def _maha(pooled: list[torch.Tensor], gaussians: list[Gaussian], scale: torch.Tensor) -> np.ndarray:
     total = sum(g.distance(p) / s for g, p, s in zip(gaussians, pooled, scale))
     return total.numpy()
+
+
+def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Per-fold Mahalanobis and patch scores joined into one array each."""
+    return {name: np.concatenate([p[name] for p in parts]) for name in ("mahalanobis", "patch")}
 
 
 FUSION_LOO = "z-scores over the leave-one-out normal scores"
