@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", default=None, help="timm backbone name (default: the method's)")
     p.add_argument("--weights", default=None, help="local checkpoint for the backbone instead of the bundled weights")
     p.add_argument("--size", type=int, default=None, help="input size in pixels (square)")
+    p.add_argument("--patch-size", type=int, default=None,
+                   help="input size of the patch branch (default: --size); larger finds smaller defects")
     p.add_argument("--resize", choices=("resize", "letterbox", "tile"), default=None, help="input resize policy")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
 
@@ -106,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--max-test", type=int, default=None, help="score at most this many test images (stratified), for quick runs")
     p.add_argument("--size", type=int, default=None, help="input size override for every method (default: each method's)")
+    p.add_argument("--patch-size", type=int, default=None,
+                   help="patch-branch input size override for every method; the row is labelled with it")
 
     p = add("report", _cmd_report, "merge result files of several bench runs into one table of means and stds")
     p.add_argument("results", nargs="+", help="JSON files written by fsad bench --out")

@@ -41,7 +41,7 @@ def train(args: argparse.Namespace) -> int:
     samples = category.sample_k_shot(args.k, args.seed)
     images = [s.image() for s in samples]
     config = method_config(args.method, seed=args.seed, backbone=args.backbone, weights=args.weights,
-                           size=args.size, resize=args.resize)
+                           size=args.size, patch_size=args.patch_size, resize=args.resize)
     detector, report = Detector.fit(images, config, device=args.device, progress=Progress(f"train k={args.k}"))
     extra = {"method": args.method, "k": args.k, "seed": args.seed,
              "training_images": [str(s.path) for s in samples], "fit_report": report.to_dict()}
@@ -130,7 +130,8 @@ def bench(args: argparse.Namespace) -> int:
                 for seed in args.seeds:
                     done += 1
                     label = f"[{done}/{total}] {dataset}/{root.name} {method} k={k} seed={seed}"
-                    record = run_one(cache, dataset, method, k, seed, args.device, Progress(label), size=args.size)
+                    record = run_one(cache, dataset, method, k, seed, args.device, Progress(label), size=args.size,
+                                     patch_size=args.patch_size)
                     records.append(record)
                     print(f"{label}: image AUROC {record['image_auroc']:.3f} "
                           f"(fit {record['fit_seconds']:.0f} s)", file=sys.stderr)

@@ -14,6 +14,10 @@ Scores (higher = more anomalous):
   fifth of the normal test images'), so z-scores would hand the fusion to that component. At k = 1
   each component is instead put in units of the gap from the normal views to the median synthetic
   anomaly: 0 = the normal image, 1 = a typical synthetic defect, for both components alike.
+
+The two branches may see different input sides (`size` for the pooled embeddings, `patch_size`
+for the patch memory): small defects on a large part resolve better on a finer patch grid, while
+the pooled embedding works best near the scale the backbone was trained at.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ class DetectorConfig:
     weights: str | None = None
     size: int = 224
     resize: str = "resize"
+    patch_size: int | None = None  # input side of the patch branch (None: `size`); see `Detector`
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     finetune: FinetuneConfig | None = field(default_factory=FinetuneConfig)
     split: int = 4
@@ -73,6 +78,16 @@ class DetectorConfig:
         if self.score not in SCORE_KINDS:
             raise ValueError(f"score {self.score!r}: one of {SCORE_KINDS}")
         InputSpec(self.size, self.resize)  # validates size and mode
+        InputSpec(self.patch_side, self.resize)
+
+    @property
+    def patch_side(self) -> int:
+        return self.patch_size or self.size
+
+    @property
+    def work_size(self) -> int:
+        """The side images are prepared, augmented and given defects at: the larger of the two."""
+        return max(self.size, self.patch_side)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -139,7 +154,8 @@ class Detector:
         self.meta = meta or {}
         self.device = device or torch.device("cpu")
         spec = get_spec(config.backbone)
-        self.input_spec = InputSpec(config.size, config.resize, spec.mean, spec.std)
+        self.input_spec = InputSpec(config.work_size, config.resize, spec.mean, spec.std)
+        self.map_spec = InputSpec(config.patch_side, config.resize, spec.mean, spec.std)
 
     # ----------------------------------------------------------------------------- fitting
     @classmethod
@@ -153,7 +169,7 @@ class Detector:
         torch.manual_seed(config.seed)
         rng = np.random.default_rng(config.seed)
         spec = get_spec(config.backbone)
-        input_spec = InputSpec(config.size, config.resize, spec.mean, spec.std)
+        input_spec = InputSpec(config.work_size, config.resize, spec.mean, spec.std)
         net = _network(config, create_backbone(config.backbone, config.weights)).to(dev).eval()
 
         # Each tile of each image is a training "image"; views are drawn per tile.
@@ -172,15 +188,15 @@ class Detector:
 
         if progress:
             progress("features", 0, 1)
-        normal_pre = _prefix(net, views, input_spec, dev)
+        normal_pre = _Prefixes.of(net, views, config, input_spec, dev)
         history = None
         if config.finetune is not None:
             negatives = synthesize_from(rng.integers(len(views), size=config.negatives))
-            neg_h = _prefix(net, negatives, input_spec, dev).h
+            neg_h = _prefix(net, _resized(negatives, config.size), input_spec, dev).h
             report = (lambda step, total, loss: progress("fine-tune", step, total)) if progress else None
-            history = finetune(net, normal_pre.h, source, neg_h, config.finetune, config.seed, dev, report)
+            history = finetune(net, normal_pre.image.h, source, neg_h, config.finetune, config.seed, dev, report)
         net.eval()
-        normal = _features(net, normal_pre, dev)
+        normal = normal_pre.features(net, dev)
         in_memory = view_in_image < config.memory_views
 
         def fit_scoring(keep: torch.Tensor) -> "Detector":
@@ -208,7 +224,7 @@ class Detector:
             if cal_per_fold:
                 candidates = torch.nonzero(negatives_from).flatten().numpy()
                 picks = rng.choice(candidates, size=cal_per_fold, replace=len(candidates) < cal_per_fold)
-                cal = _features(net, _prefix(net, synthesize_from(picks), input_spec, dev), dev)
+                cal = _Prefixes.of(net, synthesize_from(picks), config, input_spec, dev).features(net, dev)
                 synth_parts.append(fold._components(cal))
 
         detector = fit_scoring(torch.ones(len(source), dtype=torch.bool))
@@ -249,9 +265,9 @@ class Detector:
         return {"mahalanobis": maha, "patch": patch, "fused": fused}
 
     def anomaly_maps(self, feats: "Features") -> torch.Tensor:
-        """BxSxS maps in model space: nearest-normal-patch distance, upsampled and smoothed."""
-        sigma = self.config.map_sigma * self.config.size / 224
-        return smooth_and_upsample(self.memory.distances(feats.patches), self.config.size, sigma)
+        """BxSxS maps at the patch branch's input side: nearest-normal-patch distance, upsampled, smoothed."""
+        side = self.config.patch_side
+        return smooth_and_upsample(self.memory.distances(feats.patches), side, self.config.map_sigma * side / 224)
 
     @torch.no_grad()
     def score(self, images: list[np.ndarray], with_maps: bool = False, batch: int = 16) -> ScoreResult:
@@ -261,7 +277,8 @@ class Detector:
         for first in range(0, len(images), batch):
             chunk = images[first:first + batch]
             views = [prepare(img, self.input_spec) for img in chunk]
-            feats = _features(self.net, _prefix(self.net, torch.cat(views), self.input_spec, self.device), self.device)
+            feats = _Prefixes.of(self.net, torch.cat(views), self.config, self.input_spec, self.device).features(
+                self.net, self.device)
             maha = _maha(feats.pooled, self.gaussians, self.level_scale)
             amap = self.anomaly_maps(feats)
             patch = amap.flatten(1).amax(dim=1).numpy()
@@ -273,7 +290,7 @@ class Detector:
                 comps["patch"].append(p)
                 comps["fused"].append(self._fuse(m, p))
                 if with_maps:
-                    maps.append(map_to_image(amap[offset:offset + n], img.shape[0], img.shape[1], self.input_spec))
+                    maps.append(map_to_image(amap[offset:offset + n], img.shape[0], img.shape[1], self.map_spec))
                 offset += n
         arrays = {name: np.asarray(v) for name, v in comps.items()}
         scores = arrays[self.config.score]
@@ -337,9 +354,6 @@ class _Prefix:
     pooled: list[torch.Tensor]
     h: torch.Tensor
 
-    def select(self, mask: torch.Tensor) -> "_Prefix":
-        return _Prefix({i: m[mask] for i, m in self.maps.items()}, [p[mask] for p in self.pooled], self.h[mask])
-
 
 @dataclass
 class Features:
@@ -350,6 +364,37 @@ class Features:
 
     def select(self, mask: torch.Tensor) -> "Features":
         return Features([p[mask] for p in self.pooled], self.patches[mask])
+
+
+def _resized(views: torch.Tensor, side: int) -> torch.Tensor:
+    """A batch of prepared views (Nx3xSxS) at another side; the same tensor when it already fits."""
+    if views.shape[-1] == side:
+        return views
+    return torch.nn.functional.interpolate(views, size=(side, side), mode="bilinear", align_corners=False,
+                                           antialias=True)
+
+
+@dataclass
+class _Prefixes:
+    """Frozen-prefix outputs of a batch of views for the image branch (at `size`) and for the patch
+    branch (at `patch_size`); one and the same when the two sides are equal."""
+
+    image: _Prefix
+    patch: _Prefix
+
+    @classmethod
+    def of(cls, net: Network, views: torch.Tensor, config: DetectorConfig, spec: InputSpec,
+           device: torch.device) -> "_Prefixes":
+        image = _prefix(net, _resized(views, config.size), spec, device)
+        if config.patch_side == config.size:
+            return cls(image, image)
+        return cls(image, _prefix(net, _resized(views, config.patch_side), spec, device))
+
+    def features(self, net: Network, device: torch.device) -> "Features":
+        image = _features(net, self.image, device)
+        if self.patch is self.image:
+            return image
+        return Features(image.pooled, _features(net, self.patch, device).patches)
 
 
 def _network(config: DetectorConfig, backbone: torch.nn.Module) -> Network:

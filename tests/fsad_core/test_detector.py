@@ -88,6 +88,21 @@ def test_single_image_fit_uses_held_out_views(washer):
     assert np.median(report.synthetic_scores["fused"]) == pytest.approx(2.0, abs=0.6)
 
 
+def test_patch_branch_at_its_own_input_side(washer, tmp_path):
+    # Image branch at 64 px, patch branch at 96 px: maps at the patch side, at image size after scoring.
+    config = replace(method_config("pretrained"), **{**SMALL, "size": 64, "patch_size": 96})
+    images = [s.image() for s in washer.sample_k_shot(2, 0)]
+    detector, _ = Detector.fit(images, config, device="cpu")
+    test = [s.image() for s in washer.test]
+    result = detector.score(test, with_maps=True)
+    assert all(m.shape == img.shape[:2] for m, img in zip(result.maps, test))
+    assert image_auroc([s.label for s in washer.test], result.scores) >= 0.9
+    same = Detector.fit(images, replace(config, patch_size=None), device="cpu")[0]
+    assert detector.memory.bank.shape[0] > same.memory.bank.shape[0]  # (96/64)^2 more patches
+    again = Detector.load(detector.save(tmp_path / "model"), device="cpu")
+    np.testing.assert_allclose(again.score(test).scores, result.scores, rtol=1e-5)
+
+
 def test_fusion_scales_single_image_use_the_synthetic_gap():
     normal = {"mahalanobis": np.array([10.0, 11, 12]), "patch": np.array([1.0, 1.1, 1.2])}
     synthetic = {"mahalanobis": np.array([50.0, 60, 70]), "patch": np.array([2.0, 2.1, 2.2])}
@@ -113,3 +128,5 @@ def test_bad_config_is_refused():
         DetectorConfig(score="median")
     with pytest.raises(ValueError):
         DetectorConfig(resize="stretch")
+    with pytest.raises(ValueError):
+        DetectorConfig(patch_size=8)
