@@ -394,7 +394,7 @@ class _Prefixes:
         image = _features(net, self.image, device)
         if self.patch is self.image:
             return image
-        return Features(image.pooled, _features(net, self.patch, device).patches)
+        return Features(image.pooled, _features(net, self.patch, device, pooled_levels=False).patches)
 
 
 def _network(config: DetectorConfig, backbone: torch.nn.Module) -> Network:
@@ -413,10 +413,13 @@ def _prefix(net: Network, views: torch.Tensor, spec: InputSpec, device: torch.de
 
 
 @torch.no_grad()
-def _features(net: Network, pre: _Prefix, device: torch.device, batch: int = 32) -> Features:
+def _features(net: Network, pre: _Prefix, device: torch.device, batch: int = 32,
+              pooled_levels: bool = True) -> Features:
+    """Pooled levels and patch features of cached prefix outputs; without `pooled_levels` the patch
+    features alone (and only the blocks they need run)."""
     maps_parts, pooled_parts = [], []
     for i in range(0, pre.h.shape[0], batch):
-        maps, pooled = net.forward_suffix(pre.h[i:i + batch].to(device))
+        maps, pooled = net.forward_suffix(pre.h[i:i + batch].to(device), pooled_levels)
         maps_parts.append({j: m.float().cpu() for j, m in maps.items()})
         pooled_parts.append([p.cpu() for p in pooled])
     suffix_maps = {j: torch.cat([m[j] for m in maps_parts]) for j in maps_parts[0]}

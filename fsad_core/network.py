@@ -81,9 +81,15 @@ class Network(nn.Module):
         h, maps, pooled = self._blocks(b.bn1(b.conv_stem(x)), 0, self.split)
         return maps, pooled, h
 
-    def forward_suffix(self, h: torch.Tensor) -> tuple[dict[int, torch.Tensor], list[torch.Tensor]]:
-        """(patch maps of suffix blocks, pooled levels of suffix blocks then the head's)."""
+    def forward_suffix(self, h: torch.Tensor, pooled_levels: bool = True
+                       ) -> tuple[dict[int, torch.Tensor], list[torch.Tensor]]:
+        """(patch maps of suffix blocks, pooled levels of suffix blocks then the head's). Without
+        `pooled_levels` it stops after the last patch block and returns the maps alone: a patch
+        branch at its own input side needs nothing of the later blocks."""
         b = self.backbone
+        if not pooled_levels:
+            _, maps, _ = self._blocks(h, self.split, max(self.patch_blocks) + 1)
+            return maps, []
         h, maps, pooled = self._blocks(h, self.split, len(b.blocks))
         h = b.bn2(b.conv_head(h))
         pooled.append(pool(h, self.pooling))
