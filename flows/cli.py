@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=None, help="input size in pixels (square)")
     p.add_argument("--patch-size", type=int, default=None,
                    help="input size of the patch branch (default: --size); larger finds smaller defects")
-    p.add_argument("--resize", choices=("resize", "letterbox", "tile"), default=None, help="input resize policy")
+    p.add_argument("--resize", choices=("resize", "letterbox", "tile"), default=None,
+                   help="input resize policy (default: the method's, tile: square tiles along the long side)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
 
     p = add("score", _cmd_score, "score images with a trained model; writes a CSV of image, score, is_anomaly")
@@ -110,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=None, help="input size override for every method (default: each method's)")
     p.add_argument("--patch-size", type=int, default=None,
                    help="patch-branch input size override for every method; the row is labelled with it")
+    p.add_argument("--resize", choices=("resize", "letterbox", "tile"), default=None,
+                   help="input resize policy for every method (default: each method's); the row is labelled with it")
 
     p = add("report", _cmd_report, "merge result files of several bench runs into one table of means and stds")
     p.add_argument("results", nargs="+", help="JSON files written by fsad bench --out")

@@ -131,7 +131,7 @@ def bench(args: argparse.Namespace) -> int:
                     done += 1
                     label = f"[{done}/{total}] {dataset}/{root.name} {method} k={k} seed={seed}"
                     record = run_one(cache, dataset, method, k, seed, args.device, Progress(label), size=args.size,
-                                     patch_size=args.patch_size)
+                                     patch_size=args.patch_size, resize=args.resize)
                     records.append(record)
                     print(f"{label}: image AUROC {record['image_auroc']:.3f} "
                           f"(fit {record['fit_seconds']:.0f} s)", file=sys.stderr)

@@ -173,13 +173,16 @@ class Detector:
         net = _network(config, create_backbone(config.backbone, config.weights)).to(dev).eval()
 
         # Each tile of each image is a training "image"; views are drawn per tile.
-        bases = [t for img in images for t in prepare(img, input_spec)]
-        k = len(bases)
+        tiles = [prepare(img, input_spec) for img in images]
+        bases = [t for image_tiles in tiles for t in image_tiles]
+        image_of_base = torch.cat([torch.full((len(t),), i) for i, t in enumerate(tiles)])
+        k, n_images = len(bases), len(images)
         per_image = max(8, math.ceil(config.pool_views / k))
         views = torch.cat([torch.cat([base[None], augment_views(base, per_image - 1, config.augment,
                                                                 generator_seed=config.seed * 1000 + i)])
                            for i, base in enumerate(bases)])
         source = torch.arange(k).repeat_interleave(per_image)
+        image_of_view = image_of_base[source]
         view_in_image = torch.arange(per_image).repeat(k)
 
         def synthesize_from(indices: np.ndarray) -> torch.Tensor:
@@ -206,21 +209,28 @@ class Detector:
             return cls(config, net, gaussians, scale, memory, {}, None, device=dev)
 
         # Leave-one-out scores of the normals, and of synthetic anomalies made from the left-out
-        # image, so both come from a model that never saw that image. With one image: held-out
-        # augmented views instead (the first half of the views fits, the second half is scored).
-        if k >= 2:
+        # image, so both come from a model that never saw that image (nor any tile of it: tiles of
+        # one part look alike, and leaving out one tile at a time would understate the spread
+        # between parts). With one image: held-out augmented views instead (the first half of the
+        # views fits, the second half is scored).
+        # A held-out part scores as its worst tile, as in `score`; with one image, each held-out
+        # view index across the tiles stands for one part.
+        if n_images >= 2:
             rule = "leave-one-out over the k normal images"
-            folds = [(source != i, (source == i) & (view_in_image == 0), source == i) for i in range(k)]
+            folds = [(image_of_view != i, (image_of_view == i) & (view_in_image == 0), image_of_view == i)
+                     for i in range(n_images)]
+            part_of_view = image_of_view
         else:
             rule = "held-out augmented views of the single normal image"
             fit_half = view_in_image < per_image // 2
             folds = [(fit_half, ~fit_half, ~fit_half)]
-        cal_per_fold = max(2, config.calibration_negatives // k) if config.calibration_negatives > 0 else 0
+            part_of_view = view_in_image
+        cal_per_fold = max(2, config.calibration_negatives // n_images) if config.calibration_negatives > 0 else 0
         normal_parts: list[dict[str, np.ndarray]] = []
         synth_parts: list[dict[str, np.ndarray]] = []
         for keep, held, negatives_from in folds:
             fold = fit_scoring(keep)
-            normal_parts.append(fold._components(normal.select(held)))
+            normal_parts.append(_worst_tile(fold._components(normal.select(held)), part_of_view[held]))
             if cal_per_fold:
                 candidates = torch.nonzero(negatives_from).flatten().numpy()
                 picks = rng.choice(candidates, size=cal_per_fold, replace=len(candidates) < cal_per_fold)
@@ -228,10 +238,10 @@ class Detector:
                 synth_parts.append(fold._components(cal))
 
         detector = fit_scoring(torch.ones(len(source), dtype=torch.bool))
-        detector.meta = {"k": len(images), "tiles": k}
+        detector.meta = {"k": n_images, "tiles": k}
         loo = _concat(normal_parts)
         syn = _concat(synth_parts) if synth_parts else None
-        detector.fusion, fusion_rule = _fusion_scales(loo, syn, single_image=k == 1)
+        detector.fusion, fusion_rule = _fusion_scales(loo, syn, single_image=n_images == 1)
         detector.meta["fusion_rule"] = fusion_rule
         normal_scores = detector._with_fused(loo)
         synthetic_scores = detector._with_fused(syn) if syn is not None else {name: [] for name in SCORE_KINDS}
@@ -240,7 +250,7 @@ class Detector:
         detector.threshold = calibrate_unsupervised(
             np.asarray(normal_scores[config.score]),
             np.asarray(synthetic_scores[config.score]) if syn is not None else None,
-            config.target_false_alarm_rate, views_of_one_image=k == 1)
+            config.target_false_alarm_rate, views_of_one_image=n_images == 1)
         detector.threshold.details["normal_rule"] = rule
         report = FitReport(history, normal_scores, synthetic_scores, rule, time.perf_counter() - start)
         return detector, report
@@ -432,6 +442,13 @@ def _features(net: Network, pre: _Prefix, device: torch.device, batch: int = 32,
 def _maha(pooled: list[torch.Tensor], gaussians: list[Gaussian], scale: torch.Tensor) -> np.ndarray:
     total = sum(g.distance(p) / s for g, p, s in zip(gaussians, pooled, scale))
     return total.numpy()
+
+
+def _worst_tile(components: dict[str, np.ndarray], part: torch.Tensor) -> dict[str, np.ndarray]:
+    """Per-part Mahalanobis and patch scores from per-tile ones: each part's highest, in order of part."""
+    parts = part.unique()  # sorted
+    return {name: np.asarray([components[name][(part == p).numpy()].max() for p in parts])
+            for name in ("mahalanobis", "patch")}
 
 
 def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

@@ -103,6 +103,25 @@ def test_patch_branch_at_its_own_input_side(washer, tmp_path):
     np.testing.assert_allclose(again.score(test).scores, result.scores, rtol=1e-5)
 
 
+def test_tiled_parts_are_left_out_whole_and_score_as_their_worst_tile(washer):
+    # Parts twice as wide as high: two tiles each. Calibration leaves a part out with all its tiles
+    # and scores it as its worst tile, as scoring does: one normal score per part, not per tile.
+    def wide(left: np.ndarray) -> np.ndarray:
+        return np.concatenate([left, washer.train[-1].image()[:, ::-1]], axis=1)
+
+    config = replace(method_config("pretrained"), **SMALL, resize="tile")
+    parts = [wide(s.image()) for s in washer.sample_k_shot(3, 0)]
+    detector, report = Detector.fit(parts, config, device="cpu")
+    assert detector.meta == {"k": 3, "tiles": 6, "fusion_rule": FUSION_LOO}
+    assert report.normal_rule.startswith("leave-one-out") and len(report.normal_scores["fused"]) == 3
+    test = [wide(s.image()) for s in washer.test]  # a defect, if any, in the left-hand tile
+    result = detector.score(test, with_maps=True)
+    assert image_auroc([s.label for s in washer.test], result.scores) >= 0.9
+    assert all(m.shape == img.shape[:2] for m, img in zip(result.maps, test))
+    single, single_report = Detector.fit(parts[:1], config, device="cpu")
+    assert single.meta["tiles"] == 2 and single_report.normal_rule.startswith("held-out augmented views")
+
+
 def test_fusion_scales_single_image_use_the_synthetic_gap():
     normal = {"mahalanobis": np.array([10.0, 11, 12]), "patch": np.array([1.0, 1.1, 1.2])}
     synthetic = {"mahalanobis": np.array([50.0, 60, 70]), "patch": np.array([2.0, 2.1, 2.2])}

@@ -1,0 +1,66 @@
+"""Resize policies: shapes, geometry, tiles that cover the part, maps brought back to the image."""
+
+import numpy as np
+import pytest
+import torch
+
+from fsad_core.preprocess import InputSpec, letterbox_geometry, map_to_image, prepare, tile_boxes
+
+
+def _image(h: int, w: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("mode", ["resize", "letterbox", "tile"])
+def test_views_are_square_at_model_size_and_in_range(mode):
+    views = prepare(_image(60, 150), InputSpec(64, mode))
+    assert views.shape[1:] == (3, 64, 64)
+    assert views.shape[0] == (3 if mode == "tile" else 1)
+    assert 0.0 <= float(views.min()) and float(views.max()) <= 1.0
+
+
+def test_tiles_are_squares_of_the_short_side_that_cover_the_image():
+    for h, w in ((60, 150), (150, 60), (100, 100), (37, 200)):
+        boxes = tile_boxes(h, w)
+        covered = np.zeros((h, w), bool)
+        for top, left, side_h, side_w in boxes:
+            assert side_h == side_w == min(h, w)
+            assert 0 <= top and top + side_h <= h and 0 <= left and left + side_w <= w
+            covered[top:top + side_h, left:left + side_w] = True
+        assert covered.all()
+        assert len(boxes) == int(np.ceil(max(h, w) / min(h, w)))
+
+
+def test_tile_mode_on_a_square_image_is_the_plain_resize():
+    image = _image(90, 90)
+    torch.testing.assert_close(prepare(image, InputSpec(64, "tile")), prepare(image, InputSpec(64, "resize")),
+                               rtol=0, atol=0)
+
+
+def test_letterbox_keeps_the_aspect_ratio_and_pads_with_the_mean_colour():
+    image = np.zeros((50, 100, 3), np.uint8)
+    image[..., 0] = 200
+    nh, nw, top, left = letterbox_geometry(50, 100, 64)
+    assert (nh, nw, top, left) == (32, 64, 16, 0)
+    view = prepare(image, InputSpec(64, "letterbox"))[0]
+    torch.testing.assert_close(view[0], torch.full((64, 64), 200 / 255))  # pad = mean = the part's colour
+    assert float(view[1].abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("mode", ["resize", "letterbox", "tile"])
+def test_maps_come_back_at_the_image_size(mode):
+    h, w = 60, 150
+    spec = InputSpec(64, mode)
+    n = prepare(_image(h, w), spec).shape[0]
+    out = map_to_image(torch.full((n, 64, 64), 2.5), h, w, spec)
+    assert out.shape == (h, w)
+    np.testing.assert_allclose(out, 2.5, rtol=1e-6)
+
+
+def test_a_tile_map_lands_where_its_tile_was():
+    h, w = 40, 120  # three tiles of 40 x 40, no overlap
+    spec = InputSpec(32, "tile")
+    maps = torch.zeros(3, 32, 32)
+    maps[2] = 1.0  # only the right-hand tile is anomalous
+    out = map_to_image(maps, h, w, spec)
+    assert out[:, :80].max() == 0.0 and out[:, 80:].min() == pytest.approx(1.0)
