@@ -197,7 +197,10 @@ class Detector:
             negatives = synthesize_from(rng.integers(len(views), size=config.negatives))
             neg_h = _prefix(net, _resized(negatives, config.size), input_spec, dev).h
             report = (lambda step, total, loss: progress("fine-tune", step, total)) if progress else None
-            history = finetune(net, normal_pre.image.h, source, neg_h, config.finetune, config.seed, dev, report)
+            # Tiles of one part are views of one instance: the instance term must not learn to tell
+            # them apart, and the cross-instance term pairs different parts.
+            history = finetune(net, normal_pre.image.h, image_of_view, neg_h, config.finetune, config.seed, dev,
+                               report)
         net.eval()
         normal = normal_pre.features(net, dev)
         in_memory = view_in_image < config.memory_views
