@@ -107,8 +107,8 @@ def run_one(cache: CategoryCache, dataset: str, method: str, k: int, seed: int, 
         score_ms = (time.perf_counter() - t0) * 1000 / len(cache.images)
     rates = rates_at_threshold(cache.labels, result.scores, detector.threshold.value)
     return {
-        "dataset": dataset, "category": cache.category.name, "method": method_label(method, size, patch_size, resize), "k": k,
-        "seed": seed,
+        "dataset": dataset, "category": cache.category.name, "method": method_label(method, size, patch_size, resize),
+        "k": k, "seed": seed,
         "image_auroc": image_auroc(cache.labels, result.scores),
         "pixel_auroc": pixel_auroc(cache.masks, result.maps) if cache.masks is not None else None,
         "aupro": aupro(cache.masks, result.maps) if cache.masks is not None else None,

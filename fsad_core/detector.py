@@ -172,7 +172,7 @@ class Detector:
         input_spec = InputSpec(config.work_size, config.resize, spec.mean, spec.std)
         net = _network(config, create_backbone(config.backbone, config.weights)).to(dev).eval()
 
-        # Each tile of each image is a training "image"; views are drawn per tile.
+        # Views are drawn per tile; fine-tuning and calibration group a part's tiles (image_of_view).
         tiles = [prepare(img, input_spec) for img in images]
         bases = [t for image_tiles in tiles for t in image_tiles]
         image_of_base = torch.cat([torch.full((len(t),), i) for i, t in enumerate(tiles)])
@@ -214,10 +214,9 @@ class Detector:
         # Leave-one-out scores of the normals, and of synthetic anomalies made from the left-out
         # image, so both come from a model that never saw that image (nor any tile of it: tiles of
         # one part look alike, and leaving out one tile at a time would understate the spread
-        # between parts). With one image: held-out augmented views instead (the first half of the
-        # views fits, the second half is scored).
-        # A held-out part scores as its worst tile, as in `score`; with one image, each held-out
-        # view index across the tiles stands for one part.
+        # between parts); a held-out part scores as its worst tile, as in `score`. With one image:
+        # held-out augmented views instead (the first half of the views fits, the second half is
+        # scored; each view index across the tiles stands for one part).
         if n_images >= 2:
             rule = "leave-one-out over the k normal images"
             folds = [(image_of_view != i, (image_of_view == i) & (view_in_image == 0), image_of_view == i)

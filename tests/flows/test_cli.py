@@ -61,8 +61,8 @@ def test_train_then_score_writes_csv_and_maps_and_reports_bad_files(category, tm
 def test_bench_writes_the_json_contract(category, tmp_path):
     out_json, report = tmp_path / "r.json", tmp_path / "r.md"
     out = run("bench", "--data", str(category), "--k", "1", "2", "--seeds", "0", "--methods", "pretrained",
-              "--size", "64", "--patch-size", "96", "--resize", "letterbox", "--out", str(out_json), "--report", str(report),
-              "--device", "cpu")
+              "--size", "64", "--patch-size", "96", "--resize", "letterbox", "--out", str(out_json),
+              "--report", str(report), "--device", "cpu")
     assert out.returncode == 0, out.stderr
     result = json.loads(out_json.read_text())
     assert len(result["records"]) == 2 and "environment" in result
@@ -71,7 +71,8 @@ def test_bench_writes_the_json_contract(category, tmp_path):
     for r in result["records"]:
         assert keys <= set(r)
         assert 0 <= r["image_auroc"] <= 1 and r["pixel_auroc"] is not None
-        assert r["method"] == "pretrained[size=64][patch_size=96][resize=letterbox]"  # overrides never share a row with defaults
+        # overrides never share a row with defaults
+        assert r["method"] == "pretrained[size=64][patch_size=96][resize=letterbox]"
     assert "pretrained[size=64][patch_size=96][resize=letterbox]" in out.stdout and "± " in out.stdout
     assert report.read_text().startswith("| dataset/category")
 
