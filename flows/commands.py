@@ -14,6 +14,7 @@ from fsad_core.data import find_categories, load_category
 from fsad_core.detector import Detector
 from fsad_core.imageio import ImageReadError, is_image_name, read_image
 from fsad_core.methods import method_config
+from fsad_core.preprocess import stretch_warning
 
 
 class Progress:
@@ -42,6 +43,8 @@ def train(args: argparse.Namespace) -> int:
     images = [s.image() for s in samples]
     config = method_config(args.method, seed=args.seed, backbone=args.backbone, weights=args.weights,
                            size=args.size, patch_size=args.patch_size, resize=args.resize)
+    if note := stretch_warning([img.shape for img in images], config.resize):
+        print(f"note: {note}", file=sys.stderr)
     detector, report = Detector.fit(images, config, device=args.device, progress=Progress(f"train k={args.k}"))
     extra = {"method": args.method, "k": args.k, "seed": args.seed,
              "training_images": [str(s.path) for s in samples], "fit_report": report.to_dict()}

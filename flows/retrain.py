@@ -38,6 +38,7 @@ from fsad_core.calibration import Threshold, calibrate_supervised
 from fsad_core.detector import Detector, DetectorConfig, FitReport, resolve_device
 from fsad_core.imageio import read_image
 from fsad_core.metrics import image_auroc, rates_at_threshold
+from fsad_core.preprocess import stretch_warning
 
 GPU_LIMIT = "gpu"
 PRODUCT_LOCK_PREFIX = "fsad-retrain-"
@@ -238,6 +239,8 @@ def fine_tune(images: list[np.ndarray], config: DetectorConfig, device: str) -> 
     steps = config.finetune.steps if config.finetune else 0
     logger.info("fine-tuning on %d images: %s at %d px, %d steps, %d pooled views, device %s", len(images),
                 config.backbone, config.size, steps, config.pool_views, dev)
+    if note := stretch_warning([img.shape for img in images], config.resize):
+        logger.warning(note)
     with training_slot(dev.type):
         detector, report = Detector.fit(images, config, device=dev, progress=_progress(logger))
     logger.info("fit done in %.1f s", report.seconds)

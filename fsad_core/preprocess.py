@@ -30,6 +30,23 @@ class InputSpec:
             raise ValueError(f"input size {self.size} outside [32, 2048]")
 
 
+def stretch_warning(shapes: list[tuple[int, ...]], mode: str, tolerance: float = 1.5) -> str | None:
+    """A note for the user when plain resize would stretch these parts unlike one another.
+
+    Under `resize` every part becomes a square, so parts whose aspect ratios differ by more than
+    `tolerance` are distorted differently and their textures stop matching (Magnetic Tile, ratios
+    0.36-2.6: `pretrained` 0.765 with plain resize, 0.785 with tiles)."""
+    if mode != "resize" or not shapes:
+        return None
+    ratios = [w / h for h, w, *_ in shapes]
+    low, high = min(ratios), max(ratios)
+    if high / low <= tolerance:
+        return None
+    return (f"the images' aspect ratios (width / height) range from {low:.2f} to {high:.2f}; plain resize "
+            f"stretches them unlike one another. Parts of mixed shapes are better served by tiles "
+            f"(--resize tile, or \"resize\": \"tile\" in FSAD_TRAIN_OVERRIDES)")
+
+
 def to_tensor(image: np.ndarray) -> torch.Tensor:
     """HxWx3 uint8 -> 3xHxW float in [0, 1]."""
     return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)

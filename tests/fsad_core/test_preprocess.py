@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from fsad_core.preprocess import InputSpec, letterbox_geometry, map_to_image, prepare, tile_boxes
+from fsad_core.preprocess import InputSpec, letterbox_geometry, map_to_image, prepare, stretch_warning, tile_boxes
 
 
 def _image(h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -64,3 +64,12 @@ def test_a_tile_map_lands_where_its_tile_was():
     maps[2] = 1.0  # only the right-hand tile is anomalous
     out = map_to_image(maps, h, w, spec)
     assert out[:, :80].max() == 0.0 and out[:, 80:].min() == pytest.approx(1.0)
+
+
+def test_plain_resize_of_parts_of_mixed_shapes_gets_a_note():
+    mixed = [(300, 100, 3), (300, 500, 3)]  # width / height 0.33 and 1.67
+    note = stretch_warning(mixed, "resize")
+    assert note is not None and "0.33" in note and "1.67" in note and "--resize tile" in note
+    assert stretch_warning(mixed, "tile") is None  # tiles do not stretch
+    assert stretch_warning([(300, 300, 3), (320, 300, 1)], "resize") is None  # alike enough
+    assert stretch_warning([], "resize") is None
