@@ -34,8 +34,10 @@ def stretch_warning(shapes: list[tuple[int, ...]], mode: str, tolerance: float =
     """A note for the user when plain resize would stretch these parts unlike one another.
 
     Under `resize` every part becomes a square, so parts whose aspect ratios differ by more than
-    `tolerance` are distorted differently and their textures stop matching (Magnetic Tile, ratios
-    0.36-2.6: `pretrained` 0.765 with plain resize, 0.785 with tiles)."""
+    `tolerance` are distorted differently and their textures stop matching. Tiles keep the shapes;
+    whether they score better depends on the product (Magnetic Tile, ratios 0.36-2.6: better
+    localisation and frozen features, the same image AUROC after fine-tuning), so the note asks
+    for a comparison rather than switching by itself."""
     if mode != "resize" or not shapes:
         return None
     ratios = [w / h for h, w, *_ in shapes]
@@ -43,8 +45,8 @@ def stretch_warning(shapes: list[tuple[int, ...]], mode: str, tolerance: float =
     if high / low <= tolerance:
         return None
     return (f"the images' aspect ratios (width / height) range from {low:.2f} to {high:.2f}; plain resize "
-            f"stretches them unlike one another. Parts of mixed shapes are better served by tiles "
-            f"(--resize tile, or \"resize\": \"tile\" in FSAD_TRAIN_OVERRIDES)")
+            f"stretches them unlike one another. Tiles keep their shapes: compare with --resize tile "
+            f"(or \"resize\": \"tile\" in FSAD_TRAIN_OVERRIDES) on a labelled eval set")
 
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:
