@@ -44,7 +44,7 @@ def train(args: argparse.Namespace) -> int:
     config = method_config(args.method, seed=args.seed, backbone=args.backbone, weights=args.weights,
                            size=args.size, patch_size=args.patch_size, resize=args.resize)
     if note := stretch_warning([img.shape for img in images], config.resize):
-        print(f"note: {note}", file=sys.stderr)
+        print(f"note: {note} (--resize tile)", file=sys.stderr)
     detector, report = Detector.fit(images, config, device=args.device, progress=Progress(f"train k={args.k}"))
     extra = {"method": args.method, "k": args.k, "seed": args.seed,
              "training_images": [str(s.path) for s in samples], "fit_report": report.to_dict()}

@@ -240,7 +240,7 @@ def fine_tune(images: list[np.ndarray], config: DetectorConfig, device: str) -> 
     logger.info("fine-tuning on %d images: %s at %d px, %d steps, %d pooled views, device %s", len(images),
                 config.backbone, config.size, steps, config.pool_views, dev)
     if note := stretch_warning([img.shape for img in images], config.resize):
-        logger.warning(note)
+        logger.warning("%s (\"resize\": \"tile\" in FSAD_TRAIN_OVERRIDES)", note)
     with training_slot(dev.type):
         detector, report = Detector.fit(images, config, device=dev, progress=_progress(logger))
     logger.info("fit done in %.1f s", report.seconds)

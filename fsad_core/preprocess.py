@@ -45,8 +45,8 @@ def stretch_warning(shapes: list[tuple[int, ...]], mode: str, tolerance: float =
     if high / low <= tolerance:
         return None
     return (f"the images' aspect ratios (width / height) range from {low:.2f} to {high:.2f}; plain resize "
-            f"stretches them unlike one another. Tiles keep their shapes: compare with --resize tile "
-            f"(or \"resize\": \"tile\" in FSAD_TRAIN_OVERRIDES) on a labelled eval set")
+            f"stretches them unlike one another. The resize mode 'tile' keeps their shapes: compare the two "
+            f"on a labelled eval set")
 
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:
