@@ -10,6 +10,9 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
+# fsad_core.preprocess.RESIZE_MODES, spelled out so that `--help` does not import torch (a test pins them equal)
+RESIZE_CHOICES = ("resize", "letterbox", "tile")
+
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from flows.demo import run_demo
@@ -88,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=None, help="input size in pixels (square)")
     p.add_argument("--patch-size", type=int, default=None,
                    help="input size of the patch branch (default: --size); larger finds smaller defects")
-    p.add_argument("--resize", choices=("resize", "letterbox", "tile"), default=None,
+    p.add_argument("--resize", choices=RESIZE_CHOICES, default=None,
                    help="input resize policy (default: the method's, tile: square tiles along the long side)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
 
@@ -111,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=None, help="input size override for every method (default: each method's)")
     p.add_argument("--patch-size", type=int, default=None,
                    help="patch-branch input size override for every method; the row is labelled with it")
-    p.add_argument("--resize", choices=("resize", "letterbox", "tile"), default=None,
+    p.add_argument("--resize", choices=RESIZE_CHOICES, default=None,
                    help="input resize policy for every method (default: each method's); the row is labelled with it")
 
     p = add("report", _cmd_report, "merge result files of several bench runs into one table of means and stds")

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from flows.cli import RESIZE_CHOICES
+from fsad_core.preprocess import RESIZE_MODES
 from fsad_core.synthetic import make_category
 
 FSAD = [sys.executable, "-m", "flows.cli"]
@@ -87,3 +89,7 @@ def test_bench_writes_the_json_contract(category, tmp_path):
     assert rows["2"].split(" | ")[4] == "0.600 ± 0.141"
     bad = run("report", str(report))
     assert bad.returncode == 1 and "not a result file of fsad bench" in bad.stderr
+
+
+def test_resize_choices_are_the_library_modes():
+    assert RESIZE_CHOICES == RESIZE_MODES
