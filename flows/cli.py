@@ -10,8 +10,9 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-# fsad_core.preprocess.RESIZE_MODES, spelled out so that `--help` does not import torch (a test pins them equal)
+# fsad_core's RESIZE_MODES and SCORE_KINDS, spelled out so that `--help` does not import torch (a test pins them equal)
 RESIZE_CHOICES = ("resize", "letterbox", "tile")
+SCORE_CHOICES = ("mahalanobis", "patch", "fused")
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -93,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="input size of the patch branch (default: --size); larger finds smaller defects")
     p.add_argument("--resize", choices=RESIZE_CHOICES, default=None,
                    help="input resize policy (default: the method's, tile: square tiles along the long side)")
+    p.add_argument("--score", choices=SCORE_CHOICES, default=None,
+                   help="the score the threshold is set on and `fsad score` reports (default: the method's, fused); "
+                        "compare the components with `fsad report --components`")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
 
     p = add("score", _cmd_score, "score images with a trained model; writes a CSV of image, score, is_anomaly")
@@ -120,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("report", _cmd_report, "merge result files of several bench runs into one table of means and stds")
     p.add_argument("results", nargs="+", help="JSON files written by fsad bench --out")
     p.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    p.add_argument("--components", action="store_true",
+                   help="image AUROC of each score component (mahalanobis, patch, fused) instead of the usual columns")
 
     p = add("upload", _cmd_upload, "put a few-shot set into storage (images first, manifest.json last)")
     p.add_argument("--product", required=True)

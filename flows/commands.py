@@ -42,7 +42,7 @@ def train(args: argparse.Namespace) -> int:
     samples = category.sample_k_shot(args.k, args.seed)
     images = [s.image() for s in samples]
     config = method_config(args.method, seed=args.seed, backbone=args.backbone, weights=args.weights,
-                           size=args.size, patch_size=args.patch_size, resize=args.resize)
+                           size=args.size, patch_size=args.patch_size, resize=args.resize, score=args.score)
     if note := stretch_warning([img.shape for img in images], config.resize):
         print(f"note: {note} (--resize tile)", file=sys.stderr)
     detector, report = Detector.fit(images, config, device=args.device, progress=Progress(f"train k={args.k}"))
@@ -149,7 +149,7 @@ def bench(args: argparse.Namespace) -> int:
 def report(args: argparse.Namespace) -> int:
     """Merge result files of several ``fsad bench`` runs into one table (later files win for the
     same dataset, category, method, k and seed)."""
-    from fsad_core.benchmark import format_table, table
+    from fsad_core.benchmark import COMPONENT_METRICS, format_table, table, with_component_metrics
     merged: dict[tuple, dict] = {}
     for name in args.results:
         try:
@@ -160,6 +160,9 @@ def report(args: argparse.Namespace) -> int:
             merged[(r["dataset"], r["category"], r["method"], r["k"], r["seed"])] = r
     if not merged:
         raise ValueError("no records in " + " ".join(args.results))
-    rows = table(list(merged.values()))
+    if args.components:
+        rows = table([with_component_metrics(r) for r in merged.values()], COMPONENT_METRICS)
+    else:
+        rows = table(list(merged.values()))
     print(format_table(rows, markdown=args.markdown))
     return 0

@@ -22,12 +22,13 @@ import torch
 
 from . import __version__
 from .data import Category, Sample, load_category
-from .detector import Detector, resolve_device
+from .detector import SCORE_KINDS, Detector, resolve_device
 from .methods import method_config
 from .metrics import aupro, image_auroc, pixel_auroc, rates_at_threshold, summarize
 
 RECORD_KEYS = ("dataset", "category", "method", "k", "seed", "image_auroc", "pixel_auroc", "aupro", "f1",
                "fit_seconds", "score_ms_per_image", "peak_rss_mb")
+COMPONENT_METRICS = tuple(f"{name}_auroc" for name in SCORE_KINDS)
 
 
 @contextmanager
@@ -143,6 +144,13 @@ def table(records: list[dict], metrics: tuple[str, ...] = ("image_auroc", "pixel
             row[m] = summarize([r.get(m) for r in items])
         rows.append(row)
     return rows
+
+
+def with_component_metrics(record: dict) -> dict:
+    """The record with the image AUROC of each score component under its own key (`patch_auroc`, ...):
+    which component carries a product is what a per-product `score` choice rests on."""
+    components = record.get("components_auroc") or {}
+    return {**record, **{f"{name}_auroc": components.get(name) for name in SCORE_KINDS}}
 
 
 def format_table(rows: list[dict], markdown: bool = False) -> str:

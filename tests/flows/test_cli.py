@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from flows.cli import RESIZE_CHOICES
+from flows.cli import RESIZE_CHOICES, SCORE_CHOICES
+from fsad_core.detector import SCORE_KINDS
 from fsad_core.preprocess import RESIZE_MODES
 from fsad_core.synthetic import make_category
 
@@ -43,9 +44,10 @@ def test_bad_input_exits_non_zero_with_one_line_reason(tmp_path):
 def test_train_then_score_writes_csv_and_maps_and_reports_bad_files(category, tmp_path):
     model = tmp_path / "model"
     out = run("train", "--data", str(category), "--k", "2", "--seed", "0", "--out", str(model),
-              "--method", "pretrained", "--size", "64", "--device", "cpu")
+              "--method", "pretrained", "--size", "64", "--score", "patch", "--device", "cpu")
     assert out.returncode == 0, out.stderr
-    assert (model / "config.json").is_file()
+    config = json.loads((model / "config.json").read_text())
+    assert config["detector"]["score"] == "patch" and config["threshold"]["value"] > 0
     images = tmp_path / "images"
     images.mkdir()
     for p in list((category / "test").rglob("*.png"))[:3]:
@@ -87,9 +89,18 @@ def test_bench_writes_the_json_contract(category, tmp_path):
     rows = {line.split(" | ")[2]: line for line in merged.stdout.splitlines()[2:]}
     assert rows["1"].split(" | ")[3] == "1" and rows["2"].split(" | ")[3] == "2"
     assert rows["2"].split(" | ")[4] == "0.600 ± 0.141"
+    # --components: the image AUROC of each score component, from the records' components_auroc
+    comps = run("report", str(out_json), "--components", "--markdown")
+    assert comps.returncode == 0, comps.stderr
+    head, _, *body = comps.stdout.splitlines()
+    assert head.split(" | ")[4:] == ["mahalanobis_auroc", "patch_auroc", "fused_auroc |"]
+    k1 = next(r for r in result["records"] if r["k"] == 1)
+    row = next(line for line in body if line.split(" | ")[2] == "1").split(" | ")
+    assert row[5] == f"{k1['components_auroc']['patch']:.3f} ± 0.000"
     bad = run("report", str(report))
     assert bad.returncode == 1 and "not a result file of fsad bench" in bad.stderr
 
 
-def test_resize_choices_are_the_library_modes():
+def test_choices_are_the_library_modes():
     assert RESIZE_CHOICES == RESIZE_MODES
+    assert SCORE_CHOICES == SCORE_KINDS
