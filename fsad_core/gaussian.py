@@ -55,8 +55,6 @@ class Gaussian:
         return cls(state[f"{prefix}.mean"], state[f"{prefix}.samples"], a, b)
 
 
-
-
 def ledoit_wolf_from_gram(gram: torch.Tensor, d: int) -> tuple[float, float]:
     """(shrinkage, mu) of sklearn.covariance.ledoit_wolf_shrinkage(X, assume_centered=True) from
     G = X X' (n x n) and the dimension d, where mu = trace(X'X / n) / d is the identity's scale."""
