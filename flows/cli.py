@@ -10,9 +10,12 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-# fsad_core's RESIZE_MODES and SCORE_KINDS, spelled out so that `--help` does not import torch (a test pins them equal)
+# fsad_core's RESIZE_MODES, SCORE_KINDS and POOLINGS, spelled out so that `--help` does not import torch
+# (a test pins them equal)
 RESIZE_CHOICES = ("resize", "letterbox", "tile")
 SCORE_CHOICES = ("mahalanobis", "patch", "fused")
+POOLING_CHOICES = ("mean", "mean+std", "mean+std+max")
+POOLING_HELP = "statistics over positions of the image-level embeddings (default: the method's, mean+std)"
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -94,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="input size of the patch branch (default: --size); larger finds smaller defects")
     p.add_argument("--resize", choices=RESIZE_CHOICES, default=None,
                    help="input resize policy (default: the method's, tile: square tiles along the long side)")
+    p.add_argument("--pooling", choices=POOLING_CHOICES, default=None, help=POOLING_HELP)
     p.add_argument("--score", choices=SCORE_CHOICES, default=None,
                    help="the score the threshold is set on and `fsad score` reports (default: the method's, fused); "
                         "compare the components with `fsad report --components`")
@@ -120,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="patch-branch input size override for every method; the row is labelled with it")
     p.add_argument("--resize", choices=RESIZE_CHOICES, default=None,
                    help="input resize policy for every method (default: each method's); the row is labelled with it")
+    p.add_argument("--pooling", choices=POOLING_CHOICES, default=None,
+                   help=POOLING_HELP + " for every method; the row is labelled with it")
 
     p = add("report", _cmd_report, "merge result files of several bench runs into one table of means and stds")
     p.add_argument("results", nargs="+", help="JSON files written by fsad bench --out")

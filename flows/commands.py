@@ -42,7 +42,8 @@ def train(args: argparse.Namespace) -> int:
     samples = category.sample_k_shot(args.k, args.seed)
     images = [s.image() for s in samples]
     config = method_config(args.method, seed=args.seed, backbone=args.backbone, weights=args.weights,
-                           size=args.size, patch_size=args.patch_size, resize=args.resize, score=args.score)
+                           size=args.size, patch_size=args.patch_size, resize=args.resize, pooling=args.pooling,
+                           score=args.score)
     if note := stretch_warning([img.shape for img in images], config.resize):
         print(f"note: {note} (--resize tile)", file=sys.stderr)
     detector, report = Detector.fit(images, config, device=args.device, progress=Progress(f"train k={args.k}"))
@@ -120,6 +121,7 @@ def bench(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     env = environment()
+    overrides = {"size": args.size, "patch_size": args.patch_size, "resize": args.resize, "pooling": args.pooling}
     total = len(roots) * len(args.methods) * len(args.k) * len(args.seeds)
     done = 0
     for root in roots:
@@ -133,8 +135,7 @@ def bench(args: argparse.Namespace) -> int:
                 for seed in args.seeds:
                     done += 1
                     label = f"[{done}/{total}] {dataset}/{root.name} {method} k={k} seed={seed}"
-                    record = run_one(cache, dataset, method, k, seed, args.device, Progress(label), size=args.size,
-                                     patch_size=args.patch_size, resize=args.resize)
+                    record = run_one(cache, dataset, method, k, seed, args.device, Progress(label), **overrides)
                     records.append(record)
                     print(f"{label}: image AUROC {record['image_auroc']:.3f} "
                           f"(fit {record['fit_seconds']:.0f} s)", file=sys.stderr)

@@ -86,18 +86,16 @@ class CategoryCache:
         return cls(cat, images, np.asarray([s.label for s in test]), masks)
 
 
-def method_label(method: str, size: int | None = None, patch_size: int | None = None,
-                 resize: str | None = None) -> str:
-    """The method's name in records and tables, with any input override, so that runs with and
-    without one never share a row: `default`, `default[patch_size=320]`, `default[resize=resize]`."""
-    overrides = {"size": size, "patch_size": patch_size, "resize": resize}
+def method_label(method: str, **overrides: object) -> str:
+    """The method's name in records and tables, with any DetectorConfig override that is set, so
+    that runs with and without one never share a row: `default`, `default[patch_size=320]`."""
     return method + "".join(f"[{name}={value}]" for name, value in overrides.items() if value is not None)
 
 
 def run_one(cache: CategoryCache, dataset: str, method: str, k: int, seed: int, device: str = "auto",
-            progress: Callable[[str, int, int], None] | None = None, size: int | None = None,
-            patch_size: int | None = None, resize: str | None = None) -> dict:
-    config = method_config(method, seed=seed, size=size, patch_size=patch_size, resize=resize)
+            progress: Callable[[str, int, int], None] | None = None, **overrides: object) -> dict:
+    """One fit and score; `overrides` are DetectorConfig fields (None: the method's own)."""
+    config = method_config(method, seed=seed, **overrides)
     train = [s.image() for s in cache.category.sample_k_shot(k, seed)]
     with peak_rss() as peak:
         t0 = time.perf_counter()
@@ -108,7 +106,7 @@ def run_one(cache: CategoryCache, dataset: str, method: str, k: int, seed: int, 
         score_ms = (time.perf_counter() - t0) * 1000 / len(cache.images)
     rates = rates_at_threshold(cache.labels, result.scores, detector.threshold.value)
     return {
-        "dataset": dataset, "category": cache.category.name, "method": method_label(method, size, patch_size, resize),
+        "dataset": dataset, "category": cache.category.name, "method": method_label(method, **overrides),
         "k": k, "seed": seed,
         "image_auroc": image_auroc(cache.labels, result.scores),
         "pixel_auroc": pixel_auroc(cache.masks, result.maps) if cache.masks is not None else None,

@@ -41,7 +41,7 @@ from .finetune import FinetuneConfig, TrainingHistory, finetune
 from .gaussian import Gaussian
 from .losses import LossWeights
 from .negatives import NEGATIVE_KINDS, synthesize
-from .network import Network
+from .network import POOLINGS, Network
 from .patch_memory import PatchMemory, patch_features, smooth_and_upsample
 from .preprocess import InputSpec, map_to_image, normalise, prepare
 
@@ -62,7 +62,7 @@ class DetectorConfig:
     split: int = 4
     patch_blocks: tuple[int, ...] = (2, 4)
     first_level: int = 4          # pooled outputs of blocks >= this (and the head) get a Gaussian each
-    pooling: str = "mean+std"     # "mean" or "mean+std" over positions
+    pooling: str = "mean+std"     # statistics over positions of each pooled level (network.POOLINGS)
     pool_views: int = 64          # augmented views in the pool, spread over the k images (>= 8 each)
     negatives: int = 48           # synthetic anomalies in the pool
     negative_kinds: tuple[str, ...] = NEGATIVE_KINDS
@@ -77,6 +77,8 @@ class DetectorConfig:
     def __post_init__(self) -> None:
         if self.score not in SCORE_KINDS:
             raise ValueError(f"score {self.score!r}: one of {SCORE_KINDS}")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling {self.pooling!r}: one of {POOLINGS}")
         InputSpec(self.size, self.resize)  # validates size and mode
         InputSpec(self.patch_side, self.resize)
 

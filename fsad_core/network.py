@@ -8,7 +8,8 @@ spatially pooled outputs of every block from `first_level` on, plus the head.
 
 Pooling keeps the mean and the standard deviation over positions: the mean describes the part,
 the spread describes how uniform its surface is, which is what a small local defect on an
-otherwise regular surface changes.
+otherwise regular surface changes. `mean+std+max` adds each channel's strongest response, which a
+defect of a few cells raises even when it barely moves the mean and the spread.
 """
 
 from __future__ import annotations
@@ -17,12 +18,18 @@ import torch
 from torch import nn
 
 
+POOLINGS = ("mean", "mean+std", "mean+std+max")
+
+
 def pool(x: torch.Tensor, stats: str) -> torch.Tensor:
-    """BxCxHxW -> Bx(C or 2C): spatial mean, or mean and standard deviation."""
+    """BxCxHxW -> Bx(C, 2C or 3C): spatial mean, then standard deviation, then maximum (`POOLINGS`)."""
     mean = x.mean(dim=(2, 3))
     if stats == "mean":
         return mean
-    return torch.cat([mean, x.float().std(dim=(2, 3), unbiased=False).to(mean.dtype)], dim=1)
+    parts = [mean, x.float().std(dim=(2, 3), unbiased=False).to(mean.dtype)]
+    if stats == "mean+std+max":
+        parts.append(x.amax(dim=(2, 3)).to(mean.dtype))
+    return torch.cat(parts, dim=1)
 
 
 class Network(nn.Module):
@@ -37,8 +44,8 @@ class Network(nn.Module):
             raise ValueError(f"split must be in [1, {n_blocks - 1}]")
         if not all(0 <= b < n_blocks for b in patch_blocks) or not 0 <= first_level < n_blocks:
             raise ValueError(f"patch_blocks {patch_blocks} and first_level {first_level} must be in [0, {n_blocks - 1}]")
-        if pooling not in ("mean", "mean+std"):
-            raise ValueError(f"pooling {pooling!r}: 'mean' or 'mean+std'")
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling {pooling!r}: one of {POOLINGS}")
         self.backbone = backbone
         self.split = split
         self.patch_blocks = tuple(patch_blocks)

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from flows.cli import RESIZE_CHOICES, SCORE_CHOICES
+from flows.cli import POOLING_CHOICES, RESIZE_CHOICES, SCORE_CHOICES
 from fsad_core.detector import SCORE_KINDS
+from fsad_core.network import POOLINGS
 from fsad_core.preprocess import RESIZE_MODES
 from fsad_core.synthetic import make_category
 
@@ -65,8 +66,8 @@ def test_train_then_score_writes_csv_and_maps_and_reports_bad_files(category, tm
 def test_bench_writes_the_json_contract(category, tmp_path):
     out_json, report = tmp_path / "r.json", tmp_path / "r.md"
     out = run("bench", "--data", str(category), "--k", "1", "2", "--seeds", "0", "--methods", "pretrained",
-              "--size", "64", "--patch-size", "96", "--resize", "letterbox", "--out", str(out_json),
-              "--report", str(report), "--device", "cpu")
+              "--size", "64", "--patch-size", "96", "--resize", "letterbox", "--pooling", "mean+std+max",
+              "--out", str(out_json), "--report", str(report), "--device", "cpu")
     assert out.returncode == 0, out.stderr
     result = json.loads(out_json.read_text())
     assert len(result["records"]) == 2 and "environment" in result
@@ -76,8 +77,8 @@ def test_bench_writes_the_json_contract(category, tmp_path):
         assert keys <= set(r)
         assert 0 <= r["image_auroc"] <= 1 and r["pixel_auroc"] is not None
         # overrides never share a row with defaults
-        assert r["method"] == "pretrained[size=64][patch_size=96][resize=letterbox]"
-    assert "pretrained[size=64][patch_size=96][resize=letterbox]" in out.stdout and "± " in out.stdout
+        assert r["method"] == "pretrained[size=64][patch_size=96][resize=letterbox][pooling=mean+std+max]"
+    assert "pretrained[size=64][patch_size=96][resize=letterbox][pooling=mean+std+max]" in out.stdout and "± " in out.stdout
     assert report.read_text().startswith("| dataset/category")
 
     # fsad report merges this run with another (the later file wins for the same run key)
@@ -104,3 +105,4 @@ def test_bench_writes_the_json_contract(category, tmp_path):
 def test_choices_are_the_library_modes():
     assert RESIZE_CHOICES == RESIZE_MODES
     assert SCORE_CHOICES == SCORE_KINDS
+    assert POOLING_CHOICES == POOLINGS
