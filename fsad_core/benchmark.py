@@ -148,7 +148,7 @@ def with_component_metrics(record: dict) -> dict:
     """The record with the image AUROC of each score component under its own key (`patch_auroc`, ...):
     which component carries a product is what a per-product `score` choice rests on."""
     components = record.get("components_auroc") or {}
-    return {**record, **{f"{name}_auroc": components.get(name) for name in SCORE_KINDS}}
+    return {**record, **{metric: components.get(name) for name, metric in zip(SCORE_KINDS, COMPONENT_METRICS)}}
 
 
 def format_table(rows: list[dict], markdown: bool = False) -> str:

@@ -41,7 +41,7 @@ from .finetune import FinetuneConfig, TrainingHistory, finetune
 from .gaussian import Gaussian
 from .losses import LossWeights
 from .negatives import NEGATIVE_KINDS, synthesize
-from .network import POOLINGS, Network
+from .network import Network, check_pooling
 from .patch_memory import PatchMemory, patch_features, smooth_and_upsample
 from .preprocess import InputSpec, map_to_image, normalise, prepare
 
@@ -77,8 +77,7 @@ class DetectorConfig:
     def __post_init__(self) -> None:
         if self.score not in SCORE_KINDS:
             raise ValueError(f"score {self.score!r}: one of {SCORE_KINDS}")
-        if self.pooling not in POOLINGS:
-            raise ValueError(f"pooling {self.pooling!r}: one of {POOLINGS}")
+        check_pooling(self.pooling)  # here too, so a bad override fails before any fit
         InputSpec(self.size, self.resize)  # validates size and mode
         InputSpec(self.patch_side, self.resize)
 

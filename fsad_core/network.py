@@ -21,6 +21,11 @@ from torch import nn
 POOLINGS = ("mean", "mean+std", "mean+std+max")
 
 
+def check_pooling(pooling: str) -> None:
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling {pooling!r}: one of {POOLINGS}")
+
+
 def pool(x: torch.Tensor, stats: str) -> torch.Tensor:
     """BxCxHxW -> Bx(C, 2C or 3C): spatial mean, then standard deviation, then maximum (`POOLINGS`)."""
     mean = x.mean(dim=(2, 3))
@@ -44,8 +49,7 @@ class Network(nn.Module):
             raise ValueError(f"split must be in [1, {n_blocks - 1}]")
         if not all(0 <= b < n_blocks for b in patch_blocks) or not 0 <= first_level < n_blocks:
             raise ValueError(f"patch_blocks {patch_blocks} and first_level {first_level} must be in [0, {n_blocks - 1}]")
-        if pooling not in POOLINGS:
-            raise ValueError(f"pooling {pooling!r}: one of {POOLINGS}")
+        check_pooling(pooling)
         self.backbone = backbone
         self.split = split
         self.patch_blocks = tuple(patch_blocks)
