@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 RESIZE_CHOICES = ("resize", "letterbox", "tile")
 SCORE_CHOICES = ("mahalanobis", "patch", "fused")
 POOLING_CHOICES = ("mean", "mean+std", "mean+std+max")
-POOLING_HELP = "statistics over positions of the image-level embeddings (default: the method's, mean+std)"
+POOLING_HELP = "statistics over positions of the image-level embeddings (default: the method's, mean+std+max)"
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

@@ -62,7 +62,7 @@ class DetectorConfig:
     split: int = 4
     patch_blocks: tuple[int, ...] = (2, 4)
     first_level: int = 4          # pooled outputs of blocks >= this (and the head) get a Gaussian each
-    pooling: str = "mean+std"     # statistics over positions of each pooled level (network.POOLINGS)
+    pooling: str = "mean+std+max" # statistics over positions of each pooled level (network.POOLINGS)
     pool_views: int = 64          # augmented views in the pool, spread over the k images (>= 8 each)
     negatives: int = 48           # synthetic anomalies in the pool
     negative_kinds: tuple[str, ...] = NEGATIVE_KINDS

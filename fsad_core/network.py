@@ -6,10 +6,10 @@ and a small projection head, which makes a fit take minutes on a CPU. The same f
 serves scoring: patch maps come from the `patch_blocks`, and the image-level Gaussians use
 spatially pooled outputs of every block from `first_level` on, plus the head.
 
-Pooling keeps the mean and the standard deviation over positions: the mean describes the part,
-the spread describes how uniform its surface is, which is what a small local defect on an
-otherwise regular surface changes. `mean+std+max` adds each channel's strongest response, which a
-defect of a few cells raises even when it barely moves the mean and the spread.
+Pooling keeps the mean, the standard deviation and the maximum over positions (`mean+std+max`, the
+detector's default): the mean describes the part, the spread how uniform its surface is, which a
+small local defect on an otherwise regular surface changes, and each channel's strongest response
+rises with a defect of a few cells even when it barely moves the mean and the spread.
 """
 
 from __future__ import annotations

@@ -67,6 +67,18 @@ def test_artifact_round_trip_gives_identical_scores_without_pickle(fitted, washe
     assert again.threshold == detector.threshold
 
 
+def test_model_keeps_the_pooling_it_was_fitted_with(washer, tmp_path):
+    """A model saved under an earlier default (mean+std) must score with its own pooling, or its
+    Gaussians would not match the embeddings: a registered champion outlives a change of default."""
+    assert DetectorConfig().pooling == "mean+std+max"
+    config = replace(method_config("pretrained", seed=0), **{**SMALL, "calibration_negatives": 0}, pooling="mean+std")
+    detector, _ = Detector.fit([s.image() for s in washer.sample_k_shot(2, 0)], config, device="cpu")
+    again = Detector.load(detector.save(tmp_path / "model"), device="cpu")
+    assert again.config.pooling == "mean+std"
+    images = [s.image() for s in washer.test[:3]]
+    np.testing.assert_allclose(detector.score(images).scores, again.score(images).scores, rtol=1e-5)
+
+
 def test_fit_is_deterministic_under_a_seed(washer):
     config = replace(method_config("full", seed=1), **{**SMALL, "calibration_negatives": 0},
                      finetune=FinetuneConfig(steps=3, normals_per_batch=4, negatives_per_batch=2))
