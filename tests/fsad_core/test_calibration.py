@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from fsad_core.calibration import (
+    MIN_NORMALS_FOR_TAIL,
     RULE_NORMAL_TAIL,
     RULE_SINGLE_IMAGE,
     RULE_SUPERVISED_F1,
@@ -70,6 +71,18 @@ def test_one_image_threshold_sits_between_its_views_and_the_synthetic_anomalies_
     assert t.expected_false_alarm_rate is None and t.details["provisional"] is True
     assert t.expected_miss_rate == 0.0
     assert calibrate_unsupervised(views, synthetic).value < t.value  # the views alone would flag far more
+
+
+@pytest.mark.parametrize("k", [2, 3, MIN_NORMALS_FOR_TAIL])
+def test_too_few_normals_make_a_provisional_threshold_with_unknown_false_alarms(k):
+    normals = 10 + np.random.default_rng(4).normal(0, 1, k)
+    t = calibrate_unsupervised(normals, np.linspace(20.0, 30.0, 16))
+    assert t.rule in (RULE_NORMAL_TAIL, RULE_SYNTHETIC_GAP) and t.value > normals.max()
+    if k < MIN_NORMALS_FOR_TAIL:
+        assert t.expected_false_alarm_rate is None and t.details["provisional"] is True
+        assert f"{k} normal images" in t.details["provisional_reason"]
+    else:
+        assert t.expected_false_alarm_rate is not None and "provisional" not in t.details
 
 
 @pytest.mark.parametrize("bad", [[], [1.0, np.nan], [np.inf]])
