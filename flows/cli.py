@@ -130,8 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("report", _cmd_report, "merge result files of several bench runs into one table of means and stds")
     p.add_argument("results", nargs="+", help="JSON files written by fsad bench --out")
     p.add_argument("--markdown", action="store_true", help="print a Markdown table")
-    p.add_argument("--components", action="store_true",
-                   help="image AUROC of each score component (mahalanobis, patch, fused) instead of the usual columns")
+    columns = p.add_mutually_exclusive_group()
+    columns.add_argument("--components", action="store_true",
+                         help="image AUROC of each score component (mahalanobis, patch, fused) instead of the usual columns")
+    columns.add_argument("--rates", action="store_true",
+                         help="F1, false-alarm and miss rate at each model's own calibrated threshold instead")
 
     p = add("upload", _cmd_upload, "put a few-shot set into storage (images first, manifest.json last)")
     p.add_argument("--product", required=True)

@@ -150,7 +150,7 @@ def bench(args: argparse.Namespace) -> int:
 def report(args: argparse.Namespace) -> int:
     """Merge result files of several ``fsad bench`` runs into one table (later files win for the
     same dataset, category, method, k and seed)."""
-    from fsad_core.benchmark import COMPONENT_METRICS, format_table, table, with_component_metrics
+    from fsad_core.benchmark import COMPONENT_METRICS, RATE_METRICS, format_table, table, with_component_metrics
     merged: dict[tuple, dict] = {}
     for name in args.results:
         try:
@@ -163,6 +163,8 @@ def report(args: argparse.Namespace) -> int:
         raise ValueError("no records in " + " ".join(args.results))
     if args.components:
         rows = table([with_component_metrics(r) for r in merged.values()], COMPONENT_METRICS)
+    elif args.rates:
+        rows = table(list(merged.values()), RATE_METRICS)
     else:
         rows = table(list(merged.values()))
     print(format_table(rows, markdown=args.markdown))

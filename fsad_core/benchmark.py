@@ -29,6 +29,8 @@ from .metrics import aupro, image_auroc, pixel_auroc, rates_at_threshold, summar
 RECORD_KEYS = ("dataset", "category", "method", "k", "seed", "image_auroc", "pixel_auroc", "aupro", "f1",
                "fit_seconds", "score_ms_per_image", "peak_rss_mb")
 COMPONENT_METRICS = tuple(f"{name}_auroc" for name in SCORE_KINDS)
+# What the model's own calibrated threshold (no test labels) does on the test images.
+RATE_METRICS = ("f1", "false_alarm_rate", "miss_rate")
 
 
 @contextmanager

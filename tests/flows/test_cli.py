@@ -98,6 +98,14 @@ def test_bench_writes_the_json_contract(category, tmp_path):
     k1 = next(r for r in result["records"] if r["k"] == 1)
     row = next(line for line in body if line.split(" | ")[2] == "1").split(" | ")
     assert row[5] == f"{k1['components_auroc']['patch']:.3f} ± 0.000"
+    # --rates: what each model's own threshold does on the test images
+    rates = run("report", str(out_json), "--rates", "--markdown")
+    assert rates.returncode == 0, rates.stderr
+    head, _, *body = rates.stdout.splitlines()
+    assert head.split(" | ")[4:] == ["f1", "false_alarm_rate", "miss_rate |"]
+    row = next(line for line in body if line.split(" | ")[2] == "1").split(" | ")
+    assert row[5] == f"{k1['false_alarm_rate']:.3f} ± 0.000"
+    assert run("report", str(out_json), "--rates", "--components").returncode != 0
     bad = run("report", str(report))
     assert bad.returncode == 1 and "not a result file of fsad bench" in bad.stderr
 
