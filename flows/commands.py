@@ -37,13 +37,20 @@ class Progress:
         self.stream.flush()
 
 
+# DetectorConfig fields that `fsad train` and `fsad bench` both take as options (None: the method's own).
+CONFIG_OPTIONS = ("size", "patch_size", "resize", "pooling")
+
+
+def _config_options(args: argparse.Namespace) -> dict[str, object]:
+    return {name: getattr(args, name) for name in CONFIG_OPTIONS}
+
+
 def train(args: argparse.Namespace) -> int:
     category = load_category(args.data)
     samples = category.sample_k_shot(args.k, args.seed)
     images = [s.image() for s in samples]
     config = method_config(args.method, seed=args.seed, backbone=args.backbone, weights=args.weights,
-                           size=args.size, patch_size=args.patch_size, resize=args.resize, pooling=args.pooling,
-                           score=args.score)
+                           score=args.score, **_config_options(args))
     if note := stretch_warning([img.shape for img in images], config.resize):
         print(f"note: {note} (--resize tile)", file=sys.stderr)
     detector, report = Detector.fit(images, config, device=args.device, progress=Progress(f"train k={args.k}"))
@@ -121,7 +128,7 @@ def bench(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     env = environment()
-    overrides = {"size": args.size, "patch_size": args.patch_size, "resize": args.resize, "pooling": args.pooling}
+    overrides = _config_options(args)
     total = len(roots) * len(args.methods) * len(args.k) * len(args.seeds)
     done = 0
     for root in roots:
