@@ -33,7 +33,7 @@ def pool(x: torch.Tensor, stats: str) -> torch.Tensor:
         return mean
     parts = [mean, x.float().std(dim=(2, 3), unbiased=False).to(mean.dtype)]
     if stats == "mean+std+max":
-        parts.append(x.amax(dim=(2, 3)).to(mean.dtype))
+        parts.append(x.amax(dim=(2, 3)))
     return torch.cat(parts, dim=1)
 
 
