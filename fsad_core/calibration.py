@@ -17,7 +17,7 @@ from sklearn.metrics import precision_recall_curve
 
 from .metrics import as_finite_scores, as_labels, rates_at_threshold
 
-RULE_NORMAL_TAIL = "normal_gaussian_tail"
+RULE_NORMAL_TAIL = "normal_prediction_bound"
 RULE_SYNTHETIC_GAP = "synthetic_gap"
 RULE_SUPERVISED_F1 = "supervised_f1"
 RULE_SINGLE_IMAGE = "single_image_midpoint"
@@ -88,11 +88,15 @@ def calibrate_unsupervised(normal_scores: np.ndarray | list[float],
     """Threshold from leave-one-out scores of the k normal images (k >= 1), optionally refined
     with scores of synthesized anomalies.
 
-    Rule (``normal_gaussian_tail``):
-      1. Fit a Gaussian to the normal scores: centre = median, spread = max(1.4826 * MAD,
-         ``min_relative_spread`` * |median|). The floor keeps k = 1..2 (MAD 0 or tiny) usable.
-         The predictive spread for a new image is spread * sqrt(1 + 1/k) (centre uncertainty).
-      2. tail = centre + z(1 - target) * predictive spread.
+    Rule (``normal_prediction_bound``):
+      1. Treat the k normal scores as a sample from a Gaussian: centre = their mean, spread = their
+         standard deviation (ddof = 1), floored at ``min_relative_spread`` * |mean| so that
+         identical scores still leave a margin.
+      2. tail = the upper 1 - target prediction bound for one new normal image:
+         centre + t(1 - target; k - 1 degrees of freedom) * spread * sqrt(1 + 1/k). Over draws of
+         the k scores it flags a fraction ``target`` of new normal images on average. A normal
+         quantile with a spread estimated from four scores (the earlier rule) flags several times
+         the target: the estimate is as often too small as too large, and too small costs more.
       3. Guard: the threshold may flag at most floor(k * target) of the calibration normals, so it
          is at least the (floor(k * target) + 1)-th largest normal score. For few shots
          (k * target < 1) that is the max normal score: no calibration normal is ever flagged.
@@ -108,7 +112,7 @@ def calibrate_unsupervised(normal_scores: np.ndarray | list[float],
     labelled evaluation set, are what calibrate it properly.
     With 2 or 3 normal images (fewer than ``MIN_NORMALS_FOR_TAIL``) the rule is the same but the
     threshold is provisional too and its false-alarm rate unknown: their spread is no estimate.
-    Expected false-alarm rate is the fitted Gaussian's tail mass above the threshold; expected
+    Expected false-alarm rate is the predictive (Student t) tail mass above the threshold; expected
     miss rate is the fraction of synthetic scores <= threshold (None without synthetic scores).
     """
     if not 0.0 < target_false_alarm_rate < 1.0:
@@ -119,19 +123,21 @@ def calibrate_unsupervised(normal_scores: np.ndarray | list[float],
     synthetic = None if synthetic_scores is None else as_finite_scores(synthetic_scores, "synthetic_scores")
 
     k = normal.size
-    centre = float(np.median(normal))
-    mad_spread = float(stats.median_abs_deviation(normal, scale="normal"))
-    spread = max(mad_spread, min_relative_spread * abs(centre))
+    centre = float(normal.mean())
+    sample_spread = float(normal.std(ddof=1)) if k > 1 else 0.0
+    spread = max(sample_spread, min_relative_spread * abs(centre))
     predictive_spread = spread * math.sqrt(1.0 + 1.0 / k)
-    z = float(stats.norm.isf(target_false_alarm_rate))
-    tail = centre + z * predictive_spread
+    dof = max(k - 1, 1)  # one score has no spread of its own; the floor stands in for it
+    quantile = float(stats.t.isf(target_false_alarm_rate, dof))
+    tail = centre + quantile * predictive_spread
     allowed_false_alarms = math.floor(k * target_false_alarm_rate)
     guard = float(np.sort(normal)[::-1][allowed_false_alarms])
     value, rule = max(tail, guard), RULE_NORMAL_TAIL
 
     details: dict[str, Any] = {
         "k": k, "target_false_alarm_rate": target_false_alarm_rate, "centre": centre,
-        "spread": spread, "mad_spread": mad_spread, "predictive_spread": predictive_spread, "z": z,
+        "spread": spread, "sample_spread": sample_spread, "predictive_spread": predictive_spread,
+        "t_quantile": quantile, "degrees_of_freedom": dof,
         "tail_threshold": tail, "guard": guard, "guard_applied": guard > tail,
         "max_normal_score": float(normal.max()),
     }
@@ -158,7 +164,7 @@ def calibrate_unsupervised(normal_scores: np.ndarray | list[float],
         details["provisional"] = True
         details["provisional_reason"] = provisional_reason + "; calibrate with more normal images or a labelled set"
     else:
-        expected_far = float(stats.norm.sf((value - centre) / predictive_spread)) if predictive_spread > 0 else 0.0
+        expected_far = float(stats.t.sf((value - centre) / predictive_spread, dof)) if predictive_spread > 0 else 0.0
     return Threshold(float(value), rule, expected_far, expected_miss, details)
 
 

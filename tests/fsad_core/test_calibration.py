@@ -2,6 +2,7 @@ import json
 
 import numpy as np
 import pytest
+from scipy import stats
 
 from fsad_core.calibration import (
     MIN_NORMALS_FOR_TAIL,
@@ -24,6 +25,16 @@ def test_gaussian_normals_give_the_gaussian_quantile():
     fresh = rng.normal(size=50_000)
     assert np.mean(t.is_anomaly(fresh)) == pytest.approx(0.05, abs=0.01)
     assert t.expected_false_alarm_rate == pytest.approx(0.05, abs=0.005)
+
+
+@pytest.mark.parametrize("k", [4, 8])
+def test_the_bound_flags_the_target_share_of_new_normals_on_average(k):
+    # Over many draws of k Gaussian normal scores, the share of new normal images above the
+    # threshold averages the target. A normal quantile with a spread from k scores flags several
+    # times as many (about 9 % instead of 1 % at k = 4): its spread is often too small.
+    rng = np.random.default_rng(5)
+    values = np.array([calibrate_unsupervised(rng.normal(size=k)).value for _ in range(4000)])
+    assert np.mean(stats.norm.sf(values)) == pytest.approx(0.01, abs=0.002)
 
 
 @pytest.mark.parametrize("normals", [[7.3], [7.3, 7.31], [5.0, 9.0], [0.0], [-2.0, -2.0]])
