@@ -16,6 +16,19 @@ RESIZE_CHOICES = ("resize", "letterbox", "tile")
 SCORE_CHOICES = ("mahalanobis", "patch", "fused")
 POOLING_CHOICES = ("mean", "mean+std", "mean+std+max")
 POOLING_HELP = "statistics over positions of the image-level embeddings (default: the method's, mean+std+max)"
+FALSE_ALARM_HELP = ("share of normal images the unsupervised threshold may flag (default 0.01); with few images "
+                    "the threshold is wide, a higher target catches more defects")
+
+
+def _fraction(text: str) -> float:
+    """argparse type: a number strictly between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), got {text}")
+    return value
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -98,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resize", choices=RESIZE_CHOICES, default=None,
                    help="input resize policy (default: the method's, tile: square tiles along the long side)")
     p.add_argument("--pooling", choices=POOLING_CHOICES, default=None, help=POOLING_HELP)
+    p.add_argument("--false-alarm-target", dest="target_false_alarm_rate", type=_fraction, default=None,
+                   help=FALSE_ALARM_HELP)
     p.add_argument("--score", choices=SCORE_CHOICES, default=None,
                    help="the score the threshold is set on and `fsad score` reports (default: the method's, fused); "
                         "compare the components with `fsad report --components`")
@@ -126,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="input resize policy for every method (default: each method's); the row is labelled with it")
     p.add_argument("--pooling", choices=POOLING_CHOICES, default=None,
                    help=POOLING_HELP + " for every method; the row is labelled with it")
+    p.add_argument("--false-alarm-target", dest="target_false_alarm_rate", type=_fraction, default=None,
+                   help=FALSE_ALARM_HELP + "; for every method, the row is labelled with it")
 
     p = add("report", _cmd_report, "merge result files of several bench runs into one table of means and stds")
     p.add_argument("results", nargs="+", help="JSON files written by fsad bench --out")

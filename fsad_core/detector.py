@@ -78,6 +78,8 @@ class DetectorConfig:
         if self.score not in SCORE_KINDS:
             raise ValueError(f"score {self.score!r}: one of {SCORE_KINDS}")
         check_pooling(self.pooling)  # here too, so a bad override fails before any fit
+        if not 0.0 < self.target_false_alarm_rate < 1.0:
+            raise ValueError(f"target_false_alarm_rate must be in (0, 1), got {self.target_false_alarm_rate}")
         InputSpec(self.size, self.resize)  # validates size and mode
         InputSpec(self.patch_side, self.resize)
 

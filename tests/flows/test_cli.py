@@ -42,13 +42,24 @@ def test_bad_input_exits_non_zero_with_one_line_reason(tmp_path):
     assert out.stderr.strip().count("\n") == 0 and "train/good" in out.stderr
 
 
+@pytest.mark.parametrize("target", ["1", "0", "five"])
+def test_a_false_alarm_target_outside_zero_to_one_is_refused_before_any_fit(category, tmp_path, target):
+    out = run("train", "--data", str(category), "--k", "2", "--out", str(tmp_path / "m"),
+              "--false-alarm-target", target)
+    assert out.returncode == 2 and "--false-alarm-target" in out.stderr
+    assert not (tmp_path / "m").exists()
+
+
 def test_train_then_score_writes_csv_and_maps_and_reports_bad_files(category, tmp_path):
     model = tmp_path / "model"
     out = run("train", "--data", str(category), "--k", "2", "--seed", "0", "--out", str(model),
-              "--method", "pretrained", "--size", "64", "--score", "patch", "--device", "cpu")
+              "--method", "pretrained", "--size", "64", "--score", "patch", "--false-alarm-target", "0.05",
+              "--device", "cpu")
     assert out.returncode == 0, out.stderr
     config = json.loads((model / "config.json").read_text())
     assert config["detector"]["score"] == "patch" and config["threshold"]["value"] > 0
+    assert config["detector"]["target_false_alarm_rate"] == 0.05
+    assert config["threshold"]["details"]["target_false_alarm_rate"] == 0.05
     images = tmp_path / "images"
     images.mkdir()
     for p in list((category / "test").rglob("*.png"))[:3]:
@@ -67,18 +78,19 @@ def test_bench_writes_the_json_contract(category, tmp_path):
     out_json, report = tmp_path / "r.json", tmp_path / "r.md"
     out = run("bench", "--data", str(category), "--k", "1", "2", "--seeds", "0", "--methods", "pretrained",
               "--size", "64", "--patch-size", "96", "--resize", "letterbox", "--pooling", "mean+std+max",
-              "--out", str(out_json), "--report", str(report), "--device", "cpu")
+              "--false-alarm-target", "0.05", "--out", str(out_json), "--report", str(report), "--device", "cpu")
     assert out.returncode == 0, out.stderr
     result = json.loads(out_json.read_text())
     assert len(result["records"]) == 2 and "environment" in result
+    label = "pretrained[size=64][patch_size=96][resize=letterbox][pooling=mean+std+max][target_false_alarm_rate=0.05]"
     keys = {"dataset", "category", "method", "k", "seed", "image_auroc", "pixel_auroc", "aupro", "f1",
             "fit_seconds", "score_ms_per_image", "peak_rss_mb"}
     for r in result["records"]:
         assert keys <= set(r)
         assert 0 <= r["image_auroc"] <= 1 and r["pixel_auroc"] is not None
         # overrides never share a row with defaults
-        assert r["method"] == "pretrained[size=64][patch_size=96][resize=letterbox][pooling=mean+std+max]"
-    assert "pretrained[size=64][patch_size=96][resize=letterbox][pooling=mean+std+max]" in out.stdout and "± " in out.stdout
+        assert r["method"] == label
+    assert label in out.stdout and "± " in out.stdout
     assert report.read_text().startswith("| dataset/category")
 
     # fsad report merges this run with another (the later file wins for the same run key)

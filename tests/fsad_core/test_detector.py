@@ -161,3 +161,5 @@ def test_bad_config_is_refused():
         DetectorConfig(resize="stretch")
     with pytest.raises(ValueError):
         DetectorConfig(patch_size=8)
+    with pytest.raises(ValueError, match="target_false_alarm_rate"):
+        DetectorConfig(target_false_alarm_rate=1.0)
