@@ -17,7 +17,7 @@ from sklearn.metrics import precision_recall_curve
 
 from .metrics import as_finite_scores, as_labels, rates_at_threshold
 
-RULE_NORMAL_TAIL = "normal_prediction_bound"
+RULE_PREDICTION_BOUND = "normal_prediction_bound"
 RULE_SYNTHETIC_GAP = "synthetic_gap"
 RULE_SUPERVISED_F1 = "supervised_f1"
 RULE_SINGLE_IMAGE = "single_image_midpoint"
@@ -132,7 +132,7 @@ def calibrate_unsupervised(normal_scores: np.ndarray | list[float],
     tail = centre + quantile * predictive_spread
     allowed_false_alarms = math.floor(k * target_false_alarm_rate)
     guard = float(np.sort(normal)[::-1][allowed_false_alarms])
-    value, rule = max(tail, guard), RULE_NORMAL_TAIL
+    value, rule = max(tail, guard), RULE_PREDICTION_BOUND
 
     details: dict[str, Any] = {
         "k": k, "target_false_alarm_rate": target_false_alarm_rate, "centre": centre,

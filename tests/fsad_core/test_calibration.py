@@ -6,7 +6,7 @@ from scipy import stats
 
 from fsad_core.calibration import (
     MIN_NORMALS_FOR_TAIL,
-    RULE_NORMAL_TAIL,
+    RULE_PREDICTION_BOUND,
     RULE_SINGLE_IMAGE,
     RULE_SUPERVISED_F1,
     RULE_SYNTHETIC_GAP,
@@ -20,7 +20,7 @@ from fsad_core.metrics import rates_at_threshold
 def test_gaussian_normals_give_the_gaussian_quantile():
     rng = np.random.default_rng(0)
     t = calibrate_unsupervised(rng.normal(size=20_000), target_false_alarm_rate=0.05)
-    assert t.rule == RULE_NORMAL_TAIL
+    assert t.rule == RULE_PREDICTION_BOUND
     assert t.value == pytest.approx(1.645, abs=0.05)
     fresh = rng.normal(size=50_000)
     assert np.mean(t.is_anomaly(fresh)) == pytest.approx(0.05, abs=0.01)
@@ -48,7 +48,7 @@ def test_few_shots_never_flag_a_normal(normals):
 
 
 def test_sixteen_shots_guard_against_the_max():
-    normals = np.r_[np.full(15, 1.0), 50.0]  # one outlying normal: MAD ignores it, the guard does not
+    normals = np.r_[np.full(15, 1.0), 50.0]  # one outlying normal: the guard never flags it
     t = calibrate_unsupervised(normals, target_false_alarm_rate=0.01)
     assert t.value >= 50.0 and t.details["guard_applied"]
 
@@ -69,7 +69,7 @@ def test_synthetic_without_gap_keeps_the_tail_and_reports_misses():
     normals = [10.0, 10.5, 11.0]
     synthetic = [9.0, 10.2, 10.8, 30.0]
     t = calibrate_unsupervised(normals, synthetic)
-    assert t.rule == RULE_NORMAL_TAIL
+    assert t.rule == RULE_PREDICTION_BOUND
     assert t.value == calibrate_unsupervised(normals).value
     assert t.expected_miss_rate == 0.75
 
@@ -88,7 +88,7 @@ def test_one_image_threshold_sits_between_its_views_and_the_synthetic_anomalies_
 def test_too_few_normals_make_a_provisional_threshold_with_unknown_false_alarms(k):
     normals = 10 + np.random.default_rng(4).normal(0, 1, k)
     t = calibrate_unsupervised(normals, np.linspace(20.0, 30.0, 16))
-    assert t.rule in (RULE_NORMAL_TAIL, RULE_SYNTHETIC_GAP) and t.value > normals.max()
+    assert t.rule in (RULE_PREDICTION_BOUND, RULE_SYNTHETIC_GAP) and t.value > normals.max()
     if k < MIN_NORMALS_FOR_TAIL:
         assert t.expected_false_alarm_rate is None and t.details["provisional"] is True
         assert f"{k} normal images" in t.details["provisional_reason"]
