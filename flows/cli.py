@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resize", choices=RESIZE_CHOICES, default=None,
                    help="input resize policy (default: the method's, tile: square tiles along the long side)")
     p.add_argument("--pooling", choices=POOLING_CHOICES, default=None, help=POOLING_HELP)
-    p.add_argument("--false-alarm-target", dest="target_false_alarm_rate", type=_fraction, default=None,
+    p.add_argument("--false-alarm-target", dest="target_false_alarm_rate", type=_fraction, default=None, metavar="RATE",
                    help=FALSE_ALARM_HELP)
     p.add_argument("--score", choices=SCORE_CHOICES, default=None,
                    help="the score the threshold is set on and `fsad score` reports (default: the method's, fused); "
@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="input resize policy for every method (default: each method's); the row is labelled with it")
     p.add_argument("--pooling", choices=POOLING_CHOICES, default=None,
                    help=POOLING_HELP + " for every method; the row is labelled with it")
-    p.add_argument("--false-alarm-target", dest="target_false_alarm_rate", type=_fraction, default=None,
+    p.add_argument("--false-alarm-target", dest="target_false_alarm_rate", type=_fraction, default=None, metavar="RATE",
                    help=FALSE_ALARM_HELP + "; for every method, the row is labelled with it")
 
     p = add("report", _cmd_report, "merge result files of several bench runs into one table of means and stds")
