@@ -28,6 +28,12 @@ RULE_SINGLE_IMAGE = "single_image_midpoint"
 MIN_NORMALS_FOR_TAIL = 4
 
 
+def check_false_alarm_target(rate: float) -> None:
+    """A target false-alarm rate is a share of normal images strictly between 0 and 1."""
+    if not 0.0 < rate < 1.0:
+        raise ValueError(f"target_false_alarm_rate must be in (0, 1), got {rate}")
+
+
 def _json_safe(value: Any) -> Any:
     """Plain Python containers and scalars (numpy scalars/arrays converted) for json.dumps."""
     if isinstance(value, dict):
@@ -115,8 +121,7 @@ def calibrate_unsupervised(normal_scores: np.ndarray | list[float],
     Expected false-alarm rate is the predictive (Student t) tail mass above the threshold; expected
     miss rate is the fraction of synthetic scores <= threshold (None without synthetic scores).
     """
-    if not 0.0 < target_false_alarm_rate < 1.0:
-        raise ValueError(f"target_false_alarm_rate must be in (0, 1), got {target_false_alarm_rate}")
+    check_false_alarm_target(target_false_alarm_rate)
     if min_relative_spread < 0:
         raise ValueError(f"min_relative_spread must be >= 0, got {min_relative_spread}")
     normal = as_finite_scores(normal_scores, "normal_scores")

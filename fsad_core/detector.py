@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from . import __version__
 from .augment import AugmentConfig, augment_views
 from .backbone import create_backbone, get_spec
-from .calibration import Threshold, calibrate_unsupervised
+from .calibration import Threshold, calibrate_unsupervised, check_false_alarm_target
 from .finetune import FinetuneConfig, TrainingHistory, finetune
 from .gaussian import Gaussian
 from .losses import LossWeights
@@ -78,8 +78,7 @@ class DetectorConfig:
         if self.score not in SCORE_KINDS:
             raise ValueError(f"score {self.score!r}: one of {SCORE_KINDS}")
         check_pooling(self.pooling)  # here too, so a bad override fails before any fit
-        if not 0.0 < self.target_false_alarm_rate < 1.0:
-            raise ValueError(f"target_false_alarm_rate must be in (0, 1), got {self.target_false_alarm_rate}")
+        check_false_alarm_target(self.target_false_alarm_rate)  # here too, before any fit
         InputSpec(self.size, self.resize)  # validates size and mode
         InputSpec(self.patch_side, self.resize)
 
