@@ -90,14 +90,16 @@ class Threshold:
 def calibrate_unsupervised(normal_scores: np.ndarray | list[float],
                            synthetic_scores: np.ndarray | list[float] | None = None,
                            target_false_alarm_rate: float = 0.01, *,
-                           min_relative_spread: float = 0.1, views_of_one_image: bool = False) -> Threshold:
+                           min_relative_spread: float = 0.1, min_spread: float = 0.0,
+                           views_of_one_image: bool = False) -> Threshold:
     """Threshold from leave-one-out scores of the k normal images (k >= 1), optionally refined
     with scores of synthesized anomalies.
 
     Rule (``normal_prediction_bound``):
       1. Treat the k normal scores as a sample from a Gaussian: centre = their mean, spread = their
          standard deviation (ddof = 1), floored at ``min_relative_spread`` * |mean| so that
-         identical scores still leave a margin.
+         identical scores still leave a margin, and at ``min_spread``, a spread the caller knows
+         the score has from how it is built (the detector's fused score, see `Detector.fit`).
       2. tail = the upper 1 - target prediction bound for one new normal image:
          centre + t(1 - target; k - 1 degrees of freedom) * spread * sqrt(1 + 1/k). Over draws of
          the k scores it flags a fraction ``target`` of new normal images on average. A normal
@@ -122,15 +124,15 @@ def calibrate_unsupervised(normal_scores: np.ndarray | list[float],
     miss rate is the fraction of synthetic scores <= threshold (None without synthetic scores).
     """
     check_false_alarm_target(target_false_alarm_rate)
-    if min_relative_spread < 0:
-        raise ValueError(f"min_relative_spread must be >= 0, got {min_relative_spread}")
+    if min_relative_spread < 0 or min_spread < 0:
+        raise ValueError(f"min_relative_spread and min_spread must be >= 0, got {min_relative_spread}, {min_spread}")
     normal = as_finite_scores(normal_scores, "normal_scores")
     synthetic = None if synthetic_scores is None else as_finite_scores(synthetic_scores, "synthetic_scores")
 
     k = normal.size
     centre = float(normal.mean())
     sample_spread = float(normal.std(ddof=1)) if k > 1 else 0.0
-    spread = max(sample_spread, min_relative_spread * abs(centre))
+    spread = max(sample_spread, min_relative_spread * abs(centre), min_spread)
     predictive_spread = spread * math.sqrt(1.0 + 1.0 / k)
     dof = max(k - 1, 1)  # one score has no spread of its own; the floor stands in for it
     quantile = float(stats.t.isf(target_false_alarm_rate, dof))
@@ -141,7 +143,8 @@ def calibrate_unsupervised(normal_scores: np.ndarray | list[float],
 
     details: dict[str, Any] = {
         "k": k, "target_false_alarm_rate": target_false_alarm_rate, "centre": centre,
-        "spread": spread, "sample_spread": sample_spread, "predictive_spread": predictive_spread,
+        "spread": spread, "sample_spread": sample_spread, "min_spread": min_spread,
+        "predictive_spread": predictive_spread,
         "t_quantile": quantile, "degrees_of_freedom": dof,
         "tail_threshold": tail, "guard": guard, "guard_applied": guard > tail,
         "max_normal_score": float(normal.max()),

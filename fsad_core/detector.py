@@ -251,10 +251,12 @@ class Detector:
         synthetic_scores = detector._with_fused(syn) if syn is not None else {name: [] for name in SCORE_KINDS}
         if progress:
             progress("calibrate", 1, 1)
+        # With k >= 2 the fused score is in units of the leave-one-out spreads (`fused_spread_floor`).
+        min_spread = fused_spread_floor(loo, detector.fusion) if config.score == "fused" and n_images >= 2 else 0.0
         detector.threshold = calibrate_unsupervised(
             np.asarray(normal_scores[config.score]),
             np.asarray(synthetic_scores[config.score]) if syn is not None else None,
-            config.target_false_alarm_rate, views_of_one_image=n_images == 1)
+            config.target_false_alarm_rate, min_spread=min_spread, views_of_one_image=n_images == 1)
         detector.threshold.details["normal_rule"] = rule
         report = FitReport(history, normal_scores, synthetic_scores, rule, time.perf_counter() - start)
         return detector, report
@@ -475,6 +477,21 @@ def _fusion_scales(normal: dict[str, np.ndarray], synthetic: dict[str, np.ndarra
     if min(gaps.values()) <= 0:
         return scales, FUSION_LOO
     return {name: (scales[name][0], max(gaps[name], scales[name][1])) for name in normal}, FUSION_SYNTHETIC_GAP
+
+
+def fused_spread_floor(normal: dict[str, np.ndarray], fusion: dict[str, tuple[float, float]]) -> float:
+    """The spread the fused leave-one-out scores would have if their components were uncorrelated.
+
+    The fused score adds the components in units of their own leave-one-out spread, so the fused
+    leave-one-out scores have spread sqrt(2 + 2 r), r the components' correlation over the same k
+    images. From a few images r is a coin toss (at k = 2 it is +1 or -1: the two fused scores are
+    then equal, the spread 0 and the threshold their mean, or the spread 2): a bound on those
+    scores flags 17-26 % of new normal images at k = 2 and 2-3 % at k = 4 against a 1 % target
+    (simulated, `tests/fsad_core/test_detector.py`). Two measures of one departure from normal do
+    not cancel each other (on the test normals of every measured run their correlation was
+    0.24-0.72), so the spread is taken as at least the uncorrelated one.
+    """
+    return math.sqrt(sum((float(np.std(normal[name], ddof=1)) / fusion[name][1]) ** 2 for name in normal))
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:

@@ -37,6 +37,16 @@ def test_the_bound_flags_the_target_share_of_new_normals_on_average(k):
     assert np.mean(stats.norm.sf(values)) == pytest.approx(0.01, abs=0.002)
 
 
+def test_a_spread_known_from_the_score_floors_the_sample_spread():
+    # Two equal scores have no spread of their own; a caller that knows the score's spread says so.
+    t = calibrate_unsupervised([0.0, 0.0], min_spread=2 ** 0.5)
+    assert t.details["spread"] == pytest.approx(2 ** 0.5) and t.details["sample_spread"] == 0.0
+    assert t.value == pytest.approx(stats.t.isf(0.01, 1) * 2 ** 0.5 * 1.5 ** 0.5)
+    assert calibrate_unsupervised([0.0, 0.0]).value == 0.0  # without it: the scores' own mean
+    with pytest.raises(ValueError, match="min_spread"):
+        calibrate_unsupervised([0.0, 1.0], min_spread=-1.0)
+
+
 @pytest.mark.parametrize("normals", [[7.3], [7.3, 7.31], [5.0, 9.0], [0.0], [-2.0, -2.0]])
 def test_few_shots_never_flag_a_normal(normals):
     t = calibrate_unsupervised(normals)
