@@ -111,7 +111,10 @@ def calibrate_unsupervised(normal_scores: np.ndarray | list[float],
     Refinement with synthetic anomalies (``synthetic_gap``): if the threshold misses more than half
     of them, and a clear gap exists, i.e. their lower decile exceeds the guard by at least the
     normal spread, the threshold moves down to the middle of the gap (guard + lower decile) / 2.
-    It never moves up and never below the guard.
+    It never moves up and never below the guard. It needs the normal spread as its unit, so it is
+    off with fewer than ``MIN_NORMALS_FOR_TAIL`` normal scores: there the spread is a floor, not
+    an estimate, and a gap of one floor put thresholds at k = 2 among the normal images (40-70 %
+    of the normal test images flagged on Magnetic Tile and ELPV).
     With ``views_of_one_image`` (k = 1: the "normal" scores are held-out augmented views of the only
     image) they understate how far other normal images score, and a threshold from them flags
     nearly every real normal image. Then (``single_image_midpoint``) the threshold is at least the
@@ -154,7 +157,8 @@ def calibrate_unsupervised(normal_scores: np.ndarray | list[float],
         details["n_synthetic"] = synthetic.size
         gap_top = float(np.quantile(synthetic, 0.1))
         details["synthetic_lower_decile"] = gap_top
-        if np.mean(synthetic <= value) > 0.5 and gap_top - guard >= spread:
+        spread_is_estimated = k >= MIN_NORMALS_FOR_TAIL or views_of_one_image
+        if spread_is_estimated and np.mean(synthetic <= value) > 0.5 and gap_top - guard >= spread:
             value, rule = (guard + gap_top) / 2.0, RULE_SYNTHETIC_GAP
         if views_of_one_image:
             value, rule = max(value, (float(normal.max()) + float(np.median(synthetic))) / 2.0), RULE_SINGLE_IMAGE

@@ -47,6 +47,16 @@ def test_a_spread_known_from_the_score_floors_the_sample_spread():
         calibrate_unsupervised([0.0, 1.0], min_spread=-1.0)
 
 
+@pytest.mark.parametrize("k", [2, 3])
+def test_with_too_few_normals_the_synthetic_gap_does_not_lower_the_threshold(k):
+    # The gap is measured in normal spreads; from two or three scores the spread is a floor, and a
+    # gap of one floor is no evidence that new normal images stay below its middle.
+    normals, synthetic = np.zeros(k), np.linspace(2.0, 4.0, 16)
+    t = calibrate_unsupervised(normals, synthetic, min_spread=2 ** 0.5)
+    assert t.rule == RULE_PREDICTION_BOUND and t.value == t.details["tail_threshold"] > 4.0
+    assert t.details["provisional"]
+
+
 @pytest.mark.parametrize("normals", [[7.3], [7.3, 7.31], [5.0, 9.0], [0.0], [-2.0, -2.0]])
 def test_few_shots_never_flag_a_normal(normals):
     t = calibrate_unsupervised(normals)
