@@ -10,6 +10,7 @@ from fsad_core.calibration import (
     RULE_SINGLE_IMAGE,
     RULE_SUPERVISED_F1,
     RULE_SYNTHETIC_GAP,
+    SMALL_K_GAP_FALSE_ALARM_FACTOR,
     Threshold,
     calibrate_supervised,
     calibrate_unsupervised,
@@ -48,13 +49,18 @@ def test_a_spread_known_from_the_score_floors_the_sample_spread():
 
 
 @pytest.mark.parametrize("k", [2, 3])
-def test_with_too_few_normals_the_synthetic_gap_does_not_lower_the_threshold(k):
-    # The gap is measured in normal spreads; from two or three scores the spread is a floor, and a
-    # gap of one floor is no evidence that new normal images stay below its middle.
-    normals, synthetic = np.zeros(k), np.linspace(2.0, 4.0, 16)
-    t = calibrate_unsupervised(normals, synthetic, min_spread=2 ** 0.5)
-    assert t.rule == RULE_PREDICTION_BOUND and t.value == t.details["tail_threshold"] > 4.0
-    assert t.details["provisional"]
+def test_with_too_few_normals_the_synthetic_gap_stops_at_a_looser_bound(k):
+    # From two or three scores the spread is a floor: a gap of one floor is no evidence that new
+    # normal images stay below its middle, so the threshold stops at the bound for 5x the target.
+    normals = np.zeros(k)
+    near = calibrate_unsupervised(normals, np.linspace(2.0, 4.0, 16), min_spread=2 ** 0.5)
+    spread = near.details["predictive_spread"]
+    assert near.rule == RULE_SYNTHETIC_GAP and near.value < near.details["tail_threshold"]
+    assert near.value == pytest.approx(stats.t.isf(SMALL_K_GAP_FALSE_ALARM_FACTOR * 0.01, k - 1) * spread)
+    assert near.value > near.details["synthetic_gap_midpoint"] and near.details["provisional"]
+    # A gap whose middle lies above that bound: the middle, as with more images.
+    far = calibrate_unsupervised(normals, np.linspace(2.1, 2.4, 16) * near.value, min_spread=2 ** 0.5)
+    assert far.rule == RULE_SYNTHETIC_GAP and far.value == far.details["synthetic_gap_midpoint"] > near.value
 
 
 @pytest.mark.parametrize("normals", [[7.3], [7.3, 7.31], [5.0, 9.0], [0.0], [-2.0, -2.0]])
