@@ -139,6 +139,7 @@ def calibrate_unsupervised(normal_scores: np.ndarray | list[float],
     synthetic = None if synthetic_scores is None else as_finite_scores(synthetic_scores, "synthetic_scores")
 
     k = normal.size
+    too_few_normals = k < MIN_NORMALS_FOR_TAIL and not views_of_one_image  # a spread that is no estimate
     centre = float(normal.mean())
     sample_spread = float(normal.std(ddof=1)) if k > 1 else 0.0
     spread = max(sample_spread, min_relative_spread * abs(centre), min_spread)
@@ -164,11 +165,11 @@ def calibrate_unsupervised(normal_scores: np.ndarray | list[float],
         gap_top = float(np.quantile(synthetic, 0.1))
         details["synthetic_lower_decile"] = gap_top
         if np.mean(synthetic <= value) > 0.5 and gap_top - guard >= spread:
-            value, rule = (guard + gap_top) / 2.0, RULE_SYNTHETIC_GAP
-            if k < MIN_NORMALS_FOR_TAIL and not views_of_one_image:
+            midpoint = details["synthetic_gap_midpoint"] = (guard + gap_top) / 2.0
+            value, rule = midpoint, RULE_SYNTHETIC_GAP
+            if too_few_normals:
                 loosest = min(0.5, SMALL_K_GAP_FALSE_ALARM_FACTOR * target_false_alarm_rate)
-                value = max(value, centre + float(stats.t.isf(loosest, dof)) * predictive_spread)
-            details["synthetic_gap_midpoint"] = (guard + gap_top) / 2.0
+                value = max(midpoint, centre + float(stats.t.isf(loosest, dof)) * predictive_spread)
         if views_of_one_image:
             value, rule = max(value, (float(normal.max()) + float(np.median(synthetic))) / 2.0), RULE_SINGLE_IMAGE
         expected_miss = float(np.mean(synthetic <= value))
@@ -177,7 +178,7 @@ def calibrate_unsupervised(normal_scores: np.ndarray | list[float],
     provisional_reason = None
     if views_of_one_image:
         provisional_reason = "one normal image: its augmented views understate how much normal images differ"
-    elif k < MIN_NORMALS_FOR_TAIL:
+    elif too_few_normals:
         provisional_reason = (f"{k} normal images: the spread of so few leave-one-out scores does not tell "
                               "how far other normal images score")
     if provisional_reason:
