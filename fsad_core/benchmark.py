@@ -20,11 +20,11 @@ import numpy as np
 import psutil
 import torch
 
-from . import __version__
 from .data import Category, Sample, load_category
 from .detector import SCORE_KINDS, Detector, resolve_device
 from .methods import method_config
 from .metrics import aupro, image_auroc, pixel_auroc, rates_at_threshold, summarize
+from .provenance import cpu_description, library_versions
 
 RECORD_KEYS = ("dataset", "category", "method", "k", "seed", "image_auroc", "pixel_auroc", "aupro", "f1",
                "fit_seconds", "score_ms_per_image", "peak_rss_mb")
@@ -124,8 +124,8 @@ def run_one(cache: CategoryCache, dataset: str, method: str, k: int, seed: int, 
 def environment() -> dict:
     dev = resolve_device("auto")
     return {
-        "fsad": __version__, "torch": torch.__version__, "python": platform.python_version(),
-        "machine": platform.machine(), "cpu_count": psutil.cpu_count(), "torch_threads": torch.get_num_threads(),
+        **library_versions(), "python": platform.python_version(), "machine": platform.machine(),
+        "cpu": cpu_description(), "cpu_count": psutil.cpu_count(), "torch_threads": torch.get_num_threads(),
         "device": str(dev) + (f" ({torch.cuda.get_device_name(0)})" if dev.type == "cuda" else ""),
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

@@ -33,7 +33,6 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import __version__
 from .augment import AugmentConfig, augment_views
 from .backbone import create_backbone, get_spec
 from .calibration import Threshold, calibrate_unsupervised, check_false_alarm_target
@@ -44,6 +43,7 @@ from .negatives import NEGATIVE_KINDS, synthesize
 from .network import Network, check_pooling
 from .patch_memory import PatchMemory, patch_features, smooth_and_upsample
 from .preprocess import InputSpec, map_to_image, normalise, prepare
+from .provenance import library_versions
 
 FORMAT_VERSION = 1
 SCORE_KINDS = ("mahalanobis", "patch", "fused")
@@ -328,7 +328,7 @@ class Detector:
         save_file({k: v.contiguous() for k, v in scoring.items()}, str(folder / "scoring.safetensors"))
         config = {
             "format_version": FORMAT_VERSION,
-            "library": {"fsad": __version__, "torch": torch.__version__},
+            "library": library_versions(),
             "detector": self.config.to_dict(),
             "normalisation": {"mean": list(self.input_spec.mean), "std": list(self.input_spec.std)},
             "levels": len(self.gaussians),

@@ -81,7 +81,7 @@ def test_bench_writes_the_json_contract(category, tmp_path):
               "--false-alarm-target", "0.05", "--out", str(out_json), "--report", str(report), "--device", "cpu")
     assert out.returncode == 0, out.stderr
     result = json.loads(out_json.read_text())
-    assert len(result["records"]) == 2 and "environment" in result
+    assert len(result["records"]) == 2 and result["environment"]["timm"] and result["environment"]["cpu"]
     label = "pretrained[size=64][patch_size=96][resize=letterbox][pooling=mean+std+max][target_false_alarm_rate=0.05]"
     keys = {"dataset", "category", "method", "k", "seed", "image_auroc", "pixel_auroc", "aupro", "f1",
             "fit_seconds", "score_ms_per_image", "peak_rss_mb"}

@@ -21,6 +21,7 @@ from fsad_core.detector import (
 from fsad_core.finetune import FinetuneConfig
 from fsad_core.methods import list_methods, method_config
 from fsad_core.metrics import image_auroc, pixel_auroc
+from fsad_core.provenance import library_versions
 from fsad_core.synthetic import make_category
 
 SMALL = dict(size=96, pool_views=16, negatives=8, calibration_negatives=8, memory_views=2)
@@ -69,6 +70,7 @@ def test_artifact_round_trip_gives_identical_scores_without_pickle(fitted, washe
     config = json.loads((folder / "config.json").read_text())
     assert config["format_version"] == 1 and config["detector"]["backbone"] == "tf_efficientnet_lite0"
     assert config["threshold"]["rule"] and config["normalisation"]["mean"] == [0.5, 0.5, 0.5]
+    assert config["library"] == library_versions() and config["library"]["timm"]
     (folder / "planted.pkl").write_bytes(b"cos\nsystem\n(S'echo pwned'\ntR.")  # never read
     again = Detector.load(folder, device="cpu")
     images = [s.image() for s in washer.test[:4]]
