@@ -43,7 +43,7 @@ from .negatives import NEGATIVE_KINDS, synthesize
 from .network import Network, check_pooling
 from .patch_memory import PatchMemory, patch_features, smooth_and_upsample
 from .preprocess import InputSpec, map_to_image, normalise, prepare
-from .provenance import library_versions
+from .provenance import cpu_description, library_versions
 
 FORMAT_VERSION = 1
 SCORE_KINDS = ("mahalanobis", "patch", "fused")
@@ -242,7 +242,7 @@ class Detector:
                 synth_parts.append(fold._components(cal))
 
         detector = fit_scoring(torch.ones(len(source), dtype=torch.bool))
-        detector.meta = {"k": n_images, "tiles": k}
+        detector.meta = {"k": n_images, "tiles": k, "fitted_on": cpu_description()}
         loo = _concat(normal_parts)
         syn = _concat(synth_parts) if synth_parts else None
         detector.fusion, fusion_rule = _fusion_scales(loo, syn, single_image=n_images == 1)

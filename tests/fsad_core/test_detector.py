@@ -21,7 +21,7 @@ from fsad_core.detector import (
 from fsad_core.finetune import FinetuneConfig
 from fsad_core.methods import list_methods, method_config
 from fsad_core.metrics import image_auroc, pixel_auroc
-from fsad_core.provenance import library_versions
+from fsad_core.provenance import cpu_description, library_versions
 from fsad_core.synthetic import make_category
 
 SMALL = dict(size=96, pool_views=16, negatives=8, calibration_negatives=8, memory_views=2)
@@ -136,7 +136,7 @@ def test_tiled_parts_are_left_out_whole_and_score_as_their_worst_tile(washer):
     config = replace(method_config("pretrained"), **SMALL, resize="tile")
     parts = [wide(s.image()) for s in washer.sample_k_shot(3, 0)]
     detector, report = Detector.fit(parts, config, device="cpu")
-    assert detector.meta == {"k": 3, "tiles": 6, "fusion_rule": FUSION_LOO}
+    assert detector.meta == {"k": 3, "tiles": 6, "fitted_on": cpu_description(), "fusion_rule": FUSION_LOO}
     assert report.normal_rule.startswith("leave-one-out") and len(report.normal_scores["fused"]) == 3
     test = [wide(s.image()) for s in washer.test]  # a defect, if any, in the left-hand tile
     result = detector.score(test, with_maps=True)
