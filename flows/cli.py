@@ -13,6 +13,8 @@ from collections.abc import Callable, Sequence
 # fsad_core's RESIZE_MODES, SCORE_KINDS and POOLINGS, spelled out so that `--help` does not import torch
 # (a test pins them equal)
 RESIZE_CHOICES = ("resize", "letterbox", "tile")
+INTENSITY_CHOICES = ("raw", "standardise")
+INTENSITY_HELP = "grey levels as shot, or standardised per image for parts whose shots differ in exposure (default: raw)"
 SCORE_CHOICES = ("mahalanobis", "patch", "fused")
 POOLING_CHOICES = ("mean", "mean+std", "mean+std+max")
 POOLING_HELP = "statistics over positions of the image-level embeddings (default: the method's, mean+std+max)"
@@ -110,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="input size of the patch branch (default: --size); larger finds smaller defects")
     p.add_argument("--resize", choices=RESIZE_CHOICES, default=None,
                    help="input resize policy (default: the method's, tile: square tiles along the long side)")
+    p.add_argument("--intensity", choices=INTENSITY_CHOICES, default=None, help=INTENSITY_HELP)
     p.add_argument("--pooling", choices=POOLING_CHOICES, default=None, help=POOLING_HELP)
     p.add_argument("--false-alarm-target", dest="target_false_alarm_rate", type=_fraction, default=None, metavar="RATE",
                    help=FALSE_ALARM_HELP)
@@ -139,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="patch-branch input size override for every method; the row is labelled with it")
     p.add_argument("--resize", choices=RESIZE_CHOICES, default=None,
                    help="input resize policy for every method (default: each method's); the row is labelled with it")
+    p.add_argument("--intensity", choices=INTENSITY_CHOICES, default=None,
+                   help=INTENSITY_HELP + " for every method; the row is labelled with it")
     p.add_argument("--pooling", choices=POOLING_CHOICES, default=None,
                    help=POOLING_HELP + " for every method; the row is labelled with it")
     p.add_argument("--false-alarm-target", dest="target_false_alarm_rate", type=_fraction, default=None, metavar="RATE",

@@ -56,6 +56,7 @@ class DetectorConfig:
     weights: str | None = None
     size: int = 224
     resize: str = "resize"
+    intensity: str = "raw"        # grey levels as shot, or standardised per image (preprocess.INTENSITY_MODES)
     patch_size: int | None = None  # input side of the patch branch (None: `size`); see `Detector`
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     finetune: FinetuneConfig | None = field(default_factory=FinetuneConfig)
@@ -79,7 +80,7 @@ class DetectorConfig:
             raise ValueError(f"score {self.score!r}: one of {SCORE_KINDS}")
         check_pooling(self.pooling)  # here too, so a bad override fails before any fit
         check_false_alarm_target(self.target_false_alarm_rate)  # here too, before any fit
-        InputSpec(self.size, self.resize)  # validates size and mode
+        InputSpec(self.size, self.resize, intensity=self.intensity)  # validates size, mode and intensity
         InputSpec(self.patch_side, self.resize)
 
     @property
@@ -156,8 +157,8 @@ class Detector:
         self.meta = meta or {}
         self.device = device or torch.device("cpu")
         spec = get_spec(config.backbone)
-        self.input_spec = InputSpec(config.work_size, config.resize, spec.mean, spec.std)
-        self.map_spec = InputSpec(config.patch_side, config.resize, spec.mean, spec.std)
+        self.input_spec = InputSpec(config.work_size, config.resize, spec.mean, spec.std, config.intensity)
+        self.map_spec = InputSpec(config.patch_side, config.resize, spec.mean, spec.std, config.intensity)
 
     # ----------------------------------------------------------------------------- fitting
     @classmethod
@@ -171,7 +172,7 @@ class Detector:
         torch.manual_seed(config.seed)
         rng = np.random.default_rng(config.seed)
         spec = get_spec(config.backbone)
-        input_spec = InputSpec(config.work_size, config.resize, spec.mean, spec.std)
+        input_spec = InputSpec(config.work_size, config.resize, spec.mean, spec.std, config.intensity)
         net = _network(config, create_backbone(config.backbone, config.weights)).to(dev).eval()
 
         # Views are drawn per tile; fine-tuning and calibration group a part's tiles (image_of_view).

@@ -1,8 +1,10 @@
-"""Turning decoded images into model input: resize policy, normalisation, tiling.
+"""Turning decoded images into model input: resize policy, intensity, normalisation, tiling.
 
 The resize policy is part of a product's configuration, because parts differ: `resize`
 (plain, may change the aspect ratio), `letterbox` (aspect-preserving resize, padded with the
-edge colour) and `tile` (the long side is cut into square tiles, each scored separately).
+edge colour) and `tile` (the long side is cut into square tiles, each scored separately). So is
+the intensity policy: `raw` grey levels, or `standardise`d per image, for parts whose shots differ
+in exposure or gain.
 """
 
 from __future__ import annotations
@@ -14,6 +16,10 @@ import torch
 import torch.nn.functional as F
 
 RESIZE_MODES = ("resize", "letterbox", "tile")
+INTENSITY_MODES = ("raw", "standardise")
+# The grey-level mean and spread `standardise` gives every image: about those of the photographs
+# the ImageNet backbones learned from.
+STANDARD_MEAN, STANDARD_SPREAD = 0.45, 0.22
 
 
 @dataclass(frozen=True)
@@ -22,10 +28,13 @@ class InputSpec:
     mode: str = "resize"
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    intensity: str = "raw"
 
     def __post_init__(self) -> None:
         if self.mode not in RESIZE_MODES:
             raise ValueError(f"resize mode {self.mode!r}: one of {RESIZE_MODES}")
+        if self.intensity not in INTENSITY_MODES:
+            raise ValueError(f"intensity {self.intensity!r}: one of {INTENSITY_MODES}")
         if not 32 <= self.size <= 2048:
             raise ValueError(f"input size {self.size} outside [32, 2048]")
 
@@ -75,8 +84,17 @@ def tile_boxes(h: int, w: int) -> list[tuple[int, int, int, int]]:
     return [(0, int(s), side, side) for s in starts]
 
 
+def standardise_intensity(views: torch.Tensor) -> torch.Tensor:
+    """One image's views brought to a fixed grey-level mean and spread (`STANDARD_MEAN`,
+    `STANDARD_SPREAD`), taken over all of them, so that the exposure and gain of a shot, which
+    vary between normal parts of one product, do not read as anomalies; the pattern within the
+    image is kept. Values may leave [0, 1]."""
+    return (views - views.mean()) / views.std().clamp_min(1e-3) * STANDARD_SPREAD + STANDARD_MEAN
+
+
 def prepare(image: np.ndarray, spec: InputSpec) -> torch.Tensor:
-    """Views of one image at model size: Nx3xSxS in [0, 1] (N = 1 except in tile mode).
+    """Views of one image at model size: Nx3xSxS (N = 1 except in tile mode), in [0, 1] with
+    `raw` intensity.
 
     Normalisation comes later (`normalise`), after augmentation and synthetic defects."""
     x = to_tensor(image)
@@ -91,7 +109,8 @@ def prepare(image: np.ndarray, spec: InputSpec) -> torch.Tensor:
         views = [canvas]
     else:
         views = [_resize(x[:, t:t + s, l:l + s2], spec.size, spec.size) for t, l, s, s2 in tile_boxes(h, w)]
-    return torch.stack(views)
+    stacked = torch.stack(views)
+    return standardise_intensity(stacked) if spec.intensity == "standardise" else stacked
 
 
 def normalise(batch: torch.Tensor, spec: InputSpec) -> torch.Tensor:

@@ -91,6 +91,21 @@ def test_model_keeps_the_pooling_it_was_fitted_with(washer, tmp_path):
     np.testing.assert_allclose(detector.score(images).scores, again.score(images).scores, rtol=1e-5)
 
 
+
+def test_a_standardised_model_scores_a_darker_shot_as_the_original_and_keeps_its_intensity(washer, tmp_path):
+    """With `standardise` an exposure change of the whole shot is no anomaly; the policy is part of
+    the model, so a loaded model prepares images as it was fitted."""
+    config = replace(method_config("pretrained", seed=0), **{**SMALL, "calibration_negatives": 0},
+                     intensity="standardise")
+    detector, _ = Detector.fit([s.image() for s in washer.sample_k_shot(2, 0)], config, device="cpu")
+    again = Detector.load(detector.save(tmp_path / "model"), device="cpu")
+    assert again.config.intensity == "standardise"
+    images = [s.image() for s in washer.test[:3]]
+    darker = [np.round(img * 0.7 + 10).astype(np.uint8) for img in images]
+    scores = detector.score(images).scores
+    np.testing.assert_allclose(again.score(images).scores, scores, rtol=1e-5)
+    np.testing.assert_allclose(detector.score(darker).scores, scores, rtol=0.05)
+
 def test_fit_is_deterministic_under_a_seed(washer):
     config = replace(method_config("full", seed=1), **{**SMALL, "calibration_negatives": 0},
                      finetune=FinetuneConfig(steps=3, normals_per_batch=4, negatives_per_batch=2))

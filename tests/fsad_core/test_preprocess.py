@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from fsad_core.preprocess import InputSpec, letterbox_geometry, map_to_image, prepare, stretch_warning, tile_boxes
+from fsad_core.preprocess import (STANDARD_MEAN, STANDARD_SPREAD, InputSpec, letterbox_geometry, map_to_image, prepare,
+                                  stretch_warning, tile_boxes)
 
 
 def _image(h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -73,3 +74,27 @@ def test_plain_resize_of_parts_of_mixed_shapes_gets_a_note():
     assert stretch_warning(mixed, "tile") is None  # tiles do not stretch
     assert stretch_warning([(300, 300, 3), (320, 300, 1)], "resize") is None  # alike enough
     assert stretch_warning([], "resize") is None
+
+
+@pytest.mark.parametrize("mode", ["resize", "tile"])
+def test_standardised_views_have_the_standard_grey_levels_and_ignore_exposure(mode):
+    image = _image(60, 150)
+    views = prepare(image, InputSpec(64, mode, intensity="standardise"))
+    assert float(views.mean()) == pytest.approx(STANDARD_MEAN, abs=1e-5)
+    assert float(views.std()) == pytest.approx(STANDARD_SPREAD, abs=1e-5)
+    # The same part shot darker and with less gain: an affine change of grey levels that the
+    # standardisation undoes (up to the uint8 rounding of the darker shot).
+    darker = np.round(image.astype(np.float64) * 0.6 + 20).astype(np.uint8)
+    torch.testing.assert_close(prepare(darker, InputSpec(64, mode, intensity="standardise")), views,
+                               atol=0.02, rtol=0)
+    raw = prepare(image, InputSpec(64, mode))
+    assert not torch.allclose(prepare(darker, InputSpec(64, mode)), raw, atol=0.02)
+    assert 0.0 <= float(raw.min()) and float(raw.max()) <= 1.0
+
+
+def test_a_blank_image_standardises_to_the_standard_mean_and_an_unknown_policy_is_refused():
+    blank = np.full((40, 40, 3), 200, np.uint8)
+    torch.testing.assert_close(prepare(blank, InputSpec(32, intensity="standardise")),
+                               torch.full((1, 3, 32, 32), STANDARD_MEAN), atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="intensity"):
+        InputSpec(32, intensity="equalise")
