@@ -88,7 +88,8 @@ def standardise_intensity(views: torch.Tensor) -> torch.Tensor:
     """One image's views brought to a fixed grey-level mean and spread (`STANDARD_MEAN`,
     `STANDARD_SPREAD`), taken over all of them, so that the exposure and gain of a shot, which
     vary between normal parts of one product, do not read as anomalies; the pattern within the
-    image is kept. Values may leave [0, 1]."""
+    image is kept. Values may leave [0, 1]: the colour jitter of augmentation clips its views to
+    [0, 1], scored images are not clipped (measured that way, README "Measured")."""
     return (views - views.mean()) / views.std().clamp_min(1e-3) * STANDARD_SPREAD + STANDARD_MEAN
 
 
