@@ -91,7 +91,6 @@ def test_model_keeps_the_pooling_it_was_fitted_with(washer, tmp_path):
     np.testing.assert_allclose(detector.score(images).scores, again.score(images).scores, rtol=1e-5)
 
 
-
 def test_a_standardised_model_scores_a_darker_shot_as_the_original_and_keeps_its_intensity(washer, tmp_path):
     """With `standardise` an exposure change of the whole shot is no anomaly; the policy is part of
     the model, so a loaded model prepares images as it was fitted."""
@@ -105,6 +104,7 @@ def test_a_standardised_model_scores_a_darker_shot_as_the_original_and_keeps_its
     scores = detector.score(images).scores
     np.testing.assert_allclose(again.score(images).scores, scores, rtol=1e-5)
     np.testing.assert_allclose(detector.score(darker).scores, scores, rtol=0.05)
+
 
 def test_fit_is_deterministic_under_a_seed(washer):
     config = replace(method_config("full", seed=1), **{**SMALL, "calibration_negatives": 0},
