@@ -158,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="image AUROC of each score component (mahalanobis, patch, fused) instead of the usual columns")
     columns.add_argument("--rates", action="store_true",
                          help="F1, false-alarm and miss rate at each model's own calibrated threshold instead")
+    columns.add_argument("--defect-types", action="store_true",
+                         help="image AUROC of each defect type against all normal test images instead")
 
     p = add("upload", _cmd_upload, "put a few-shot set into storage (images first, manifest.json last)")
     p.add_argument("--product", required=True)

@@ -157,7 +157,8 @@ def bench(args: argparse.Namespace) -> int:
 def report(args: argparse.Namespace) -> int:
     """Merge result files of several ``fsad bench`` runs into one table (later files win for the
     same dataset, category, method, k and seed)."""
-    from fsad_core.benchmark import COMPONENT_METRICS, RATE_METRICS, format_table, table, with_component_metrics
+    from fsad_core.benchmark import (COMPONENT_METRICS, RATE_METRICS, format_table, table, with_component_metrics,
+                                     with_defect_type_metrics)
     merged: dict[tuple, dict] = {}
     for name in args.results:
         try:
@@ -172,6 +173,12 @@ def report(args: argparse.Namespace) -> int:
         rows = table([with_component_metrics(r) for r in merged.values()], COMPONENT_METRICS)
     elif args.rates:
         rows = table(list(merged.values()), RATE_METRICS)
+    elif args.defect_types:
+        types = sorted({t for r in merged.values() for t in r.get("defect_type_auroc") or {}})
+        if not types:
+            raise ValueError("no per-defect-type AUROC in these records (an older fsad bench did not write it)")
+        rows = table([with_defect_type_metrics(r, types) for r in merged.values()],
+                     tuple(f"{t}_auroc" for t in types))
     else:
         rows = table(list(merged.values()))
     print(format_table(rows, markdown=args.markdown))

@@ -2,6 +2,8 @@
 
 Record keys (DESIGN.md): dataset, category, method, k, seed, image_auroc, pixel_auroc, aupro, f1,
 fit_seconds, score_ms_per_image, peak_rss_mb; null where a metric is not defined (no masks).
+Beyond them: the rates at the model's threshold, the image AUROC of each score component and of
+each defect type (against all normal test images).
 F1 is taken at the model's own calibrated threshold, as a user would run it, not at a threshold
 tuned on the test labels.
 """
@@ -11,7 +13,7 @@ from __future__ import annotations
 import platform
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +25,7 @@ import torch
 from .data import Category, Sample, load_category
 from .detector import SCORE_KINDS, Detector, resolve_device
 from .methods import method_config
-from .metrics import aupro, image_auroc, pixel_auroc, rates_at_threshold, summarize
+from .metrics import aupro, defect_type_aurocs, image_auroc, pixel_auroc, rates_at_threshold, summarize
 from .provenance import cpu_description, library_versions
 
 RECORD_KEYS = ("dataset", "category", "method", "k", "seed", "image_auroc", "pixel_auroc", "aupro", "f1",
@@ -77,6 +79,7 @@ class CategoryCache:
     category: Category
     images: list[np.ndarray]
     labels: np.ndarray
+    defect_types: list[str]
     masks: list[np.ndarray] | None
 
     @classmethod
@@ -85,7 +88,7 @@ class CategoryCache:
         test = stratified_subset(cat.test, max_test)
         images = [s.image() for s in test]
         masks = [s.mask(img.shape[:2]) for s, img in zip(test, images)] if cat.has_masks else None
-        return cls(cat, images, np.asarray([s.label for s in test]), masks)
+        return cls(cat, images, np.asarray([s.label for s in test]), [s.defect_type for s in test], masks)
 
 
 def method_label(method: str, **overrides: object) -> str:
@@ -116,6 +119,7 @@ def run_one(cache: CategoryCache, dataset: str, method: str, k: int, seed: int, 
         "f1": rates["f1"],
         "false_alarm_rate": rates["false_alarm_rate"], "miss_rate": rates["miss_rate"],
         "components_auroc": {name: image_auroc(cache.labels, v) for name, v in result.components.items()},
+        "defect_type_auroc": defect_type_aurocs(cache.labels, cache.defect_types, result.scores),
         "fit_seconds": round(fit_seconds, 2), "score_ms_per_image": round(score_ms, 2),
         "peak_rss_mb": round(peak[0], 1), "n_test": len(cache.images),
     }
@@ -151,6 +155,13 @@ def with_component_metrics(record: dict) -> dict:
     which component carries a product is what a per-product `score` choice rests on."""
     components = record.get("components_auroc") or {}
     return {**record, **{metric: components.get(name) for name, metric in zip(SCORE_KINDS, COMPONENT_METRICS)}}
+
+
+def with_defect_type_metrics(record: dict, defect_types: Iterable[str]) -> dict:
+    """The record with the image AUROC of each defect type under its own key (`crack_auroc`, ...);
+    None for a type the record's test set lacks."""
+    per_type = record.get("defect_type_auroc") or {}
+    return {**record, **{f"{name}_auroc": per_type.get(name) for name in defect_types}}
 
 
 def format_table(rows: list[dict], markdown: bool = False) -> str:

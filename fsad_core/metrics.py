@@ -1,4 +1,5 @@
-"""Evaluation metrics: image AUROC, pixel AUROC, AUPRO and rates at a threshold.
+"""Evaluation metrics: image AUROC (over all defects and per defect type), pixel AUROC, AUPRO and
+rates at a threshold.
 
 Conventions used everywhere in fsad: higher score = more anomalous; label 1 = defect; an
 image (or pixel) is flagged as an anomaly when ``score > threshold`` (strictly greater), so a
@@ -52,6 +53,25 @@ def image_auroc(labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np
         return None
     return float(roc_auc_score(y, s))
 
+
+
+def defect_type_aurocs(labels: Sequence[int] | np.ndarray, defect_types: Sequence[str],
+                       scores: Sequence[float] | np.ndarray) -> dict[str, float]:
+    """Image AUROC of each defect type against all normal images: which kinds of defect a model
+    misses, which one AUROC over all defects hides. Empty when there are no normal images."""
+    s = as_finite_scores(scores)
+    y = as_labels(labels, s.size)
+    types = np.asarray(defect_types, dtype=object)
+    if types.size != s.size:
+        raise ValueError(f"{types.size} defect types for {s.size} scores")
+    normal = y == 0
+    if not normal.any():
+        return {}
+    out = {}
+    for name in sorted(set(types[~normal])):
+        keep = normal | (types == name)
+        out[str(name)] = float(roc_auc_score(y[keep], s[keep]))
+    return out
 
 def _flatten_pixels(masks: Sequence[np.ndarray], maps: Sequence[np.ndarray],
                     label_regions: bool) -> tuple[np.ndarray, np.ndarray]:

@@ -117,6 +117,19 @@ def test_bench_writes_the_json_contract(category, tmp_path):
     assert head.split(" | ")[4:] == ["f1", "false_alarm_rate", "miss_rate |"]
     row = next(line for line in body if line.split(" | ")[2] == "1").split(" | ")
     assert row[5] == f"{k1['false_alarm_rate']:.3f} ± 0.000"
+    # --defect-types: the image AUROC of each defect type against all normal test images
+    per_type = run("report", str(out_json), "--defect-types", "--markdown")
+    assert per_type.returncode == 0, per_type.stderr
+    head, _, *body = per_type.stdout.splitlines()
+    types = sorted(k1["defect_type_auroc"])
+    assert len(types) >= 2 and head.split(" | ")[4:] == [f"{t}_auroc" for t in types[:-1]] + [f"{types[-1]}_auroc |"]
+    row = next(line for line in body if line.split(" | ")[2] == "1").split(" | ")
+    assert row[4] == f"{k1['defect_type_auroc'][types[0]]:.3f} ± 0.000"
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"records": [{key: v for key, v in r.items() if key != "defect_type_auroc"}
+                                           for r in result["records"]]}))
+    lacking = run("report", str(old), "--defect-types")
+    assert lacking.returncode == 1 and "no per-defect-type AUROC" in lacking.stderr
     assert run("report", str(out_json), "--rates", "--components").returncode != 0
     bad = run("report", str(report))
     assert bad.returncode == 1 and "not a result file of fsad bench" in bad.stderr

@@ -3,7 +3,7 @@ import pytest
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
-from fsad_core.metrics import aupro, image_auroc, pixel_auroc, rates_at_threshold, summarize
+from fsad_core.metrics import aupro, defect_type_aurocs, image_auroc, pixel_auroc, rates_at_threshold, summarize
 
 
 def _random_masks_maps(rng, shapes, signal=1.0):
@@ -48,6 +48,22 @@ def test_image_auroc_matches_sklearn_and_hand_cases():
     assert image_auroc([0, 0, 1, 1], [0.1, 0.2, 0.3, 0.4]) == 1.0
     assert image_auroc([0, 0, 1, 1], [0.4, 0.3, 0.2, 0.1]) == 0.0
     assert image_auroc([1, 1, 1], [0.1, 0.2, 0.3]) is None
+
+
+def test_defect_type_aurocs_take_each_type_against_all_normals():
+    rng = np.random.default_rng(3)
+    types = np.array(["good"] * 30 + ["crack"] * 20 + ["stain"] * 10, dtype=object)
+    y = (types != "good").astype(int)
+    s = rng.normal(size=60) + 2.0 * (types == "crack")  # stains score like normal images
+    got = defect_type_aurocs(y, list(types), s)
+    assert set(got) == {"crack", "stain"}
+    for name in got:
+        keep = types != ("stain" if name == "crack" else "crack")
+        assert got[name] == pytest.approx(roc_auc_score(y[keep], s[keep]))
+    assert got["crack"] > 0.85 > 0.75 > got["stain"]
+    assert defect_type_aurocs([1, 1], ["crack", "stain"], [0.2, 0.3]) == {}
+    with pytest.raises(ValueError, match="defect types"):
+        defect_type_aurocs([0, 1], ["good"], [0.2, 0.3])
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
