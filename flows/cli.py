@@ -10,12 +10,12 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-# fsad_core's RESIZE_MODES, INTENSITY_MODES, SCORE_KINDS and POOLINGS, spelled out so that `--help` does
+# fsad_core's RESIZE_MODES, INTENSITY_POLICIES, SCORE_KINDS and POOLINGS, spelled out so that `--help` does
 # not import torch (a test pins them equal)
 RESIZE_CHOICES = ("resize", "letterbox", "tile")
-INTENSITY_CHOICES = ("raw", "standardise")
-INTENSITY_HELP = ("grey levels as shot, or standardised per image for parts whose shots differ in exposure "
-                  "(default: raw)")
+INTENSITY_CHOICES = ("auto", "raw", "standardise")
+INTENSITY_HELP = ("grey levels as shot, or standardised per image for parts whose shots differ in exposure; "
+                  "auto (the default) standardises grey images and keeps colour ones raw")
 SCORE_CHOICES = ("mahalanobis", "patch", "fused")
 POOLING_CHOICES = ("mean", "mean+std", "mean+std+max")
 POOLING_HELP = "statistics over positions of the image-level embeddings (default: the method's, mean+std+max)"

@@ -59,8 +59,8 @@ def train(args: argparse.Namespace) -> int:
     out = detector.save(args.out, extra_config=extra)
     t = detector.threshold
     far = "unknown" if t.expected_false_alarm_rate is None else f"{t.expected_false_alarm_rate:.3g}"
-    print(f"model written to {out} (fit {report.seconds:.1f} s; threshold {t.value:.4g}, rule {t.rule}, "
-          f"expected false-alarm rate {far})")
+    print(f"model written to {out} (fit {report.seconds:.1f} s; intensity {detector.config.intensity}; threshold "
+          f"{t.value:.4g}, rule {t.rule}, expected false-alarm rate {far})")
     if t.details.get("provisional"):
         print(f"note: the threshold is provisional ({t.details['provisional_reason']})", file=sys.stderr)
     return 0

@@ -428,7 +428,7 @@ def _train_and_promote(settings: Settings, product: str, upload_id: str, manifes
     metrics = evaluate(bench, threshold, report)
 
     record = tracking.TrainingRecord(
-        product=product, upload_id=upload_id, content_sha256=content, method=method, config=config,
+        product=product, upload_id=upload_id, content_sha256=content, method=method, config=detector.config,
         config_sha256=config_hash, k=len(data.train), eval_set=bench.kind, metrics=metrics, history=report.history,
         threshold=threshold, validation_json=validation["report_json"], fit_report=report.to_dict(),
         roc_labels=bench.labels, roc_scores=bench.scores.tolist(), overlays=anomaly_maps(detector, data),

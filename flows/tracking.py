@@ -46,8 +46,8 @@ class TrainingRecord:
     upload_id: str
     content_sha256: str
     method: str
-    config: DetectorConfig
-    config_sha256: str
+    config: DetectorConfig  # the fitted model's: intensity as `auto` resolved it
+    config_sha256: str      # identity of the configuration asked for (settings.config_sha256)
     k: int
     eval_set: str  # "labelled" or "loo+synthetic"
     metrics: dict[str, float]

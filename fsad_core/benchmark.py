@@ -2,8 +2,8 @@
 
 Record keys (DESIGN.md): dataset, category, method, k, seed, image_auroc, pixel_auroc, aupro, f1,
 fit_seconds, score_ms_per_image, peak_rss_mb; null where a metric is not defined (no masks).
-Beyond them: the rates at the model's threshold, the image AUROC of each score component and of
-each defect type (against all normal test images).
+Beyond them: the intensity mode the fit used, the rates at the model's threshold, the image AUROC
+of each score component and of each defect type (against all normal test images).
 F1 is taken at the model's own calibrated threshold, as a user would run it, not at a threshold
 tuned on the test labels.
 """
@@ -112,7 +112,7 @@ def run_one(cache: CategoryCache, dataset: str, method: str, k: int, seed: int, 
     rates = rates_at_threshold(cache.labels, result.scores, detector.threshold.value)
     return {
         "dataset": dataset, "category": cache.category.name, "method": method_label(method, **overrides),
-        "k": k, "seed": seed,
+        "k": k, "seed": seed, "intensity": detector.config.intensity,
         "image_auroc": image_auroc(cache.labels, result.scores),
         "pixel_auroc": pixel_auroc(cache.masks, result.maps) if cache.masks is not None else None,
         "aupro": aupro(cache.masks, result.maps) if cache.masks is not None else None,

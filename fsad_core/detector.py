@@ -26,7 +26,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +42,7 @@ from .losses import LossWeights
 from .negatives import NEGATIVE_KINDS, synthesize
 from .network import Network, check_pooling
 from .patch_memory import PatchMemory, patch_features, smooth_and_upsample
-from .preprocess import InputSpec, map_to_image, normalise, prepare
+from .preprocess import InputSpec, map_to_image, normalise, prepare, resolve_intensity
 from .provenance import cpu_description, library_versions
 
 FORMAT_VERSION = 1
@@ -56,7 +56,7 @@ class DetectorConfig:
     weights: str | None = None
     size: int = 224
     resize: str = "resize"
-    intensity: str = "raw"        # grey levels as shot, or standardised per image (preprocess.INTENSITY_MODES)
+    intensity: str = "auto"       # preprocess.INTENSITY_POLICIES; a fitted model holds the mode `auto` chose
     patch_size: int | None = None  # input side of the patch branch (None: `size`); see `Detector`
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     finetune: FinetuneConfig | None = field(default_factory=FinetuneConfig)
@@ -80,7 +80,8 @@ class DetectorConfig:
             raise ValueError(f"score {self.score!r}: one of {SCORE_KINDS}")
         check_pooling(self.pooling)  # here too, so a bad override fails before any fit
         check_false_alarm_target(self.target_false_alarm_rate)  # here too, before any fit
-        InputSpec(self.size, self.resize, intensity=self.intensity)  # validates size, mode and intensity
+        resolve_intensity(self.intensity, [])  # validates the policy
+        InputSpec(self.size, self.resize)  # validates size and mode
         InputSpec(self.patch_side, self.resize)
 
     @property
@@ -101,6 +102,7 @@ class DetectorConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "DetectorConfig":
         d = dict(d)
+        d.setdefault("intensity", "raw")  # models saved before the policy existed were fitted on raw levels
         d["augment"] = AugmentConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d["augment"].items()})
         if d.get("finetune"):
             ft = dict(d["finetune"])
@@ -169,6 +171,7 @@ class Detector:
             raise ValueError("need at least one normal image")
         start = time.perf_counter()
         dev = resolve_device(device)
+        config = replace(config, intensity=resolve_intensity(config.intensity, images))
         torch.manual_seed(config.seed)
         rng = np.random.default_rng(config.seed)
         spec = get_spec(config.backbone)

@@ -4,7 +4,7 @@ The resize policy is part of a product's configuration, because parts differ: `r
 (plain, may change the aspect ratio), `letterbox` (aspect-preserving resize, padded with the
 edge colour) and `tile` (the long side is cut into square tiles, each scored separately). So is
 the intensity policy: `raw` grey levels, or `standardise`d per image, for parts whose shots differ
-in exposure or gain.
+in exposure or gain; `auto` takes `standardise` for grey images and `raw` for colour ones.
 """
 
 from __future__ import annotations
@@ -16,7 +16,11 @@ import torch
 import torch.nn.functional as F
 
 RESIZE_MODES = ("resize", "letterbox", "tile")
-INTENSITY_MODES = ("raw", "standardise")
+INTENSITY_MODES = ("raw", "standardise")  # what a fitted model uses
+INTENSITY_POLICIES = ("auto", *INTENSITY_MODES)  # what a configuration may ask for
+# Mean deviation of an image's channels from their mean, in grey levels, below which it is grey:
+# a grey shot stored as RGB (or through a JPEG's colour planes) stays within it, a colour photo not.
+GREY_TOLERANCE = 1.0
 # The grey-level mean and spread `standardise` gives every image: about those of the photographs
 # the ImageNet backbones learned from.
 STANDARD_MEAN, STANDARD_SPREAD = 0.45, 0.22
@@ -82,6 +86,24 @@ def tile_boxes(h: int, w: int) -> list[tuple[int, int, int, int]]:
     if h >= w:
         return [(int(s), 0, side, side) for s in starts]
     return [(0, int(s), side, side) for s in starts]
+
+
+def is_grey(image: np.ndarray) -> bool:
+    """Whether an HxWx3 uint8 image carries grey levels only (its three channels agree)."""
+    x = image.astype(np.float32)
+    return float(np.abs(x - x.mean(axis=2, keepdims=True)).mean()) < GREY_TOLERANCE
+
+
+def resolve_intensity(policy: str, images: list[np.ndarray]) -> str:
+    """The intensity mode a fit uses: `auto` standardises grey products and keeps colour ones raw.
+
+    A grey camera's exposure and gain vary from shot to shot and say little about the part; on the
+    grey sets we measured, standardising helped, on the colour one it did not (README "Measured")."""
+    if policy not in INTENSITY_POLICIES:
+        raise ValueError(f"intensity {policy!r}: one of {INTENSITY_POLICIES}")
+    if policy != "auto":
+        return policy
+    return "standardise" if images and all(is_grey(img) for img in images) else "raw"
 
 
 def standardise_intensity(views: torch.Tensor) -> torch.Tensor:

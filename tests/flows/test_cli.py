@@ -12,7 +12,7 @@ import pytest
 from flows.cli import INTENSITY_CHOICES, POOLING_CHOICES, RESIZE_CHOICES, SCORE_CHOICES
 from fsad_core.detector import SCORE_KINDS
 from fsad_core.network import POOLINGS
-from fsad_core.preprocess import INTENSITY_MODES, RESIZE_MODES
+from fsad_core.preprocess import INTENSITY_POLICIES, RESIZE_MODES
 from fsad_core.synthetic import make_category
 
 FSAD = [sys.executable, "-m", "flows.cli"]
@@ -137,6 +137,6 @@ def test_bench_writes_the_json_contract(category, tmp_path):
 
 def test_choices_are_the_library_modes():
     assert RESIZE_CHOICES == RESIZE_MODES
-    assert INTENSITY_CHOICES == INTENSITY_MODES
+    assert INTENSITY_CHOICES == INTENSITY_POLICIES
     assert SCORE_CHOICES == SCORE_KINDS
     assert POOLING_CHOICES == POOLINGS

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from fsad_core.preprocess import (STANDARD_MEAN, STANDARD_SPREAD, InputSpec, letterbox_geometry, map_to_image, prepare,
-                                  stretch_warning, tile_boxes)
+from fsad_core.preprocess import (STANDARD_MEAN, STANDARD_SPREAD, InputSpec, is_grey, letterbox_geometry,
+                                  map_to_image, prepare, resolve_intensity, stretch_warning, tile_boxes)
 
 
 def _image(h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -98,3 +98,17 @@ def test_a_blank_image_standardises_to_the_standard_mean_and_an_unknown_policy_i
                                torch.full((1, 3, 32, 32), STANDARD_MEAN), atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="intensity"):
         InputSpec(32, intensity="equalise")
+
+
+def test_auto_intensity_standardises_grey_products_and_keeps_colour_ones_raw():
+    rng = np.random.default_rng(0)
+    grey = np.repeat(rng.integers(0, 256, (40, 50, 1), dtype=np.uint8), 3, axis=2)
+    # A grey shot through a JPEG's colour planes: channels off by a level here and there.
+    nearly = np.clip(grey.astype(int) + rng.integers(-1, 2, grey.shape), 0, 255).astype(np.uint8)
+    tinted = np.round(grey * np.array([1.0, 0.93, 0.82])).astype(np.uint8)
+    assert is_grey(grey) and is_grey(nearly) and not is_grey(tinted)
+    assert resolve_intensity("auto", [grey, nearly]) == "standardise"
+    assert resolve_intensity("auto", [grey, tinted]) == "raw"
+    assert resolve_intensity("raw", [grey]) == "raw" and resolve_intensity("standardise", [tinted]) == "standardise"
+    with pytest.raises(ValueError, match="intensity"):
+        resolve_intensity("equalise", [grey])
