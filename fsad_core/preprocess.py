@@ -107,19 +107,23 @@ def resolve_intensity(policy: str, images: list[np.ndarray]) -> str:
 
 
 def standardise_intensity(views: torch.Tensor) -> torch.Tensor:
-    """One image's views brought to a fixed grey-level mean and spread (`STANDARD_MEAN`,
-    `STANDARD_SPREAD`), taken over all of them, so that the exposure and gain of a shot, which
-    vary between normal parts of one product, do not read as anomalies; the pattern within the
-    image is kept. Values may leave [0, 1]: the colour jitter of augmentation clips its views to
-    [0, 1], scored images are not clipped (measured that way, README "Measured")."""
-    return (views - views.mean()) / views.std().clamp_min(1e-3) * STANDARD_SPREAD + STANDARD_MEAN
+    """Each view (Nx3xSxS) brought to a fixed grey-level mean and spread (`STANDARD_MEAN`,
+    `STANDARD_SPREAD`), so that the exposure and gain of a shot, which vary between normal parts
+    of one product, do not read as anomalies; the pattern within the view is kept.
+
+    Applied by `normalise` to every view that enters the network, after augmentation and synthetic
+    defects: training views and scored images are treated alike, and no standardised level is
+    ever clipped (augmentation clips to [0, 1], which standardised levels may leave)."""
+    mean = views.mean(dim=(1, 2, 3), keepdim=True)
+    spread = views.std(dim=(1, 2, 3), keepdim=True).clamp_min(1e-3)
+    return (views - mean) / spread * STANDARD_SPREAD + STANDARD_MEAN
 
 
 def prepare(image: np.ndarray, spec: InputSpec) -> torch.Tensor:
-    """Views of one image at model size: Nx3xSxS (N = 1 except in tile mode), in [0, 1] with
-    `raw` intensity.
+    """Views of one image at model size: Nx3xSxS (N = 1 except in tile mode), in [0, 1].
 
-    Normalisation comes later (`normalise`), after augmentation and synthetic defects."""
+    Intensity standardisation and normalisation come later (`normalise`), after augmentation and
+    synthetic defects."""
     x = to_tensor(image)
     _, h, w = x.shape
     if spec.mode == "resize":
@@ -132,11 +136,13 @@ def prepare(image: np.ndarray, spec: InputSpec) -> torch.Tensor:
         views = [canvas]
     else:
         views = [_resize(x[:, t:t + s, l:l + s2], spec.size, spec.size) for t, l, s, s2 in tile_boxes(h, w)]
-    stacked = torch.stack(views)
-    return standardise_intensity(stacked) if spec.intensity == "standardise" else stacked
+    return torch.stack(views)
 
 
 def normalise(batch: torch.Tensor, spec: InputSpec) -> torch.Tensor:
+    """A batch of views as the network takes it: intensity policy, then the backbone's normalisation."""
+    if spec.intensity == "standardise":
+        batch = standardise_intensity(batch)
     mean = torch.tensor(spec.mean, dtype=batch.dtype, device=batch.device).view(1, 3, 1, 1)
     std = torch.tensor(spec.std, dtype=batch.dtype, device=batch.device).view(1, 3, 1, 1)
     return (batch - mean) / std

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from fsad_core.preprocess import (STANDARD_MEAN, STANDARD_SPREAD, InputSpec, is_grey, letterbox_geometry,
-                                  map_to_image, prepare, resolve_intensity, stretch_warning, tile_boxes)
+                                  map_to_image, normalise, prepare, resolve_intensity, standardise_intensity,
+                                  stretch_warning, tile_boxes)
 
 
 def _image(h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -79,23 +80,29 @@ def test_plain_resize_of_parts_of_mixed_shapes_gets_a_note():
 @pytest.mark.parametrize("mode", ["resize", "tile"])
 def test_standardised_views_have_the_standard_grey_levels_and_ignore_exposure(mode):
     image = _image(60, 150)
-    views = prepare(image, InputSpec(64, mode, intensity="standardise"))
-    assert float(views.mean()) == pytest.approx(STANDARD_MEAN, abs=1e-5)
-    assert float(views.std()) == pytest.approx(STANDARD_SPREAD, abs=1e-5)
+    spec = InputSpec(64, mode, intensity="standardise")
+    views = standardise_intensity(prepare(image, spec))
+    assert views.shape[0] == (3 if mode == "tile" else 1)
+    for view in views:  # each view on its own, as every view that enters the network
+        assert float(view.mean()) == pytest.approx(STANDARD_MEAN, abs=1e-5)
+        assert float(view.std()) == pytest.approx(STANDARD_SPREAD, abs=1e-5)
     # The same part shot darker and with less gain: an affine change of grey levels that the
     # standardisation undoes (up to the uint8 rounding of the darker shot).
     darker = np.round(image.astype(np.float64) * 0.6 + 20).astype(np.uint8)
-    torch.testing.assert_close(prepare(darker, InputSpec(64, mode, intensity="standardise")), views,
-                               atol=0.02, rtol=0)
+    torch.testing.assert_close(standardise_intensity(prepare(darker, spec)), views, atol=0.02, rtol=0)
     raw = prepare(image, InputSpec(64, mode))
     assert not torch.allclose(prepare(darker, InputSpec(64, mode)), raw, atol=0.02)
+    # prepare keeps [0, 1] whatever the policy; normalise applies the policy, then the backbone's statistics
+    torch.testing.assert_close(prepare(image, spec), raw)
     assert 0.0 <= float(raw.min()) and float(raw.max()) <= 1.0
+    torch.testing.assert_close(normalise(raw, spec), normalise(views, InputSpec(64, mode)))
+    assert not torch.allclose(normalise(raw, spec), normalise(raw, InputSpec(64, mode)))
 
 
 def test_a_blank_image_standardises_to_the_standard_mean_and_an_unknown_policy_is_refused():
-    blank = np.full((40, 40, 3), 200, np.uint8)
-    torch.testing.assert_close(prepare(blank, InputSpec(32, intensity="standardise")),
-                               torch.full((1, 3, 32, 32), STANDARD_MEAN), atol=1e-4, rtol=0)
+    blank = prepare(np.full((40, 40, 3), 200, np.uint8), InputSpec(32))
+    torch.testing.assert_close(standardise_intensity(blank), torch.full((1, 3, 32, 32), STANDARD_MEAN),
+                               atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="intensity"):
         InputSpec(32, intensity="equalise")
 
