@@ -54,7 +54,6 @@ def image_auroc(labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np
     return float(roc_auc_score(y, s))
 
 
-
 def defect_type_aurocs(labels: Sequence[int] | np.ndarray, defect_types: Sequence[str],
                        scores: Sequence[float] | np.ndarray) -> dict[str, float]:
     """Image AUROC of each defect type against all normal images: which kinds of defect a model
@@ -72,6 +71,7 @@ def defect_type_aurocs(labels: Sequence[int] | np.ndarray, defect_types: Sequenc
         keep = normal | (types == name)
         out[str(name)] = float(roc_auc_score(y[keep], s[keep]))
     return out
+
 
 def _flatten_pixels(masks: Sequence[np.ndarray], maps: Sequence[np.ndarray],
                     label_regions: bool) -> tuple[np.ndarray, np.ndarray]:

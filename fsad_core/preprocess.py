@@ -3,8 +3,9 @@
 The resize policy is part of a product's configuration, because parts differ: `resize`
 (plain, may change the aspect ratio), `letterbox` (aspect-preserving resize, padded with the
 edge colour) and `tile` (the long side is cut into square tiles, each scored separately). So is
-the intensity policy: `raw` grey levels, or `standardise`d per image, for parts whose shots differ
-in exposure or gain; `auto` takes `standardise` for grey images and `raw` for colour ones.
+the intensity policy: `raw` grey levels, or `standardise`d (every view to one mean and spread), for
+parts whose shots differ in exposure or gain; `auto` takes `standardise` for grey images and `raw`
+for colour ones.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ INTENSITY_POLICIES = ("auto", *INTENSITY_MODES)  # what a configuration may ask 
 # Mean deviation of an image's channels from their mean, in grey levels, below which it is grey:
 # a grey shot stored as RGB (or through a JPEG's colour planes) stays within it, a colour photo not.
 GREY_TOLERANCE = 1.0
-# The grey-level mean and spread `standardise` gives every image: about those of the photographs
+# The grey-level mean and spread `standardise` gives every view: about those of the photographs
 # the ImageNet backbones learned from.
 STANDARD_MEAN, STANDARD_SPREAD = 0.45, 0.22
 
