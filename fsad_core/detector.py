@@ -42,7 +42,7 @@ from .losses import LossWeights
 from .negatives import NEGATIVE_KINDS, synthesize
 from .network import Network, check_pooling
 from .patch_memory import PatchMemory, patch_features, smooth_and_upsample
-from .preprocess import InputSpec, map_to_image, normalise, prepare, resolve_intensity
+from .preprocess import InputSpec, check_intensity_policy, map_to_image, normalise, prepare, resolve_intensity
 from .provenance import cpu_description, library_versions
 
 FORMAT_VERSION = 1
@@ -80,7 +80,7 @@ class DetectorConfig:
             raise ValueError(f"score {self.score!r}: one of {SCORE_KINDS}")
         check_pooling(self.pooling)  # here too, so a bad override fails before any fit
         check_false_alarm_target(self.target_false_alarm_rate)  # here too, before any fit
-        resolve_intensity(self.intensity, [])  # validates the policy
+        check_intensity_policy(self.intensity)  # here too, before any fit
         InputSpec(self.size, self.resize)  # validates size and mode
         InputSpec(self.patch_side, self.resize)
 

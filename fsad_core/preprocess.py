@@ -95,13 +95,17 @@ def is_grey(image: np.ndarray) -> bool:
     return float(np.abs(x - x.mean(axis=2, keepdims=True)).mean()) < GREY_TOLERANCE
 
 
+def check_intensity_policy(policy: str) -> None:
+    if policy not in INTENSITY_POLICIES:
+        raise ValueError(f"intensity {policy!r}: one of {INTENSITY_POLICIES}")
+
+
 def resolve_intensity(policy: str, images: list[np.ndarray]) -> str:
     """The intensity mode a fit uses: `auto` standardises grey products and keeps colour ones raw.
 
     A grey camera's exposure and gain vary from shot to shot and say little about the part; on the
     grey sets we measured, standardising helped, on the colour one it did not (README "Measured")."""
-    if policy not in INTENSITY_POLICIES:
-        raise ValueError(f"intensity {policy!r}: one of {INTENSITY_POLICIES}")
+    check_intensity_policy(policy)
     if policy != "auto":
         return policy
     return "standardise" if images and all(is_grey(img) for img in images) else "raw"
