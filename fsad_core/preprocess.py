@@ -22,6 +22,7 @@ INTENSITY_POLICIES = ("auto", *INTENSITY_MODES)  # what a configuration may ask 
 # Mean deviation of an image's channels from their mean, in grey levels, below which it is grey:
 # a grey shot stored as RGB (or through a JPEG's colour planes) stays within it, a colour photo not.
 GREY_TOLERANCE = 1.0
+GREY_BAND_ROWS = 256  # rows `is_grey` converts to float at a time
 # The grey-level mean and spread `standardise` gives every view: about those of the photographs
 # the ImageNet backbones learned from.
 STANDARD_MEAN, STANDARD_SPREAD = 0.45, 0.22
@@ -90,9 +91,14 @@ def tile_boxes(h: int, w: int) -> list[tuple[int, int, int, int]]:
 
 
 def is_grey(image: np.ndarray) -> bool:
-    """Whether an HxWx3 uint8 image carries grey levels only (its three channels agree)."""
-    x = image.astype(np.float32)
-    return float(np.abs(x - x.mean(axis=2, keepdims=True)).mean()) < GREY_TOLERANCE
+    """Whether an HxWx3 uint8 image carries grey levels only (its three channels agree).
+
+    Taken over bands of rows, so a large part costs a band's float copy, not the whole image's."""
+    total = 0.0
+    for top in range(0, image.shape[0], GREY_BAND_ROWS):
+        x = image[top:top + GREY_BAND_ROWS].astype(np.float32)
+        total += float(np.abs(x - x.mean(axis=2, keepdims=True)).sum(dtype=np.float64))
+    return total / max(image.size, 1) < GREY_TOLERANCE
 
 
 def check_intensity_policy(policy: str) -> None:

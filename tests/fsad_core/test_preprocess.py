@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from fsad_core.preprocess import (STANDARD_MEAN, STANDARD_SPREAD, InputSpec, is_grey, letterbox_geometry,
-                                  map_to_image, normalise, prepare, resolve_intensity, standardise_intensity,
-                                  stretch_warning, tile_boxes)
+from fsad_core.preprocess import (GREY_TOLERANCE, STANDARD_MEAN, STANDARD_SPREAD, InputSpec, is_grey,
+                                  letterbox_geometry, map_to_image, normalise, prepare, resolve_intensity,
+                                  standardise_intensity, stretch_warning, tile_boxes)
 
 
 def _image(h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -119,3 +119,13 @@ def test_auto_intensity_standardises_grey_products_and_keeps_colour_ones_raw():
     assert resolve_intensity("raw", [grey]) == "raw" and resolve_intensity("standardise", [tinted]) == "standardise"
     with pytest.raises(ValueError, match="intensity"):
         resolve_intensity("equalise", [grey])
+
+
+def test_is_grey_reads_a_tall_image_band_by_band_and_sees_colour_in_its_last_band():
+    rng = np.random.default_rng(1)
+    tall = np.repeat(rng.integers(0, 256, (600, 30, 1), dtype=np.uint8), 3, axis=2)  # three bands
+    tinted_at_the_bottom = tall.copy()
+    tinted_at_the_bottom[520:, :, 0] //= 2
+    x = tinted_at_the_bottom.astype(np.float64)
+    assert np.abs(x - x.mean(axis=2, keepdims=True)).mean() > GREY_TOLERANCE  # the whole-image reading
+    assert is_grey(tall) and not is_grey(tinted_at_the_bottom)
