@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default=None, help="local checkpoint for the backbone instead of the bundled weights")
     p.add_argument("--size", type=int, default=None, help="input size in pixels (square)")
     p.add_argument("--patch-size", type=int, default=None,
-                   help="input size of the patch branch (default: --size); larger finds smaller defects")
+                   help="input size of the patch branch (default: the method's, 320); larger finds smaller defects")
     p.add_argument("--resize", choices=RESIZE_CHOICES, default=None,
                    help="input resize policy (default: the method's, tile: square tiles along the long side)")
     p.add_argument("--intensity", choices=INTENSITY_CHOICES, default=None, help=INTENSITY_HELP)

@@ -32,7 +32,7 @@ DEMO_K = 6
 DATA_K = 8
 DATA_MAX_EVAL = 40  # stratified subset of a real category's test set: keeps the demo in minutes
 DEMO_TRAINING = {  # small on purpose: the demo must finish in minutes on two busy CPU cores
-    "size": 128, "pool_views": 24, "negatives": 16, "calibration_negatives": 12, "memory_views": 2,
+    "size": 128, "patch_size": 128, "pool_views": 24, "negatives": 16, "calibration_negatives": 12, "memory_views": 2,
     "finetune": {"steps": 20, "normals_per_batch": 12, "negatives_per_batch": 6},
 }
 _PREFECT_STARTUP_S = 180  # the ephemeral API server starts slowly on busy small machines

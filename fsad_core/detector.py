@@ -57,7 +57,7 @@ class DetectorConfig:
     size: int = 224
     resize: str = "resize"
     intensity: str = "auto"       # preprocess.INTENSITY_POLICIES; a fitted model holds the mode `auto` chose
-    patch_size: int | None = None  # input side of the patch branch (None: `size`); see `Detector`
+    patch_size: int | None = 320  # input side of the patch branch (None: `size`); see the module docstring
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     finetune: FinetuneConfig | None = field(default_factory=FinetuneConfig)
     split: int = 4
@@ -103,6 +103,7 @@ class DetectorConfig:
     def from_dict(cls, d: dict) -> "DetectorConfig":
         d = dict(d)
         d.setdefault("intensity", "raw")  # models saved before the policy existed were fitted on raw levels
+        d.setdefault("patch_size", None)  # and before the patch branch had its own side, on one side
         d["augment"] = AugmentConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d["augment"].items()})
         if d.get("finetune"):
             ft = dict(d["finetune"])

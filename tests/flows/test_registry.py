@@ -27,7 +27,7 @@ from fsad_core.metrics import image_auroc
 from fsad_core.synthetic import make_category
 
 PRODUCT = "regtest"
-TINY = {"size": 64, "pool_views": 16, "negatives": 4, "calibration_negatives": 4, "memory_views": 1}
+TINY = {"size": 64, "patch_size": 64, "pool_views": 16, "negatives": 4, "calibration_negatives": 4, "memory_views": 1}
 CLEARED = ("FSAD_STORAGE", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "FSAD_TRAIN_OVERRIDES", "FSAD_GATE_MIN_AUROC",
            "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL")
 

@@ -33,7 +33,7 @@ from fsad_core.synthetic import make_category
 
 P = "washer"
 U_GOOD, U_SAME, U_WORSE, U_CORRUPT, U_PARTIAL = (f"20260101T00000{i}Z-abc00{i}" for i in range(1, 6))
-TINY = {"size": 64, "pool_views": 16, "negatives": 4, "calibration_negatives": 4, "memory_views": 1,
+TINY = {"size": 64, "patch_size": 64, "pool_views": 16, "negatives": 4, "calibration_negatives": 4, "memory_views": 1,
         "finetune": {"steps": 3, "normals_per_batch": 8, "negatives_per_batch": 4}}
 CLEARED = ("FSAD_STORAGE", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "FSAD_GATE_MIN_AUROC", "FSAD_DEVICE",
            "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL", "PREFECT_API_URL")

@@ -24,7 +24,7 @@ from fsad_core.metrics import image_auroc, pixel_auroc
 from fsad_core.provenance import cpu_description, library_versions
 from fsad_core.synthetic import make_category
 
-SMALL = dict(size=96, pool_views=16, negatives=8, calibration_negatives=8, memory_views=2)
+SMALL = dict(size=96, patch_size=None, pool_views=16, negatives=8, calibration_negatives=8, memory_views=2)
 
 
 @pytest.fixture(scope="module")
@@ -79,10 +79,13 @@ def test_artifact_round_trip_gives_identical_scores_without_pickle(fitted, washe
     assert again.threshold == detector.threshold
     # The washer is a colour product: `auto` kept its grey levels raw, and the model says so.
     assert detector.config.intensity == "raw" and config["detector"]["intensity"] == "raw"
-    # A model saved before the intensity policy existed was fitted on raw grey levels.
-    del config["detector"]["intensity"]
+    # A model saved before the intensity policy existed was fitted on raw grey levels, and one saved
+    # before the patch branch had its own side on a single side, whatever today's defaults are.
+    del config["detector"]["intensity"], config["detector"]["patch_size"]
     (folder / "config.json").write_text(json.dumps(config))
-    assert Detector.load(folder, device="cpu").config.intensity == "raw"
+    old = Detector.load(folder, device="cpu")
+    assert old.config.intensity == "raw" and old.config.patch_side == old.config.size == SMALL["size"]
+    np.testing.assert_allclose(old.score(images).scores, a.scores, rtol=1e-5)
 
 
 def test_model_keeps_the_pooling_it_was_fitted_with(washer, tmp_path):
@@ -147,6 +150,8 @@ def test_single_image_fit_uses_held_out_views(washer):
 
 
 def test_patch_branch_at_its_own_input_side(washer, tmp_path):
+    # The default patch branch sees more of the part than the image branch (measured: README).
+    assert DetectorConfig().patch_side == 320 > DetectorConfig().size
     # Image branch at 64 px, patch branch at 96 px: maps at the patch side, at image size after scoring.
     config = replace(method_config("pretrained"), **{**SMALL, "size": 64, "patch_size": 96})
     images = [s.image() for s in washer.sample_k_shot(2, 0)]

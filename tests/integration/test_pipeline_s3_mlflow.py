@@ -20,7 +20,7 @@ pytestmark = pytest.mark.integration
 
 P = "bolt"
 U_GOOD, U_SAME, U_WORSE, U_CORRUPT = (f"20260201T00000{i}Z-def00{i}" for i in range(1, 5))
-TINY = {"size": 64, "pool_views": 16, "negatives": 4, "calibration_negatives": 4, "memory_views": 1,
+TINY = {"size": 64, "patch_size": 64, "pool_views": 16, "negatives": 4, "calibration_negatives": 4, "memory_views": 1,
         "finetune": {"steps": 3, "normals_per_batch": 8, "negatives_per_batch": 4}}
 QUIET = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
 
