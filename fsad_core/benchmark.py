@@ -93,7 +93,7 @@ class CategoryCache:
 
 def method_label(method: str, **overrides: object) -> str:
     """The method's name in records and tables, with any DetectorConfig override that is set, so
-    that runs with and without one never share a row: `default`, `default[patch_size=320]`."""
+    that runs with and without one never share a row: `default`, `default[patch_size=224]`."""
     return method + "".join(f"[{name}={value}]" for name, value in overrides.items() if value is not None)
 
 
