@@ -53,8 +53,8 @@ def test_a_false_alarm_target_outside_zero_to_one_is_refused_before_any_fit(cate
 def test_train_then_score_writes_csv_and_maps_and_reports_bad_files(category, tmp_path):
     model = tmp_path / "model"
     out = run("train", "--data", str(category), "--k", "2", "--seed", "0", "--out", str(model),
-              "--method", "pretrained", "--size", "64", "--patch-size", "64", "--score", "patch", "--false-alarm-target", "0.05",
-              "--device", "cpu")
+              "--method", "pretrained", "--size", "64", "--patch-size", "64", "--score", "patch",
+              "--false-alarm-target", "0.05", "--device", "cpu")
     assert out.returncode == 0, out.stderr
     config = json.loads((model / "config.json").read_text())
     assert config["detector"]["score"] == "patch" and config["threshold"]["value"] > 0
