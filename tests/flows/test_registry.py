@@ -25,9 +25,9 @@ from fsad_core.data import load_category
 from fsad_core.detector import Detector
 from fsad_core.metrics import image_auroc
 from fsad_core.synthetic import make_category
+from tests.tiny_training import TINY_TRAINING
 
 PRODUCT = "regtest"
-TINY = {"size": 64, "patch_size": 64, "pool_views": 16, "negatives": 4, "calibration_negatives": 4, "memory_views": 1}
 CLEARED = ("FSAD_STORAGE", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "FSAD_TRAIN_OVERRIDES", "FSAD_GATE_MIN_AUROC",
            "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL")
 
@@ -48,7 +48,7 @@ def fitted(tmp_path_factory):
     root = make_category(tmp_path_factory.mktemp("data") / "washer", kind="object", n_train=2, n_test_good=4,
                          n_test_defect=4, size=96, seed=5)
     cat = load_category(root)
-    config = training_config("pretrained", 0, TINY)
+    config = training_config("pretrained", 0, TINY_TRAINING)
     detector, report = Detector.fit([s.image() for s in cat.train], config, device="cpu")
     images = [s.image() for s in cat.test]
     labels = [s.label for s in cat.test]

@@ -30,11 +30,10 @@ from flows.upload import ManifestError, content_sha256, describe_image, sha256_h
 from fsad_core.data import load_category
 from fsad_core.imageio import read_image
 from fsad_core.synthetic import make_category
+from tests.tiny_training import TINY_TRAINING
 
 P = "washer"
 U_GOOD, U_SAME, U_WORSE, U_CORRUPT, U_PARTIAL = (f"20260101T00000{i}Z-abc00{i}" for i in range(1, 6))
-TINY = {"size": 64, "patch_size": 64, "pool_views": 16, "negatives": 4, "calibration_negatives": 4, "memory_views": 1,
-        "finetune": {"steps": 3, "normals_per_batch": 8, "negatives_per_batch": 4}}
 CLEARED = ("FSAD_STORAGE", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "FSAD_GATE_MIN_AUROC", "FSAD_DEVICE",
            "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL", "PREFECT_API_URL")
 
@@ -49,7 +48,7 @@ def env(tmp_path_factory):
         for name in CLEARED:
             mp.delenv(name, raising=False)
         mp.setenv("FSAD_HOME", str(home))
-        mp.setenv("FSAD_TRAIN_OVERRIDES", json.dumps(TINY))
+        mp.setenv("FSAD_TRAIN_OVERRIDES", json.dumps(TINY_TRAINING))
         mp.setenv("FSAD_DEVICE", "cpu")
         with prefect_test_harness(server_startup_timeout=180), \
                 temporary_settings(updates={"results.local_storage_path": str(home / "prefect-results")}):
@@ -105,7 +104,8 @@ def test_good_upload_becomes_a_verified_champion(env, sets, tmp_path):
     assert run.data.params["upload_id"] == U_GOOD and run.data.params["content_sha256"] == summary["content_sha256"]
     assert run.data.params["intensity"] == "raw"  # the mode `auto` took for a colour product, not "auto"
     assert "benchmark_auroc" in run.data.metrics and run.data.tags["fsad.status"] == "trained"
-    assert len(mlflow.MlflowClient().get_metric_history(run.info.run_id, "train_loss")) == TINY["finetune"]["steps"]
+    losses = mlflow.MlflowClient().get_metric_history(run.info.run_id, "train_loss")
+    assert len(losses) == TINY_TRAINING["finetune"]["steps"]
 
 
 def test_same_content_is_not_trained_twice(env, sets):
@@ -258,6 +258,6 @@ def test_product_lock_admits_one_retraining_per_product_at_a_time(env):
 
 def test_settings_come_from_the_environment(env):
     s = load_settings()
-    assert s.embedded_tracking and s.storage_url.endswith("store") and s.train_overrides == TINY
+    assert s.embedded_tracking and s.storage_url.endswith("store") and s.train_overrides == TINY_TRAINING
     tracking.configure(s)
     assert mlflow.get_tracking_uri() == s.tracking_uri

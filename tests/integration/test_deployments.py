@@ -33,13 +33,12 @@ from fsad_core.data import load_category
 from fsad_core.synthetic import make_category
 from infra.config import WORK_POOL, free_port_env
 from infra.stack import StackInfo, running
+from tests.tiny_training import TINY_TRAINING
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1500)]
 
 ROOT = Path(__file__).resolve().parents[2]
 PRODUCT = "washer"
-TINY_TRAINING = {"size": 64, "patch_size": 64, "pool_views": 16, "negatives": 4, "calibration_negatives": 4,
-                 "memory_views": 1, "finetune": {"steps": 2}}
 QUIET = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
 NAMES = {"retrain-scheduled": "retrain-due/retrain-scheduled", "retrain-on-upload": "retrain/retrain-on-upload",
          "upload-sensor": "upload-sensor/upload-sensor", "benchmark": "benchmark/benchmark"}

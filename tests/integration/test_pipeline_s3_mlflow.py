@@ -16,12 +16,12 @@ from pathlib import Path
 import mlflow
 import pytest
 
+from tests.tiny_training import TINY_TRAINING
+
 pytestmark = pytest.mark.integration
 
 P = "bolt"
 U_GOOD, U_SAME, U_WORSE, U_CORRUPT = (f"20260201T00000{i}Z-def00{i}" for i in range(1, 5))
-TINY = {"size": 64, "patch_size": 64, "pool_views": 16, "negatives": 4, "calibration_negatives": 4, "memory_views": 1,
-        "finetune": {"steps": 3, "normals_per_batch": 8, "negatives_per_batch": 4}}
 QUIET = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
 
 
@@ -38,7 +38,7 @@ def stack(tmp_path_factory) -> Iterator[object]:
         for key, value in {**free_port_env(), **QUIET}.items():
             mp.setenv(key, value)
         with running(home) as info:
-            for key, value in {**info.env(), "FSAD_HOME": str(home), "FSAD_TRAIN_OVERRIDES": json.dumps(TINY),
+            for key, value in {**info.env(), "FSAD_HOME": str(home), "FSAD_TRAIN_OVERRIDES": json.dumps(TINY_TRAINING),
                                "FSAD_DEVICE": "cpu"}.items():
                 mp.setenv(key, value)
             mp.delenv("FSAD_GATE_MIN_AUROC", raising=False)

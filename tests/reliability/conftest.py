@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-TINY = {"size": 64, "patch_size": 64, "pool_views": 16, "negatives": 4, "calibration_negatives": 4, "memory_views": 1,
-        "finetune": {"steps": 3, "normals_per_batch": 8, "negatives_per_batch": 4}}
+from tests.tiny_training import TINY_TRAINING
+
 CLEARED = ("FSAD_STORAGE", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "FSAD_GATE_MIN_AUROC", "FSAD_DEVICE",
            "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL", "PREFECT_API_URL", "AWS_ACCESS_KEY_ID",
            "AWS_SECRET_ACCESS_KEY", "FSAD_MAX_PIXELS")
@@ -41,7 +41,7 @@ def embedded_env(mp: pytest.MonkeyPatch, home: Path) -> None:
     for name in CLEARED:
         mp.delenv(name, raising=False)
     mp.setenv("FSAD_HOME", str(home))
-    mp.setenv("FSAD_TRAIN_OVERRIDES", json.dumps(TINY))
+    mp.setenv("FSAD_TRAIN_OVERRIDES", json.dumps(TINY_TRAINING))
     mp.setenv("FSAD_DEVICE", "cpu")
 
 

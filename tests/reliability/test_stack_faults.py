@@ -24,7 +24,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from conftest import CLEARED, TINY, noise_rgb, png_bytes
+from conftest import CLEARED, noise_rgb, png_bytes
 from flows import registry
 from flows.storage import S3Store, StorageError, StorageKeyError, manifest_key, quarantine_prefix, upload_prefix
 from flows.upload import upload_folder
@@ -34,6 +34,7 @@ from infra.netcheck import non_loopback
 from infra.probes import http_status
 from infra.s3client import make_s3_client
 from infra.stack import StackInfo, listening_addresses, running, up
+from tests.tiny_training import TINY_TRAINING
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -52,7 +53,7 @@ def stack(tmp_path_factory) -> Iterator[tuple[StackInfo, Path, dict[str, str]]]:
         for key, value in {**free_port_env(), **quiet}.items():
             mp.setenv(key, value)
         with running(home) as info:
-            env = {**info.env(), "FSAD_HOME": str(home / "client"), "FSAD_TRAIN_OVERRIDES": json.dumps(TINY),
+            env = {**info.env(), "FSAD_HOME": str(home / "client"), "FSAD_TRAIN_OVERRIDES": json.dumps(TINY_TRAINING),
                    "FSAD_DEVICE": "cpu", "FSAD_GATE_MIN_AUROC": "0", "PREFECT_HOME": str(home / "prefect-client"),
                    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
             for key, value in env.items():
