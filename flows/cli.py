@@ -10,7 +10,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-# fsad_core's RESIZE_MODES, INTENSITY_POLICIES, SCORE_KINDS and POOLINGS, spelled out so that `--help` does
+# fsad_core's RESIZE_MODES, INTENSITY_POLICIES, SCORE_KINDS, POOLINGS and bundled backbones, spelled out so that `--help` does
 # not import torch (a test pins them equal)
 RESIZE_CHOICES = ("resize", "letterbox", "tile")
 INTENSITY_CHOICES = ("auto", "raw", "standardise")
@@ -18,6 +18,7 @@ INTENSITY_HELP = ("grey levels as shot, or standardised per image for parts whos
                   "auto (the default) standardises grey images and keeps colour ones raw")
 SCORE_CHOICES = ("mahalanobis", "patch", "fused")
 POOLING_CHOICES = ("mean", "mean+std", "mean+std+max")
+BACKBONE_CHOICES = ("tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2")
 POOLING_HELP = "statistics over positions of the image-level embeddings (default: the method's, mean+std+max)"
 FALSE_ALARM_HELP = ("share of normal images the unsupervised threshold may flag (default 0.01); with few images "
                     "the threshold is wide, a higher target catches more defects")
@@ -138,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", default=None, help="also write the table as Markdown here")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--max-test", type=int, default=None, help="score at most this many test images (stratified), for quick runs")
+    p.add_argument("--backbone", choices=BACKBONE_CHOICES, default=None,
+                   help="a backbone with bundled weights for every method (default: each method's, "
+                        "tf_efficientnet_lite0); the row is labelled with it")
     p.add_argument("--size", type=int, default=None, help="input size override for every method (default: each method's)")
     p.add_argument("--patch-size", type=int, default=None,
                    help="patch-branch input size override for every method; the row is labelled with it")

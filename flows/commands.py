@@ -38,7 +38,7 @@ class Progress:
 
 
 # DetectorConfig fields that `fsad train` and `fsad bench` both take as options (None: the method's own).
-CONFIG_OPTIONS = ("size", "patch_size", "resize", "intensity", "pooling", "target_false_alarm_rate")
+CONFIG_OPTIONS = ("backbone", "size", "patch_size", "resize", "intensity", "pooling", "target_false_alarm_rate")
 
 
 def _config_options(args: argparse.Namespace) -> dict[str, object]:
@@ -49,8 +49,8 @@ def train(args: argparse.Namespace) -> int:
     category = load_category(args.data)
     samples = category.sample_k_shot(args.k, args.seed)
     images = [s.image() for s in samples]
-    config = method_config(args.method, seed=args.seed, backbone=args.backbone, weights=args.weights,
-                           score=args.score, **_config_options(args))
+    config = method_config(args.method, seed=args.seed, weights=args.weights, score=args.score,
+                           **_config_options(args))
     if note := stretch_warning([img.shape for img in images], config.resize):
         print(f"note: {note} (--resize tile)", file=sys.stderr)
     detector, report = Detector.fit(images, config, device=args.device, progress=Progress(f"train k={args.k}"))

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from flows.cli import INTENSITY_CHOICES, POOLING_CHOICES, RESIZE_CHOICES, SCORE_CHOICES
+from flows.cli import BACKBONE_CHOICES, INTENSITY_CHOICES, POOLING_CHOICES, RESIZE_CHOICES, SCORE_CHOICES
+from fsad_core.backbone import list_backbones
 from fsad_core.detector import SCORE_KINDS
 from fsad_core.network import POOLINGS
 from fsad_core.preprocess import INTENSITY_POLICIES, RESIZE_MODES
@@ -77,12 +78,13 @@ def test_train_then_score_writes_csv_and_maps_and_reports_bad_files(category, tm
 def test_bench_writes_the_json_contract(category, tmp_path):
     out_json, report = tmp_path / "r.json", tmp_path / "r.md"
     out = run("bench", "--data", str(category), "--k", "1", "2", "--seeds", "0", "--methods", "pretrained",
-              "--size", "64", "--patch-size", "96", "--resize", "letterbox", "--pooling", "mean+std+max",
-              "--false-alarm-target", "0.05", "--out", str(out_json), "--report", str(report), "--device", "cpu")
+              "--backbone", "tf_efficientnet_lite1", "--size", "64", "--patch-size", "96", "--resize", "letterbox",
+              "--pooling", "mean+std+max", "--false-alarm-target", "0.05", "--out", str(out_json), "--report", str(report), "--device", "cpu")
     assert out.returncode == 0, out.stderr
     result = json.loads(out_json.read_text())
     assert len(result["records"]) == 2 and result["environment"]["timm"] and result["environment"]["cpu"]
-    label = "pretrained[size=64][patch_size=96][resize=letterbox][pooling=mean+std+max][target_false_alarm_rate=0.05]"
+    label = ("pretrained[backbone=tf_efficientnet_lite1][size=64][patch_size=96][resize=letterbox]"
+             "[pooling=mean+std+max][target_false_alarm_rate=0.05]")
     keys = {"dataset", "category", "method", "k", "seed", "image_auroc", "pixel_auroc", "aupro", "f1",
             "fit_seconds", "score_ms_per_image", "peak_rss_mb"}
     for r in result["records"]:
@@ -140,3 +142,4 @@ def test_choices_are_the_library_modes():
     assert INTENSITY_CHOICES == INTENSITY_POLICIES
     assert SCORE_CHOICES == SCORE_KINDS
     assert POOLING_CHOICES == POOLINGS
+    assert list(BACKBONE_CHOICES) == list_backbones()
