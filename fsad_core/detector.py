@@ -46,6 +46,7 @@ from .preprocess import InputSpec, check_intensity_policy, map_to_image, normali
 from .provenance import cpu_description, library_versions
 
 FORMAT_VERSION = 1
+MAX_FOLDS = 8  # held-out folds of the normal images for calibration (one image each up to k = 8)
 SCORE_KINDS = ("mahalanobis", "patch", "fused")
 Progress = Callable[[str, int, int], None]
 
@@ -224,17 +225,23 @@ class Detector:
         # between parts); a held-out part scores as its worst tile, as in `score`. With one image:
         # held-out augmented views instead (the first half of the views fits, the second half is
         # scored; each view index across the tiles stands for one part).
+        # Beyond MAX_FOLDS images, images share folds (image i in fold i mod MAX_FOLDS): each is still
+        # scored by a model that never saw it, and the fit's cost stops growing with k squared (a
+        # greedy coreset per fold over the patches of all the fold's other images).
         if n_images >= 2:
-            rule = "leave-one-out over the k normal images"
-            folds = [(image_of_view != i, (image_of_view == i) & (view_in_image == 0), image_of_view == i)
-                     for i in range(n_images)]
+            n_folds = min(n_images, MAX_FOLDS)
+            rule = ("leave-one-out over the k normal images" if n_folds == n_images else
+                    f"{n_folds}-fold held-out scores of the k normal images")
+            fold_of_view = image_of_view % n_folds
+            folds = [(fold_of_view != i, (fold_of_view == i) & (view_in_image == 0), fold_of_view == i)
+                     for i in range(n_folds)]
             part_of_view = image_of_view
         else:
             rule = "held-out augmented views of the single normal image"
             fit_half = view_in_image < per_image // 2
             folds = [(fit_half, ~fit_half, ~fit_half)]
             part_of_view = view_in_image
-        cal_per_fold = max(2, config.calibration_negatives // n_images) if config.calibration_negatives > 0 else 0
+        cal_per_fold = max(2, config.calibration_negatives // len(folds)) if config.calibration_negatives > 0 else 0
         normal_parts: list[dict[str, np.ndarray]] = []
         synth_parts: list[dict[str, np.ndarray]] = []
         for keep, held, negatives_from in folds:

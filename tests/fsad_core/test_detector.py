@@ -185,6 +185,17 @@ def test_tiled_parts_are_left_out_whole_and_score_as_their_worst_tile(washer):
     assert single.meta["tiles"] == 2 and single_report.normal_rule.startswith("held-out augmented views")
 
 
+def test_beyond_max_folds_images_share_folds_and_each_is_still_scored_once(washer, monkeypatch):
+    # k = 4 with at most 2 folds stands for k = 16 with 8: every image gets one held-out score.
+    monkeypatch.setattr("fsad_core.detector.MAX_FOLDS", 2)
+    config = replace(method_config("pretrained"), **SMALL)
+    detector, report = Detector.fit([s.image() for s in washer.sample_k_shot(4, 0)], config, device="cpu")
+    assert report.normal_rule == "2-fold held-out scores of the k normal images"
+    assert len(report.normal_scores["fused"]) == 4 and detector.meta["k"] == 4
+    assert len(report.synthetic_scores["fused"]) == SMALL["calibration_negatives"]  # 4 from each fold
+    assert detector.threshold.value > max(report.normal_scores["fused"])
+
+
 def test_fusion_scales_single_image_use_the_synthetic_gap():
     normal = {"mahalanobis": np.array([10.0, 11, 12]), "patch": np.array([1.0, 1.1, 1.2])}
     synthetic = {"mahalanobis": np.array([50.0, 60, 70]), "patch": np.array([2.0, 2.1, 2.2])}
