@@ -10,16 +10,16 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-# fsad_core's RESIZE_MODES, INTENSITY_POLICIES, SCORE_KINDS, POOLINGS and bundled backbones, spelled out so that `--help` does
-# not import torch (a test pins them equal)
+# fsad_core's RESIZE_MODES, INTENSITY_POLICIES, SCORE_KINDS, POOLINGS and bundled backbones, spelled out so
+# that `--help` does not import torch (a test pins them equal)
 RESIZE_CHOICES = ("resize", "letterbox", "tile")
 INTENSITY_CHOICES = ("auto", "raw", "standardise")
 INTENSITY_HELP = ("grey levels as shot, or standardised per image for parts whose shots differ in exposure; "
                   "auto (the default) standardises grey images and keeps colour ones raw")
 SCORE_CHOICES = ("mahalanobis", "patch", "fused")
 POOLING_CHOICES = ("mean", "mean+std", "mean+std+max")
-BACKBONE_CHOICES = ("tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2")
 POOLING_HELP = "statistics over positions of the image-level embeddings (default: the method's, mean+std+max)"
+BACKBONE_CHOICES = ("tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2")
 FALSE_ALARM_HELP = ("share of normal images the unsupervised threshold may flag (default 0.01); with few images "
                     "the threshold is wide, a higher target catches more defects")
 

@@ -79,7 +79,8 @@ def test_bench_writes_the_json_contract(category, tmp_path):
     out_json, report = tmp_path / "r.json", tmp_path / "r.md"
     out = run("bench", "--data", str(category), "--k", "1", "2", "--seeds", "0", "--methods", "pretrained",
               "--backbone", "tf_efficientnet_lite1", "--size", "64", "--patch-size", "96", "--resize", "letterbox",
-              "--pooling", "mean+std+max", "--false-alarm-target", "0.05", "--out", str(out_json), "--report", str(report), "--device", "cpu")
+              "--pooling", "mean+std+max", "--false-alarm-target", "0.05", "--out", str(out_json),
+              "--report", str(report), "--device", "cpu")
     assert out.returncode == 0, out.stderr
     result = json.loads(out_json.read_text())
     assert len(result["records"]) == 2 and result["environment"]["timm"] and result["environment"]["cpu"]
