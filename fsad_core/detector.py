@@ -56,7 +56,7 @@ class DetectorConfig:
     backbone: str = "tf_efficientnet_lite0"
     weights: str | None = None
     size: int = 224
-    resize: str = "resize"
+    resize: str = "tile"          # preprocess.RESIZE_MODES; tiles never stretch a part (square: plain resize)
     intensity: str = "auto"       # preprocess.INTENSITY_POLICIES; a fitted model holds the mode `auto` chose
     patch_size: int | None = 320  # input side of the patch branch (None: `size`); see the module docstring
     augment: AugmentConfig = field(default_factory=AugmentConfig)

@@ -172,7 +172,8 @@ def test_tiled_parts_are_left_out_whole_and_score_as_their_worst_tile(washer):
     def wide(left: np.ndarray) -> np.ndarray:
         return np.concatenate([left, washer.train[-1].image()[:, ::-1]], axis=1)
 
-    config = replace(method_config("pretrained"), **SMALL, resize="tile")
+    config = replace(method_config("pretrained"), **SMALL)
+    assert config.resize == "tile"  # the default: nothing stretched
     parts = [wide(s.image()) for s in washer.sample_k_shot(3, 0)]
     detector, report = Detector.fit(parts, config, device="cpu")
     assert detector.meta == {"k": 3, "tiles": 6, "fitted_on": cpu_description(), "fusion_rule": FUSION_LOO}
