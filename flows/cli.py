@@ -113,8 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patch-size", type=int, default=None,
                    help="input size of the patch branch (default: the method's, 320); larger finds smaller defects")
     p.add_argument("--resize", choices=RESIZE_CHOICES, default=None,
-                   help="input resize policy (default: the method's, tile: square tiles along the long side, "
-                        "nothing stretched; resize: plain, to a square)")
+                   help="input resize policy (default: the method's, tile). tile: square tiles along the long "
+                        "side, nothing stretched; resize: plain, to a square; letterbox: padded to a square")
     p.add_argument("--intensity", choices=INTENSITY_CHOICES, default=None, help=INTENSITY_HELP)
     p.add_argument("--pooling", choices=POOLING_CHOICES, default=None, help=POOLING_HELP)
     p.add_argument("--false-alarm-target", dest="target_false_alarm_rate", type=_fraction, default=None, metavar="RATE",
