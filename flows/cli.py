@@ -139,11 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="results JSON path")
     p.add_argument("--report", default=None, help="also write the table as Markdown here")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--max-test", type=int, default=None, help="score at most this many test images (stratified), for quick runs")
+    p.add_argument("--max-test", type=int, default=None,
+                   help="score at most this many test images (stratified), for quick runs")
     p.add_argument("--backbone", choices=BACKBONE_CHOICES, default=None,
                    help="a backbone with bundled weights for every method (default: each method's, "
                         "tf_efficientnet_lite0); the row is labelled with it")
-    p.add_argument("--size", type=int, default=None, help="input size override for every method (default: each method's)")
+    p.add_argument("--size", type=int, default=None,
+                   help="input size override for every method (default: each method's)")
     p.add_argument("--patch-size", type=int, default=None,
                    help="patch-branch input size override for every method; the row is labelled with it")
     p.add_argument("--resize", choices=RESIZE_CHOICES, default=None,
@@ -161,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", action="store_true", help="print a Markdown table")
     columns = p.add_mutually_exclusive_group()
     columns.add_argument("--components", action="store_true",
-                         help="image AUROC of each score component (mahalanobis, patch, fused) instead of the usual columns")
+                         help="image AUROC of each score component (mahalanobis, patch, fused) "
+                              "instead of the usual columns")
     columns.add_argument("--rates", action="store_true",
                          help="F1, false-alarm and miss rate at each model's own calibrated threshold instead")
     columns.add_argument("--defect-types", action="store_true",
