@@ -42,7 +42,8 @@ from .losses import LossWeights
 from .negatives import NEGATIVE_KINDS, synthesize
 from .network import Network, check_pooling
 from .patch_memory import PatchMemory, patch_features, smooth_and_upsample
-from .preprocess import InputSpec, check_intensity_policy, map_to_image, normalise, prepare, resolve_intensity
+from .preprocess import (DEFAULT_RESIZE_MODE, InputSpec, check_intensity_policy, map_to_image, normalise, prepare,
+                         resolve_intensity)
 from .provenance import cpu_description, library_versions
 
 FORMAT_VERSION = 1
@@ -56,7 +57,7 @@ class DetectorConfig:
     backbone: str = "tf_efficientnet_lite0"
     weights: str | None = None
     size: int = 224
-    resize: str = "tile"          # preprocess.RESIZE_MODES; tiles never stretch a part (square: plain resize)
+    resize: str = DEFAULT_RESIZE_MODE  # preprocess.RESIZE_MODES
     intensity: str = "auto"       # preprocess.INTENSITY_POLICIES; a fitted model holds the mode `auto` chose
     patch_size: int | None = 320  # input side of the patch branch (None: `size`); see the module docstring
     augment: AugmentConfig = field(default_factory=AugmentConfig)

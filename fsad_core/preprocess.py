@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 RESIZE_MODES = ("resize", "letterbox", "tile")
+DEFAULT_RESIZE_MODE = "tile"  # never stretches a part; on a square image it is plain resize
 INTENSITY_MODES = ("raw", "standardise")  # what a fitted model uses
 INTENSITY_POLICIES = ("auto", *INTENSITY_MODES)  # what a configuration may ask for
 # Mean deviation of an image's channels from their mean, in grey levels, below which it is grey:
@@ -31,7 +32,7 @@ STANDARD_MEAN, STANDARD_SPREAD = 0.45, 0.22
 @dataclass(frozen=True)
 class InputSpec:
     size: int = 224
-    mode: str = "tile"
+    mode: str = DEFAULT_RESIZE_MODE
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     intensity: str = "raw"
