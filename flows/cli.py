@@ -13,6 +13,8 @@ from collections.abc import Callable, Sequence
 # fsad_core's RESIZE_MODES, INTENSITY_POLICIES, SCORE_KINDS, POOLINGS and bundled backbones, spelled out so
 # that `--help` does not import torch (a test pins them equal)
 RESIZE_CHOICES = ("resize", "letterbox", "tile")
+RESIZE_HELP = ("input resize policy (default: the method's, tile). tile: square tiles along the long side, "
+               "nothing stretched; resize: plain, to a square; letterbox: padded to a square")
 INTENSITY_CHOICES = ("auto", "raw", "standardise")
 INTENSITY_HELP = ("grey levels as shot, or standardised per image for parts whose shots differ in exposure; "
                   "auto (the default) standardises grey images and keeps colour ones raw")
@@ -112,9 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=None, help="input size in pixels (square)")
     p.add_argument("--patch-size", type=int, default=None,
                    help="input size of the patch branch (default: the method's, 320); larger finds smaller defects")
-    p.add_argument("--resize", choices=RESIZE_CHOICES, default=None,
-                   help="input resize policy (default: the method's, tile). tile: square tiles along the long "
-                        "side, nothing stretched; resize: plain, to a square; letterbox: padded to a square")
+    p.add_argument("--resize", choices=RESIZE_CHOICES, default=None, help=RESIZE_HELP)
     p.add_argument("--intensity", choices=INTENSITY_CHOICES, default=None, help=INTENSITY_HELP)
     p.add_argument("--pooling", choices=POOLING_CHOICES, default=None, help=POOLING_HELP)
     p.add_argument("--false-alarm-target", dest="target_false_alarm_rate", type=_fraction, default=None, metavar="RATE",
@@ -149,8 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patch-size", type=int, default=None,
                    help="patch-branch input size override for every method; the row is labelled with it")
     p.add_argument("--resize", choices=RESIZE_CHOICES, default=None,
-                   help="input resize policy for every method (default: each method's, tile); "
-                        "the row is labelled with it")
+                   help=RESIZE_HELP + "; for every method, the row is labelled with it")
     p.add_argument("--intensity", choices=INTENSITY_CHOICES, default=None,
                    help=INTENSITY_HELP + " for every method; the row is labelled with it")
     p.add_argument("--pooling", choices=POOLING_CHOICES, default=None,
