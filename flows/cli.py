@@ -22,6 +22,8 @@ SCORE_CHOICES = ("mahalanobis", "patch", "fused")
 POOLING_CHOICES = ("mean", "mean+std", "mean+std+max")
 POOLING_HELP = "statistics over positions of the image-level embeddings (default: the method's, mean+std+max)"
 BACKBONE_CHOICES = ("tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2")
+CORESET_HELP = ("choose the patch memory from a seeded random subsample of at most N patches (at least 10000; "
+                "default: all of them); with many images or tiles a fit is several times faster for a little accuracy")
 FALSE_ALARM_HELP = ("share of normal images the unsupervised threshold may flag (default 0.01); with few images "
                     "the threshold is wide, a higher target catches more defects")
 
@@ -117,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resize", choices=RESIZE_CHOICES, default=None, help=RESIZE_HELP)
     p.add_argument("--intensity", choices=INTENSITY_CHOICES, default=None, help=INTENSITY_HELP)
     p.add_argument("--pooling", choices=POOLING_CHOICES, default=None, help=POOLING_HELP)
+    p.add_argument("--coreset-candidates", type=int, default=None, metavar="N", help=CORESET_HELP)
     p.add_argument("--false-alarm-target", dest="target_false_alarm_rate", type=_fraction, default=None, metavar="RATE",
                    help=FALSE_ALARM_HELP)
     p.add_argument("--score", choices=SCORE_CHOICES, default=None,
@@ -154,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=INTENSITY_HELP + " for every method; the row is labelled with it")
     p.add_argument("--pooling", choices=POOLING_CHOICES, default=None,
                    help=POOLING_HELP + " for every method; the row is labelled with it")
+    p.add_argument("--coreset-candidates", type=int, default=None, metavar="N",
+                   help=CORESET_HELP + "; for every method, the row is labelled with it")
     p.add_argument("--false-alarm-target", dest="target_false_alarm_rate", type=_fraction, default=None, metavar="RATE",
                    help=FALSE_ALARM_HELP + "; for every method, the row is labelled with it")
 

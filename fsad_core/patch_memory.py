@@ -3,6 +3,8 @@
 As in PatchCore: mid-level features aggregated over a 3x3 neighbourhood, brought to one
 resolution and concatenated; the bank is reduced by greedy k-centre coreset selection when it
 grows past a cap, which keeps the coverage of rare normal patches better than random sampling.
+The greedy selection costs (candidates x cap) distance updates; with many images or tiles an
+optional candidate cap first draws a seeded random subsample, trading a little coverage for time.
 """
 
 from __future__ import annotations
@@ -49,9 +51,14 @@ class PatchMemory:
         self.bank = bank.float()
 
     @classmethod
-    def fit(cls, features: torch.Tensor, max_size: int = 16384, seed: int = 0) -> "PatchMemory":
-        """features: BxCxHxW patch features of normal images."""
+    def fit(cls, features: torch.Tensor, max_size: int = 16384, seed: int = 0,
+            max_candidates: int | None = None) -> "PatchMemory":
+        """features: BxCxHxW patch features of normal images. With `max_candidates`, the coreset is
+        chosen from a seeded random subsample of at most that many patches (None: from all)."""
         flat = features.permute(0, 2, 3, 1).reshape(-1, features.shape[1]).float()
+        if max_candidates is not None and flat.shape[0] > max(max_candidates, max_size):
+            keep = torch.randperm(flat.shape[0], generator=torch.Generator().manual_seed(seed))[:max_candidates]
+            flat = flat[keep]
         idx = greedy_coreset(flat, max_size, seed)
         return cls(flat[idx].contiguous())
 

@@ -79,13 +79,14 @@ def test_bench_writes_the_json_contract(category, tmp_path):
     out_json, report = tmp_path / "r.json", tmp_path / "r.md"
     out = run("bench", "--data", str(category), "--k", "1", "2", "--seeds", "0", "--methods", "pretrained",
               "--backbone", "tf_efficientnet_lite1", "--size", "64", "--patch-size", "96", "--resize", "letterbox",
-              "--pooling", "mean+std+max", "--false-alarm-target", "0.05", "--out", str(out_json),
+              "--pooling", "mean+std+max", "--coreset-candidates", "20000", "--false-alarm-target", "0.05",
+              "--out", str(out_json),
               "--report", str(report), "--device", "cpu")
     assert out.returncode == 0, out.stderr
     result = json.loads(out_json.read_text())
     assert len(result["records"]) == 2 and result["environment"]["timm"] and result["environment"]["cpu"]
     label = ("pretrained[backbone=tf_efficientnet_lite1][size=64][patch_size=96][resize=letterbox]"
-             "[pooling=mean+std+max][target_false_alarm_rate=0.05]")
+             "[pooling=mean+std+max][coreset_candidates=20000][target_false_alarm_rate=0.05]")
     keys = {"dataset", "category", "method", "k", "seed", "image_auroc", "pixel_auroc", "aupro", "f1",
             "fit_seconds", "score_ms_per_image", "peak_rss_mb"}
     for r in result["records"]:

@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 from scipy import stats
 
 from fsad_core.calibration import calibrate_unsupervised
@@ -80,11 +81,13 @@ def test_artifact_round_trip_gives_identical_scores_without_pickle(fitted, washe
     # The washer is a colour product: `auto` kept its grey levels raw, and the model says so.
     assert detector.config.intensity == "raw" and config["detector"]["intensity"] == "raw"
     # A model saved before the intensity policy existed was fitted on raw grey levels, and one saved
-    # before the patch branch had its own side on a single side, whatever today's defaults are.
-    del config["detector"]["intensity"], config["detector"]["patch_size"]
+    # before the patch branch had its own side on a single side, whatever today's defaults are (and one
+    # saved before the coreset candidate cap chose from all patches).
+    del config["detector"]["intensity"], config["detector"]["patch_size"], config["detector"]["coreset_candidates"]
     (folder / "config.json").write_text(json.dumps(config))
     old = Detector.load(folder, device="cpu")
     assert old.config.intensity == "raw" and old.config.patch_side == old.config.size == SMALL["size"]
+    assert old.config.coreset_candidates is None
     np.testing.assert_allclose(old.score(images).scores, a.scores, rtol=1e-5)
 
 
@@ -98,6 +101,18 @@ def test_model_keeps_the_pooling_it_was_fitted_with(washer, tmp_path):
     assert again.config.pooling == "mean+std"
     images = [s.image() for s in washer.test[:3]]
     np.testing.assert_allclose(detector.score(images).scores, again.score(images).scores, rtol=1e-5)
+
+
+def test_a_candidate_cap_fits_the_same_size_of_memory_and_the_model_keeps_it(washer, tmp_path):
+    config = replace(method_config("pretrained", seed=0), **{**SMALL, "calibration_negatives": 0}, memory_max=200,
+                     coreset_candidates=300)
+    images = [s.image() for s in washer.sample_k_shot(2, 0)]
+    detector, _ = Detector.fit(images, config, device="cpu")
+    uncapped, _ = Detector.fit(images, replace(config, coreset_candidates=None), device="cpu")
+    assert detector.memory.bank.shape == uncapped.memory.bank.shape  # 200, chosen from 300 of 2 x 2 x 144 patches
+    assert not torch.equal(detector.memory.bank, uncapped.memory.bank)
+    again = Detector.load(detector.save(tmp_path / "model"), device="cpu")
+    assert again.config.coreset_candidates == 300
 
 
 def test_a_grey_product_is_standardised_a_darker_shot_scores_as_the_original_and_the_model_keeps_it(
@@ -249,3 +264,5 @@ def test_bad_config_is_refused():
         DetectorConfig(patch_size=8)
     with pytest.raises(ValueError, match="target_false_alarm_rate"):
         DetectorConfig(target_false_alarm_rate=1.0)
+    with pytest.raises(ValueError, match="coreset_candidates"):
+        DetectorConfig(coreset_candidates=5000)  # below memory_max: the cap would choose nothing

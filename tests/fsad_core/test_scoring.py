@@ -43,6 +43,20 @@ def test_patch_memory_distance_is_zero_on_memorised_patches_and_positive_elsewhe
     assert (mem.distances(feats + 3.0) > 1).all()
 
 
+def test_candidate_cap_draws_the_coreset_from_a_seeded_subsample():
+    feats = torch.randn(4, 8, 10, 10, generator=torch.Generator().manual_seed(0))  # 400 patches
+    rows = feats.permute(0, 2, 3, 1).reshape(-1, 8)
+    full = PatchMemory.fit(feats, max_size=50).bank
+    capped = PatchMemory.fit(feats, max_size=50, max_candidates=120).bank
+    assert capped.shape == (50, 8)
+    assert (capped[:, None] == rows[None]).all(dim=2).any(dim=1).all()  # every kept patch is one of the features
+    assert torch.equal(capped, PatchMemory.fit(feats, max_size=50, max_candidates=120).bank)  # seeded
+    assert not torch.equal(capped, full)
+    assert not torch.equal(capped, PatchMemory.fit(feats, max_size=50, seed=1, max_candidates=120).bank)
+    # a cap at or above the number of patches changes nothing
+    assert torch.equal(PatchMemory.fit(feats, max_size=50, max_candidates=400).bank, full)
+
+
 def test_coreset_covers_far_points():
     x = torch.cat([torch.zeros(100, 2), torch.tensor([[50.0, 50.0]])])
     idx = greedy_coreset(x, 2)
