@@ -100,9 +100,10 @@ def training_params(record: TrainingRecord) -> dict[str, Any]:
     c = record.config
     params: dict[str, Any] = {
         "method": record.method, "k": record.k, "seed": c.seed, "backbone": c.backbone, "size": c.size,
-        "patch_size": c.patch_side, "resize": c.resize, "intensity": c.intensity, "score": c.score,
-        "pool_views": c.pool_views, "negatives": c.negatives,
+        "patch_size": c.patch_side, "resize": c.resize, "intensity": c.intensity, "pooling": c.pooling,
+        "score": c.score, "pool_views": c.pool_views, "negatives": c.negatives,
         "calibration_negatives": c.calibration_negatives, "memory_views": c.memory_views,
+        "coreset_candidates": "all" if c.coreset_candidates is None else c.coreset_candidates,
         "target_false_alarm_rate": c.target_false_alarm_rate, "finetune": c.finetune is not None,
         "upload_id": record.upload_id, "content_sha256": record.content_sha256,
         "config_sha256": record.config_sha256, "eval_set": record.eval_set,
