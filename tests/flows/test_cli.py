@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from flows.cli import BACKBONE_CHOICES, INTENSITY_CHOICES, POOLING_CHOICES, RESIZE_CHOICES, SCORE_CHOICES
+from flows.cli import (BACKBONE_CHOICES, CORESET_HELP, INTENSITY_CHOICES, POOLING_CHOICES, RESIZE_CHOICES,
+                       SCORE_CHOICES)
 from fsad_core.backbone import list_backbones
-from fsad_core.detector import SCORE_KINDS
+from fsad_core.detector import SCORE_KINDS, DetectorConfig
 from fsad_core.network import POOLINGS
 from fsad_core.preprocess import INTENSITY_POLICIES, RESIZE_MODES
 from fsad_core.synthetic import make_category
@@ -80,8 +81,7 @@ def test_bench_writes_the_json_contract(category, tmp_path):
     out = run("bench", "--data", str(category), "--k", "1", "2", "--seeds", "0", "--methods", "pretrained",
               "--backbone", "tf_efficientnet_lite1", "--size", "64", "--patch-size", "96", "--resize", "letterbox",
               "--pooling", "mean+std+max", "--coreset-candidates", "20000", "--false-alarm-target", "0.05",
-              "--out", str(out_json),
-              "--report", str(report), "--device", "cpu")
+              "--out", str(out_json), "--report", str(report), "--device", "cpu")
     assert out.returncode == 0, out.stderr
     result = json.loads(out_json.read_text())
     assert len(result["records"]) == 2 and result["environment"]["timm"] and result["environment"]["cpu"]
@@ -145,3 +145,4 @@ def test_choices_are_the_library_modes():
     assert SCORE_CHOICES == SCORE_KINDS
     assert POOLING_CHOICES == POOLINGS
     assert list(BACKBONE_CHOICES) == list_backbones()
+    assert f"at least {DetectorConfig().memory_max}" in CORESET_HELP  # the bound the config enforces
