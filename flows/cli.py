@@ -22,8 +22,8 @@ SCORE_CHOICES = ("mahalanobis", "patch", "fused")
 POOLING_CHOICES = ("mean", "mean+std", "mean+std+max")
 POOLING_HELP = "statistics over positions of the image-level embeddings (default: the method's, mean+std+max)"
 BACKBONE_CHOICES = ("tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2")
-CORESET_HELP = ("choose the patch memory from a seeded random subsample of at most N patches (at least 10000; "
-                "default: all of them); with many images or tiles a fit is several times faster for a little accuracy")
+CORESET_HELP = ("choose the patch memory from a seeded random subsample of at most N patches (default: the method's, "
+                "40000; at least 10000); all (or 0): from every patch, several times slower with many images or tiles")
 FALSE_ALARM_HELP = ("share of normal images the unsupervised threshold may flag (default 0.01); with few images "
                     "the threshold is wide, a higher target catches more defects")
 
@@ -37,6 +37,16 @@ def _fraction(text: str) -> float:
     if not 0.0 < value < 1.0:
         raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), got {text}")
     return value
+
+
+def _candidates(text: str) -> int:
+    """argparse type: a patch count, or `all` (0: no subsample)."""
+    if text == "all":
+        return 0
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number or 'all': {text!r}") from None
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -119,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resize", choices=RESIZE_CHOICES, default=None, help=RESIZE_HELP)
     p.add_argument("--intensity", choices=INTENSITY_CHOICES, default=None, help=INTENSITY_HELP)
     p.add_argument("--pooling", choices=POOLING_CHOICES, default=None, help=POOLING_HELP)
-    p.add_argument("--coreset-candidates", type=int, default=None, metavar="N", help=CORESET_HELP)
+    p.add_argument("--coreset-candidates", type=_candidates, default=None, metavar="N|all", help=CORESET_HELP)
     p.add_argument("--false-alarm-target", dest="target_false_alarm_rate", type=_fraction, default=None, metavar="RATE",
                    help=FALSE_ALARM_HELP)
     p.add_argument("--score", choices=SCORE_CHOICES, default=None,
@@ -157,8 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=INTENSITY_HELP + " for every method; the row is labelled with it")
     p.add_argument("--pooling", choices=POOLING_CHOICES, default=None,
                    help=POOLING_HELP + " for every method; the row is labelled with it")
-    p.add_argument("--coreset-candidates", type=int, default=None, metavar="N",
-                   help=CORESET_HELP + "; for every method, the row is labelled with it")
+    p.add_argument("--coreset-candidates", type=_candidates, default=None, metavar="N|all",
+                   help=CORESET_HELP + "; for every method, the row is labelled with it (all: 0)")
     p.add_argument("--false-alarm-target", dest="target_false_alarm_rate", type=_fraction, default=None, metavar="RATE",
                    help=FALSE_ALARM_HELP + "; for every method, the row is labelled with it")
 

@@ -72,7 +72,7 @@ class DetectorConfig:
     calibration_negatives: int = 32  # synthetic anomalies scored to calibrate the threshold
     memory_views: int = 3         # views per image in the patch memory (the original first)
     memory_max: int = 10000
-    coreset_candidates: int | None = None  # random subsample of patches the coreset is chosen from (None: all)
+    coreset_candidates: int = 40000  # random subsample of patches the coreset is chosen from (0: all of them)
     map_sigma: float = 4.0
     score: str = "fused"
     target_false_alarm_rate: float = 0.01
@@ -86,9 +86,9 @@ class DetectorConfig:
         check_intensity_policy(self.intensity)  # here too, before any fit
         InputSpec(self.size, self.resize)  # validates size and mode
         InputSpec(self.patch_side, self.resize)
-        if self.coreset_candidates is not None and self.coreset_candidates < self.memory_max:
-            raise ValueError(f"coreset_candidates {self.coreset_candidates}: at least memory_max ({self.memory_max}), "
-                             "the number of patches the coreset keeps")
+        if self.coreset_candidates != 0 and self.coreset_candidates < self.memory_max:
+            raise ValueError(f"coreset_candidates {self.coreset_candidates}: 0 (all patches) or at least memory_max "
+                             f"({self.memory_max}), the number of patches the coreset keeps")
 
     @property
     def patch_side(self) -> int:
@@ -110,7 +110,8 @@ class DetectorConfig:
         d = dict(d)
         d.setdefault("intensity", "raw")  # models saved before the policy existed were fitted on raw levels
         d.setdefault("patch_size", None)  # and before the patch branch had its own side, on one side
-        d.setdefault("coreset_candidates", None)  # and before the candidate cap, on all patches
+        if d.get("coreset_candidates") is None:  # saved before the candidate cap, or without one: all patches
+            d["coreset_candidates"] = 0
         d["augment"] = AugmentConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d["augment"].items()})
         if d.get("finetune"):
             ft = dict(d["finetune"])
@@ -223,7 +224,7 @@ class Detector:
             gaussians = [Gaussian.fit(level[keep]) for level in normal.pooled]
             scale = torch.stack([g.distance(level[keep]).mean() for g, level in zip(gaussians, normal.pooled)])
             memory = PatchMemory.fit(normal.patches[keep & in_memory], config.memory_max, config.seed,
-                                     config.coreset_candidates)
+                                     config.coreset_candidates or None)
             return cls(config, net, gaussians, scale, memory, {}, None, device=dev)
 
         # Leave-one-out scores of the normals, and of synthetic anomalies made from the left-out

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from flows.cli import (BACKBONE_CHOICES, CORESET_HELP, INTENSITY_CHOICES, POOLING_CHOICES, RESIZE_CHOICES,
-                       SCORE_CHOICES)
+                       SCORE_CHOICES, build_parser)
 from fsad_core.backbone import list_backbones
 from fsad_core.detector import SCORE_KINDS, DetectorConfig
 from fsad_core.network import POOLINGS
@@ -145,4 +145,19 @@ def test_choices_are_the_library_modes():
     assert SCORE_CHOICES == SCORE_KINDS
     assert POOLING_CHOICES == POOLINGS
     assert list(BACKBONE_CHOICES) == list_backbones()
-    assert f"at least {DetectorConfig().memory_max}" in CORESET_HELP  # the bound the config enforces
+    # the default and the bound the config enforces, restated so that --help does not import torch
+    config = DetectorConfig()
+    assert f"the method's, {config.coreset_candidates}; at least {config.memory_max}" in CORESET_HELP
+
+
+@pytest.mark.parametrize(("value", "parsed"), [("all", 0), ("0", 0), ("20000", 20000)])
+def test_coreset_candidates_take_a_count_or_all(value, parsed):
+    args = build_parser().parse_args(["train", "--data", "d", "--k", "2", "--out", "m", "--coreset-candidates", value])
+    assert args.coreset_candidates == parsed
+
+
+def test_a_coreset_candidate_count_that_is_not_a_number_is_refused_before_any_fit(category, tmp_path):
+    out = run("train", "--data", str(category), "--k", "2", "--out", str(tmp_path / "m"),
+              "--coreset-candidates", "many")
+    assert out.returncode == 2 and "--coreset-candidates" in out.stderr and "'many'" in out.stderr
+    assert not (tmp_path / "m").exists()

@@ -87,7 +87,7 @@ def test_artifact_round_trip_gives_identical_scores_without_pickle(fitted, washe
     (folder / "config.json").write_text(json.dumps(config))
     old = Detector.load(folder, device="cpu")
     assert old.config.intensity == "raw" and old.config.patch_side == old.config.size == SMALL["size"]
-    assert old.config.coreset_candidates is None
+    assert old.config.coreset_candidates == 0
     np.testing.assert_allclose(old.score(images).scores, a.scores, rtol=1e-5)
 
 
@@ -108,7 +108,7 @@ def test_a_candidate_cap_fits_the_same_size_of_memory_and_the_model_keeps_it(was
                      coreset_candidates=300)
     images = [s.image() for s in washer.sample_k_shot(2, 0)]
     detector, _ = Detector.fit(images, config, device="cpu")
-    uncapped, _ = Detector.fit(images, replace(config, coreset_candidates=None), device="cpu")
+    uncapped, _ = Detector.fit(images, replace(config, coreset_candidates=0), device="cpu")
     assert detector.memory.bank.shape == uncapped.memory.bank.shape  # 200, chosen from 300 of 2 x 2 x 144 patches
     assert not torch.equal(detector.memory.bank, uncapped.memory.bank)
     again = Detector.load(detector.save(tmp_path / "model"), device="cpu")
@@ -266,3 +266,5 @@ def test_bad_config_is_refused():
         DetectorConfig(target_false_alarm_rate=1.0)
     with pytest.raises(ValueError, match="coreset_candidates"):
         DetectorConfig(coreset_candidates=5000)  # below memory_max: the cap would choose nothing
+    with pytest.raises(ValueError, match="coreset_candidates"):
+        DetectorConfig(memory_max=50000)  # above the default cap: say so rather than keep fewer patches
