@@ -86,9 +86,10 @@ class DetectorConfig:
         check_intensity_policy(self.intensity)  # here too, before any fit
         InputSpec(self.size, self.resize)  # validates size and mode
         InputSpec(self.patch_side, self.resize)
-        if self.coreset_candidates != 0 and self.coreset_candidates < self.memory_max:
-            raise ValueError(f"coreset_candidates {self.coreset_candidates}: 0 (all patches) or at least memory_max "
-                             f"({self.memory_max}), the number of patches the coreset keeps")
+        candidates = self.coreset_candidates
+        if isinstance(candidates, bool) or not isinstance(candidates, int) or 0 != candidates < self.memory_max:
+            raise ValueError(f"coreset_candidates {candidates!r}: 0 (all patches) or a whole number of at least "
+                             f"memory_max ({self.memory_max}), the number of patches the coreset keeps")
 
     @property
     def patch_side(self) -> int:
