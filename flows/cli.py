@@ -24,6 +24,8 @@ POOLING_HELP = "statistics over positions of the image-level embeddings (default
 BACKBONE_CHOICES = ("tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2")
 CORESET_HELP = ("choose the patch memory from a seeded random subsample of at most N patches (default: the method's, "
                 "40000; at least 10000); all (or 0): from every patch, several times slower with many images or tiles")
+MAP_SIGMA_HELP = ("blur of the anomaly map in pixels at 224, scaled with the patch side (default: the method's, 4; "
+                  "0: none); larger suits defects that spread, smaller pores and fine cracks")
 FALSE_ALARM_HELP = ("share of normal images the unsupervised threshold may flag (default 0.01); with few images "
                     "the threshold is wide, a higher target catches more defects")
 
@@ -36,6 +38,17 @@ def _fraction(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not 0.0 < value < 1.0:
         raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), got {text}")
+    return value
+
+
+def _sigma(text: str) -> float:
+    """argparse type: a blur in pixels, 0 <= sigma < 64 (the bound the detector enforces)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= value < 64.0:
+        raise argparse.ArgumentTypeError(f"must be from 0 to below 64, got {text}")
     return value
 
 
@@ -130,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--intensity", choices=INTENSITY_CHOICES, default=None, help=INTENSITY_HELP)
     p.add_argument("--pooling", choices=POOLING_CHOICES, default=None, help=POOLING_HELP)
     p.add_argument("--coreset-candidates", type=_candidates, default=None, metavar="N|all", help=CORESET_HELP)
+    p.add_argument("--map-sigma", type=_sigma, default=None, metavar="PX", help=MAP_SIGMA_HELP)
     p.add_argument("--false-alarm-target", dest="target_false_alarm_rate", type=_fraction, default=None, metavar="RATE",
                    help=FALSE_ALARM_HELP)
     p.add_argument("--score", choices=SCORE_CHOICES, default=None,
@@ -169,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=POOLING_HELP + " for every method; the row is labelled with it")
     p.add_argument("--coreset-candidates", type=_candidates, default=None, metavar="N|all",
                    help=CORESET_HELP + "; for every method, the row is labelled with it (all: 0)")
+    p.add_argument("--map-sigma", type=_sigma, default=None, metavar="PX",
+                   help=MAP_SIGMA_HELP + "; for every method, the row is labelled with it")
     p.add_argument("--false-alarm-target", dest="target_false_alarm_rate", type=_fraction, default=None, metavar="RATE",
                    help=FALSE_ALARM_HELP + "; for every method, the row is labelled with it")
 

@@ -39,7 +39,7 @@ class Progress:
 
 # DetectorConfig fields that `fsad train` and `fsad bench` both take as options (None: the method's own).
 CONFIG_OPTIONS = ("backbone", "size", "patch_size", "resize", "intensity", "pooling", "coreset_candidates",
-                  "target_false_alarm_rate")
+                  "map_sigma", "target_false_alarm_rate")
 
 
 def _config_options(args: argparse.Namespace) -> dict[str, object]:

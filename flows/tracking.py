@@ -103,7 +103,7 @@ def training_params(record: TrainingRecord) -> dict[str, Any]:
         "patch_size": c.patch_side, "resize": c.resize, "intensity": c.intensity, "pooling": c.pooling,
         "score": c.score, "pool_views": c.pool_views, "negatives": c.negatives,
         "calibration_negatives": c.calibration_negatives, "memory_views": c.memory_views,
-        "coreset_candidates": c.coreset_candidates or "all",
+        "coreset_candidates": c.coreset_candidates or "all", "map_sigma": c.map_sigma,
         "target_false_alarm_rate": c.target_false_alarm_rate, "finetune": c.finetune is not None,
         "upload_id": record.upload_id, "content_sha256": record.content_sha256,
         "config_sha256": record.config_sha256, "eval_set": record.eval_set,

@@ -73,7 +73,7 @@ class DetectorConfig:
     memory_views: int = 3         # views per image in the patch memory (the original first)
     memory_max: int = 10000
     coreset_candidates: int = 40000  # random subsample of patches the coreset is chosen from (0: all of them)
-    map_sigma: float = 4.0
+    map_sigma: float = 4.0        # blur of the anomaly map, pixels at 224 (scaled with the patch side); 0: none
     score: str = "fused"
     target_false_alarm_rate: float = 0.01
     seed: int = 0
@@ -86,6 +86,9 @@ class DetectorConfig:
         check_intensity_policy(self.intensity)  # here too, before any fit
         InputSpec(self.size, self.resize)  # validates size and mode
         InputSpec(self.patch_side, self.resize)
+        sigma = self.map_sigma
+        if isinstance(sigma, bool) or not (isinstance(sigma, (int, float)) and 0 <= sigma < 64):
+            raise ValueError(f"map_sigma {sigma!r}: a blur in pixels from 0 (none) to below 64")
         candidates = self.coreset_candidates
         if isinstance(candidates, bool) or not isinstance(candidates, int) or 0 != candidates < self.memory_max:
             raise ValueError(f"coreset_candidates {candidates!r}: 0 (all patches) or a whole number of at least "

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from flows.cli import (BACKBONE_CHOICES, CORESET_HELP, INTENSITY_CHOICES, POOLING_CHOICES, RESIZE_CHOICES,
-                       SCORE_CHOICES, build_parser)
+from flows.cli import (BACKBONE_CHOICES, CORESET_HELP, INTENSITY_CHOICES, MAP_SIGMA_HELP, POOLING_CHOICES,
+                       RESIZE_CHOICES, SCORE_CHOICES, build_parser)
 from fsad_core.backbone import list_backbones
 from fsad_core.detector import SCORE_KINDS, DetectorConfig
 from fsad_core.network import POOLINGS
@@ -80,13 +80,14 @@ def test_bench_writes_the_json_contract(category, tmp_path):
     out_json, report = tmp_path / "r.json", tmp_path / "r.md"
     out = run("bench", "--data", str(category), "--k", "1", "2", "--seeds", "0", "--methods", "pretrained",
               "--backbone", "tf_efficientnet_lite1", "--size", "64", "--patch-size", "96", "--resize", "letterbox",
-              "--pooling", "mean+std+max", "--coreset-candidates", "20000", "--false-alarm-target", "0.05",
+              "--pooling", "mean+std+max", "--coreset-candidates", "20000", "--map-sigma", "2",
+              "--false-alarm-target", "0.05",
               "--out", str(out_json), "--report", str(report), "--device", "cpu")
     assert out.returncode == 0, out.stderr
     result = json.loads(out_json.read_text())
     assert len(result["records"]) == 2 and result["environment"]["timm"] and result["environment"]["cpu"]
     label = ("pretrained[backbone=tf_efficientnet_lite1][size=64][patch_size=96][resize=letterbox]"
-             "[pooling=mean+std+max][coreset_candidates=20000][target_false_alarm_rate=0.05]")
+             "[pooling=mean+std+max][coreset_candidates=20000][map_sigma=2.0][target_false_alarm_rate=0.05]")
     keys = {"dataset", "category", "method", "k", "seed", "image_auroc", "pixel_auroc", "aupro", "f1",
             "fit_seconds", "score_ms_per_image", "peak_rss_mb"}
     for r in result["records"]:
@@ -148,12 +149,24 @@ def test_choices_are_the_library_modes():
     # the default and the bound the config enforces, restated so that --help does not import torch
     config = DetectorConfig()
     assert f"the method's, {config.coreset_candidates}; at least {config.memory_max}" in CORESET_HELP
+    assert f"the method's, {config.map_sigma:g};" in MAP_SIGMA_HELP
 
 
 @pytest.mark.parametrize(("value", "parsed"), [("all", 0), ("0", 0), ("20000", 20000)])
 def test_coreset_candidates_take_a_count_or_all(value, parsed):
     args = build_parser().parse_args(["train", "--data", "d", "--k", "2", "--out", "m", "--coreset-candidates", value])
     assert args.coreset_candidates == parsed
+
+
+@pytest.mark.parametrize(("value", "parsed"), [("0", 0.0), ("2", 2.0), ("-1", None), ("64", None), ("wide", None)])
+def test_map_sigma_takes_a_blur_from_zero_to_below_64(value, parsed, capsys):
+    argv = ["bench", "--data", "d", "--out", "r.json", "--map-sigma", value]
+    if parsed is None:
+        with pytest.raises(SystemExit) as exit_:
+            build_parser().parse_args(argv)
+        assert exit_.value.code == 2 and "--map-sigma" in capsys.readouterr().err
+    else:
+        assert build_parser().parse_args(argv).map_sigma == parsed
 
 
 def test_a_coreset_candidate_count_that_is_not_a_number_is_refused_before_any_fit(category, tmp_path):

@@ -268,6 +268,9 @@ def test_bad_config_is_refused():
         DetectorConfig(coreset_candidates=5000)  # below memory_max: the cap would choose nothing
     with pytest.raises(ValueError, match="coreset_candidates"):
         DetectorConfig(memory_max=50000)  # above the default cap: say so rather than keep fewer patches
+    for sigma in (-1.0, 64.0, float("nan"), "4"):
+        with pytest.raises(ValueError, match="map_sigma"):
+            DetectorConfig(map_sigma=sigma)
     for not_a_count in (None, "all", 40000.0, True):  # `all` is the command line's word for 0
         with pytest.raises(ValueError, match="coreset_candidates"):
             DetectorConfig(coreset_candidates=not_a_count)
