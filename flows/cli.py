@@ -30,12 +30,16 @@ FALSE_ALARM_HELP = ("share of normal images the unsupervised threshold may flag 
                     "the threshold is wide, a higher target catches more defects")
 
 
-def _fraction(text: str) -> float:
-    """argparse type: a number strictly between 0 and 1."""
+def _number(text: str) -> float:
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+
+
+def _fraction(text: str) -> float:
+    """argparse type: a number strictly between 0 and 1."""
+    value = _number(text)
     if not 0.0 < value < 1.0:
         raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), got {text}")
     return value
@@ -43,10 +47,7 @@ def _fraction(text: str) -> float:
 
 def _sigma(text: str) -> float:
     """argparse type: a blur in pixels, 0 <= sigma < 64 (the bound the detector enforces)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    value = _number(text)
     if not 0.0 <= value < 64.0:
         raise argparse.ArgumentTypeError(f"must be from 0 to below 64, got {text}")
     return value
