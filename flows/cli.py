@@ -10,7 +10,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-# fsad_core's RESIZE_MODES, INTENSITY_POLICIES, SCORE_KINDS, POOLINGS and bundled backbones, spelled out so
+# fsad_core's RESIZE_MODES, INTENSITY_POLICIES, SCORE_KINDS, POOLINGS, FLIPS and bundled backbones, spelled out so
 # that `--help` does not import torch (a test pins them equal)
 RESIZE_CHOICES = ("resize", "letterbox", "tile")
 RESIZE_HELP = ("input resize policy (default: the method's, tile). tile: square tiles along the long side, "
@@ -26,6 +26,11 @@ CORESET_HELP = ("choose the patch memory from a seeded random subsample of at mo
                 "40000; at least 10000); all (or 0): from every patch, several times slower with many images or tiles")
 MAP_SIGMA_HELP = ("blur of the anomaly map in pixels at 224, scaled with the patch side (default: the method's, 4; "
                   "0: none); larger suits defects that spread, smaller pores and fine cracks")
+FLIP_CHOICES = ("none", "horizontal", "vertical", "both")
+FLIPS_HELP = ("mirror images among the augmented views (default: the method's, horizontal); none for text-bearing "
+              "or handed parts, both for parts that look the same mirrored either way")
+ROTATION_HELP = ("largest rotation of the augmented views in degrees, 0 to 180 (default: the method's, 10); 0 for "
+                 "parts always shot at one angle")
 FALSE_ALARM_HELP = ("share of normal images the unsupervised threshold may flag (default 0.01); with few images "
                     "the threshold is wide, a higher target catches more defects")
 
@@ -50,6 +55,14 @@ def _sigma(text: str) -> float:
     value = _number(text)
     if not 0.0 <= value < 64.0:
         raise argparse.ArgumentTypeError(f"must be from 0 to below 64, got {text}")
+    return value
+
+
+def _degrees(text: str) -> float:
+    """argparse type: a rotation in degrees, 0 <= deg <= 180 (the bound AugmentConfig enforces)."""
+    value = _number(text)
+    if not 0.0 <= value <= 180.0:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 180, got {text}")
     return value
 
 
@@ -145,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pooling", choices=POOLING_CHOICES, default=None, help=POOLING_HELP)
     p.add_argument("--coreset-candidates", type=_candidates, default=None, metavar="N|all", help=CORESET_HELP)
     p.add_argument("--map-sigma", type=_sigma, default=None, metavar="PX", help=MAP_SIGMA_HELP)
+    p.add_argument("--flips", choices=FLIP_CHOICES, default=None, help=FLIPS_HELP)
+    p.add_argument("--rotation", type=_degrees, default=None, metavar="DEG", help=ROTATION_HELP)
     p.add_argument("--false-alarm-target", dest="target_false_alarm_rate", type=_fraction, default=None, metavar="RATE",
                    help=FALSE_ALARM_HELP)
     p.add_argument("--score", choices=SCORE_CHOICES, default=None,
@@ -186,6 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=CORESET_HELP + "; for every method, the row is labelled with it (all: 0)")
     p.add_argument("--map-sigma", type=_sigma, default=None, metavar="PX",
                    help=MAP_SIGMA_HELP + "; for every method, the row is labelled with it")
+    p.add_argument("--flips", choices=FLIP_CHOICES, default=None,
+                   help=FLIPS_HELP + "; for every method, the row is labelled with hflip and vflip")
+    p.add_argument("--rotation", type=_degrees, default=None, metavar="DEG",
+                   help=ROTATION_HELP + "; for every method, the row is labelled with rotation_deg")
     p.add_argument("--false-alarm-target", dest="target_false_alarm_rate", type=_fraction, default=None, metavar="RATE",
                    help=FALSE_ALARM_HELP + "; for every method, the row is labelled with it")
 

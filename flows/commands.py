@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 
+from fsad_core.augment import FLIPS
 from fsad_core.data import find_categories, load_category
 from fsad_core.detector import Detector
 from fsad_core.imageio import ImageReadError, is_image_name, read_image
@@ -37,13 +38,20 @@ class Progress:
         self.stream.flush()
 
 
-# DetectorConfig fields that `fsad train` and `fsad bench` both take as options (None: the method's own).
+# DetectorConfig fields that `fsad train` and `fsad bench` both take as options (None: the method's own),
+# besides --flips and --rotation (AugmentConfig fields).
 CONFIG_OPTIONS = ("backbone", "size", "patch_size", "resize", "intensity", "pooling", "coreset_candidates",
                   "map_sigma", "target_false_alarm_rate")
 
 
 def _config_options(args: argparse.Namespace) -> dict[str, object]:
-    return {name: getattr(args, name) for name in CONFIG_OPTIONS}
+    """The options as DetectorConfig overrides; --flips and --rotation as changes to the method's augmentations."""
+    augment: dict[str, object] = {}
+    if args.flips is not None:
+        augment["hflip"], augment["vflip"] = FLIPS[args.flips]
+    if args.rotation is not None:
+        augment["rotation_deg"] = args.rotation
+    return {**{name: getattr(args, name) for name in CONFIG_OPTIONS}, "augment": augment or None}
 
 
 def train(args: argparse.Namespace) -> int:

@@ -5,7 +5,8 @@
     MLFLOW_TRACKING_URI     sqlite:///$FSAD_HOME/mlflow.db (artifacts in $FSAD_HOME/mlartifacts)
     FSAD_GATE_MIN_AUROC     0.9: minimum benchmark AUROC for a version to become champion
     FSAD_TRAIN_OVERRIDES    JSON of DetectorConfig fields for small or fast runs, e.g.
-                            {"size": 96, "pool_views": 16, "finetune": {"steps": 10}}
+                            {"size": 96, "pool_views": 16, "finetune": {"steps": 10}};
+                            "augment": {"hflip": false} for text-bearing parts
     FSAD_DEVICE             auto | cpu | cuda
 
 Credentials (AWS_*, MLflow tokens) are read by boto3/MLflow from the environment themselves and
@@ -77,7 +78,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
 
 
 def training_config(method: str, seed: int, overrides: Mapping[str, Any]) -> DetectorConfig:
-    """The method's DetectorConfig with ``seed`` and the overrides (``finetune`` may be a nested dict)."""
+    """The method's DetectorConfig with ``seed`` and the overrides (``finetune`` and ``augment`` may be
+    nested dicts: changes to the method's own)."""
     config = method_config(method, seed=seed)
     top = {k: v for k, v in overrides.items() if k != "finetune"}
     known = {f.name for f in dataclasses.fields(DetectorConfig)}
@@ -86,14 +88,19 @@ def training_config(method: str, seed: int, overrides: Mapping[str, Any]) -> Det
         raise SettingsError(f"FSAD_TRAIN_OVERRIDES: unknown DetectorConfig field(s) {', '.join(unknown)}")
     if "seed" in top:
         raise SettingsError("FSAD_TRAIN_OVERRIDES: the seed is a flow parameter, not an override")
-    nested = sorted(k for k, v in top.items() if isinstance(v, dict))
+    nested = sorted(k for k, v in top.items() if isinstance(v, dict) and k != "augment")
     if nested:
-        raise SettingsError(f"FSAD_TRAIN_OVERRIDES: only 'finetune' may be an object, not {', '.join(nested)}")
+        raise SettingsError("FSAD_TRAIN_OVERRIDES: only 'finetune' and 'augment' may be objects, not "
+                            + ", ".join(nested))
     ft = overrides.get("finetune")
     if ft is not None and not isinstance(ft, dict):
         raise SettingsError("FSAD_TRAIN_OVERRIDES: finetune must be an object of FinetuneConfig fields")
+    if "augment" in top and not isinstance(top["augment"], dict):
+        raise SettingsError("FSAD_TRAIN_OVERRIDES: augment must be an object of AugmentConfig fields")
     top = {k: tuple(v) if isinstance(v, list) else v for k, v in top.items()}
     try:
+        if "augment" in top:  # changes to the method's own augmentations, e.g. {"hflip": false}
+            top["augment"] = config.augment.updated(top["augment"])
         config = dataclasses.replace(config, **top)
         if ft and config.finetune is not None:  # `pretrained` has nothing to fine-tune
             config = dataclasses.replace(config, finetune=dataclasses.replace(config.finetune, **ft))

@@ -6,10 +6,20 @@ Built from torchvision.transforms.v2 on float tensors in [0, 1], before normalis
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torchvision.transforms import v2
+
+# Names of the flip settings, as (hflip, vflip): none for text-bearing or handed parts, both for
+# parts that look the same mirrored either way.
+FLIPS = {"none": (False, False), "horizontal": (True, False), "vertical": (False, True), "both": (True, True)}
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(frozen=True)
@@ -20,6 +30,39 @@ class AugmentConfig:
     rotation_deg: float = 10.0
     brightness: float = 0.15
     contrast: float = 0.15
+
+    def __post_init__(self) -> None:
+        # Checked here so that a bad per-product setting fails before any fit, with the field's name.
+        scale = self.crop_scale
+        if not (isinstance(scale, tuple) and len(scale) == 2 and all(map(_is_number, scale))
+                and 0 < scale[0] <= scale[1] <= 1):
+            raise ValueError(f"crop_scale {scale!r}: two numbers 0 < low <= high <= 1 (shares of the image kept)")
+        for name in ("hflip", "vflip"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} {getattr(self, name)!r}: true or false")
+        if not (_is_number(self.rotation_deg) and 0 <= self.rotation_deg <= 180):
+            raise ValueError(f"rotation_deg {self.rotation_deg!r}: degrees from 0 (none) to 180")
+        for name in ("brightness", "contrast"):
+            if not (_is_number(getattr(self, name)) and 0 <= getattr(self, name) < 1):
+                raise ValueError(f"{name} {getattr(self, name)!r}: a jitter from 0 (none) to below 1")
+
+    @property
+    def flips(self) -> str:
+        """The flip setting by name (a key of FLIPS)."""
+        return next(name for name, pair in FLIPS.items() if pair == (self.hflip, self.vflip))
+
+    def with_flips(self, flips: str) -> "AugmentConfig":
+        if flips not in FLIPS:
+            raise ValueError(f"flips {flips!r}: one of {', '.join(FLIPS)}")
+        hflip, vflip = FLIPS[flips]
+        return replace(self, hflip=hflip, vflip=vflip)
+
+    def updated(self, changes: Mapping[str, object]) -> "AugmentConfig":
+        """This config with some fields changed (JSON lists read as tuples); unknown names refused."""
+        unknown = sorted(set(changes) - set(asdict(self)))
+        if unknown:
+            raise ValueError(f"unknown augmentation field(s) {', '.join(unknown)}; known: {', '.join(asdict(self))}")
+        return replace(self, **{k: tuple(v) if isinstance(v, list) else v for k, v in changes.items()})
 
     def to_dict(self) -> dict:
         return asdict(self)

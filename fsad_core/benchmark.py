@@ -13,7 +13,7 @@ from __future__ import annotations
 import platform
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,8 +93,11 @@ class CategoryCache:
 
 def method_label(method: str, **overrides: object) -> str:
     """The method's name in records and tables, with any DetectorConfig override that is set, so
-    that runs with and without one never share a row: `default`, `default[patch_size=224]`."""
-    return method + "".join(f"[{name}={value}]" for name, value in overrides.items() if value is not None)
+    that runs with and without one never share a row: `default`, `default[patch_size=224]`; a
+    mapping of augmentation changes names each field: `default[hflip=False][vflip=False]`."""
+    fields = [item for name, value in overrides.items() if value is not None
+              for item in (value.items() if isinstance(value, Mapping) else [(name, value)])]
+    return method + "".join(f"[{name}={value}]" for name, value in fields)
 
 
 def run_one(cache: CategoryCache, dataset: str, method: str, k: int, seed: int, device: str = "auto",

@@ -5,7 +5,7 @@ The ablation of DESIGN.md is four rows of this table; `default` is the best meas
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 
 from .detector import DetectorConfig
@@ -29,11 +29,17 @@ def list_methods() -> dict[str, str]:
 
 
 def method_config(name: str, **overrides: object) -> DetectorConfig:
-    """The DetectorConfig of a named method, with field overrides (e.g. seed, size, backbone)."""
+    """The DetectorConfig of a named method, with field overrides (e.g. seed, size, backbone).
+
+    `augment` may be a mapping of AugmentConfig fields: changes to the method's own augmentations
+    (`{"hflip": False}` keeps its crops and rotation)."""
     if name not in _METHODS:
         raise ValueError(f"unknown method {name!r}; one of {sorted(_METHODS)}")
     config = _METHODS[name]()
-    return replace(config, **{k: v for k, v in overrides.items() if v is not None})
+    changes = {k: v for k, v in overrides.items() if v is not None}
+    if isinstance(changes.get("augment"), Mapping):  # changes to the method's own augmentations
+        changes["augment"] = config.augment.updated(changes["augment"])
+    return replace(config, **changes)
 
 
 def _finetuned(instance: float, cross: float, negative: float) -> DetectorConfig:

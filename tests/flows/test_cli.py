@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from flows.cli import (BACKBONE_CHOICES, CORESET_HELP, INTENSITY_CHOICES, MAP_SIGMA_HELP, POOLING_CHOICES,
-                       RESIZE_CHOICES, SCORE_CHOICES, build_parser)
+from flows.cli import (BACKBONE_CHOICES, CORESET_HELP, FLIP_CHOICES, FLIPS_HELP, INTENSITY_CHOICES, MAP_SIGMA_HELP,
+                       POOLING_CHOICES, RESIZE_CHOICES, ROTATION_HELP, SCORE_CHOICES, build_parser)
+from fsad_core.augment import FLIPS, AugmentConfig
 from fsad_core.backbone import list_backbones
 from fsad_core.detector import SCORE_KINDS, DetectorConfig
 from fsad_core.network import POOLINGS
@@ -56,10 +57,13 @@ def test_train_then_score_writes_csv_and_maps_and_reports_bad_files(category, tm
     model = tmp_path / "model"
     out = run("train", "--data", str(category), "--k", "2", "--seed", "0", "--out", str(model),
               "--method", "pretrained", "--size", "64", "--patch-size", "64", "--score", "patch",
-              "--false-alarm-target", "0.05", "--device", "cpu")
+              "--false-alarm-target", "0.05", "--flips", "vertical", "--device", "cpu")
     assert out.returncode == 0, out.stderr
     config = json.loads((model / "config.json").read_text())
     assert config["detector"]["score"] == "patch" and config["threshold"]["value"] > 0
+    # --flips changes the method's augmentations and nothing else of them
+    assert config["detector"]["augment"] == {**AugmentConfig().to_dict(), "hflip": False, "vflip": True,
+                                             "crop_scale": list(AugmentConfig().crop_scale)}
     assert config["detector"]["target_false_alarm_rate"] == 0.05
     assert config["threshold"]["details"]["target_false_alarm_rate"] == 0.05
     images = tmp_path / "images"
@@ -81,13 +85,14 @@ def test_bench_writes_the_json_contract(category, tmp_path):
     out = run("bench", "--data", str(category), "--k", "1", "2", "--seeds", "0", "--methods", "pretrained",
               "--backbone", "tf_efficientnet_lite1", "--size", "64", "--patch-size", "96", "--resize", "letterbox",
               "--pooling", "mean+std+max", "--coreset-candidates", "20000", "--map-sigma", "2",
-              "--false-alarm-target", "0.05",
+              "--false-alarm-target", "0.05", "--flips", "none", "--rotation", "0",
               "--out", str(out_json), "--report", str(report), "--device", "cpu")
     assert out.returncode == 0, out.stderr
     result = json.loads(out_json.read_text())
     assert len(result["records"]) == 2 and result["environment"]["timm"] and result["environment"]["cpu"]
     label = ("pretrained[backbone=tf_efficientnet_lite1][size=64][patch_size=96][resize=letterbox]"
-             "[pooling=mean+std+max][coreset_candidates=20000][map_sigma=2.0][target_false_alarm_rate=0.05]")
+             "[pooling=mean+std+max][coreset_candidates=20000][map_sigma=2.0][target_false_alarm_rate=0.05]"
+             "[hflip=False][vflip=False][rotation_deg=0.0]")
     keys = {"dataset", "category", "method", "k", "seed", "image_auroc", "pixel_auroc", "aupro", "f1",
             "fit_seconds", "score_ms_per_image", "peak_rss_mb"}
     for r in result["records"]:
@@ -150,6 +155,9 @@ def test_choices_are_the_library_modes():
     config = DetectorConfig()
     assert f"the method's, {config.coreset_candidates}; at least {config.memory_max}" in CORESET_HELP
     assert f"the method's, {config.map_sigma:g};" in MAP_SIGMA_HELP
+    assert FLIP_CHOICES == tuple(FLIPS)
+    assert f"the method's, {config.augment.flips})" in FLIPS_HELP
+    assert f"the method's, {config.augment.rotation_deg:g})" in ROTATION_HELP
 
 
 @pytest.mark.parametrize(("value", "parsed"), [("all", 0), ("0", 0), ("20000", 20000)])
@@ -171,6 +179,21 @@ def test_a_map_sigma_outside_zero_to_64_is_refused(value, capsys):
     with pytest.raises(SystemExit) as exit_:
         build_parser().parse_args([*SIGMA_ARGV, value])
     assert exit_.value.code == 2 and "--map-sigma" in capsys.readouterr().err
+
+
+ROTATION_ARGV = ["train", "--data", "d", "--k", "2", "--out", "m", "--rotation"]
+
+
+@pytest.mark.parametrize(("value", "parsed"), [("0", 0.0), ("15", 15.0), ("180", 180.0)])
+def test_rotation_takes_degrees_from_zero_to_180(value, parsed):
+    assert build_parser().parse_args([*ROTATION_ARGV, value]).rotation == parsed
+
+
+@pytest.mark.parametrize("value", ["-5", "181", "tilted"])
+def test_a_rotation_outside_zero_to_180_is_refused(value, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args([*ROTATION_ARGV, value])
+    assert exit_.value.code == 2 and "--rotation" in capsys.readouterr().err
 
 
 def test_a_coreset_candidate_count_that_is_not_a_number_is_refused_before_any_fit(category, tmp_path):

@@ -105,6 +105,7 @@ def test_good_upload_becomes_a_verified_champion(env, sets, tmp_path):
     assert run.data.params["intensity"] == "raw"  # the mode `auto` took for a colour product, not "auto"
     assert run.data.params["pooling"] == "mean+std+max" and run.data.params["coreset_candidates"] == "40000"
     assert run.data.params["map_sigma"] == "4.0"
+    assert (run.data.params["augment_flips"], run.data.params["augment_rotation_deg"]) == ("horizontal", "10.0")
     assert "benchmark_auroc" in run.data.metrics and run.data.tags["fsad.status"] == "trained"
     losses = mlflow.MlflowClient().get_metric_history(run.info.run_id, "train_loss")
     assert len(losses) == TINY_TRAINING["finetune"]["steps"]

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from fsad_core.augment import AugmentConfig, augment_views
+from fsad_core.augment import FLIPS, AugmentConfig, augment_views
 from fsad_core.negatives import NEGATIVE_KINDS, cutpaste, cutpaste_scar, noise_blob, synthesize, texture_blob
 
 
@@ -24,6 +24,31 @@ def test_augmentation_can_be_switched_off(image):
     none = AugmentConfig(crop_scale=(1.0, 1.0), hflip=False, vflip=False, rotation_deg=0, brightness=0, contrast=0)
     views = augment_views(image, 2, none, generator_seed=0)
     assert torch.allclose(views[0], image, atol=1e-5)
+
+
+def test_flips_by_name_set_both_flags_and_read_back():
+    for name, (hflip, vflip) in FLIPS.items():
+        config = AugmentConfig().with_flips(name)
+        assert (config.hflip, config.vflip, config.flips) == (hflip, vflip, name)
+        assert config.rotation_deg == AugmentConfig().rotation_deg  # nothing else changes
+    with pytest.raises(ValueError, match="flips 'mirror'"):
+        AugmentConfig().with_flips("mirror")
+
+
+def test_updated_changes_named_fields_reads_json_lists_and_refuses_unknown_names():
+    config = AugmentConfig().updated({"hflip": False, "crop_scale": [0.9, 1.0]})
+    assert config == AugmentConfig(hflip=False, crop_scale=(0.9, 1.0))
+    with pytest.raises(ValueError, match="unknown augmentation field.*vertical_flip"):
+        AugmentConfig().updated({"vertical_flip": True})
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("crop_scale", (0.0, 1.0)), ("crop_scale", (0.9, 0.8)), ("crop_scale", (0.5, 1.2)), ("crop_scale", 0.8),
+    ("crop_scale", (0.5, float("nan"))), ("hflip", "no"), ("vflip", 1), ("rotation_deg", -1), ("rotation_deg", 181),
+    ("rotation_deg", True), ("brightness", -0.1), ("brightness", 1.0), ("contrast", "low")])
+def test_a_bad_augmentation_is_refused_naming_its_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        AugmentConfig(**{field: value})
 
 
 @pytest.mark.parametrize("fn", [cutpaste, cutpaste_scar, noise_blob, texture_blob])

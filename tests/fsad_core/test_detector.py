@@ -9,6 +9,7 @@ import pytest
 import torch
 from scipy import stats
 
+from fsad_core.benchmark import method_label
 from fsad_core.calibration import calibrate_unsupervised
 from fsad_core.data import load_category
 from fsad_core.detector import (
@@ -251,6 +252,15 @@ def test_methods_registry_has_the_ablation():
     assert method_config("instance").finetune.loss.cross == 0
     with pytest.raises(ValueError, match="unknown method"):
         method_config("nope")
+
+
+def test_augmentation_overrides_change_the_methods_own_and_label_each_field():
+    config = method_config("full", seed=3, augment={"hflip": False, "rotation_deg": 0.0})
+    assert config.augment == replace(method_config("full").augment, hflip=False, rotation_deg=0.0)
+    assert config.seed == 3 and config.finetune == method_config("full").finetune
+    assert method_config("full", augment=None) == method_config("full")
+    assert (method_label("full", map_sigma=2.0, augment={"hflip": False, "rotation_deg": 0.0}, size=None)
+            == "full[map_sigma=2.0][hflip=False][rotation_deg=0.0]")
 
 
 def test_bad_config_is_refused():
