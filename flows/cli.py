@@ -101,6 +101,11 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return report(args)
 
 
+def _cmd_settings(args: argparse.Namespace) -> int:
+    from flows.commands import product_settings
+    return product_settings(args)
+
+
 def _cmd_upload(args: argparse.Namespace) -> int:
     from flows.upload import cli_upload
     return cli_upload(args.product, args.dir, args.resume)
@@ -225,6 +230,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", default=None, metavar="UPLOAD_ID",
                    help="finish an interrupted upload of the same folder (kept objects are not written twice)")
     p.add_argument("dir", help="folder with train/good/* and optionally eval/good|defect/*, or just images")
+
+    p = add("settings", _cmd_settings,
+            "show, set or clear a product's own training settings (merged over FSAD_TRAIN_OVERRIDES by retraining)")
+    p.add_argument("--product", required=True)
+    change = p.add_mutually_exclusive_group()
+    change.add_argument("--set", default=None, metavar="JSON_FILE",
+                        help='a JSON object of DetectorConfig fields, e.g. {"augment": {"hflip": false}}; '
+                             "checked before it is stored, and the product retrains on its next run")
+    change.add_argument("--clear", action="store_true", help="remove them")
 
     p = add("retrain", _cmd_retrain, "run the retraining flow now for a product")
     p.add_argument("--product", required=True)

@@ -1,4 +1,5 @@
-"""The model commands of the CLI: train, score, bench. Each reads files, calls fsad_core, writes files."""
+"""The model commands of the CLI: train, score, bench, report, and a product's training settings.
+Each reads files, calls fsad_core, writes files."""
 
 from __future__ import annotations
 
@@ -192,3 +193,30 @@ def report(args: argparse.Namespace) -> int:
         rows = table(list(merged.values()))
     print(format_table(rows, markdown=args.markdown))
     return 0
+
+
+def product_settings(args: argparse.Namespace) -> int:
+    """Show, set (from a JSON file, checked before it is stored) or clear a product's own training
+    settings: ``products/P/training.json``, merged over FSAD_TRAIN_OVERRIDES by the retraining flows."""
+    from flows.settings import SettingsError, load_settings, merge_overrides, read_product_training, training_config
+    from flows.storage import open_store, training_key
+
+    settings = load_settings()
+    store = open_store(settings.storage_url)
+    key = training_key(args.product)
+    if args.set is not None:
+        try:
+            own = json.loads(Path(args.set).read_text())
+        except json.JSONDecodeError as exc:
+            raise SettingsError(f"{args.set}: not valid JSON ({exc})") from None
+        if not isinstance(own, dict):
+            raise SettingsError(f"{args.set}: must be a JSON object of DetectorConfig fields")
+        training_config("default", 0, merge_overrides(settings.train_overrides, own),
+                        f"FSAD_TRAIN_OVERRIDES with {args.set}")
+        store.put_json(key, own)
+    elif args.clear:
+        store.delete(key)
+    own = read_product_training(store, args.product)
+    print(f"{store.uri(key)}: {json.dumps(own, indent=1) if own else 'none: FSAD_TRAIN_OVERRIDES and the method defaults apply'}")
+    return 0
+

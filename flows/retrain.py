@@ -29,7 +29,8 @@ from prefect.concurrency.sync import concurrency
 
 from flows import registry, tracking
 from flows.registry import RegistryError
-from flows.settings import Settings, SettingsError, config_sha256, load_settings, training_config
+from flows.settings import (Settings, SettingsError, config_sha256, load_settings, product_overrides,
+                            training_config)
 from flows.storage import (ObjectNotFound, StorageKeyError, latest_complete_upload, manifest_key, open_store,
                            upload_prefix)
 from flows.upload import ManifestError, read_manifest, sha256_hex
@@ -108,6 +109,12 @@ def resolve_upload(settings: Settings, product: str, upload_id: str | None) -> s
     if latest is None:
         raise NoUpload(f"no complete upload of product {product} in {settings.storage_url}")
     return latest.upload_id
+
+
+@task(**_IO, cache_policy=NO_CACHE)
+def training_overrides(settings: Settings, product: str) -> tuple[dict[str, Any], str]:
+    """FSAD_TRAIN_OVERRIDES with the product's own settings (``products/P/training.json``) over them."""
+    return product_overrides(settings, open_store(settings.storage_url), product)
 
 
 @task(**_IO)
@@ -376,7 +383,10 @@ def retrain_flow(product: str, upload_id: str | None = None, method: str = "defa
     """
     settings = load_settings()
     tracking.configure(settings)
-    training_config(method, seed, settings.train_overrides)  # a bad method fails before any work
+    overrides, source = training_overrides(settings, product)
+    training_config(method, seed, overrides, source)  # a bad method or setting fails before any work
+    if source != "FSAD_TRAIN_OVERRIDES":
+        get_run_logger().info("training settings: %s", source)
 
     upload_id = resolve_upload(settings, product, upload_id)
     manifest = load_manifest(settings, product, upload_id)
@@ -388,15 +398,15 @@ def retrain_flow(product: str, upload_id: str | None = None, method: str = "defa
                              f"{'; '.join(validation['failed']) or 'malformed manifest'} (quarantined at {where})")
     get_run_logger().info("waiting for the retraining slot of %s (one retraining per product at a time)", product)
     with product_lock(product):
-        return _train_and_promote(settings, product, upload_id, manifest, validation, method, seed)
+        return _train_and_promote(settings, product, upload_id, manifest, validation, method, seed,
+                                  training_config(method, seed, overrides, source))
 
 
 def _train_and_promote(settings: Settings, product: str, upload_id: str, manifest: dict[str, Any],
-                       validation: dict[str, Any], method: str, seed: int) -> dict[str, Any]:
+                       validation: dict[str, Any], method: str, seed: int, config: DetectorConfig) -> dict[str, Any]:
     """The flow's critical section (under the product lock): already trained? else train, log,
     register, gate, verify and promote."""
     logger = get_run_logger()
-    config = training_config(method, seed, settings.train_overrides)
     config_hash = config_sha256(config)
     device = resolve_device(settings.device).type
     content = manifest["content_sha256"]

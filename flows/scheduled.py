@@ -1,4 +1,5 @@
-"""Scheduled retraining: retrain every product whose newest complete upload the champion has not seen.
+"""Scheduled retraining: retrain every product whose newest complete upload the champion has not seen,
+or whose training configuration changed since its champion was fitted.
 
 The event trigger (retrain-on-upload) reacts to each upload as it arrives; this nightly sweep
 (deployment ``retrain-scheduled``) catches what it missed: events lost while the server was down,
@@ -15,7 +16,7 @@ from prefect import flow, get_run_logger, task
 
 from flows import registry, tracking
 from flows.retrain import retrain_flow
-from flows.settings import Settings, config_sha256, load_settings, training_config
+from flows.settings import Settings, config_sha256, load_settings, product_overrides, training_config
 from flows.storage import ObjectNotFound, latest_complete_upload, list_products, open_store, validation_key
 from flows.upload import ManifestError, read_manifest
 
@@ -28,8 +29,11 @@ class Plan:
 
 
 def decide(product: str, latest_upload: str | None, latest_content: str | None, rejected: bool,
-           trained_version: str | None, champion: str | None, champion_upload: str | None) -> Plan:
-    """Whether ``product`` is due (no I/O). Upload ids sort by time, so a larger id is a newer upload."""
+           trained_version: str | None, champion: str | None, champion_upload: str | None,
+           champion_config: str | None = None, config_hash: str | None = None) -> Plan:
+    """Whether ``product`` is due (no I/O). Upload ids sort by time, so a larger id is a newer upload.
+    A champion fitted under another configuration (the product's settings or a default changed) is
+    retrained once on its upload; the gate then decides between the two."""
     def skip(reason: str) -> Plan:
         return Plan(product, None, reason)
 
@@ -45,13 +49,18 @@ def decide(product: str, latest_upload: str | None, latest_content: str | None, 
     if champion_upload is None or latest_upload > champion_upload:
         return Plan(product, latest_upload, f"upload {latest_upload} is newer than champion v{champion}'s "
                                             f"upload {champion_upload or 'unknown'}")
+    if champion_config is not None and config_hash is not None and champion_config != config_hash:
+        return Plan(product, latest_upload, f"the training configuration changed since champion v{champion} "
+                                            f"(config {champion_config[:12]} -> {config_hash[:12]})")
     return skip(f"champion v{champion} was trained on the latest upload {champion_upload}")
 
 
 @task(retries=2, retry_delay_seconds=10)
-def plan_product(settings: Settings, product: str, config_hash: str) -> Plan:
-    """Read the facts ``decide`` needs from storage and the MLflow registry."""
+def plan_product(settings: Settings, product: str, method: str, seed: int) -> Plan:
+    """Read the facts ``decide`` needs from storage and the MLflow registry. The configuration is the
+    product's own (its training settings over FSAD_TRAIN_OVERRIDES): changing them retrains it."""
     store = open_store(settings.storage_url)
+    config_hash = config_sha256(training_config(method, seed, *product_overrides(settings, store, product)))
     latest = latest_complete_upload(store, product)
     if latest is None:
         return decide(product, None, None, False, None, None, None)
@@ -66,9 +75,9 @@ def plan_product(settings: Settings, product: str, config_hash: str) -> Plan:
     tracking.configure(settings)
     trained = registry.find_trained_version(product, content, config_hash) if content else None
     champion = registry.alias_version(product, registry.CHAMPION)
-    champion_upload = registry.version_tags(product, champion).get("upload_id") if champion else None
-    return decide(product, latest.upload_id, content, rejected,
-                  str(trained.version) if trained is not None else None, champion, champion_upload)
+    tags = registry.version_tags(product, champion) if champion else {}
+    return decide(product, latest.upload_id, content, rejected, str(trained.version) if trained is not None else None,
+                  champion, tags.get("upload_id"), tags.get("config_sha256"), config_hash)
 
 
 @flow(name="retrain-due")
@@ -77,12 +86,12 @@ def retrain_due_flow(method: str = "default", seed: int = 0) -> dict[str, Any]:
     status. Raises at the end when the planning or retraining of any product failed."""
     logger = get_run_logger()
     settings = load_settings()
-    config_hash = config_sha256(training_config(method, seed, settings.train_overrides))
+    training_config(method, seed, settings.train_overrides)  # a bad method fails before any product
     store = open_store(settings.storage_url)
     results: dict[str, Any] = {}
     failed: list[str] = []
     for product in list_products(store):
-        planned = plan_product(settings, product, config_hash, return_state=True)
+        planned = plan_product(settings, product, method, seed, return_state=True)
         if not planned.is_completed():
             failed.append(f"{product} (planning: {planned.message})")
             continue

@@ -24,11 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flows.storage import ObjectNotFound, Store, training_key
 from fsad_core.detector import DetectorConfig
 from fsad_core.methods import method_config
 
 DEFAULT_MIN_AUROC = 0.9
 DEVICES = ("auto", "cpu", "cuda")
+NESTED_OVERRIDES = ("finetune", "augment")  # overrides that are objects of their own config's fields
 
 
 class SettingsError(ValueError):
@@ -77,26 +79,27 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     return settings
 
 
-def training_config(method: str, seed: int, overrides: Mapping[str, Any]) -> DetectorConfig:
+def training_config(method: str, seed: int, overrides: Mapping[str, Any],
+                    source: str = "FSAD_TRAIN_OVERRIDES") -> DetectorConfig:
     """The method's DetectorConfig with ``seed`` and the overrides (``finetune`` and ``augment`` may be
-    nested dicts: changes to the method's own)."""
+    nested dicts: changes to the method's own). ``source`` names where they came from in errors."""
     config = method_config(method, seed=seed)
     top = {k: v for k, v in overrides.items() if k != "finetune"}
     known = {f.name for f in dataclasses.fields(DetectorConfig)}
     unknown = sorted(set(top) - known)
     if unknown:
-        raise SettingsError(f"FSAD_TRAIN_OVERRIDES: unknown DetectorConfig field(s) {', '.join(unknown)}")
+        raise SettingsError(f"{source}: unknown DetectorConfig field(s) {', '.join(unknown)}")
     if "seed" in top:
-        raise SettingsError("FSAD_TRAIN_OVERRIDES: the seed is a flow parameter, not an override")
+        raise SettingsError(f"{source}: the seed is a flow parameter, not an override")
     nested = sorted(k for k, v in top.items() if isinstance(v, dict) and k != "augment")
     if nested:
-        raise SettingsError("FSAD_TRAIN_OVERRIDES: only 'finetune' and 'augment' may be objects, not "
+        raise SettingsError(f"{source}: only 'finetune' and 'augment' may be objects, not "
                             + ", ".join(nested))
     ft = overrides.get("finetune")
     if ft is not None and not isinstance(ft, dict):
-        raise SettingsError("FSAD_TRAIN_OVERRIDES: finetune must be an object of FinetuneConfig fields")
+        raise SettingsError(f"{source}: finetune must be an object of FinetuneConfig fields")
     if "augment" in top and not isinstance(top["augment"], dict):
-        raise SettingsError("FSAD_TRAIN_OVERRIDES: augment must be an object of AugmentConfig fields")
+        raise SettingsError(f"{source}: augment must be an object of AugmentConfig fields")
     top = {k: tuple(v) if isinstance(v, list) else v for k, v in top.items()}
     try:
         if "augment" in top:  # changes to the method's own augmentations, e.g. {"hflip": false}
@@ -105,8 +108,46 @@ def training_config(method: str, seed: int, overrides: Mapping[str, Any]) -> Det
         if ft and config.finetune is not None:  # `pretrained` has nothing to fine-tune
             config = dataclasses.replace(config, finetune=dataclasses.replace(config.finetune, **ft))
     except (TypeError, ValueError) as exc:
-        raise SettingsError(f"FSAD_TRAIN_OVERRIDES: {exc}") from None
+        raise SettingsError(f"{source}: {exc}") from None
     return config
+
+
+def merge_overrides(base: Mapping[str, Any], product: Mapping[str, Any]) -> dict[str, Any]:
+    """A product's training settings over FSAD_TRAIN_OVERRIDES: its fields win, and ``finetune`` and
+    ``augment`` merge field by field (a product that sets only ``{"augment": {"hflip": false}}``
+    keeps the rotation set for every product)."""
+    merged = dict(base)
+    for key, value in product.items():
+        if key in NESTED_OVERRIDES and isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_product_training(store: Store, product: str) -> dict[str, Any]:
+    """The product's training settings (``products/P/training.json``); {} when it has none."""
+    key = training_key(product)
+    try:
+        data = store.get_bytes(key)
+    except ObjectNotFound:
+        return {}
+    try:
+        value = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SettingsError(f"{store.uri(key)}: not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise SettingsError(f"{store.uri(key)}: must be a JSON object of DetectorConfig fields")
+    return value
+
+
+def product_overrides(settings: Settings, store: Store, product: str) -> tuple[dict[str, Any], str]:
+    """FSAD_TRAIN_OVERRIDES with the product's own settings merged over them, and where they came
+    from (for error messages)."""
+    own = read_product_training(store, product)
+    if not own:
+        return dict(settings.train_overrides), "FSAD_TRAIN_OVERRIDES"
+    return merge_overrides(settings.train_overrides, own), f"FSAD_TRAIN_OVERRIDES with {store.uri(training_key(product))}"
 
 
 def config_sha256(config: DetectorConfig) -> str:
@@ -114,4 +155,5 @@ def config_sha256(config: DetectorConfig) -> str:
     return hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode("utf-8")).hexdigest()
 
 
-__all__ = ["Settings", "SettingsError", "config_sha256", "load_settings", "training_config"]
+__all__ = ["Settings", "SettingsError", "config_sha256", "load_settings", "merge_overrides", "product_overrides",
+           "read_product_training", "training_config"]

@@ -25,6 +25,7 @@ PRODUCTS = "products"
 QUARANTINE = "quarantine"
 MANIFEST_NAME = "manifest.json"
 VALIDATION_NAME = "validation.json"
+TRAINING_NAME = "training.json"
 SPLITS_LABELS = (("train", "good"), ("eval", "good"), ("eval", "defect"))
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -111,7 +112,7 @@ class Store(ABC):
 
     @abstractmethod
     def delete(self, key: str) -> None:
-        """Remove one object (tests and cleanup only; the pipeline never deletes uploads)."""
+        """Remove one object (tests, cleanup and a product's training settings; never an upload)."""
 
     @abstractmethod
     def uri(self, key: str = "") -> str: ...
@@ -399,6 +400,11 @@ def manifest_key(product: str, upload_id: str) -> str:
 
 def validation_key(product: str, upload_id: str) -> str:
     return upload_prefix(product, upload_id) + VALIDATION_NAME
+
+
+def training_key(product: str) -> str:
+    """``products/P/training.json``: the product's own training settings, over FSAD_TRAIN_OVERRIDES."""
+    return f"{PRODUCTS}/{validate_name(product, 'product name')}/{TRAINING_NAME}"
 
 
 def quarantine_prefix(product: str, upload_id: str) -> str:

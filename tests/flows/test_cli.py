@@ -35,7 +35,7 @@ def category(tmp_path_factory):
 def test_help_lists_every_subcommand():
     out = run("--help")
     assert out.returncode == 0
-    for cmd in ("demo", "train", "score", "bench", "report", "upload", "retrain", "stack"):
+    for cmd in ("demo", "train", "score", "bench", "report", "upload", "settings", "retrain", "stack"):
         assert cmd in out.stdout
 
 
@@ -179,6 +179,28 @@ def test_a_map_sigma_outside_zero_to_64_is_refused(value, capsys):
     with pytest.raises(SystemExit) as exit_:
         build_parser().parse_args([*SIGMA_ARGV, value])
     assert exit_.value.code == 2 and "--map-sigma" in capsys.readouterr().err
+
+
+def test_settings_sets_shows_and_clears_a_products_training_settings_and_refuses_bad_ones(tmp_path):
+    env = {"FSAD_HOME": str(tmp_path / "home"), "FSAD_STORAGE": "", "FSAD_TRAIN_OVERRIDES": '{"size": 96}'}
+    stored = tmp_path / "home" / "store" / "products" / "washer" / "training.json"
+    good, bad, broken = tmp_path / "good.json", tmp_path / "bad.json", tmp_path / "broken.json"
+    good.write_text('{"augment": {"hflip": false}, "map_sigma": 8}')
+    bad.write_text('{"augment": {"rotation_deg": 400}}')
+    broken.write_text("{augment")
+    out = run("settings", "--product", "washer", env=env)
+    assert out.returncode == 0 and "none" in out.stdout and not stored.exists()
+    out = run("settings", "--product", "washer", "--set", str(good), env=env)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(stored.read_text()) == {"augment": {"hflip": False}, "map_sigma": 8}
+    assert '"map_sigma": 8' in run("settings", "--product", "washer", env=env).stdout
+    for refused, reason in ((bad, "rotation_deg 400"), (broken, "not valid JSON")):
+        out = run("settings", "--product", "washer", "--set", str(refused), env=env)
+        assert out.returncode == 1 and reason in out.stderr and str(refused) in out.stderr
+        assert json.loads(stored.read_text())["map_sigma"] == 8  # what was stored stays
+    out = run("settings", "--product", "washer", "--clear", env=env)
+    assert out.returncode == 0 and "none" in out.stdout and not stored.exists()
+    assert run("settings", "--product", "../x", env=env).returncode == 1
 
 
 ROTATION_ARGV = ["train", "--data", "d", "--k", "2", "--out", "m", "--rotation"]

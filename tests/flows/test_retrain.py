@@ -24,8 +24,8 @@ from flows import registry, tracking
 from flows.pyfunc import encode_png
 from flows.registry import CANDIDATE, CHAMPION, PREVIOUS
 from flows.retrain import GPU_LIMIT, UploadRejected, product_lock, retrain_flow, training_slot
-from flows.settings import load_settings
-from flows.storage import open_store, quarantine_prefix, upload_prefix, validation_key
+from flows.settings import SettingsError, load_settings
+from flows.storage import open_store, quarantine_prefix, training_key, upload_prefix, validation_key
 from flows.upload import ManifestError, content_sha256, describe_image, sha256_hex, upload_folder, write_upload_folder
 from fsad_core.data import load_category
 from fsad_core.imageio import read_image
@@ -172,6 +172,31 @@ def test_upload_without_eval_set_is_judged_on_leave_one_out_and_synthetic_anomal
     assert summary["threshold"]["rule"] != "supervised_f1"  # the fit's unsupervised threshold stays
     assert summary["metrics"]["n_benchmark_normal"] == 2 and summary["metrics"]["n_benchmark_defect"] > 0
     assert registry.version_tags("noeval", "1")["gate.eval_set"] == "loo+synthetic"
+
+
+def test_a_products_own_settings_are_checked_used_and_retrain_it_once(env):
+    """products/P/training.json over FSAD_TRAIN_OVERRIDES: a bad one fails the run before any work; a
+    good one changes the configuration, so the nightly sweep plans one retraining on the same upload."""
+    from flows.scheduled import plan_product
+
+    store, settings = open_store(), load_settings()
+    store.put_json(training_key("noeval"), ["not", "an", "object"])
+    with pytest.raises(SettingsError, match="products/noeval/training.json: must be a JSON object"):
+        retrain_flow("noeval")
+    assert registry.aliases("noeval")[CHAMPION] == "1"
+    assert len(mlflow.MlflowClient().search_model_versions(f"name = '{registry.model_name('noeval')}'")) == 1
+    store.put_json(training_key("noeval"), {"augment": {"hflip": False}})
+    plan = plan_product.fn(settings, "noeval", "default", 0)
+    assert plan.upload_id == U_GOOD and "configuration changed since champion v1" in plan.reason
+    env.setenv("FSAD_GATE_MIN_AUROC", "0")
+    try:
+        summary = retrain_flow("noeval")
+    finally:
+        env.delenv("FSAD_GATE_MIN_AUROC")
+    assert summary["version"] == "2" and summary["upload_id"] == U_GOOD
+    params = mlflow.MlflowClient().get_run(summary["run_id"]).data.params
+    assert params["augment_flips"] == "none" and params["size"] == str(TINY_TRAINING["size"])  # merged
+    assert "already trained as version 2" in plan_product.fn(settings, "noeval", "default", 0).reason
 
 
 def test_corrupt_upload_is_quarantined_and_creates_no_version(env, sets):

@@ -1,10 +1,13 @@
-"""The pipeline's training configuration from FSAD_TRAIN_OVERRIDES: what it takes and what it refuses."""
+"""The pipeline's training configuration (FSAD_TRAIN_OVERRIDES and a product's own settings): what it
+takes and what it refuses."""
 
 import json
 
 import pytest
 
-from flows.settings import SettingsError, load_settings, training_config
+from flows.settings import (SettingsError, load_settings, merge_overrides, product_overrides, read_product_training,
+                            training_config)
+from flows.storage import LocalStore, training_key
 from fsad_core.methods import method_config
 
 
@@ -37,3 +40,27 @@ def test_settings_refuse_bad_overrides_when_read():
         load_settings({"FSAD_TRAIN_OVERRIDES": "{hflip: false}"})
     with pytest.raises(SettingsError, match="unknown augmentation field"):
         load_settings({"FSAD_TRAIN_OVERRIDES": json.dumps({"augment": {"flip": False}})})
+
+
+def test_a_products_settings_merge_over_the_global_ones_field_by_field():
+    base = {"size": 96, "augment": {"rotation_deg": 0}, "finetune": {"steps": 10}}
+    merged = merge_overrides(base, {"size": 128, "augment": {"hflip": False}, "map_sigma": 8})
+    assert merged == {"size": 128, "augment": {"rotation_deg": 0, "hflip": False}, "finetune": {"steps": 10},
+                      "map_sigma": 8}
+    assert base["augment"] == {"rotation_deg": 0}  # the global settings are not changed
+
+
+def test_product_settings_are_read_from_storage_and_refused_when_malformed(tmp_path):
+    store = LocalStore(tmp_path)
+    settings = load_settings({"FSAD_HOME": str(tmp_path), "FSAD_TRAIN_OVERRIDES": '{"size": 96}'})
+    assert read_product_training(store, "washer") == {}
+    assert product_overrides(settings, store, "washer") == ({"size": 96}, "FSAD_TRAIN_OVERRIDES")
+    store.put_json(training_key("washer"), {"map_sigma": 8})
+    overrides, source = product_overrides(settings, store, "washer")
+    assert overrides == {"size": 96, "map_sigma": 8} and source.endswith("products/washer/training.json")
+    store.put_bytes(training_key("washer"), b"{map_sigma: 8}")
+    with pytest.raises(SettingsError, match="training.json: not valid JSON"):
+        read_product_training(store, "washer")
+    store.put_json(training_key("washer"), [8])
+    with pytest.raises(SettingsError, match="training.json: must be a JSON object"):
+        read_product_training(store, "washer")

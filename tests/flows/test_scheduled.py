@@ -1,0 +1,23 @@
+"""The nightly sweep's decision per product (no I/O): what makes a product due and what does not."""
+
+import pytest
+
+from flows.scheduled import decide
+
+U1, U2 = "20260101T000001Z-a", "20260102T000001Z-b"
+OLD, NEW = "a" * 64, "b" * 64
+
+
+@pytest.mark.parametrize(("args", "due", "reason"), [
+    ((None, None, False, None, None, None), None, "no complete upload"),
+    ((U2, "c", True, None, "1", U1), None, "rejected by validation"),
+    ((U2, "c", False, "3", "1", U1, OLD, NEW), None, "already trained as version 3"),
+    ((U1, "c", False, None, None, None), U1, "no champion yet"),
+    ((U2, "c", False, None, "1", U1, NEW, NEW), U2, "newer than champion v1"),
+    ((U1, "c", False, None, "1", U1, NEW, NEW), None, "trained on the latest upload"),
+    ((U1, "c", False, None, "1", U1, OLD, NEW), U1, "configuration changed since champion v1"),
+    ((U1, "c", False, None, "1", U1, None, NEW), None, "trained on the latest upload"),  # a champion without the tag
+])
+def test_decide(args, due, reason):
+    plan = decide("washer", *args)
+    assert plan.upload_id == due and reason in plan.reason
