@@ -217,6 +217,6 @@ def product_settings(args: argparse.Namespace) -> int:
     elif args.clear:
         store.delete(key)
     own = read_product_training(store, args.product)
-    print(f"{store.uri(key)}: {json.dumps(own, indent=1) if own else 'none: FSAD_TRAIN_OVERRIDES and the method defaults apply'}")
+    shown = json.dumps(own, indent=1) if own else "none: FSAD_TRAIN_OVERRIDES and the method defaults apply"
+    print(f"{store.uri(key)}: {shown}")
     return 0
-

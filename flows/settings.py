@@ -91,7 +91,7 @@ def training_config(method: str, seed: int, overrides: Mapping[str, Any],
         raise SettingsError(f"{source}: unknown DetectorConfig field(s) {', '.join(unknown)}")
     if "seed" in top:
         raise SettingsError(f"{source}: the seed is a flow parameter, not an override")
-    nested = sorted(k for k, v in top.items() if isinstance(v, dict) and k != "augment")
+    nested = sorted(k for k, v in top.items() if isinstance(v, dict) and k not in NESTED_OVERRIDES)
     if nested:
         raise SettingsError(f"{source}: only 'finetune' and 'augment' may be objects, not "
                             + ", ".join(nested))
@@ -147,7 +147,8 @@ def product_overrides(settings: Settings, store: Store, product: str) -> tuple[d
     own = read_product_training(store, product)
     if not own:
         return dict(settings.train_overrides), "FSAD_TRAIN_OVERRIDES"
-    return merge_overrides(settings.train_overrides, own), f"FSAD_TRAIN_OVERRIDES with {store.uri(training_key(product))}"
+    source = f"FSAD_TRAIN_OVERRIDES with {store.uri(training_key(product))}"
+    return merge_overrides(settings.train_overrides, own), source
 
 
 def config_sha256(config: DetectorConfig) -> str:
