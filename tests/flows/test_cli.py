@@ -169,16 +169,24 @@ def test_coreset_candidates_take_a_count_or_all(value, parsed):
 SIGMA_ARGV = ["bench", "--data", "d", "--out", "r.json", "--map-sigma"]
 
 
-@pytest.mark.parametrize(("value", "parsed"), [("0", 0.0), ("2", 2.0)])
-def test_map_sigma_takes_a_blur_from_zero_to_below_64(value, parsed):
-    assert build_parser().parse_args([*SIGMA_ARGV, value]).map_sigma == parsed
+ROTATION_ARGV = ["train", "--data", "d", "--k", "2", "--out", "m", "--rotation"]
 
 
-@pytest.mark.parametrize("value", ["-1", "64", "wide"])
-def test_a_map_sigma_outside_zero_to_64_is_refused(value, capsys):
+@pytest.mark.parametrize(("argv", "value", "parsed"), [
+    (SIGMA_ARGV, "0", 0.0), (SIGMA_ARGV, "2", 2.0),  # a blur from 0 to below 64
+    (ROTATION_ARGV, "0", 0.0), (ROTATION_ARGV, "15", 15.0), (ROTATION_ARGV, "180", 180.0)])  # 0 to 180 degrees
+def test_bounded_number_options_take_values_within_their_bounds(argv, value, parsed):
+    args = build_parser().parse_args([*argv, value])
+    assert getattr(args, argv[-1].removeprefix("--").replace("-", "_")) == parsed
+
+
+@pytest.mark.parametrize(("argv", "value"), [
+    (SIGMA_ARGV, "-1"), (SIGMA_ARGV, "64"), (SIGMA_ARGV, "wide"),
+    (ROTATION_ARGV, "-5"), (ROTATION_ARGV, "181"), (ROTATION_ARGV, "tilted")])
+def test_bounded_number_options_refuse_values_outside_their_bounds(argv, value, capsys):
     with pytest.raises(SystemExit) as exit_:
-        build_parser().parse_args([*SIGMA_ARGV, value])
-    assert exit_.value.code == 2 and "--map-sigma" in capsys.readouterr().err
+        build_parser().parse_args([*argv, value])
+    assert exit_.value.code == 2 and argv[-1] in capsys.readouterr().err
 
 
 def test_settings_sets_shows_and_clears_a_products_training_settings_and_refuses_bad_ones(tmp_path):
@@ -201,21 +209,6 @@ def test_settings_sets_shows_and_clears_a_products_training_settings_and_refuses
     out = run("settings", "--product", "washer", "--clear", env=env)
     assert out.returncode == 0 and "none" in out.stdout and not stored.exists()
     assert run("settings", "--product", "../x", env=env).returncode == 1
-
-
-ROTATION_ARGV = ["train", "--data", "d", "--k", "2", "--out", "m", "--rotation"]
-
-
-@pytest.mark.parametrize(("value", "parsed"), [("0", 0.0), ("15", 15.0), ("180", 180.0)])
-def test_rotation_takes_degrees_from_zero_to_180(value, parsed):
-    assert build_parser().parse_args([*ROTATION_ARGV, value]).rotation == parsed
-
-
-@pytest.mark.parametrize("value", ["-5", "181", "tilted"])
-def test_a_rotation_outside_zero_to_180_is_refused(value, capsys):
-    with pytest.raises(SystemExit) as exit_:
-        build_parser().parse_args([*ROTATION_ARGV, value])
-    assert exit_.value.code == 2 and "--rotation" in capsys.readouterr().err
 
 
 def test_a_coreset_candidate_count_that_is_not_a_number_is_refused_before_any_fit(category, tmp_path):
