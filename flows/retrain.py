@@ -384,7 +384,7 @@ def retrain_flow(product: str, upload_id: str | None = None, method: str = "defa
     settings = load_settings()
     tracking.configure(settings)
     overrides, source = training_overrides(settings, product)
-    training_config(method, seed, overrides, source)  # a bad method or setting fails before any work
+    config = training_config(method, seed, overrides, source)  # a bad method or setting fails before any work
     if source != "FSAD_TRAIN_OVERRIDES":
         get_run_logger().info("training settings: %s", source)
 
@@ -398,8 +398,7 @@ def retrain_flow(product: str, upload_id: str | None = None, method: str = "defa
                              f"{'; '.join(validation['failed']) or 'malformed manifest'} (quarantined at {where})")
     get_run_logger().info("waiting for the retraining slot of %s (one retraining per product at a time)", product)
     with product_lock(product):
-        return _train_and_promote(settings, product, upload_id, manifest, validation, method, seed,
-                                  training_config(method, seed, overrides, source))
+        return _train_and_promote(settings, product, upload_id, manifest, validation, method, seed, config)
 
 
 def _train_and_promote(settings: Settings, product: str, upload_id: str, manifest: dict[str, Any],

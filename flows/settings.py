@@ -145,9 +145,7 @@ def product_overrides(settings: Settings, store: Store, product: str) -> tuple[d
     """FSAD_TRAIN_OVERRIDES with the product's own settings merged over them, and where they came
     from (for error messages)."""
     own = read_product_training(store, product)
-    if not own:
-        return dict(settings.train_overrides), "FSAD_TRAIN_OVERRIDES"
-    source = f"FSAD_TRAIN_OVERRIDES with {store.uri(training_key(product))}"
+    source = f"FSAD_TRAIN_OVERRIDES with {store.uri(training_key(product))}" if own else "FSAD_TRAIN_OVERRIDES"
     return merge_overrides(settings.train_overrides, own), source
 
 

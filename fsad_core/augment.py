@@ -51,12 +51,6 @@ class AugmentConfig:
         """The flip setting by name (a key of FLIPS)."""
         return next(name for name, pair in FLIPS.items() if pair == (self.hflip, self.vflip))
 
-    def with_flips(self, flips: str) -> "AugmentConfig":
-        if flips not in FLIPS:
-            raise ValueError(f"flips {flips!r}: one of {', '.join(FLIPS)}")
-        hflip, vflip = FLIPS[flips]
-        return replace(self, hflip=hflip, vflip=vflip)
-
     def updated(self, changes: Mapping[str, object]) -> "AugmentConfig":
         """This config with some fields changed (JSON lists read as tuples); unknown names refused."""
         unknown = sorted(set(changes) - set(asdict(self)))
