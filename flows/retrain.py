@@ -72,7 +72,8 @@ def _transient(task_: Any, task_run: Any, state: Any) -> bool:
     return False
 
 
-_IO = dict(retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=_transient)
+# The retry policy of every task that reads or writes storage or the registry, here and in the sweep.
+IO_RETRIES = dict(retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=_transient)
 
 
 @dataclass
@@ -101,7 +102,7 @@ class Benchmark:
 
 # ---- storage and validation -----------------------------------------------------------------
 
-@task(**_IO)
+@task(**IO_RETRIES)
 def resolve_upload(settings: Settings, product: str, upload_id: str | None) -> str:
     if upload_id is not None:
         return upload_id
@@ -111,13 +112,13 @@ def resolve_upload(settings: Settings, product: str, upload_id: str | None) -> s
     return latest.upload_id
 
 
-@task(**_IO, cache_policy=NO_CACHE)
+@task(**IO_RETRIES, cache_policy=NO_CACHE)
 def training_overrides(settings: Settings, product: str) -> tuple[dict[str, Any], str]:
     """FSAD_TRAIN_OVERRIDES with the product's own settings (``products/P/training.json``) over them."""
     return product_overrides(settings, open_store(settings.storage_url), product)
 
 
-@task(**_IO)
+@task(**IO_RETRIES)
 def load_manifest(settings: Settings, product: str, upload_id: str) -> dict[str, Any] | None:
     """The manifest; None when it exists but is malformed (validation then rejects the upload).
     No manifest at all means the upload is incomplete (maybe still being written): not ours to judge."""
@@ -130,7 +131,7 @@ def load_manifest(settings: Settings, product: str, upload_id: str) -> dict[str,
         return None
 
 
-@task(**_IO)
+@task(**IO_RETRIES)
 def validate(settings: Settings, product: str, upload_id: str) -> dict[str, Any]:
     """Run the GX suite and write validation.json beside the upload."""
     store = open_store(settings.storage_url)
@@ -142,7 +143,7 @@ def validate(settings: Settings, product: str, upload_id: str) -> dict[str, Any]
             "uri": store.uri(key)}
 
 
-@task(**_IO)
+@task(**IO_RETRIES)
 def quarantine(settings: Settings, product: str, upload_id: str, validation: dict[str, Any]) -> str:
     """Copy the upload and its report to quarantine/ (the original stays where it is)."""
     store = open_store(settings.storage_url)
@@ -152,7 +153,7 @@ def quarantine(settings: Settings, product: str, upload_id: str, validation: dic
     return where
 
 
-@task(**_IO)
+@task(**IO_RETRIES)
 def log_rejection(settings: Settings, product: str, upload_id: str, validation: dict[str, Any],
                   quarantine_uri: str) -> str:
     tracking.configure(settings)
@@ -160,7 +161,7 @@ def log_rejection(settings: Settings, product: str, upload_id: str, validation: 
                                         quarantine_uri, settings)
 
 
-@task(**_IO, cache_policy=NO_CACHE)  # asked again later in the same run: must read the registry anew
+@task(**IO_RETRIES, cache_policy=NO_CACHE)  # asked again later in the same run: must read the registry anew
 def find_existing(settings: Settings, product: str, content_sha256: str, config_hash: str) -> dict[str, Any] | None:
     tracking.configure(settings)
     mv = registry.find_trained_version(product, content_sha256, config_hash)
@@ -169,7 +170,7 @@ def find_existing(settings: Settings, product: str, content_sha256: str, config_
     return {"version": str(mv.version), "run_id": mv.run_id, "tags": dict(mv.tags)}
 
 
-@task(**_IO, persist_result=False)
+@task(**IO_RETRIES, persist_result=False)
 def load_images(settings: Settings, product: str, upload_id: str, manifest: dict[str, Any]) -> UploadData:
     """Decode the manifest's images, each checked against its manifest sha256 once more: what is
     trained on is exactly the content that was validated and that content_sha256 names."""
@@ -320,7 +321,7 @@ def anomaly_maps(detector: Detector, data: UploadData) -> list[tuple[str, np.nda
 
 # ---- MLflow -----------------------------------------------------------------------------------
 
-@task(**_IO, persist_result=False)
+@task(**IO_RETRIES, persist_result=False)
 def log_run(settings: Settings, record: tracking.TrainingRecord, detector: Detector) -> tracking.LoggedRun:
     tracking.configure(settings)
     logged = tracking.log_training_run(record, detector, settings)
@@ -328,7 +329,7 @@ def log_run(settings: Settings, record: tracking.TrainingRecord, detector: Detec
     return logged
 
 
-@task(**_IO)
+@task(**IO_RETRIES)
 def register(settings: Settings, product: str, model_uri: str, run_id: str, tags: dict[str, str]) -> str:
     tracking.configure(settings)
     version = str(registry.register(product, model_uri, run_id, tags).version)
@@ -337,7 +338,7 @@ def register(settings: Settings, product: str, model_uri: str, run_id: str, tags
     return version
 
 
-@task(**_IO, persist_result=False)
+@task(**IO_RETRIES, persist_result=False)
 def gate(settings: Settings, product: str, version: str, auroc: float | None, bench_kind: str,
          data: UploadData, device: str) -> registry.GateDecision:
     """Score the champion on the same labelled set, decide, and record the verdict as version tags."""
@@ -350,7 +351,7 @@ def gate(settings: Settings, product: str, version: str, auroc: float | None, be
     return decision
 
 
-@task(**_IO, persist_result=False)
+@task(**IO_RETRIES, persist_result=False)
 def verify_and_promote(settings: Settings, product: str, version: str, detector: Detector,
                        smoke_image: np.ndarray) -> dict[str, str]:
     """Only a version whose downloaded artifact reproduces the in-memory score becomes champion."""
@@ -365,7 +366,7 @@ def verify_and_promote(settings: Settings, product: str, version: str, detector:
     return aliases
 
 
-@task(**_IO, cache_policy=NO_CACHE)
+@task(**IO_RETRIES, cache_policy=NO_CACHE)
 def current_aliases(settings: Settings, product: str) -> dict[str, str]:
     tracking.configure(settings)
     return registry.aliases(product)

@@ -15,7 +15,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 
 from flows import registry, tracking
-from flows.retrain import retrain_flow
+from flows.retrain import IO_RETRIES, retrain_flow
 from flows.settings import Settings, config_sha256, load_settings, product_overrides, training_config
 from flows.storage import ObjectNotFound, latest_complete_upload, list_products, open_store, validation_key
 from flows.upload import ManifestError, read_manifest
@@ -55,7 +55,7 @@ def decide(product: str, latest_upload: str | None, latest_content: str | None, 
     return skip(f"champion v{champion} was trained on the latest upload {champion_upload}")
 
 
-@task(retries=2, retry_delay_seconds=10)
+@task(**IO_RETRIES)  # storage or registry down: retried; bad product settings: not
 def plan_product(settings: Settings, product: str, method: str, seed: int) -> Plan:
     """Read the facts ``decide`` needs from storage and the MLflow registry. The configuration is the
     product's own (its training settings over FSAD_TRAIN_OVERRIDES): changing them retrains it."""

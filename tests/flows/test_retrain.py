@@ -183,6 +183,10 @@ def test_a_products_own_settings_are_checked_used_and_retrain_it_once(env):
     store.put_json(training_key("noeval"), ["not", "an", "object"])
     with pytest.raises(SettingsError, match="products/noeval/training.json: must be a JSON object"):
         retrain_flow("noeval")
+    started = time.monotonic()
+    with pytest.raises(SettingsError, match="products/noeval/training.json"):
+        plan_product(settings, "noeval", "default", 0)  # the task with its retry policy, as the sweep runs it
+    assert time.monotonic() - started < 10  # not retried: a retry would wait 2 s, then 10 s more
     assert registry.aliases("noeval")[CHAMPION] == "1"
     assert len(mlflow.MlflowClient().search_model_versions(f"name = '{registry.model_name('noeval')}'")) == 1
     store.put_json(training_key("noeval"), {"augment": {"hflip": False}})
