@@ -37,7 +37,7 @@ from flows.upload import ManifestError, read_manifest, sha256_hex
 from flows.validation import UploadNotFound, ValidationReport, quarantine_upload, validate_upload, write_report
 from fsad_core.calibration import Threshold, calibrate_supervised
 from fsad_core.detector import Detector, DetectorConfig, FitReport, resolve_device
-from fsad_core.imageio import read_image
+from fsad_core.imageio import image_header_size, image_limits, read_image
 from fsad_core.metrics import image_auroc, rates_at_threshold
 from fsad_core.preprocess import stretch_warning
 
@@ -175,12 +175,16 @@ def load_images(settings: Settings, product: str, upload_id: str, manifest: dict
     """Decode the manifest's images, each checked against its manifest sha256 once more: what is
     trained on is exactly the content that was validated and that content_sha256 names."""
     store, prefix = open_store(settings.storage_url), upload_prefix(product, upload_id)
+    limits, pixels = image_limits(), 0
     data = UploadData([], [], [], [])
-    for entry in sorted(manifest["files"], key=lambda f: f["key"]):
+    for n, entry in enumerate(sorted(manifest["files"], key=lambda f: f["key"]), start=1):
         key, blob = entry["key"], store.get_bytes(prefix + entry["key"])
         if sha256_hex(blob) != entry["sha256"]:
             raise ValueError(f"{store.uri(prefix + key)} changed since validation (sha256 differs from the manifest)")
-        image = read_image(blob, name=key)
+        width, height = image_header_size(blob, key, limits)
+        pixels += width * height
+        limits.check_set(pixels, n, f"upload {upload_id} of {product}")  # before this image is decoded
+        image = read_image(blob, name=key, limits=limits)
         if key.startswith("train/good/"):
             data.train.append(image)
         elif key.startswith(("eval/good/", "eval/defect/")):

@@ -32,6 +32,7 @@ _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _UPLOAD_ID_TIME = re.compile(r"(\d{8}T\d{6}Z)(?:-.*)?")
 _TMP_SUFFIX = ".fsadtmp"  # reserved: partial local writes, never listed, never a valid key
 _MAX_KEY_BYTES = 1024  # the S3 limit
+_MAX_SEGMENT_BYTES = 255  # a file name on common file systems (NAME_MAX): a key must fit a local store too
 
 
 class StorageError(Exception):
@@ -85,6 +86,8 @@ def validate_key(key: str, *, prefix: bool = False) -> str:
             raise StorageKeyError(f"key {shown}: empty path segment")
         if seg in (".", ".."):
             raise StorageKeyError(f"key {shown}: '{seg}' segments are not allowed")
+        if len(seg.encode("utf-8")) > _MAX_SEGMENT_BYTES:
+            raise StorageKeyError(f"key {shown}: a name longer than {_MAX_SEGMENT_BYTES} bytes")
     if not prefix and key.endswith(_TMP_SUFFIX):
         raise StorageKeyError(f"key {shown}: the suffix {_TMP_SUFFIX} is reserved")
     return key
@@ -138,7 +141,10 @@ class Store(ABC):
 
 
 class LocalStore(Store):
-    """A folder as an object store: atomic writes (temp file + os.replace), keys confined to root."""
+    """A folder as an object store: atomic writes (temp file + os.replace), keys confined to root.
+
+    Temporary names are short and fixed in length (``.XXXXXXXX.fsadtmp``), so any key that passes
+    `validate_key` can be written: a long file name never fails half-way through an upload."""
 
     def __init__(self, root: str | os.PathLike[str]):
         self.root = Path(root).expanduser()
@@ -160,7 +166,7 @@ class LocalStore(Store):
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._path(key)  # re-check: a symlinked parent created meanwhile must not escape
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TMP_SUFFIX)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=_TMP_SUFFIX)
         except OSError as exc:
             raise StorageError(f"{self.uri(key)}: cannot write ({exc.strerror or exc})") from None
         try:
@@ -216,7 +222,7 @@ class LocalStore(Store):
             raise ObjectNotFound(f"{self.uri(src_key)}: no such object")
         try:
             dst.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=_TMP_SUFFIX)
+            fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=".", suffix=_TMP_SUFFIX)
             os.close(fd)
             try:
                 shutil.copyfile(src, tmp)

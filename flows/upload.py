@@ -36,7 +36,7 @@ from flows.storage import (
     validate_key,
     validate_name,
 )
-from fsad_core.imageio import ImageReadError, is_image_name, read_image
+from fsad_core.imageio import ImageLimits, ImageReadError, image_limits, is_image_name, read_image
 
 MANIFEST_FORMAT = 1
 _MAX_LISTED = 10
@@ -83,9 +83,9 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def describe_image(data: bytes, name: str) -> tuple[ImageFacts, Any]:
+def describe_image(data: bytes, name: str, limits: ImageLimits | None = None) -> tuple[ImageFacts, Any]:
     """Decode ``data`` (ImageReadError if unusable) and return its facts and the RGB array."""
-    rgb = read_image(data, name=name)
+    rgb = read_image(data, name=name, limits=limits)
     with Image.open(io.BytesIO(data)) as img:
         mode = img.mode
         bands = len(img.getbands())
@@ -194,14 +194,16 @@ def upload_folder(store: Store, product: str, folder: str | Path, upload_id: str
         raise UploadError(f"{folder}: no training images found (expected images in train/good/ or directly "
                           f"in the folder; suffixes: png jpg jpeg bmp tif tiff webp)")
 
-    # Pass 1: read, name-check and decode everything; write nothing.
+    # Pass 1: check every limit, read and decode everything (one image at a time); write nothing.
+    limits = image_limits()
     entries: list[dict[str, Any]] = []
     problems: list[str] = []
     for rel, path in wanted:
         try:
             validate_key(prefix + rel)
+            limits.check_bytes(path.stat().st_size, rel)
             data = path.read_bytes()
-            facts, _ = describe_image(data, rel)
+            facts, _ = describe_image(data, rel, limits)
         except StorageKeyError as exc:
             problems.append(f"{ascii(rel)}: unusable file name ({exc})")
             continue
@@ -214,6 +216,10 @@ def upload_folder(store: Store, product: str, folder: str | Path, upload_id: str
         entries.append({"key": rel, **facts.__dict__})
     if problems:
         raise UploadError(f"refused, nothing uploaded; {len(problems)} bad file(s) in {folder}: {_one_line(problems)}")
+    try:
+        limits.check_set(sum(e["width"] * e["height"] for e in entries), len(entries), str(folder))
+    except ImageReadError as exc:
+        raise UploadError(f"{exc}; nothing uploaded") from None
     present = _resumable(store, product, upload_id, {e["key"] for e in entries}) if resume else {}
     if not resume and store.list(prefix):
         raise UploadError(f"upload {upload_id} of {product} already exists at {store.uri(prefix)}; not overwriting")

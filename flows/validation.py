@@ -31,12 +31,14 @@ from flows.storage import (
     upload_prefix,
     validation_key,
 )
-from flows.upload import ManifestError, describe_image, read_manifest, sha256_hex
-from fsad_core.imageio import ImageReadError
+from flows.upload import ManifestError, content_sha256, describe_image, read_manifest, sha256_hex
+from fsad_core.imageio import ImageLimits, ImageReadError, image_limits
 
 COLUMNS = ["key", "split", "label", "layout", "exists", "bytes", "sha256", "decodes", "decode_error",
-           "width", "height", "channels", "mode", "mean_brightness", "std_brightness",
-           "in_manifest", "manifest_sha256_matches", "manifest_size_matches", "manifest_status"]
+           "width", "height", "pixels", "channels", "mode", "mean_brightness", "std_brightness",
+           "in_manifest", "manifest_sha256_matches", "manifest_size_matches", "manifest_status",
+           "manifest_content_sha256"]
+_UPLOAD_WIDE = ("manifest_status", "manifest_content_sha256")  # one value for the whole upload
 LAYOUTS = ["train/good", "eval/good", "eval/defect"]
 _GREY = np.array([0.299, 0.587, 0.114])  # ITU-R 601 luma, as PIL's "L" conversion
 _MAX_KEYS_SHOWN = 10
@@ -48,15 +50,17 @@ class UploadNotFound(StorageError):
 
 @dataclass(frozen=True)
 class ValidationLimits:
-    """Thresholds of the suite; the defaults suit few-shot industrial sets."""
+    """Thresholds of the suite; the defaults suit few-shot industrial sets. The image limits (bytes,
+    pixels, shape, the upload's pixel budget) are the ones every reader applies, from the environment."""
 
     min_train: int = 1
     max_train: int = 64
-    min_side: int = 32
+    min_side: int = ImageLimits.min_side
     max_side: int = 8192
     min_std_brightness: float = 2.0  # below: a blank or nearly constant frame
     min_mean_brightness: float = 2.0  # below / above: a black or white (saturated) frame
     max_mean_brightness: float = 253.0
+    image: ImageLimits = field(default_factory=image_limits)
 
 
 @dataclass
@@ -81,26 +85,48 @@ def _split_label(rel: str) -> tuple[str | None, str | None, str | None]:
     return None, None, "/".join(parts[:-1]) or "."
 
 
-def _describe(rel: str, data: bytes) -> dict[str, Any]:
+def _describe(rel: str, data: bytes, limits: ImageLimits) -> dict[str, Any]:
     row: dict[str, Any] = {"exists": True, "bytes": len(data)}
     try:
-        facts, rgb = describe_image(data, rel)
+        facts, rgb = describe_image(data, rel, limits)
     except ImageReadError as exc:
         row.update(sha256=sha256_hex(data), decodes=False, decode_error=str(exc))
         return row
     grey = rgb.astype(np.float32) @ _GREY.astype(np.float32)
     row.update(sha256=facts.sha256, decodes=True, decode_error=None, width=facts.width, height=facts.height,
-               channels=facts.channels, mode=facts.mode, mean_brightness=float(grey.mean()),
-               std_brightness=float(grey.std()))
+               pixels=facts.width * facts.height, channels=facts.channels, mode=facts.mode,
+               mean_brightness=float(grey.mean()), std_brightness=float(grey.std()))
     return row
 
 
-def build_upload_frame(store: Store, product: str, upload_id: str) -> pd.DataFrame:
+def _object_row(store: Store, key: str, rel: str, size: int, limits: ImageLimits) -> dict[str, Any]:
+    """The facts of one object; one over the byte limit is judged from its listed size, never read."""
+    try:
+        limits.check_bytes(size, rel)
+    except ImageReadError as exc:
+        return {"exists": True, "bytes": size, "decodes": False, "decode_error": str(exc)}
+    try:
+        return _describe(rel, store.get_bytes(key), limits)
+    except ObjectNotFound:  # deleted since the listing
+        return {"exists": False}
+
+
+def _content_status(manifest: dict[str, Any]) -> str:
+    """Whether the manifest's content_sha256 is the one its (checked) file entries give."""
+    declared, actual = manifest.get("content_sha256"), content_sha256(manifest["files"])
+    if not isinstance(declared, str):
+        return "missing"
+    return "ok" if declared == actual else f"mismatch (declared {declared[:16]}..., its files give {actual[:16]}...)"
+
+
+def build_upload_frame(store: Store, product: str, upload_id: str,
+                       limits: ImageLimits | None = None) -> pd.DataFrame:
     """One row per object of the upload (manifest.json / validation.json excluded), recomputed from
     the bytes and cross-checked against the manifest, plus a row per manifest entry with no object."""
+    limits = limits or image_limits()
     prefix = upload_prefix(product, upload_id)
-    objects = [k[len(prefix):] for k in store.list(prefix)]
-    objects = [rel for rel in objects if rel not in (MANIFEST_NAME, VALIDATION_NAME)]
+    objects = {o.key[len(prefix):]: o.size for o in store.list_info(prefix)}
+    objects = {rel: size for rel, size in objects.items() if rel not in (MANIFEST_NAME, VALIDATION_NAME)}
     manifest: dict[str, Any] | None = None
     if not store.exists(manifest_key(product, upload_id)):
         status = "missing"
@@ -114,28 +140,25 @@ def build_upload_frame(store: Store, product: str, upload_id: str) -> pd.DataFra
     entries = {f["key"]: f for f in manifest["files"]} if manifest else {}
 
     rows: list[dict[str, Any]] = []
-    for rel in objects:
+    for rel, size in objects.items():
         split, label, layout = _split_label(rel)
         row: dict[str, Any] = {"key": rel, "split": split, "label": label, "layout": layout}
-        try:
-            row.update(_describe(rel, store.get_bytes(prefix + rel)))
-        except ObjectNotFound:  # deleted since the listing
-            row["exists"] = False
+        row.update(_object_row(store, prefix + rel, rel, size, limits))
         if manifest is not None:
             entry = entries.get(rel)
             row["in_manifest"] = entry is not None
             if entry is not None and row["exists"]:
-                row["manifest_sha256_matches"] = entry.get("sha256") == row["sha256"]
                 row["manifest_size_matches"] = entry.get("size") == row["bytes"]
+                if "sha256" in row:  # an object too large to read is refused by its size alone
+                    row["manifest_sha256_matches"] = entry.get("sha256") == row["sha256"]
         rows.append(row)
-    present = set(objects)
-    for rel in sorted(entries):
-        if rel not in present:
-            split, label, layout = _split_label(rel)
-            rows.append({"key": rel, "split": split, "label": label, "layout": layout, "exists": False,
-                         "in_manifest": True})
+    for rel in sorted(set(entries) - set(objects)):
+        split, label, layout = _split_label(rel)
+        rows.append({"key": rel, "split": split, "label": label, "layout": layout, "exists": False,
+                     "in_manifest": True})
     frame = pd.DataFrame(rows, columns=COLUMNS)
     frame["manifest_status"] = status
+    frame["manifest_content_sha256"] = _content_status(manifest) if manifest is not None else None
     return frame
 
 
@@ -151,6 +174,8 @@ def _suite(frame: pd.DataFrame, limits: ValidationLimits) -> list[Any]:
     exps = [
         named(gxe.ExpectColumnValuesToBeInSet(column="manifest_status", value_set=["ok"]),
               "manifest.json present and valid (upload complete)"),
+        named(gxe.ExpectColumnValuesToBeInSet(column="manifest_content_sha256", value_set=["ok"]),
+              "manifest content_sha256 is the one its files give"),
         named(gxe.ExpectColumnValuesToBeInSet(column="exists", value_set=[True]),
               "every manifest entry exists in storage"),
         named(gxe.ExpectColumnValuesToBeInSet(column="in_manifest", value_set=[True]),
@@ -167,8 +192,8 @@ def _suite(frame: pd.DataFrame, limits: ValidationLimits) -> list[Any]:
                   min_value=L.min_train, max_value=L.max_train, 
                   row_condition=(Column("layout") == "train/good") & (Column("exists") == True)),  # noqa: E712
               f"train/good image count within [{L.min_train}, {L.max_train}]"),
-        named(gxe.ExpectColumnUniqueValueCountToBeBetween(column="channels", min_value=0, max_value=1),
-              "consistent channel count"),
+        named(gxe.ExpectColumnSumToBeBetween(column="pixels", min_value=0, max_value=L.image.max_set_pixels),
+              f"decoded pixels of the upload within {L.image.max_set_pixels} (FSAD_MAX_SET_PIXELS)"),
         named(gxe.ExpectColumnValuesToBeBetween(column="width", min_value=L.min_side, max_value=L.max_side),
               f"width within [{L.min_side}, {L.max_side}]"),
         named(gxe.ExpectColumnValuesToBeBetween(column="height", min_value=L.min_side, max_value=L.max_side),
@@ -195,13 +220,15 @@ def _describe_failure(res: dict[str, Any], frame: pd.DataFrame) -> str:
     r = res.get("result") or {}
     if res.get("exception_info", {}).get("raised_exception"):
         return f"{name}: could not be evaluated ({res['exception_info'].get('exception_message')})"
+    column = cfg.get("kwargs", {}).get("column")
+    if column in _UPLOAD_WIDE:
+        return f"{name}: {', '.join(map(str, frame[column].dropna().unique()))}"
     keys = [row["key"] for row in r.get("unexpected_index_list") or [] if isinstance(row, dict) and "key" in row]
+    if column == "decodes":  # each file with its reason: the error names the file and the limit
+        keys = frame.loc[frame["key"].isin(keys), "decode_error"].tolist()
     if keys:
         more = len(keys) - _MAX_KEYS_SHOWN
         return f"{name}: " + ", ".join(sorted(keys)[:_MAX_KEYS_SHOWN]) + (f" and {more} more" if more > 0 else "")
-    if cfg.get("kwargs", {}).get("column") == "channels":
-        groups = frame.dropna(subset=["channels"]).groupby("channels")["key"].apply(lambda s: s.iloc[0])
-        return f"{name}: " + ", ".join(f"{int(c)} channel(s) e.g. {k}" for c, k in groups.items())
     if r.get("partial_missing_list"):
         return f"{name}: missing {', '.join(map(str, r['partial_missing_list']))}"
     if "observed_value" in r:
@@ -231,9 +258,10 @@ def run_expectations(frame: pd.DataFrame, limits: ValidationLimits) -> tuple[boo
 
 
 def validate_upload(store: Store, product: str, upload_id: str,
-                    limits: ValidationLimits = ValidationLimits()) -> ValidationReport:
+                    limits: ValidationLimits | None = None) -> ValidationReport:
     """Validate one upload; never raises for bad data (that is a failed report), only for a missing upload."""
-    frame = build_upload_frame(store, product, upload_id)
+    limits = limits or ValidationLimits()
+    frame = build_upload_frame(store, product, upload_id, limits.image)
     success, failed, result, version = run_expectations(frame, limits)
     checked = datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
     return ValidationReport(product, upload_id, success, failed, result, asdict(limits), checked, version)

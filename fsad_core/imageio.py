@@ -1,7 +1,8 @@
 """Reading images safely: any common format and bit depth in, RGB uint8 out, or a clear error.
 
-Bad files (zero bytes, truncated, not an image, decompression bombs) raise ImageReadError naming
-the file; the pixel limit is checked from the header, before any pixel is decoded.
+Bad files (zero bytes, too many bytes, truncated, not an image, decompression bombs, shapes the
+model cannot use) raise ImageReadError naming the file and the limit; every limit is checked
+before a pixel is decoded (bytes from the file's size, pixels and shape from the header).
 """
 
 from __future__ import annotations
@@ -9,34 +10,100 @@ from __future__ import annotations
 import io
 import os
 import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-DEFAULT_MAX_PIXELS = int(os.environ.get("FSAD_MAX_PIXELS", 64_000_000))
 
 
 class ImageReadError(ValueError):
     """A file that cannot be used as an image; the message names the file and the reason."""
 
 
+class LimitSettingError(ValueError):
+    """An input-limit environment variable that is not a usable number; the message names it."""
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """What one image and one image set may cost before anything is decoded.
+
+    The shape limits bound the work per image: tiling cuts the long side into squares of the short
+    side, so the aspect ratio bounds the tiles; the byte and pixel limits bound the memory."""
+
+    max_pixels: int = 64_000_000  # one image, from its header (FSAD_MAX_PIXELS)
+    max_file_bytes: int = 128 * 1024 * 1024  # one file, before it is read (FSAD_MAX_FILE_BYTES)
+    max_set_pixels: int = 200_000_000  # all images of one upload or training set (FSAD_MAX_SET_PIXELS)
+    min_side: int = 32
+    max_aspect: float = 16.0  # long side / short side
+
+    def check_pixels(self, width: int, height: int, label: str) -> None:
+        if width * height > self.max_pixels:
+            raise ImageReadError(f"{label}: refused, {width}x{height} = {width * height} pixels exceeds the limit "
+                                 f"of {self.max_pixels}")
+
+    def check_shape(self, width: int, height: int, label: str) -> None:
+        """ImageReadError unless the header's size is within the pixel and shape limits."""
+        self.check_pixels(width, height, label)
+        if min(width, height) < self.min_side:
+            raise ImageReadError(f"{label}: refused, {width}x{height}: the shorter side is below the minimum of "
+                                 f"{self.min_side} px")
+        if max(width, height) > self.max_aspect * min(width, height):
+            raise ImageReadError(f"{label}: refused, {width}x{height}: aspect ratio above the limit of "
+                                 f"{self.max_aspect:g} to 1")
+
+    def check_bytes(self, size: int, label: str) -> None:
+        if size == 0:
+            raise ImageReadError(f"{label}: empty file (0 bytes)")
+        if size > self.max_file_bytes:
+            raise ImageReadError(f"{label}: refused, {size} bytes exceeds the per-file limit of "
+                                 f"{self.max_file_bytes} (FSAD_MAX_FILE_BYTES)")
+
+    def check_set(self, pixels: int, count: int, what: str) -> None:
+        """ImageReadError when a set's decoded pixels exceed the budget (they are held at once)."""
+        if pixels > self.max_set_pixels:
+            raise ImageReadError(f"{what}: refused, its {count} images hold {pixels} decoded pixels, above the "
+                                 f"budget of {self.max_set_pixels} (FSAD_MAX_SET_PIXELS)")
+
+
+_ENV_LIMITS = {"FSAD_MAX_PIXELS": "max_pixels", "FSAD_MAX_FILE_BYTES": "max_file_bytes",
+               "FSAD_MAX_SET_PIXELS": "max_set_pixels"}
+
+
+def image_limits(env: Mapping[str, str] | None = None) -> ImageLimits:
+    """The limits with the environment's settings applied; LimitSettingError names a bad one."""
+    env = os.environ if env is None else env
+    values: dict[str, int] = {}
+    for variable, field_name in _ENV_LIMITS.items():
+        text = env.get(variable)
+        if not text:
+            continue
+        try:
+            values[field_name] = int(text)
+        except ValueError:
+            raise LimitSettingError(f"{variable}={text!r}: not a whole number") from None
+        if values[field_name] < 1:
+            raise LimitSettingError(f"{variable}={text!r}: must be at least 1")
+    return ImageLimits(**values)
+
+
 def is_image_name(name: str) -> bool:
     return name.lower().endswith(IMAGE_SUFFIXES)
 
 
-def _open(source: str | Path | bytes, label: str, max_pixels: int) -> Image.Image:
+def _open(source: str | Path | bytes, label: str, limits: ImageLimits) -> Image.Image:
     if isinstance(source, (bytes, bytearray)):
-        if len(source) == 0:
-            raise ImageReadError(f"{label}: empty file (0 bytes)")
+        limits.check_bytes(len(source), label)
         stream: io.BytesIO | Path = io.BytesIO(source)
     else:
         stream = Path(source)
         if not stream.is_file():
             raise ImageReadError(f"{label}: no such file")
-        if stream.stat().st_size == 0:
-            raise ImageReadError(f"{label}: empty file (0 bytes)")
+        limits.check_bytes(stream.stat().st_size, label)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -47,18 +114,29 @@ def _open(source: str | Path | bytes, label: str, max_pixels: int) -> Image.Imag
         raise ImageReadError(f"{label}: refused, too many pixels ({exc})") from None
     except OSError as exc:
         raise ImageReadError(f"{label}: cannot open ({exc})") from None
-    w, h = img.size
-    if w * h > max_pixels:
-        raise ImageReadError(f"{label}: refused, {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}")
     return img
 
 
+def _label(source: str | Path | bytes, name: str | None) -> str:
+    return name or (str(source) if not isinstance(source, (bytes, bytearray)) else "<bytes>")
+
+
+def image_header_size(source: str | Path | bytes, name: str | None = None,
+                      limits: ImageLimits | None = None) -> tuple[int, int]:
+    """(width, height) from the header only, checked against the limits: what decoding would hold."""
+    label, limits = _label(source, name), limits or image_limits()
+    with _open(source, label, limits) as img:
+        limits.check_shape(*img.size, label)
+        return img.size
+
+
 def read_image(source: str | Path | bytes, name: str | None = None,
-               max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+               limits: ImageLimits | None = None) -> np.ndarray:
     """Decode to an HxWx3 uint8 RGB array: EXIF orientation applied; grey, palette, CMYK, RGBA,
     16-bit and float images converted (16-bit by scaling, alpha composited on black)."""
-    label = name or (str(source) if not isinstance(source, (bytes, bytearray)) else "<bytes>")
-    img = _open(source, label, max_pixels)
+    label, limits = _label(source, name), limits or image_limits()
+    img = _open(source, label, limits)
+    limits.check_shape(*img.size, label)
     try:
         img.load()
         img = ImageOps.exif_transpose(img)
@@ -81,17 +159,14 @@ def to_rgb_array(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
 
 
-def read_mask(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def read_mask(path: str | Path, limits: ImageLimits | None = None) -> np.ndarray:
     """A ground-truth mask as a bool HxW array (any non-zero pixel is defect)."""
-    img = _open(path, str(path), max_pixels)
+    limits = limits or image_limits()
+    img = _open(path, str(path), limits)
+    limits.check_pixels(*img.size, str(path))  # a mask's shape is its image's, checked there
     try:
         img.load()
         arr = np.asarray(img.convert("L"))
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageReadError(f"{path}: corrupt or truncated mask ({exc})") from None
     return arr > 0
-
-
-def image_size(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
-    """(width, height) from the header only."""
-    return _open(path, str(path), max_pixels).size

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .imageio import ImageLimits
+
 RESIZE_MODES = ("resize", "letterbox", "tile")
 DEFAULT_RESIZE_MODE = "tile"  # never stretches a part; on a square image it is plain resize
 INTENSITY_MODES = ("raw", "standardise")  # what a fitted model uses
@@ -27,6 +29,9 @@ GREY_BAND_ROWS = 256  # rows `is_grey` converts to float at a time
 # The grey-level mean and spread `standardise` gives every view: about those of the photographs
 # the ImageNet backbones learned from.
 STANDARD_MEAN, STANDARD_SPREAD = 0.45, 0.22
+# Tiles of one image at most: what the read limit on the aspect ratio allows, so that an image
+# handed over as an array (not read through imageio) cannot cost one tile per pixel either.
+MAX_TILES = int(np.ceil(ImageLimits.max_aspect))
 
 
 @dataclass(frozen=True)
@@ -85,6 +90,9 @@ def tile_boxes(h: int, w: int) -> list[tuple[int, int, int, int]]:
     """Square tiles (top, left, side, side) covering the image along its long side, overlapping evenly."""
     side = min(h, w)
     n = int(np.ceil(max(h, w) / side))
+    if n > MAX_TILES:
+        raise ValueError(f"a {w}x{h} image needs {n} tiles, above the limit of {MAX_TILES} per image "
+                         f"(aspect ratio at most {ImageLimits.max_aspect:g} to 1)")
     starts = np.linspace(0, max(h, w) - side, n).round().astype(int) if n > 1 else np.zeros(1, int)
     if h >= w:
         return [(int(s), 0, side, side) for s in starts]

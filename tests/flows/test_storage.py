@@ -31,7 +31,7 @@ from flows.storage import (
 HOSTILE_KEYS = [
     "", "../escape.txt", "a/../../escape.txt", "a/..", "./a", "/etc/passwd", "//x", "a//b", "a/",
     "a\\..\\escape.txt", "a\x00b", "a\nb", "a\tb", "a\x7fb", "a\x85b", "C:/x", "c:x",
-    os.fsdecode(b"bad\xff.png"), "x" * 1100, "obj.fsadtmp",
+    os.fsdecode(b"bad\xff.png"), "x" * 1100, "obj.fsadtmp", "a/" + "n" * 252 + ".png",
 ]
 
 
@@ -53,6 +53,14 @@ def test_hostile_keys_rejected_everywhere(store: LocalStore, tmp_path: Path, key
             op()
     assert _outside_files(tmp_path, store.root) == before
     assert store.list() == []
+
+
+def test_a_name_as_long_as_a_file_system_allows_is_written_and_copied(store: LocalStore) -> None:
+    """255 bytes (NAME_MAX): the temporary name beside it must not be longer than any name."""
+    key = "a/" + "n" * 251 + ".png"
+    store.put_bytes(key, b"x")
+    store.copy(key, "b/" + key[2:])
+    assert store.list() == [key, "b/" + key[2:]] and store.get_bytes("b/" + key[2:]) == b"x"
 
 
 def test_key_error_is_one_line_and_ascii(store: LocalStore) -> None:

@@ -208,6 +208,32 @@ def test_resume_refuses_what_is_not_an_interrupted_upload_of_this_folder(store: 
     assert not store.exists(manifest_key("bottle", "20260101T000000Z-other"))
 
 
+def test_a_long_file_name_uploads_and_resumes_whole(store: LocalStore, tmp_path: Path) -> None:
+    """A 255-byte file name (the most a file system allows): every limit is checked before the first
+    write, so the upload is written whole, and an interrupted one resumes."""
+    long_name = "n" * 251 + ".png"
+    folder = tmp_path / "set"
+    for name, seed in (("a.png", 1), ("b.png", 2), (long_name, 3), ("z.png", 4)):
+        write(folder / name, png(seed))
+
+    class FailsOnce(LocalStore):
+        failed = False
+
+        def put_bytes(self, key: str, data: bytes, content_type: str | None = None) -> None:
+            if key.endswith("z.png") and not self.failed:
+                FailsOnce.failed = True
+                raise StorageError("connection reset")
+            super().put_bytes(key, data, content_type)
+
+    uid = "20260101T000000Z-long01"
+    with pytest.raises(StorageError, match=f"finish it with --resume {uid}"):
+        upload_folder(FailsOnce(store.root), "widget", folder, upload_id=uid)
+    result = upload_folder(store, "widget", folder, resume=uid)
+    prefix = upload_prefix("widget", uid)
+    assert store.get_bytes(f"{prefix}train/good/{long_name}") == (folder / long_name).read_bytes()
+    assert len(result.manifest["files"]) == 4 and store.exists(manifest_key("widget", uid))
+
+
 def test_upload_id_is_time_sortable() -> None:
     from datetime import datetime, timezone
     a = new_upload_id(datetime(2026, 11, 29, 10, 15, tzinfo=timezone.utc))

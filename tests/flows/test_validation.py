@@ -13,6 +13,7 @@ from PIL import Image
 
 from flows.storage import LocalStore, manifest_key, quarantine_prefix, upload_prefix, validation_key
 from flows.upload import content_sha256, describe_image, sha256_hex
+from fsad_core.imageio import ImageLimits
 from flows.validation import (
     COLUMNS,
     UploadNotFound,
@@ -38,6 +39,13 @@ def png(seed: int | None = None, size: int = 48, mode: str = "RGB", fill: int | 
     return buf.getvalue()
 
 
+def wide_png(width: int, height: int) -> bytes:
+    arr = np.random.default_rng(width).integers(30, 220, (height, width, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "PNG")
+    return buf.getvalue()
+
+
 def entry(rel: str, data: bytes) -> dict[str, Any]:
     try:
         facts, _ = describe_image(data, rel)
@@ -47,15 +55,17 @@ def entry(rel: str, data: bytes) -> dict[str, Any]:
 
 
 def put_upload(store: LocalStore, files: dict[str, bytes], manifest: bool = True,
-               lie: dict[str, dict[str, Any]] | None = None) -> None:
-    """Write objects and (optionally) a manifest directly, bypassing upload_folder's refusals."""
+               lie: dict[str, dict[str, Any]] | None = None, content: str | None = "computed") -> None:
+    """Write objects and (optionally) a manifest directly, bypassing upload_folder's refusals;
+    ``content`` is the manifest's content_sha256 when not the computed one (None: left out)."""
     prefix = upload_prefix(P, U)
     for rel, data in files.items():
         store.put_bytes(prefix + rel, data)
     if manifest:
         entries = [{**entry(rel, data), **(lie or {}).get(rel, {})} for rel, data in files.items()]
-        store.put_json(manifest_key(P, U), {"format": 1, "product": P, "upload_id": U, "created": "x",
-                                            "files": entries, "content_sha256": content_sha256(entries)})
+        doc = {"format": 1, "product": P, "upload_id": U, "created": "x", "files": entries,
+               "content_sha256": content_sha256(entries) if content == "computed" else content}
+        store.put_json(manifest_key(P, U), {k: v for k, v in doc.items() if v is not None})
 
 
 def good_files(n: int = 3) -> dict[str, bytes]:
@@ -111,8 +121,12 @@ def test_frame_columns_and_values(store: LocalStore) -> None:
     ("no_train", "train/good image count within [1, 3]: observed 0"),
     ("missing_object", "every manifest entry exists in storage: train/good/002.png"),
     ("extra_object", "no object outside the manifest: train/good/sneaked.png"),
-    ("channels", "consistent channel count"),
-    ("tiny", "width within [32, 8192]: train/good/tiny.png"),
+    ("tiny", "every file decodes as an image: train/good/tiny.png: refused, 16x16: the shorter side is below"),
+    ("thin", "every file decodes as an image: train/good/thin.png: refused, 600x32: aspect ratio above"),
+    ("content_forged", "manifest content_sha256 is the one its files give: mismatch (declared 5e1c"),
+    ("content_missing", "manifest content_sha256 is the one its files give: missing"),
+    ("too_many_bytes", "every file decodes as an image: train/good/big.png: refused, "),
+    ("too_many_pixels", "decoded pixels of the upload within 6000 (FSAD_MAX_SET_PIXELS): observed 6912"),
     ("bad_layout", "files are under train/good, eval/good or eval/defect: test/broken/x.png"),
 ])
 def test_bad_uploads_fail_named_expectation(store: LocalStore, case: str, expected: str) -> None:
@@ -140,8 +154,14 @@ def test_bad_uploads_fail_named_expectation(store: LocalStore, case: str, expect
         files["train/good/003.png"] = png(3)
     elif case == "no_train":
         files = {"eval/good/g.png": png(20), "eval/defect/d.png": png(21)}
-    elif case == "channels":
-        files["train/good/grey.png"] = png(8, mode="L")
+    elif case == "thin":
+        files["train/good/thin.png"] = wide_png(600, 32)
+    elif case == "content_forged":  # another upload's hash: its images would pass as "already trained"
+        kw["content"] = "5e1c" + "0" * 60
+    elif case == "content_missing":
+        kw["content"] = None
+    elif case == "too_many_bytes":
+        files["train/good/big.png"] = png(13, size=96)
     elif case == "tiny":
         files["train/good/tiny.png"] = png(9, size=16)
     elif case == "bad_layout":
@@ -155,7 +175,10 @@ def test_bad_uploads_fail_named_expectation(store: LocalStore, case: str, expect
     elif case == "garbage_manifest":
         store.put_bytes(manifest_key(P, U), b"\x00\xff not json")
 
-    report = validate_upload(store, P, U, ValidationLimits(max_train=3))
+    image = ImageLimits(max_file_bytes=len(png(0)) + 100 if case == "too_many_bytes" else
+                        ImageLimits.max_file_bytes, max_set_pixels=6000 if case == "too_many_pixels" else
+                        ImageLimits.max_set_pixels)
+    report = validate_upload(store, P, U, ValidationLimits(max_train=3, image=image))
     assert not report.success
     assert any(f.startswith(expected) for f in report.failed), failed_names(report)
     assert report.result["success"] is False
@@ -185,3 +208,17 @@ def test_quarantine_copies_and_keeps_original(store: LocalStore) -> None:
     assert json.loads(copied["validation.json"])["success"] is False
     quarantine_upload(store, P, U, report)  # again: harmless
     assert store.list(src) == [src + k for k in sorted(original)]
+
+
+def test_grey_colour_and_alpha_images_in_one_upload_validate(store: LocalStore) -> None:
+    """Every image is converted to RGB on read, so a set that mixes file modes is usable as it is."""
+    files = {**good_files(2), "train/good/grey.png": png(8, mode="L")}
+    rgba = np.dstack([np.random.default_rng(5).integers(30, 220, (48, 48, 3), dtype=np.uint8),
+                      np.full((48, 48), 255, np.uint8)])
+    buf = io.BytesIO()
+    Image.fromarray(rgba).save(buf, "PNG")
+    files["train/good/rgba.png"] = buf.getvalue()
+    put_upload(store, files)
+    report = validate_upload(store, P, U)
+    assert report.success, report.failed
+    assert sorted(build_upload_frame(store, P, U)["channels"]) == [1, 3, 3, 4]

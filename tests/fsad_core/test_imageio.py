@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fsad_core.imageio import ImageReadError, read_image, read_mask
+from fsad_core.imageio import (ImageLimits, ImageReadError, LimitSettingError, image_header_size, image_limits,
+                                read_image, read_mask)
 
 
 def _png(arr: np.ndarray, mode: str | None = None) -> bytes:
@@ -14,11 +15,11 @@ def _png(arr: np.ndarray, mode: str | None = None) -> bytes:
 
 
 def test_rgb_grey_rgba_palette_16bit_cmyk_all_become_rgb_uint8(tmp_path):
-    rgb = np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8)
+    rgb = np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8)
     cases = {
         "rgb.png": Image.fromarray(rgb),
         "grey.png": Image.fromarray(rgb[..., 0]),
-        "rgba.png": Image.fromarray(np.dstack([rgb, np.full((20, 30), 255, np.uint8)])),
+        "rgba.png": Image.fromarray(np.dstack([rgb, np.full((40, 60), 255, np.uint8)])),
         "palette.png": Image.fromarray(rgb).convert("P"),
         "grey16.png": Image.fromarray((rgb[..., 0].astype(np.uint16) * 257)),
         "cmyk.jpg": Image.fromarray(rgb).convert("CMYK"),
@@ -27,17 +28,17 @@ def test_rgb_grey_rgba_palette_16bit_cmyk_all_become_rgb_uint8(tmp_path):
     for name, img in cases.items():
         img.save(tmp_path / name)
         out = read_image(tmp_path / name)
-        assert out.shape == (20, 30, 3) and out.dtype == np.uint8, name
+        assert out.shape == (40, 60, 3) and out.dtype == np.uint8, name
     grey16 = read_image(tmp_path / "grey16.png")
     assert np.abs(grey16[..., 0].astype(int) - rgb[..., 0]).max() <= 1
 
 
 def test_exif_orientation_is_applied(tmp_path):
-    img = Image.fromarray(np.zeros((10, 40, 3), np.uint8))
+    img = Image.fromarray(np.zeros((40, 80, 3), np.uint8))
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise on display
     img.save(tmp_path / "rot.jpg", exif=exif)
-    assert read_image(tmp_path / "rot.jpg").shape == (40, 10, 3)
+    assert read_image(tmp_path / "rot.jpg").shape == (80, 40, 3)
 
 
 @pytest.mark.parametrize("content,reason", [
@@ -58,8 +59,8 @@ def test_truncated_file_raises(tmp_path, fmt):
     Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, format=fmt)
     path = tmp_path / f"cut.{fmt.lower()}"
     path.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
-    with pytest.raises(ImageReadError, match="cut"):
-        read_image(path)
+    with pytest.raises(ImageReadError, match=f"^cut.{fmt.lower()}: corrupt or truncated image"):
+        read_image(path, name=path.name)
 
 
 def test_decompression_bomb_is_refused_before_decoding(tmp_path):
@@ -68,7 +69,7 @@ def test_decompression_bomb_is_refused_before_decoding(tmp_path):
     with pytest.raises(ImageReadError, match="too many pixels|exceeds the limit"):
         read_image(path)
     with pytest.raises(ImageReadError, match="exceeds the limit"):
-        read_image(_png(np.zeros((100, 100), np.uint8)), name="small.png", max_pixels=5000)
+        read_image(_png(np.zeros((100, 100), np.uint8)), name="small.png", limits=ImageLimits(max_pixels=5000))
 
 
 def test_mask_reads_as_bool(tmp_path):
@@ -76,3 +77,50 @@ def test_mask_reads_as_bool(tmp_path):
     m[2:4, 2:4] = 255
     Image.fromarray(m).save(tmp_path / "m.png")
     assert read_mask(tmp_path / "m.png").sum() == 4
+
+
+@pytest.mark.parametrize("width, height, reason", [
+    (1, 2000, "the shorter side is below the minimum of 32 px"),
+    (2000, 20, "the shorter side is below the minimum of 32 px"),
+    (32 * 17, 32, "aspect ratio above the limit of 16 to 1"),
+])
+def test_thin_or_elongated_images_are_refused_from_the_header(tmp_path, width, height, reason):
+    """One tile per pixel of length is what a 1 x N image would cost: refused before decoding."""
+    path = tmp_path / "thin.png"
+    Image.new("L", (width, height)).save(path)
+    for read in (read_image, image_header_size):
+        with pytest.raises(ImageReadError, match=f"thin.png: refused, {width}x{height}: {reason}"):
+            read(path)
+
+
+def test_the_longest_allowed_image_is_read():
+    assert read_image(_png(np.full((32, 32 * 16), 90, np.uint8)), name="long.png").shape == (32, 512, 3)
+
+
+def test_a_file_over_the_byte_limit_is_refused_before_it_is_read(tmp_path):
+    path = tmp_path / "big.png"
+    path.write_bytes(_png(np.random.default_rng(2).integers(0, 255, (64, 64), dtype=np.uint8)))
+    limits = ImageLimits(max_file_bytes=path.stat().st_size - 1)
+    for source in (path, path.read_bytes()):
+        with pytest.raises(ImageReadError, match=f"big.png: refused, {path.stat().st_size} bytes exceeds the "
+                                                 f"per-file limit of {limits.max_file_bytes} \\(FSAD_MAX_FILE_BYTES\\)"):
+            read_image(source, name="big.png", limits=limits)
+    assert read_image(path, limits=ImageLimits(max_file_bytes=path.stat().st_size)).shape == (64, 64, 3)
+
+
+def test_a_set_over_the_pixel_budget_is_refused_naming_the_setting():
+    with pytest.raises(ImageReadError, match="upload U: refused, its 3 images hold 3000 decoded pixels, above the "
+                                             "budget of 2999 \\(FSAD_MAX_SET_PIXELS\\)"):
+        ImageLimits(max_set_pixels=2999).check_set(3000, 3, "upload U")
+    ImageLimits(max_set_pixels=3000).check_set(3000, 3, "upload U")
+
+
+def test_limits_come_from_the_environment_and_a_bad_value_is_named():
+    assert image_limits({}) == ImageLimits()
+    assert image_limits({"FSAD_MAX_PIXELS": "4500", "FSAD_MAX_FILE_BYTES": "1000", "FSAD_MAX_SET_PIXELS": "9"}) == \
+        ImageLimits(max_pixels=4500, max_file_bytes=1000, max_set_pixels=9)
+    for variable in ("FSAD_MAX_PIXELS", "FSAD_MAX_FILE_BYTES", "FSAD_MAX_SET_PIXELS"):
+        with pytest.raises(LimitSettingError, match=f"^{variable}='lots': not a whole number$"):
+            image_limits({variable: "lots"})
+        with pytest.raises(LimitSettingError, match=f"^{variable}='0': must be at least 1$"):
+            image_limits({variable: "0"})

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from fsad_core.preprocess import (GREY_TOLERANCE, STANDARD_MEAN, STANDARD_SPREAD, InputSpec, is_grey,
+from fsad_core.preprocess import (GREY_TOLERANCE, MAX_TILES, STANDARD_MEAN, STANDARD_SPREAD, InputSpec, is_grey,
                                   letterbox_geometry, map_to_image, normalise, prepare, resolve_intensity,
                                   standardise_intensity, stretch_warning, tile_boxes)
 
@@ -129,3 +129,10 @@ def test_is_grey_reads_a_tall_image_band_by_band_and_sees_colour_in_its_last_ban
     x = tinted_at_the_bottom.astype(np.float64)
     assert np.abs(x - x.mean(axis=2, keepdims=True)).mean() > GREY_TOLERANCE  # the whole-image reading
     assert is_grey(tall) and not is_grey(tinted_at_the_bottom)
+
+
+def test_tiles_per_image_are_bounded():
+    """An array handed over directly (not read through imageio) cannot cost one tile per pixel either."""
+    assert len(tile_boxes(64, 64 * MAX_TILES)) == MAX_TILES
+    with pytest.raises(ValueError, match=f"a 2000x1 image needs 2000 tiles, above the limit of {MAX_TILES}"):
+        tile_boxes(1, 2000)

@@ -74,6 +74,8 @@ BAD = {  # file name -> (bytes, the reason the one-line message must give)
     "truncated.jpg": (lambda: _jpeg(noise_rgb(8))[:700], "corrupt or truncated"),
     "page.png": (lambda: b"<!DOCTYPE html><html><body>404 Not Found</body></html>\n", "not a recognised image format"),
     "bomb.png": (lambda: bomb_png(30000, 30000), "refused, too many pixels"),
+    "thin.png": (lambda: png_bytes(np.full((1, 20000), 128, np.uint8)),  # one tile per pixel, once
+                 "refused, 20000x1: the shorter side is below the minimum of 32 px"),
 }
 
 
@@ -121,6 +123,55 @@ def test_pixel_limit_is_configurable_and_checked_before_decoding(tmp_path):
     assert proc.returncode == 0, proc.stderr
 
 
+def _cli_upload_fails(folder: Path, store_root: Path, capsys, **env: str) -> str:
+    """``fsad upload`` with the settings given: exit 1, one stderr line (returned), nothing stored."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FSAD_STORAGE", str(store_root))
+        for name, value in env.items():
+            mp.setenv(name, value)
+        assert cli_main(["upload", "--product", P, str(folder)]) == 1
+    err_lines = capsys.readouterr().err.strip().splitlines()
+    assert len(err_lines) == 1, err_lines
+    assert not store_root.exists() or LocalStore(store_root).list() == []
+    return err_lines[0]
+
+
+@pytest.mark.parametrize("variable", ["FSAD_MAX_PIXELS", "FSAD_MAX_FILE_BYTES", "FSAD_MAX_SET_PIXELS"])
+def test_a_bad_limit_setting_is_named(variable, tmp_path, capsys):
+    line = _cli_upload_fails(good_folder(tmp_path / "set"), tmp_path / "store", capsys, **{variable: "lots"})
+    assert line == f"fsad upload: LimitSettingError: {variable}='lots': not a whole number"
+
+
+def test_a_file_over_the_byte_limit_is_refused_without_being_read(tmp_path, capsys, monkeypatch):
+    """A 1 GB non-image named .png (sparse here) is refused from its size: never read into memory."""
+    folder = good_folder(tmp_path / "set")
+    huge = folder / "huge.png"
+    with huge.open("wb") as fh:
+        fh.truncate(1 << 30)
+    read: list[str] = []
+    real = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda self: read.append(self.name) or real(self))
+    line = _cli_upload_fails(folder, tmp_path / "store", capsys)
+    assert f"huge.png: refused, {1 << 30} bytes exceeds the per-file limit of {128 << 20} (FSAD_MAX_FILE_BYTES)" \
+        in line
+    assert "huge.png" not in read
+
+
+def test_a_set_over_the_pixel_budget_is_refused_at_upload_and_in_the_flow(home, tmp_path, capsys):
+    """Decoded pixels of a whole upload are held at once in training: a budget, checked before any
+    write at upload and by validation (quarantined) for an upload that got in by other means."""
+    folder = good_folder(tmp_path / "set", n=3)  # 3 x 64 x 64 = 12288 pixels
+    line = _cli_upload_fails(folder, tmp_path / "store", capsys, FSAD_MAX_SET_PIXELS="10000")
+    assert line.endswith(f"{folder}: refused, its 3 images hold 12288 decoded pixels, above the budget of 10000 "
+                         f"(FSAD_MAX_SET_PIXELS); nothing uploaded")
+    product, uid = "pin", "20260101T000007Z-budget"
+    upload_folder(open_store(), product, folder, upload_id=uid)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FSAD_MAX_SET_PIXELS", "10000")
+        _assert_rejected(product, uid, "decoded pixels of the upload within 10000 (FSAD_MAX_SET_PIXELS): "
+                                       "observed 12288")
+
+
 def _unusual_images() -> dict[str, tuple[bytes, np.ndarray]]:
     """name -> (file bytes, the RGB array it must decode to (JPEG: approximately))."""
     rng = np.random.default_rng(5)
@@ -142,18 +193,20 @@ def _unusual_images() -> dict[str, tuple[bytes, np.ndarray]]:
     return out
 
 
-def test_sixteen_bit_palette_cmyk_rgba_and_grey_are_accepted_and_converted(tmp_path):
+def test_sixteen_bit_palette_cmyk_rgba_and_grey_in_one_set_are_converted_and_trained(home, tmp_path):
+    """Every image is converted to RGB when read, so one set may mix grey, colour, alpha, palette
+    and 16-bit files: stored as uploaded, validated, trained and promoted."""
     images = _unusual_images()
     folder = tmp_path / "set"
     folder.mkdir()
     for name, (data, _) in images.items():
         (folder / name).write_bytes(data)
-    store = LocalStore(tmp_path / "store")
-    result = upload_folder(store, P, folder, upload_id="20260101T000000Z-modes1")
+    store, product = open_store(), "modes"
+    result = upload_folder(store, product, folder, upload_id="20260101T000000Z-modes1")
     modes = {f["key"].rsplit("/", 1)[1]: f["mode"] for f in result.manifest["files"]}
     assert modes == {"grey16.png": "I;16", "grey.png": "L", "palette.png": "P", "rgba.png": "RGBA",
                      "cmyk.jpg": "CMYK"}
-    prefix = upload_prefix(P, result.upload_id)
+    prefix = upload_prefix(product, result.upload_id)
     for name, (data, expected) in images.items():
         assert store.get_bytes(f"{prefix}train/good/{name}") == data  # stored as uploaded
         arr = read_image(store.get_bytes(f"{prefix}train/good/{name}"), name=name)
@@ -163,6 +216,8 @@ def test_sixteen_bit_palette_cmyk_rgba_and_grey_are_accepted_and_converted(tmp_p
             assert diff.mean() < 4, name
         else:
             assert diff.max() <= 1, name
+    summary = retrain_flow(product, upload_id=result.upload_id)
+    assert summary["status"] == "promoted" and summary["k"] == len(images), summary["message"]
 
 
 def test_exif_rotated_jpeg_is_turned_upright(tmp_path):
@@ -263,6 +318,30 @@ def test_manifest_that_lies_about_hash_and_size_is_quarantined(home, tmp_path):
                      "size matches the manifest: train/good/good_1.png")
 
 
+def test_a_manifest_carrying_another_uploads_content_hash_is_quarantined_not_taken_as_trained(home, tmp_path):
+    product, store = "cog", open_store()
+    first = upload_folder(store, product, good_folder(tmp_path / "first", n=2), upload_id="20260101T000001Z-first1")
+    assert retrain_flow(product, upload_id=first.upload_id)["status"] == "promoted"
+    uid = "20260101T000002Z-forged"
+    upload_folder(store, product, good_folder(tmp_path / "new", n=2, seed=500), upload_id=uid)
+    manifest = store.get_json(manifest_key(product, uid))
+    manifest["content_sha256"] = first.content_sha256  # new images, named as the trained ones
+    store.put_json(manifest_key(product, uid), manifest)
+    state = retrain_flow(product, upload_id=uid, return_state=True)
+    assert state.is_failed() and "manifest content_sha256 is the one its files give: mismatch" in state.message
+    assert store.exists(quarantine_prefix(product, uid) + "validation.json")
+    assert versions(product) == ["1"]
+
+
+def test_a_manifest_without_its_content_hash_is_quarantined(home, tmp_path):
+    product, uid, store = "cog2", "20260101T000003Z-nohash", open_store()
+    upload_folder(store, product, good_folder(tmp_path / "set", n=2), upload_id=uid)
+    manifest = store.get_json(manifest_key(product, uid))
+    del manifest["content_sha256"]
+    store.put_json(manifest_key(product, uid), manifest)
+    _assert_rejected(product, uid, "manifest content_sha256 is the one its files give: missing")
+
+
 def test_eval_set_with_only_one_class_is_quarantined(home, tmp_path):
     product, uid = "nut", "20260101T000003Z-onecls"
     folder = tmp_path / "set"
@@ -333,7 +412,7 @@ def test_score_scores_the_good_files_and_reports_each_bad_one(home, tmp_path, ca
     for name, (_, reason) in BAD.items():
         line = [ln for ln in err.splitlines() if name in ln]
         assert len(line) == 1 and reason in line[0], (name, err)
-    assert "2 scored, 5 failed" in err
+    assert f"2 scored, {len(BAD)} failed" in err
 
 
 def test_no_complete_upload_is_a_permanent_error_not_retried(home):
