@@ -3,8 +3,10 @@
 MLflow's classic custom flavour is used: ``log_model(loader_module="flows.pyfunc", data_path=DIR)``
 copies the model folder (config.json + safetensors) into the artifact, and loading calls
 ``_load_pyfunc(path)`` of this module. No ``python_model.pkl`` is written, so loading a registered
-model never unpickles anything from the artifact (DESIGN.md "Model artifact"). Serving it needs
-the fsad package installed, which the pip requirements say.
+model never unpickles anything from the artifact. The pipeline itself never lets an artifact name
+its loader: `artifact_problem` refuses any artifact this module did not write, and the model is
+loaded with `load_served_model`. Serving it needs the fsad package installed, which the pip
+requirements say.
 """
 
 from __future__ import annotations
@@ -22,12 +24,15 @@ import pandas as pd
 from PIL import Image
 
 from fsad_core.detector import Detector
-from fsad_core.imageio import read_image
+from fsad_core.imageio import ImageLimits, image_limits, read_image
 
 LOADER_MODULE = "flows.pyfunc"
 DATA_DIRNAME = "detector"  # the model folder's name inside the artifact's data/ folder
 INPUT_COLUMN = "image"
-_MAX_PATH_CHARS = 4096
+_DATA_PATH = f"data/{DATA_DIRNAME}"
+_MODEL_FILES = {"config.json", "network.safetensors", "scoring.safetensors"}  # what Detector.save writes
+_ARTIFACT_FILES = {"MLmodel", "conda.yaml", "python_env.yaml", "requirements.txt", "registered_model_meta",
+                   "input_example.json", "serving_input_example.json"}  # what MLflow writes beside them
 _REQUIREMENTS = ("torch", "timm", "safetensors", "numpy", "pandas", "pillow", "mlflow")
 
 
@@ -38,28 +43,52 @@ class DetectorModel:
         self.detector = detector
 
     def predict(self, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        """``image`` column: base64 PNG/JPEG bytes, raw bytes or a file path -> ``score``, ``is_anomaly``."""
+        """``image`` column: base64 of PNG/JPEG/... bytes -> ``score``, ``is_anomaly``, ``error``.
+
+        A row that cannot be used gets its reason in ``error``, a NaN score and ``is_anomaly`` true
+        (a part whose image cannot be judged is not passed); the other rows are scored as usual."""
         if INPUT_COLUMN not in model_input.columns:
             raise ValueError(f"input needs a column {INPUT_COLUMN!r}; got {list(model_input.columns)}")
-        images = [decode_image(v, i) for i, v in enumerate(model_input[INPUT_COLUMN].tolist())]
-        result = self.detector.score(images)
-        return pd.DataFrame({"score": result.scores.astype(np.float64),
-                             "is_anomaly": np.asarray(result.is_anomaly, dtype=bool)})
+        cells = model_input[INPUT_COLUMN].tolist()
+        limits = image_limits()
+        images: dict[int, np.ndarray] = {}
+        errors = [""] * len(cells)
+        for row, cell in enumerate(cells):
+            try:
+                images[row] = decode_image(cell, row, limits)
+            except ValueError as exc:
+                errors[row] = str(exc)
+        scores = np.full(len(cells), np.nan)
+        flags = np.ones(len(cells), dtype=bool)
+        if images:
+            result = self.detector.score(list(images.values()))
+            rows = list(images)
+            scores[rows] = result.scores
+            flags[rows] = np.asarray(result.is_anomaly, dtype=bool)
+        return pd.DataFrame({"score": scores, "is_anomaly": flags, "error": errors})
 
 
-def decode_image(value: Any, row: int = 0) -> np.ndarray:
-    """One input cell as an RGB array: bytes, a path to an existing file, or base64 of the bytes."""
+def decode_image(value: Any, row: int = 0, limits: ImageLimits | None = None) -> np.ndarray:
+    """One input cell as an RGB array: base64 of the image's bytes (raw bytes from Python callers).
+
+    Never a path: a served model must not open files on the server for its callers."""
+    limits = limits or image_limits()
     if isinstance(value, (bytes, bytearray)):
-        return read_image(bytes(value), name=f"row {row}")
+        return read_image(bytes(value), name=f"row {row}", limits=limits)
     if not isinstance(value, str):
-        raise ValueError(f"row {row}: expected base64 image bytes or a file path, got {type(value).__name__}")
-    if len(value) < _MAX_PATH_CHARS and os.path.isfile(value):
-        return read_image(value)
+        raise ValueError(f"row {row}: expected base64 image bytes, got {type(value).__name__}")
+    if len(value) > _base64_chars(limits.max_file_bytes):
+        raise ValueError(f"row {row}: refused, {len(value)} base64 characters exceed the per-file limit of "
+                         f"{limits.max_file_bytes} bytes (FSAD_MAX_FILE_BYTES)")
     try:
         data = base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
-        raise ValueError(f"row {row}: neither an existing file path nor base64 image bytes") from None
-    return read_image(data, name=f"row {row}")
+        raise ValueError(f"row {row}: not base64 image bytes") from None
+    return read_image(data, name=f"row {row}", limits=limits)
+
+
+def _base64_chars(n_bytes: int) -> int:
+    return 4 * ((n_bytes + 2) // 3)
 
 
 def encode_png(image: np.ndarray) -> str:
@@ -69,9 +98,12 @@ def encode_png(image: np.ndarray) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _load_pyfunc(data_path: str) -> DetectorModel:
-    """MLflow's entry point for ``loader_module``: the model folder -> a predictable model."""
+def load_served_model(data_path: str | Path) -> DetectorModel:
+    """The model folder as served: on FSAD_DEVICE, behind `DetectorModel.predict`."""
     return DetectorModel(Detector.load(data_path, device=os.environ.get("FSAD_DEVICE", "auto")))
+
+
+_load_pyfunc = load_served_model  # MLflow's entry point for ``loader_module``
 
 
 def signature() -> Any:
@@ -79,7 +111,8 @@ def signature() -> Any:
     from mlflow.types import ColSpec, Schema
 
     return ModelSignature(inputs=Schema([ColSpec("string", INPUT_COLUMN)]),
-                          outputs=Schema([ColSpec("double", "score"), ColSpec("boolean", "is_anomaly")]))
+                          outputs=Schema([ColSpec("double", "score"), ColSpec("boolean", "is_anomaly"),
+                                           ColSpec("string", "error")]))
 
 
 def requirements() -> list[str]:
@@ -107,6 +140,31 @@ def log_pyfunc_model(model_dir: Path, example_image: np.ndarray, name: str = "mo
         name=name, loader_module=LOADER_MODULE, data_path=str(model_dir), signature=signature(),
         input_example=pd.DataFrame({INPUT_COLUMN: [encode_png(example_image)]}),
         pip_requirements=requirements())
+
+
+def artifact_problem(pyfunc_dir: str | Path) -> str | None:
+    """Why a downloaded artifact is not one this pipeline wrote, or None when it is: MLmodel names
+    this module as its only loader and bundles no code, and every file is one `log_pyfunc_model`
+    writes (a planted loader, code folder or pickle is refused before anything is imported)."""
+    from mlflow.models import Model
+
+    root = Path(pyfunc_dir)
+    try:
+        flavors = Model.load(str(root)).flavors
+    except Exception as exc:  # a missing or malformed MLmodel is a verdict, not a crash
+        return f"MLmodel unreadable ({type(exc).__name__})"
+    conf = flavors.get("python_function") or {}
+    if set(flavors) != {"python_function"} or conf.get("loader_module") != LOADER_MODULE:
+        return f"MLmodel names another loader ({conf.get('loader_module')!r}, flavors {sorted(flavors)}), not {LOADER_MODULE}"
+    if conf.get("code"):
+        return f"MLmodel bundles code ({conf['code']!r})"
+    if conf.get("data") != _DATA_PATH:
+        return f"MLmodel's data path is {conf.get('data')!r}, not {_DATA_PATH}"
+    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if not p.is_dir())
+    foreign = [f for f in files if f not in _ARTIFACT_FILES and f.removeprefix(_DATA_PATH + "/") not in _MODEL_FILES]
+    if foreign:
+        return f"artifact holds files the pipeline never writes: {', '.join(foreign[:10])}"
+    return None
 
 
 def model_folder(pyfunc_dir: str | Path) -> Path:

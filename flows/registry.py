@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from flows.pyfunc import INPUT_COLUMN, encode_png, model_folder
+from flows.pyfunc import INPUT_COLUMN, artifact_problem, encode_png, load_served_model, model_folder
 from flows.settings import Settings, load_settings
 from flows.tracking import configure
 from fsad_core.detector import Detector
@@ -28,7 +28,6 @@ from fsad_core.metrics import image_auroc
 
 MODEL_PREFIX = "fsad-"
 CANDIDATE, CHAMPION, PREVIOUS = "candidate", "champion", "previous"
-_PICKLE_SUFFIXES = (".pkl", ".pickle", ".cloudpickle", ".joblib")
 _SCORE_RTOL = 1e-5
 _SCORE_ATOL = 1e-5
 
@@ -163,33 +162,37 @@ def record_gate(product: str, version: str, decision: GateDecision) -> None:
 
 
 def verify(product: str, version: str, smoke_image: np.ndarray, expected_score: float) -> Verification:
-    """Download the version from the registry into a fresh folder, check it holds no pickle, load it
-    through pyfunc, score the smoke image and compare with the in-memory score; tag the outcome."""
+    """Download the version from the registry into a fresh folder, check it is an artifact this
+    pipeline wrote (its own loader, no bundled code, no file it never writes), load it with the
+    pipeline's own loader, score the smoke image and compare with the in-memory score; tag the outcome."""
     import mlflow
 
     name = model_name(product)
     with tempfile.TemporaryDirectory(prefix="fsad-verify-") as tmp:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=tmp))
-        pickles = sorted(p.name for p in local.rglob("*") if p.suffix in _PICKLE_SUFFIXES)
-        if pickles:
-            result = Verification(False, expected_score, math.nan, f"artifact holds pickle files: {', '.join(pickles)}")
-        else:
-            try:  # a damaged artifact is a verdict (not verified), not a crash that leaves no tag
-                out = mlflow.pyfunc.load_model(str(local)).predict(
-                    pd.DataFrame({INPUT_COLUMN: [encode_png(smoke_image)]}))
-                loaded = float(out["score"].iloc[0])
-            except Exception as exc:
-                result = Verification(False, expected_score, math.nan, f"downloaded model does not load or score: "
-                                      f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
-            else:
-                ok = math.isclose(loaded, expected_score, rel_tol=_SCORE_RTOL, abs_tol=_SCORE_ATOL)
-                reason = "downloaded model reproduces the in-memory score" if ok else \
-                    f"downloaded model scores {loaded:.6g}, in memory {expected_score:.6g}"
-                result = Verification(ok, expected_score, loaded, reason)
+        result = _check_and_score(local, smoke_image, expected_score)
     client = _client()
     client.set_model_version_tag(name, version, "verified", "true" if result.ok else "false")
     client.set_model_version_tag(name, version, "verified.reason", result.reason)
     return result
+
+
+def _check_and_score(local: Path, smoke_image: np.ndarray, expected_score: float) -> Verification:
+    problem = artifact_problem(local)
+    if problem is not None:
+        return Verification(False, expected_score, math.nan, problem)
+    try:  # a damaged artifact is a verdict (not verified), not a crash that leaves no tag
+        out = load_served_model(model_folder(local)).predict(pd.DataFrame({INPUT_COLUMN: [encode_png(smoke_image)]}))
+        loaded = float(out["score"].iloc[0])
+        if out["error"].iloc[0]:
+            raise ValueError(out["error"].iloc[0])
+    except Exception as exc:
+        return Verification(False, expected_score, math.nan, f"downloaded model does not load or score: "
+                            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+    ok = math.isclose(loaded, expected_score, rel_tol=_SCORE_RTOL, abs_tol=_SCORE_ATOL)
+    reason = "downloaded model reproduces the in-memory score" if ok else \
+        f"downloaded model scores {loaded:.6g}, in memory {expected_score:.6g}"
+    return Verification(ok, expected_score, loaded, reason)
 
 
 def promote(product: str, version: str) -> dict[str, str]:

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from flows import registry, tracking
-from flows.pyfunc import LOADER_MODULE, encode_png
+from flows.pyfunc import LOADER_MODULE, artifact_problem, encode_png
 from flows.registry import CANDIDATE, CHAMPION, PREVIOUS, RegistryError, decide
 from flows.settings import config_sha256, load_settings, training_config
 from fsad_core.data import load_category
@@ -110,12 +110,14 @@ def test_logged_model_is_a_no_pickle_pyfunc_that_scores_like_the_detector(settin
     assert f"loader_module: {LOADER_MODULE}" in (local / "MLmodel").read_text()
     model = mlflow.pyfunc.load_model(logged.model_uri)
     assert [c.name for c in model.metadata.get_input_schema().inputs] == ["image"]
-    out = model.predict(pd.DataFrame({"image": [encode_png(images[0]), str(paths[1])]}))
+    assert artifact_problem(local) is None  # what the pipeline writes passes its own check
+    out = model.predict(pd.DataFrame({"image": [encode_png(images[0]), base64.b64encode(paths[1].read_bytes())
+                                                .decode("ascii")]}))
     expected = detector.score(images[:2])
     np.testing.assert_allclose(out["score"].to_numpy(), expected.scores, rtol=1e-5, atol=1e-5)
-    assert out["is_anomaly"].tolist() == expected.is_anomaly.tolist()
-    with pytest.raises(ValueError, match="row 0"):
-        model.predict(pd.DataFrame({"image": [base64.b64encode(b"not an image").decode() + "!"]}))
+    assert out["is_anomaly"].tolist() == expected.is_anomaly.tolist() and out["error"].tolist() == ["", ""]
+    bad = model.predict(pd.DataFrame({"image": [base64.b64encode(b"not an image").decode() + "!"]}))
+    assert bad["error"].tolist() == ["row 0: not base64 image bytes"] and bool(bad["is_anomaly"].iloc[0])
     run_artifacts = {f.path for f in mlflow.MlflowClient().list_artifacts(logged.run_id)}
     assert {"validation.json", "threshold.json", "fit_report.json", "plots"} <= run_artifacts
 
@@ -214,20 +216,37 @@ def test_an_artifact_changed_after_logging_fails_verification_and_is_never_champ
 
 def test_a_failure_while_moving_aliases_never_leaves_champion_on_an_unverified_version(settings, fitted, versions,
                                                                                       monkeypatch):
-    detector, _, _, images, _, _ = fitted
-    (_, v1), (_, v2) = versions
+    """``previous`` moves before ``champion``: MLflow failing at either alias leaves ``champion`` on
+    the former, verified version (failing at ``previous`` pins the order), a retry completes the
+    move, and a version that is not verified never moves any alias."""
+    (logged, v1), (_, v2) = versions
     assert registry.alias_version(PRODUCT, CHAMPION) == v2
+    before = registry.aliases(PRODUCT)
     real = mlflow.MlflowClient.set_registered_model_alias
 
-    def server_gone_at_champion(self, name, alias, version):
-        if alias == CHAMPION:
-            raise mlflow.exceptions.MlflowException("connection refused")
-        return real(self, name, alias, version)
+    def server_gone_at(alias: str):
+        def set_alias(self, name, alias_, version):
+            if alias_ == alias:
+                raise mlflow.exceptions.MlflowException("connection refused")
+            return real(self, name, alias_, version)
+        return set_alias
 
-    monkeypatch.setattr(mlflow.MlflowClient, "set_registered_model_alias", server_gone_at_champion)
+    monkeypatch.setattr(mlflow.MlflowClient, "set_registered_model_alias", server_gone_at(PREVIOUS))
     with pytest.raises(mlflow.exceptions.MlflowException):
         registry.promote(PRODUCT, v1)
-    champion = registry.alias_version(PRODUCT, CHAMPION)
-    assert champion == v2 and registry.version_tags(PRODUCT, champion)["verified"] == "true"
+    assert registry.aliases(PRODUCT) == before  # nothing moved: champion is not set first
+    monkeypatch.setattr(mlflow.MlflowClient, "set_registered_model_alias", server_gone_at(CHAMPION))
+    with pytest.raises(mlflow.exceptions.MlflowException):
+        registry.promote(PRODUCT, v1)
+    assert registry.aliases(PRODUCT) == {**before, PREVIOUS: v2}
     monkeypatch.undo()
     assert registry.promote(PRODUCT, v1)[CHAMPION] == v1  # the retry completes the move
+    assert registry.version_tags(PRODUCT, v1)["verified"] == "true"
+
+    unverified = str(mlflow.register_model(logged.model_uri, registry.model_name(PRODUCT)).version)
+    registry.record_gate(PRODUCT, unverified, decide(1.0, 0.9, "labelled"))
+    mlflow.MlflowClient().set_model_version_tag(registry.model_name(PRODUCT), unverified, "verified", "false")
+    moved = registry.aliases(PRODUCT)
+    with pytest.raises(RegistryError, match="not verified"):
+        registry.promote(PRODUCT, unverified)
+    assert registry.aliases(PRODUCT) == moved and moved[CHAMPION] == v1

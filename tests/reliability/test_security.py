@@ -1,17 +1,20 @@
-"""Security properties of the embedded pipeline: model artifacts never unpickle anything (directly,
-through ``fsad score`` or through MLflow's pyfunc loader; a version holding a pickle is never
-verified nor promoted) and credentials never reach logs, MLflow or reports."""
+"""Security properties of the embedded pipeline: model artifacts never unpickle or import anything
+(directly, through ``fsad score`` or through MLflow's pyfunc loader; a version holding a pickle, a
+loader of its own or bundled code is never verified nor promoted) and the served model never opens
+a path its caller names. Credentials are checked on the real stack, where they are in use
+(``test_stack_faults.py``)."""
 
 from __future__ import annotations
 
-import json
 import pickle
 import shutil
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
+from safetensors import SafetensorError
 
 from conftest import embedded_env, noise_rgb, png_bytes
 from flows import registry
@@ -23,9 +26,6 @@ from flows.upload import upload_folder
 from fsad_core.detector import Detector
 
 P = "gasket"
-SECRET = "fsadCanarySecret-7Qx2vLp9Zr4Kw8Nm"
-KEY_ID = "FSADCANARYKEYID7Q2V"
-TOKEN = "fsadCanaryToken-3hT8sQ"
 
 
 class _Planted:
@@ -46,16 +46,12 @@ def plant(folder: Path, marker: Path, names=("python_model.pkl", "model.pkl", "e
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, prefect_api):
-    """The embedded flow run once with distinctive fake credentials in the environment: a good
-    upload (trained, promoted) and a corrupt one (rejected: error paths log too)."""
+    """The embedded flow run once: a good upload (trained, promoted) and a corrupt one (rejected)."""
     home = tmp_path_factory.mktemp("fsad-home")
     sets = tmp_path_factory.mktemp("sets")
     with pytest.MonkeyPatch.context() as mp:
         embedded_env(mp, home)
         mp.setenv("FSAD_GATE_MIN_AUROC", "0")
-        mp.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
-        mp.setenv("AWS_ACCESS_KEY_ID", KEY_ID)
-        mp.setenv("MLFLOW_TRACKING_TOKEN", TOKEN)
         good = sets / "good"
         good.mkdir()
         for i in range(2):
@@ -100,7 +96,7 @@ def test_a_pickle_in_place_of_the_tensors_is_refused_not_executed(trained, tmp_p
     detector_dir = model_folder(_downloaded(tmp_path))
     for name in ("network.safetensors", "scoring.safetensors"):
         (detector_dir / name).write_bytes(pickle.dumps(_Planted(marker)))
-    with pytest.raises(Exception):
+    with pytest.raises(SafetensorError, match="deserializing header"):
         Detector.load(detector_dir, device="cpu")
     (tmp_path / "img.png").write_bytes(png_bytes(noise_rgb(78)))
     assert cli_main(["score", "--model", str(detector_dir), "--device", "cpu", str(tmp_path / "img.png")]) == 1
@@ -108,55 +104,85 @@ def test_a_pickle_in_place_of_the_tensors_is_refused_not_executed(trained, tmp_p
     assert not marker.exists()
 
 
-def test_a_version_holding_a_pickle_is_never_verified_or_promoted(trained, tmp_path):
-    """A registered version whose artifact holds a pickle: verification refuses it without loading
-    it, promotion refuses it, and the champion stays."""
-    marker = tmp_path / "UNPICKLED"
-    src = model_folder(_downloaded(tmp_path))
-    tainted = tmp_path / "tainted" / DATA_DIRNAME
-    shutil.copytree(src, tainted)
-    plant(tainted, marker, names=("extra.pkl",))
-    champion = registry.alias_version(P, registry.CHAMPION)
+def _register(folder: Path, **log_options) -> str:
+    """A version of the product's model logged from ``folder`` by hand, with a passed gate."""
     with mlflow.start_run(experiment_id=mlflow.get_experiment_by_name(f"fsad/{P}").experiment_id):
-        info = log_pyfunc_model(tainted, noise_rgb(1))
-    mv = mlflow.register_model(info.model_uri, registry.model_name(P))
-    registry.record_gate(P, str(mv.version), registry.decide(1.0, 0.0, "labelled"))  # even a passed gate
-    check = registry.verify(P, str(mv.version), noise_rgb(1), 0.0)
-    assert not check.ok and "pickle" in check.reason and "extra.pkl" in check.reason
-    assert registry.version_tags(P, str(mv.version))["verified"] == "false"
+        if log_options:
+            info = mlflow.pyfunc.log_model(name="model", data_path=str(folder), **log_options)
+        else:
+            info = log_pyfunc_model(folder, noise_rgb(1))
+    version = str(mlflow.register_model(info.model_uri, registry.model_name(P)).version)
+    registry.record_gate(P, version, registry.decide(1.0, 0.0, "labelled"))  # even a passed gate
+    return version
+
+
+def _assert_refused(version: str, reason: str, marker: Path) -> None:
+    champion = registry.alias_version(P, registry.CHAMPION)
+    check = registry.verify(P, version, noise_rgb(1), 0.0)
+    assert not check.ok and reason in check.reason, check.reason
+    tags = registry.version_tags(P, version)
+    assert tags["verified"] == "false" and reason in tags["verified.reason"]
     with pytest.raises(registry.RegistryError, match="not verified"):
-        registry.promote(P, str(mv.version))
+        registry.promote(P, version)
     assert registry.alias_version(P, registry.CHAMPION) == champion
     assert not marker.exists()
 
 
-def test_credentials_never_reach_logs_mlflow_or_reports(trained, tmp_path, capfd):
-    from prefect.client.orchestration import get_client
+@pytest.mark.parametrize("where", ["extra.pkl", "weights.bin", "notes"])
+def test_a_version_holding_a_pickle_is_never_verified_or_promoted(trained, tmp_path, where):
+    """A registered version whose artifact holds a pickle, under any name: verification refuses it
+    without loading it (it holds a file the pipeline never writes), promotion refuses, the champion stays."""
+    marker = tmp_path / "UNPICKLED"
+    tainted = tmp_path / "tainted" / DATA_DIRNAME
+    shutil.copytree(model_folder(_downloaded(tmp_path)), tainted)
+    plant(tainted, marker, names=(where,))
+    _assert_refused(_register(tainted), f"artifact holds files the pipeline never writes: data/detector/{where}",
+                    marker)
 
-    secrets = (SECRET, KEY_ID, TOKEN)
-    # every file the pipeline wrote: store, validation reports, quarantine, MLflow DB and artifacts,
-    # downloaded models, persisted Prefect results
-    files = [p for p in trained["home"].rglob("*") if p.is_file()]
-    results = Path(__import__("prefect").settings.get_current_settings().results.local_storage_path)
-    files += [p for p in results.rglob("*") if p.is_file()]
-    assert len(files) > 20
-    for path in files:
-        data = path.read_bytes()
-        for s in secrets:
-            assert s.encode() not in data, f"{s} found in {path}"
-    # MLflow params, tags and metrics names of every run
-    client = mlflow.MlflowClient()
-    runs = mlflow.search_runs(experiment_names=[f"fsad/{P}"], output_format="list")
-    assert len(runs) >= 2
-    for run in runs:
-        blob = json.dumps([run.data.params, run.data.tags, list(run.data.metrics)])
-        assert not any(s in blob for s in secrets), run.info.run_id
-    for mv in client.search_model_versions(f"name = '{registry.model_name(P)}'"):
-        assert not any(s in json.dumps(mv.tags) for s in secrets)
-    # the flow runs' logs as stored by Prefect, and whatever reached the console
-    with get_client(sync_client=True) as prefect:
-        logs = prefect.read_logs()
-    assert logs, "no flow-run logs to check"
-    assert not any(s in log.message for log in logs for s in secrets)
-    out, err = capfd.readouterr()
-    assert not any(s in out + err for s in secrets)
+
+LOADER = """from pathlib import Path
+Path({marker!r}).write_text("imported")
+
+
+def _load_pyfunc(path):
+    Path({marker!r}).write_text("loaded")
+"""
+
+
+@pytest.mark.parametrize("loader, code_file, reason", [
+    ("evil_loader", "evil_loader.py", "MLmodel names another loader ('evil_loader'"),
+    ("flows.pyfunc", "flows/pyfunc.py", "MLmodel bundles code"),  # the pipeline's own name, shadowed
+])
+def test_a_version_with_a_loader_or_code_of_its_own_is_never_run_verified_or_promoted(trained, tmp_path, loader,
+                                                                                    code_file, reason):
+    """No pickle anywhere, but the artifact names its own loader module (or bundles code under the
+    pipeline's module name): verification refuses it before importing anything."""
+    marker = tmp_path / "LOADER_RAN"
+    folder = tmp_path / "planted" / DATA_DIRNAME
+    shutil.copytree(model_folder(_downloaded(tmp_path)), folder)
+    code = tmp_path / "code" / code_file
+    code.parent.mkdir(parents=True)
+    code.write_text(LOADER.format(marker=str(marker)))
+    root = tmp_path / "code" / code_file.split("/")[0]
+    _assert_refused(_register(folder, loader_module=loader, code_paths=[str(root)]), reason, marker)
+
+
+def test_the_served_model_never_opens_a_path_its_caller_names(trained, tmp_path):
+    """Served input is image bytes: a path, existing or not, gets the same answer and is never read;
+    the other rows are still scored."""
+    existing = tmp_path / "secret.png"
+    existing.write_bytes(png_bytes(noise_rgb(5)))
+    model = mlflow.pyfunc.load_model(str(_downloaded(tmp_path)))
+    cells = [str(existing), str(tmp_path / "missing.png"), "/etc/passwd", encode_png(noise_rgb(6))]
+    out = model.predict(pd.DataFrame({"image": cells}))
+    assert out["error"].tolist()[:3] == [f"row {i}: not base64 image bytes" for i in range(3)]
+    assert out["score"].iloc[:3].isna().all() and out["is_anomaly"].iloc[:3].all()
+    assert out["error"].iloc[3] == "" and np.isfinite(out["score"].iloc[3])
+
+
+def test_the_served_model_refuses_a_thin_image_and_scores_the_rest(trained, tmp_path):
+    model = mlflow.pyfunc.load_model(str(_downloaded(tmp_path)))
+    thin = np.full((1, 20000, 3), 128, np.uint8)
+    out = model.predict(pd.DataFrame({"image": [encode_png(thin), encode_png(noise_rgb(7))]}))
+    assert out["error"].iloc[0] == "row 0: refused, 20000x1: the shorter side is below the minimum of 32 px"
+    assert out["error"].iloc[1] == "" and np.isfinite(out["score"].iloc[1])
