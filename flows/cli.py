@@ -1,6 +1,7 @@
 """The `fsad` command line. Each subcommand parses its arguments and calls one function.
 
-Every failure exits non-zero with a one-line reason on stderr (no traceback unless FSAD_DEBUG=1).
+Every failure exits non-zero with a one-line reason on stderr (no traceback unless FSAD_DEBUG=1);
+`fsad retrain` names the log file that keeps the flow's whole record.
 """
 
 from __future__ import annotations
@@ -116,7 +117,14 @@ def _cmd_retrain(args: argparse.Namespace) -> int:
     # too short on small busy machines; read when prefect is first imported, i.e. just below.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     from flows.retrain import format_summary, retrain_flow
-    summary = retrain_flow(args.product, upload_id=args.upload)
+    from flows.runlog import logged_to, run_log_path
+    from flows.settings import load_settings
+    with logged_to(run_log_path(load_settings().home, "retrain", args.product)) as log:
+        try:
+            summary = retrain_flow(args.product, upload_id=args.upload)
+        except Exception as exc:
+            exc.add_note(f"full log: {log}")
+            raise
     print(format_summary(summary))
     if summary["status"] == "gate_failed":  # no new champion: a failure for scripts that retrain
         print(f"fsad retrain: {summary['message']}", file=sys.stderr)
@@ -261,8 +269,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # one-line reason for users; full trace on request
         if os.environ.get("FSAD_DEBUG"):
             raise
-        print(f"fsad {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"fsad {args.command}: {one_line(exc)}", file=sys.stderr)
         return 1
+
+
+def one_line(exc: BaseException) -> str:
+    """``Type: first line of the message (notes)``: what the console shows of a failure."""
+    lines = str(exc).strip().splitlines()
+    reason = lines[0] + (" ..." if len(lines) > 1 else "") if lines else ""
+    notes = "".join(f" ({note})" for note in getattr(exc, "__notes__", ()))
+    return f"{type(exc).__name__}: {reason}{notes}"
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -26,7 +27,8 @@ import pytest
 
 from conftest import CLEARED, noise_rgb, png_bytes
 from flows import registry
-from flows.storage import S3Store, StorageError, StorageKeyError, manifest_key, quarantine_prefix, upload_prefix
+from flows.storage import S3Store, StorageKeyError, manifest_key, quarantine_prefix, upload_prefix
+from flows.cli import main as cli_main
 from flows.upload import upload_folder
 from infra import procs, swift
 from infra.config import StackConfig, free_port_env
@@ -41,6 +43,7 @@ REPO = Path(__file__).resolve().parents[2]
 FLOW_TIMEOUT_S = 420
 UPLOADED: dict[str, bytes] = {}  # every object key this module uploaded -> its bytes
 RUNS: list["Retrain"] = []  # every fsad retrain this module ran (their console output is checked)
+TOKEN = "fsadCanaryToken-3hT8sQ"  # sent to the MLflow server with every request of the module
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +58,8 @@ def stack(tmp_path_factory) -> Iterator[tuple[StackInfo, Path, dict[str, str]]]:
         with running(home) as info:
             env = {**info.env(), "FSAD_HOME": str(home / "client"), "FSAD_TRAIN_OVERRIDES": json.dumps(TINY_TRAINING),
                    "FSAD_DEVICE": "cpu", "FSAD_GATE_MIN_AUROC": "0", "PREFECT_HOME": str(home / "prefect-client"),
-                   "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+                   "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+                   "MLFLOW_TRACKING_TOKEN": TOKEN}
             for key, value in env.items():
                 mp.setenv(key, value)
             mlflow.set_tracking_uri(info.mlflow_uri)
@@ -168,15 +172,22 @@ def test_bucket_is_private_unsigned_requests_are_refused(stack, tmp_path):
 
 
 @pytest.mark.parametrize("key", ["../escape", "products/seal/../../escape", "/abs/escape", "products\\seal\\x",
-                                 "products/seal/\x07x", "products/seal/\udcffx", "products//seal/x"])
+                                 "products/seal/\x07x", "products/seal/\udcffx", "products//seal/x",
+                                 "products/seal/" + "n" * 256])
 def test_unsafe_keys_never_reach_the_bucket(stack, key):
+    """Refused by the client before any request is sent; the bucket is unchanged."""
     info, _, _ = stack
     store = _store(info)
+    store.put_bytes("keys-test/ok.txt", b"ok")
+    requests: list[str] = []
+    store.client.meta.events.register("before-send.s3", lambda request, **_: requests.append(request.url))
     before = store.list()
-    with pytest.raises(StorageKeyError):
-        store.put_bytes(key, b"x")
-    with pytest.raises(StorageKeyError):
-        store.copy(before[0], key)
+    requests.clear()
+    for unsafe in (lambda: store.put_bytes(key, b"x"), lambda: store.copy("keys-test/ok.txt", key),
+                   lambda: store.get_bytes(key), lambda: store.delete(key)):
+        with pytest.raises(StorageKeyError):
+            unsafe()
+    assert requests == []
     assert store.list() == before
 
 
@@ -202,8 +213,7 @@ def test_mlflow_down_at_logging_time_fails_cleanly_and_a_rerun_succeeds(stack, t
     assert procs.stop(_run_dir(home), "mlflow")
     code = run.finish()
     assert code != 0, run.output[-4000:]
-    last = [ln for ln in run.output.strip().splitlines() if ln.startswith("fsad retrain:")]
-    assert len(last) == 1, run.output[-4000:]
+    assert "Traceback" in _one_failure_line(run)
     up(home)  # restarts only what is down: mlflow
     assert sorted(v.version for v in versions_of(product)) == before  # registry untouched
     assert registry.aliases(product) == aliases_before
@@ -230,9 +240,12 @@ def test_s3_down_during_download_retries_then_fails_and_a_rerun_completes(stack,
     assert [v.tags.get("upload_id") for v in versions_of(product)] == [uid]
 
 
-def test_s3_down_during_an_upload_retries_fails_clearly_and_resume_stores_each_object_once(stack, tmp_path):
+def test_s3_down_during_an_upload_retries_fails_clearly_and_resume_stores_each_object_once(stack, tmp_path, capsys,
+                                                                                         monkeypatch):
+    """Through ``fsad upload`` as a user runs it: one line naming the incomplete upload, then
+    ``--resume`` writes only what is missing."""
     info, home, _ = stack
-    product, uid = "gasket", "20260101T000001Z-s3upld"
+    product = "gasket"
     folder = tmp_path / "set"
     folder.mkdir()
     for s in range(60, 66):
@@ -247,17 +260,24 @@ def test_s3_down_during_an_upload_retries_fails_clearly_and_resume_stores_each_o
                 assert procs.stop(_run_dir(home), "swift-proxy")
             super().put_bytes(key, data, content_type)
 
-    with pytest.raises(StorageError, match=f"left incomplete \\(no manifest\\); finish it with --resume {uid}"):
-        upload_folder(ServerStopsAfterTwoPuts(info.bucket, client=client), product, folder, upload_id=uid)
+    monkeypatch.setattr("flows.upload.open_store", lambda: ServerStopsAfterTwoPuts(info.bucket, client=client))
+    assert cli_main(["upload", "--product", product, str(folder)]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    found = re.search(r"upload (\S+) left incomplete \(no manifest\); finish it with --resume (\S+)$", line)
+    assert line.startswith("fsad upload: StorageError: ") and found and found[1] == found[2], line
+    uid = found[1]
     assert len(sends) >= 2 + 3 and len(set(sends[2:])) == 1  # the third object: retried, then the failure
     up(home)
     store, prefix = _store(info), upload_prefix(product, uid)
     assert len(store.list(prefix)) == 2 and not store.exists(manifest_key(product, uid))
 
-    result = upload_folder(store, product, folder, resume=uid)
-    expected = sorted([prefix + f["key"] for f in result.manifest["files"]] + [manifest_key(product, uid)])
+    monkeypatch.setattr("flows.upload.open_store", lambda: store)
+    assert cli_main(["upload", "--product", product, "--resume", uid, str(folder)]) == 0
+    assert f"uploaded {product} {uid}: 6 train/good" in capsys.readouterr().out
+    manifest = store.get_json(manifest_key(product, uid))
+    expected = sorted([prefix + f["key"] for f in manifest["files"]] + [manifest_key(product, uid)])
     assert store.list(prefix) == expected and len(expected) == 7
-    for f in result.manifest["files"]:
+    for f in manifest["files"]:
         data = (folder / f["key"].rsplit("/", 1)[1]).read_bytes()
         assert store.get_bytes(prefix + f["key"]) == data
         UPLOADED[prefix + f["key"]] = data
@@ -298,8 +318,20 @@ def test_rejected_upload_is_quarantined_in_the_bucket(stack, tmp_path):
     UPLOADED[key] = b"<html>gone</html>"
     run = Retrain(env, product, uid)
     assert run.finish() != 0
-    assert "every file decodes as an image: train/good/50.png" in run.output
     assert _store(info).exists(quarantine_prefix(product, uid) + "validation.json")
+    log = _one_failure_line(run, "UploadRejected", "every file decodes as an image: train/good/50.png")
+    assert "Traceback (most recent call last)" in log and "UploadRejected" in log
+
+
+def _one_failure_line(run: "Retrain", *phrases: str) -> str:
+    """The console of a failed ``fsad retrain``: no traceback, one ``fsad retrain:`` line with the
+    reason and the log file, which keeps the traceback; returns the log's text."""
+    assert "Traceback" not in run.output, run.output[-4000:]
+    (line,) = [ln for ln in run.output.splitlines() if ln.startswith("fsad retrain:")]
+    assert all(phrase in line for phrase in phrases), line
+    found = re.search(r"\(full log: (\S+\.log)\)$", line)
+    assert found, line
+    return Path(found[1]).read_text()
 
 
 def test_the_stack_secret_never_reaches_logs_mlflow_prefect_or_the_bucket(stack):
@@ -311,10 +343,14 @@ def test_the_stack_secret_never_reaches_logs_mlflow_prefect_or_the_bucket(stack)
     kept = {cfg.state_file, cfg.env_file, swift.conf_path(cfg, "proxy")}
     secret = info.secret_key.encode()
     assert len(RUNS) >= 6 and secret in cfg.env_file.read_bytes()
-    leaks = [str(p) for p in home.rglob("*") if p.is_file() and p not in kept and secret in p.read_bytes()]
+    files = [p for p in home.rglob("*") if p.is_file()]
+    leaks = [str(p) for p in files if p not in kept and secret in p.read_bytes()]
+    leaks += [f"{p} (the MLflow token)" for p in files if TOKEN.encode() in p.read_bytes()]
     store = _store(info)
-    leaks += [f"s3://{info.bucket}/{key}" for key in store.list() if secret in store.get_bytes(key)]
-    leaks += [f"console of fsad retrain #{i}" for i, run in enumerate(RUNS) if info.secret_key in run.output]
+    leaks += [f"s3://{info.bucket}/{key}" for key in store.list() if secret in store.get_bytes(key)
+              or TOKEN.encode() in store.get_bytes(key)]
+    leaks += [f"console of fsad retrain #{i}" for i, run in enumerate(RUNS)
+              if info.secret_key in run.output or TOKEN in run.output]
     assert leaks == []
 
 
@@ -346,6 +382,10 @@ def test_final_state_every_object_once_and_champions_verified(stack):
         tags = client.get_model_version(registry.model_name(product), champion).tags
         assert tags["verified"] == "true" and tags["gate.verdict"] == "passed", (product, tags)
         assert "reproduces the in-memory score" in tags["verified.reason"]
-        for v in versions_of(product):  # no unverified version ever became champion
-            if v.version != champion and registry.PREVIOUS not in v.aliases:
-                assert registry.CHAMPION not in v.aliases
+    # every version that holds or held champion (previous) is verified and passed the gate
+    aliased = [(p, a, v) for p in ("seal", "ring") for a, v in registry.aliases(p).items()
+               if a in (registry.CHAMPION, registry.PREVIOUS)]
+    assert any(a == registry.PREVIOUS for _, a, _ in aliased)
+    for product, alias, version in aliased:
+        tags = client.get_model_version(registry.model_name(product), version).tags
+        assert tags.get("verified") == "true" and tags.get("gate.verdict") == "passed", (product, alias, tags)
