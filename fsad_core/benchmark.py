@@ -1,7 +1,9 @@
 """The benchmark: methods x k x seeds on MVTec-layout categories, one record per run.
 
-Record keys (DESIGN.md): dataset, category, method, k, seed, image_auroc, pixel_auroc, aupro, f1,
-fit_seconds, score_ms_per_image, peak_rss_mb; null where a metric is not defined (no masks).
+Record keys: dataset, category, method, k, seed, image_auroc, pixel_auroc, aupro, f1, fit_seconds,
+score_ms_per_image, peak_rss_mb, backbone_ms_per_image; null where a metric is not defined (no
+masks). `backbone_ms_per_image` is one plain forward of the backbone, timed in the same process on
+the same threads beside each run, so every time of a record also reads as a ratio on any machine.
 Beyond them: the intensity mode the fit used, the rates at the model's threshold, the image AUROC
 of each score component and of each defect type (against all normal test images).
 F1 is taken at the model's own calibrated threshold, as a user would run it, not at a threshold
@@ -22,6 +24,7 @@ import numpy as np
 import psutil
 import torch
 
+from .backbone import create_backbone
 from .data import Category, Sample, load_category
 from .detector import SCORE_KINDS, Detector, resolve_device
 from .methods import method_config
@@ -29,7 +32,8 @@ from .metrics import aupro, defect_type_aurocs, image_auroc, pixel_auroc, rates_
 from .provenance import cpu_description, library_versions
 
 RECORD_KEYS = ("dataset", "category", "method", "k", "seed", "image_auroc", "pixel_auroc", "aupro", "f1",
-               "fit_seconds", "score_ms_per_image", "peak_rss_mb")
+               "fit_seconds", "score_ms_per_image", "peak_rss_mb", "backbone_ms_per_image")
+BACKBONE_BATCH, BACKBONE_SIDE = 16, 224  # the reference forward of `backbone_ms_per_image`
 COMPONENT_METRICS = tuple(f"{name}_auroc" for name in SCORE_KINDS)
 # What the model's own calibrated threshold (no test labels) does on the test images.
 RATE_METRICS = ("f1", "false_alarm_rate", "miss_rate")
@@ -55,6 +59,27 @@ def peak_rss() -> Iterator[list[float]]:
         stop.set()
         thread.join()
         out[0] = max(peak[0], proc.memory_info().rss) / 2**20
+
+
+@torch.inference_mode()
+def backbone_ms_per_image(backbone: str, device: str | torch.device = "auto", repeats: int = 3) -> float:
+    """Milliseconds an image of one plain forward of the backbone (batch 16 at 224 px), the best of
+    a few after a warm-up: the unit a record's times are read in."""
+    dev = resolve_device(device)
+    net = create_backbone(backbone, pretrained=False).to(dev).eval()
+    batch = torch.rand(BACKBONE_BATCH, 3, BACKBONE_SIDE, BACKBONE_SIDE, generator=torch.Generator().manual_seed(0))
+    batch = batch.to(dev)
+    best = float("inf")
+    for attempt in range(repeats + 1):
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        start = time.perf_counter()
+        net(batch)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        if attempt:  # the first forward warms up allocators and kernels
+            best = min(best, time.perf_counter() - start)
+    return best * 1000 / BACKBONE_BATCH
 
 
 def stratified_subset(samples: list[Sample], n: int | None, seed: int = 0) -> list[Sample]:
@@ -125,6 +150,7 @@ def run_one(cache: CategoryCache, dataset: str, method: str, k: int, seed: int, 
         "defect_type_auroc": defect_type_aurocs(cache.labels, cache.defect_types, result.scores),
         "fit_seconds": round(fit_seconds, 2), "score_ms_per_image": round(score_ms, 2),
         "peak_rss_mb": round(peak[0], 1), "n_test": len(cache.images),
+        "backbone_ms_per_image": round(backbone_ms_per_image(detector.config.backbone, detector.device), 2),
     }
 
 

@@ -94,9 +94,9 @@ def test_bench_writes_the_json_contract(category, tmp_path):
              "[pooling=mean+std+max][coreset_candidates=20000][map_sigma=2.0][target_false_alarm_rate=0.05]"
              "[hflip=False][vflip=False][rotation_deg=0.0]")
     keys = {"dataset", "category", "method", "k", "seed", "image_auroc", "pixel_auroc", "aupro", "f1",
-            "fit_seconds", "score_ms_per_image", "peak_rss_mb"}
+            "fit_seconds", "score_ms_per_image", "peak_rss_mb", "backbone_ms_per_image"}
     for r in result["records"]:
-        assert keys <= set(r)
+        assert keys <= set(r) and r["backbone_ms_per_image"] > 0
         assert 0 <= r["image_auroc"] <= 1 and r["pixel_auroc"] is not None
         # overrides never share a row with defaults
         assert r["method"] == label
