@@ -441,8 +441,17 @@ def _network(config: DetectorConfig, backbone: torch.nn.Module) -> Network:
     return Network(backbone, config.split, config.patch_blocks, config.first_level, config.pooling)
 
 
+def views_per_forward(device: torch.device) -> int:
+    """Views one backbone forward takes at once: on a CPU a few views keep the activations in cache
+    (faster fits and scoring and a lower peak than large batches, docs/measurements.md section 20);
+    a GPU wants them many."""
+    return 64 if device.type == "cuda" else 2
+
+
 @torch.no_grad()
-def _prefix(net: Network, views: torch.Tensor, spec: InputSpec, device: torch.device, batch: int = 32) -> _Prefix:
+def _prefix(net: Network, views: torch.Tensor, spec: InputSpec, device: torch.device,
+            batch: int | None = None) -> _Prefix:
+    batch = batch or views_per_forward(device)
     parts = []
     for i in range(0, views.shape[0], batch):
         maps, pooled, h = net.forward_prefix(normalise(views[i:i + batch].to(device), spec))
@@ -453,10 +462,11 @@ def _prefix(net: Network, views: torch.Tensor, spec: InputSpec, device: torch.de
 
 
 @torch.no_grad()
-def _features(net: Network, pre: _Prefix, device: torch.device, batch: int = 32,
+def _features(net: Network, pre: _Prefix, device: torch.device, batch: int | None = None,
               pooled_levels: bool = True) -> Features:
     """Pooled levels and patch features of cached prefix outputs; without `pooled_levels` the patch
     features alone (and only the blocks they need run)."""
+    batch = batch or views_per_forward(device)
     maps_parts, pooled_parts = [], []
     for i in range(0, pre.h.shape[0], batch):
         maps, pooled = net.forward_suffix(pre.h[i:i + batch].to(device), pooled_levels)
