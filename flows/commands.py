@@ -8,13 +8,16 @@ import csv
 import json
 import sys
 import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 
 from fsad_core.augment import FLIPS
 from fsad_core.data import find_categories, load_category
 from fsad_core.detector import Detector
-from fsad_core.imageio import ImageReadError, is_image_name, read_image
+from fsad_core.imageio import ImageLimits, ImageReadError, image_limits, is_image_name, read_image
 from fsad_core.methods import method_config
 from fsad_core.preprocess import stretch_warning
 
@@ -97,9 +100,37 @@ def load_model(ref: str, device: str) -> Detector:
     return Detector.load(ref, device=device)
 
 
+SCORE_BATCH = 8  # images scored together; meanwhile a thread decodes the next batch
+
+
+def _read_batch(paths: list[Path], limits: ImageLimits) -> list[tuple[Path, np.ndarray | ImageReadError]]:
+    out: list[tuple[Path, np.ndarray | ImageReadError]] = []
+    for path in paths:
+        try:
+            out.append((path, read_image(path, limits=limits)))
+        except ImageReadError as exc:
+            out.append((path, exc))
+    return out
+
+
+def decoded_batches(paths: list[Path], limits: ImageLimits, size: int = SCORE_BATCH
+                    ) -> Iterator[list[tuple[Path, np.ndarray | ImageReadError]]]:
+    """The files in order, in batches of (path, image or the reason it cannot be read); the next
+    batch is decoded in a thread while the caller scores this one (decoding releases the GIL)."""
+    chunks = [paths[i:i + size] for i in range(0, len(paths), size)]
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = [pool.submit(_read_batch, chunk, limits) for chunk in chunks[:1]]
+        for following in chunks[1:]:
+            pending.append(pool.submit(_read_batch, following, limits))
+            yield pending.pop(0).result()
+        if pending:
+            yield pending.pop(0).result()
+
+
 def score(args: argparse.Namespace) -> int:
+    files = collect_images(args.images)  # a missing input is named before the model loads
+    limits = image_limits()
     detector = load_model(args.model, args.device)
-    files = collect_images(args.images)
     maps_dir = Path(args.maps) if args.maps else None
     if maps_dir:
         maps_dir.mkdir(parents=True, exist_ok=True)
@@ -108,24 +139,25 @@ def score(args: argparse.Namespace) -> int:
     try:
         writer = csv.writer(out)
         writer.writerow(["image", "score", "is_anomaly", "threshold"])
-        for path in files:
-            try:
-                image = read_image(path)
-            except ImageReadError as exc:
-                print(f"fsad score: skipped {exc}", file=sys.stderr)
-                failed += 1
+        for batch in decoded_batches(files, limits):
+            for path, problem in batch:
+                if isinstance(problem, ImageReadError):
+                    print(f"fsad score: skipped {problem}", file=sys.stderr)
+                    failed += 1
+            good = [(path, image) for path, image in batch if not isinstance(image, ImageReadError)]
+            if not good:
                 continue
-            result = detector.score([image], with_maps=maps_dir is not None)
-            writer.writerow([str(path), f"{result.scores[0]:.6g}", int(bool(result.is_anomaly[0])),
-                             f"{detector.threshold.value:.6g}"])
-            if maps_dir is not None:
-                from fsad_core.overlay import save_overlay
-                save_overlay(image, result.maps[0], maps_dir / f"{path.stem}_map.png")
+            result = detector.score([image for _, image in good], with_maps=maps_dir is not None)
+            for i, (path, image) in enumerate(good):
+                writer.writerow([str(path), f"{result.scores[i]:.6g}", int(bool(result.is_anomaly[i])),
+                                 f"{detector.threshold.value:.6g}"])
+                if maps_dir is not None:
+                    from fsad_core.overlay import save_overlay
+                    save_overlay(image, result.maps[i], maps_dir / f"{path.stem}_map.png")
     finally:
         if args.out:
             out.close()
-    scored = len(files) - failed
-    print(f"fsad score: {scored} scored, {failed} failed", file=sys.stderr)
+    print(f"fsad score: {len(files) - failed} scored, {failed} failed", file=sys.stderr)
     return 1 if failed else 0
 
 

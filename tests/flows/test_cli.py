@@ -7,13 +7,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from flows.cli import (BACKBONE_CHOICES, CORESET_HELP, FLIP_CHOICES, FLIPS_HELP, INTENSITY_CHOICES, MAP_SIGMA_HELP,
                        POOLING_CHOICES, RESIZE_CHOICES, ROTATION_HELP, SCORE_CHOICES, build_parser)
 from fsad_core.augment import FLIPS, AugmentConfig
 from fsad_core.backbone import list_backbones
-from fsad_core.detector import SCORE_KINDS, DetectorConfig
+from flows.commands import decoded_batches
+from fsad_core.detector import SCORE_KINDS, Detector, DetectorConfig
+from fsad_core.imageio import ImageLimits, ImageReadError, read_image
 from fsad_core.network import POOLINGS
 from fsad_core.preprocess import INTENSITY_POLICIES, RESIZE_MODES
 from fsad_core.synthetic import make_category
@@ -78,6 +82,24 @@ def test_train_then_score_writes_csv_and_maps_and_reports_bad_files(category, tm
     rows = list(csv.DictReader(scores.open()))
     assert len(rows) == 3 and {"image", "score", "is_anomaly"} <= set(rows[0])
     assert len(list(maps.glob("*.png"))) == 3
+    direct = Detector.load(model, device="cpu")  # scored in batches: the same scores, in file order
+    for row in rows:
+        alone = direct.score([read_image(row["image"])]).scores[0]
+        assert float(row["score"]) == pytest.approx(float(alone), rel=1e-5)
+    assert [Path(r["image"]).name for r in rows] == sorted(p.name for p in images.glob("*.png") if p.name != "broken.png")
+
+
+def test_images_are_decoded_in_order_in_batches_with_the_reason_for_a_bad_one(tmp_path):
+    paths = []
+    for i in range(5):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(np.full((40, 40, 3), 30 * i, np.uint8)).save(paths[-1])
+    paths[3].write_bytes(b"not a png")
+    batches = list(decoded_batches(paths, ImageLimits(), size=2))
+    assert [[p for p, _ in b] for b in batches] == [paths[:2], paths[2:4], paths[4:]]
+    (_, bad), = [item for b in batches for item in b if item[0] == paths[3]]
+    assert isinstance(bad, ImageReadError) and "not a recognised image format" in str(bad)
+    assert [int(img[0, 0, 0]) for b in batches for p, img in b if p != paths[3]] == [0, 30, 60, 120]
 
 
 def test_bench_writes_the_json_contract(category, tmp_path):
