@@ -23,14 +23,13 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from fsad_core.detector import Detector
-from fsad_core.imageio import ImageLimits, image_limits, read_image
+from fsad_core.detector import MODEL_FILES, Detector
+from fsad_core.imageio import ImageLimits, image_header_size, image_limits, read_image
 
 LOADER_MODULE = "flows.pyfunc"
 DATA_DIRNAME = "detector"  # the model folder's name inside the artifact's data/ folder
 INPUT_COLUMN = "image"
 _DATA_PATH = f"data/{DATA_DIRNAME}"
-_MODEL_FILES = {"config.json", "network.safetensors", "scoring.safetensors"}  # what Detector.save writes
 _ARTIFACT_FILES = {"MLmodel", "conda.yaml", "python_env.yaml", "requirements.txt", "registered_model_meta",
                    "input_example.json", "serving_input_example.json"}  # what MLflow writes beside them
 _REQUIREMENTS = ("torch", "timm", "safetensors", "numpy", "pandas", "pillow", "mlflow")
@@ -50,14 +49,7 @@ class DetectorModel:
         if INPUT_COLUMN not in model_input.columns:
             raise ValueError(f"input needs a column {INPUT_COLUMN!r}; got {list(model_input.columns)}")
         cells = model_input[INPUT_COLUMN].tolist()
-        limits = image_limits()
-        images: dict[int, np.ndarray] = {}
-        errors = [""] * len(cells)
-        for row, cell in enumerate(cells):
-            try:
-                images[row] = decode_image(cell, row, limits)
-            except ValueError as exc:
-                errors[row] = str(exc)
+        images, errors = _decoded_rows(cells, image_limits())
         scores = np.full(len(cells), np.nan)
         flags = np.ones(len(cells), dtype=bool)
         if images:
@@ -68,23 +60,41 @@ class DetectorModel:
         return pd.DataFrame({"score": scores, "is_anomaly": flags, "error": errors})
 
 
-def decode_image(value: Any, row: int = 0, limits: ImageLimits | None = None) -> np.ndarray:
-    """One input cell as an RGB array: base64 of the image's bytes (raw bytes from Python callers).
+def _decoded_rows(cells: list[Any], limits: ImageLimits) -> tuple[dict[int, np.ndarray], list[str]]:
+    """row -> image for the usable rows, and each row's error ("" when usable); a request's images
+    together stay within the set budget, checked from each header before it is decoded."""
+    images: dict[int, np.ndarray] = {}
+    errors = [""] * len(cells)
+    pixels = 0
+    for row, cell in enumerate(cells):
+        try:
+            data = image_bytes(cell, row, limits)
+            width, height = image_header_size(data, f"row {row}", limits)
+            if pixels + width * height > limits.max_set_pixels:
+                raise ValueError(f"row {row}: refused, the request's images exceed the budget of "
+                                 f"{limits.max_set_pixels} decoded pixels (FSAD_MAX_SET_PIXELS); send fewer at once")
+            images[row] = read_image(data, name=f"row {row}", limits=limits)
+            pixels += width * height
+        except ValueError as exc:
+            errors[row] = str(exc)
+    return images, errors
+
+
+def image_bytes(value: Any, row: int, limits: ImageLimits) -> bytes:
+    """One input cell's image bytes: base64 of them (raw bytes from Python callers).
 
     Never a path: a served model must not open files on the server for its callers."""
-    limits = limits or image_limits()
     if isinstance(value, (bytes, bytearray)):
-        return read_image(bytes(value), name=f"row {row}", limits=limits)
+        return bytes(value)
     if not isinstance(value, str):
         raise ValueError(f"row {row}: expected base64 image bytes, got {type(value).__name__}")
     if len(value) > _base64_chars(limits.max_file_bytes):
         raise ValueError(f"row {row}: refused, {len(value)} base64 characters exceed the per-file limit of "
                          f"{limits.max_file_bytes} bytes (FSAD_MAX_FILE_BYTES)")
     try:
-        data = base64.b64decode(value, validate=True)
+        return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
         raise ValueError(f"row {row}: not base64 image bytes") from None
-    return read_image(data, name=f"row {row}", limits=limits)
 
 
 def _base64_chars(n_bytes: int) -> int:
@@ -161,7 +171,8 @@ def artifact_problem(pyfunc_dir: str | Path) -> str | None:
     if conf.get("data") != _DATA_PATH:
         return f"MLmodel's data path is {conf.get('data')!r}, not {_DATA_PATH}"
     files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if not p.is_dir())
-    foreign = [f for f in files if f not in _ARTIFACT_FILES and f.removeprefix(_DATA_PATH + "/") not in _MODEL_FILES]
+    written = _ARTIFACT_FILES | {f"{_DATA_PATH}/{name}" for name in MODEL_FILES}
+    foreign = [f for f in files if f not in written]
     if foreign:
         return f"artifact holds files the pipeline never writes: {', '.join(foreign[:10])}"
     return None

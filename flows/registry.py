@@ -233,7 +233,8 @@ def _resolve(ref: str) -> tuple[str, str]:
 
 def download_model(ref: str, dst: str | Path | None = None, settings: Settings | None = None) -> Path:
     """The model folder (config.json + safetensors) of a registry reference, downloaded once into
-    ``dst`` (default ``FSAD_HOME/models/NAME/VERSION``; versions are immutable, so it is reused)."""
+    ``dst`` (default ``FSAD_HOME/models/NAME/VERSION``; versions are immutable, so it is reused);
+    RegistryError for an artifact the pipeline did not write."""
     import mlflow
 
     settings = settings or load_settings()
@@ -249,6 +250,9 @@ def download_model(ref: str, dst: str | Path | None = None, settings: Settings |
             partial.rename(target)
         finally:
             shutil.rmtree(partial, ignore_errors=True)
+    problem = artifact_problem(target)  # checked on every use: a model is only ever loaded our way
+    if problem is not None:
+        raise RegistryError(f"{ref} (v{version}): {problem}; not loading it")
     return model_folder(target)
 
 

@@ -47,6 +47,8 @@ from .preprocess import (DEFAULT_RESIZE_MODE, InputSpec, check_intensity_policy,
 from .provenance import cpu_description, library_versions
 
 FORMAT_VERSION = 1
+CONFIG_FILE, NETWORK_FILE, SCORING_FILE = "config.json", "network.safetensors", "scoring.safetensors"
+MODEL_FILES = (CONFIG_FILE, NETWORK_FILE, SCORING_FILE)  # a model folder: JSON and safetensors, nothing else
 MAX_FOLDS = 8  # held-out folds of the normal images for calibration (one image each up to k = 8)
 SCORE_KINDS = ("mahalanobis", "patch", "fused")
 Progress = Callable[[str, int, int], None]
@@ -345,11 +347,11 @@ class Detector:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         net_state = {k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
-        save_file(net_state, str(folder / "network.safetensors"))
+        save_file(net_state, str(folder / NETWORK_FILE))
         scoring = {"level_scale": self.level_scale, "memory": self.memory.bank.contiguous()}
         for i, g in enumerate(self.gaussians):
             scoring.update(g.state(f"gaussian.{i}"))
-        save_file({k: v.contiguous() for k, v in scoring.items()}, str(folder / "scoring.safetensors"))
+        save_file({k: v.contiguous() for k, v in scoring.items()}, str(folder / SCORING_FILE))
         config = {
             "format_version": FORMAT_VERSION,
             "library": library_versions(),
@@ -361,14 +363,14 @@ class Detector:
             "meta": self.meta,
             **(extra_config or {}),
         }
-        (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
         return folder
 
     @classmethod
     def load(cls, folder: str | Path, device: str = "auto") -> "Detector":
         """Load a model folder; only JSON and safetensors are read (never pickle)."""
         folder = Path(folder)
-        cfg_path = folder / "config.json"
+        cfg_path = folder / CONFIG_FILE
         if not cfg_path.is_file():
             raise FileNotFoundError(f"{folder}: not a model folder (no config.json)")
         config_json = json.loads(cfg_path.read_text())
@@ -376,8 +378,8 @@ class Detector:
             raise ValueError(f"{folder}: unsupported model format {config_json.get('format_version')}")
         config = DetectorConfig.from_dict(config_json["detector"])
         net = _network(config, create_backbone(config.backbone, pretrained=False))
-        net.load_state_dict(load_file(str(folder / "network.safetensors")), strict=True)
-        scoring = load_file(str(folder / "scoring.safetensors"))
+        net.load_state_dict(load_file(str(folder / NETWORK_FILE)), strict=True)
+        scoring = load_file(str(folder / SCORING_FILE))
         gaussians = [Gaussian.from_state(scoring, f"gaussian.{i}") for i in range(config_json["levels"])]
         fusion = {k: (float(v[0]), float(v[1])) for k, v in config_json["fusion"].items()}
         threshold = Threshold.from_dict(config_json["threshold"]) if config_json.get("threshold") else None

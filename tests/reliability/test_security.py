@@ -7,6 +7,7 @@ a path its caller names. Credentials are checked on the real stack, where they a
 from __future__ import annotations
 
 import pickle
+import re
 import shutil
 from pathlib import Path
 
@@ -125,6 +126,8 @@ def _assert_refused(version: str, reason: str, marker: Path) -> None:
     with pytest.raises(registry.RegistryError, match="not verified"):
         registry.promote(P, version)
     assert registry.alias_version(P, registry.CHAMPION) == champion
+    with pytest.raises(registry.RegistryError, match=re.escape(reason)):  # nor is it ever loaded to score
+        registry.download_model(f"models:/{registry.model_name(P)}/{version}")
     assert not marker.exists()
 
 
@@ -178,6 +181,15 @@ def test_the_served_model_never_opens_a_path_its_caller_names(trained, tmp_path)
     assert out["error"].tolist()[:3] == [f"row {i}: not base64 image bytes" for i in range(3)]
     assert out["score"].iloc[:3].isna().all() and out["is_anomaly"].iloc[:3].all()
     assert out["error"].iloc[3] == "" and np.isfinite(out["score"].iloc[3])
+
+
+def test_a_request_over_the_pixel_budget_is_refused_row_by_row_before_decoding(trained, tmp_path, monkeypatch):
+    model = mlflow.pyfunc.load_model(str(_downloaded(tmp_path)))
+    monkeypatch.setenv("FSAD_MAX_SET_PIXELS", str(64 * 64 * 2))
+    out = model.predict(pd.DataFrame({"image": [encode_png(noise_rgb(i)) for i in range(3)]}))
+    assert out["error"].tolist()[:2] == ["", ""] and np.isfinite(out["score"].iloc[:2]).all()
+    assert out["error"].iloc[2] == ("row 2: refused, the request's images exceed the budget of 8192 decoded pixels "
+                                    "(FSAD_MAX_SET_PIXELS); send fewer at once")
 
 
 def test_the_served_model_refuses_a_thin_image_and_scores_the_rest(trained, tmp_path):
