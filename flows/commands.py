@@ -17,7 +17,8 @@ import numpy as np
 from fsad_core.augment import FLIPS
 from fsad_core.data import find_categories, load_category
 from fsad_core.detector import Detector
-from fsad_core.imageio import ImageLimits, ImageReadError, image_limits, is_image_name, read_image
+from fsad_core.imageio import (ImageLimits, ImageReadError, check_set_files, image_header_size, image_limits,
+                               is_image_name, read_image)
 from fsad_core.methods import method_config
 from fsad_core.preprocess import stretch_warning
 
@@ -61,6 +62,7 @@ def _config_options(args: argparse.Namespace) -> dict[str, object]:
 def train(args: argparse.Namespace) -> int:
     category = load_category(args.data)
     samples = category.sample_k_shot(args.k, args.seed)
+    check_set_files([s.path for s in samples], f"the {args.k} training images of {args.data}")
     images = [s.image() for s in samples]
     config = method_config(args.method, seed=args.seed, weights=args.weights, score=args.score,
                            **_config_options(args))
@@ -113,11 +115,29 @@ def _read_batch(paths: list[Path], limits: ImageLimits) -> list[tuple[Path, np.n
     return out
 
 
+def _chunks(paths: list[Path], limits: ImageLimits, size: int) -> list[list[Path]]:
+    """Batches of at most ``size`` files whose decoded pixels (from the headers) stay within half the
+    set budget: two batches are held at once, the one scored and the one being decoded."""
+    chunks: list[list[Path]] = [[]]
+    pixels = 0
+    for path in paths:
+        try:
+            width, height = image_header_size(path, limits=limits)
+        except ImageReadError:  # refused again, with its reason, when its batch is read
+            width = height = 0
+        if chunks[-1] and (len(chunks[-1]) == size or pixels + width * height > limits.max_set_pixels // 2):
+            chunks.append([])
+            pixels = 0
+        chunks[-1].append(path)
+        pixels += width * height
+    return [chunk for chunk in chunks if chunk]
+
+
 def decoded_batches(paths: list[Path], limits: ImageLimits, size: int = SCORE_BATCH
                     ) -> Iterator[list[tuple[Path, np.ndarray | ImageReadError]]]:
     """The files in order, in batches of (path, image or the reason it cannot be read); the next
     batch is decoded in a thread while the caller scores this one (decoding releases the GIL)."""
-    chunks = [paths[i:i + size] for i in range(0, len(paths), size)]
+    chunks = _chunks(paths, limits, size)
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = [pool.submit(_read_batch, chunk, limits) for chunk in chunks[:1]]
         for following in chunks[1:]:

@@ -29,11 +29,11 @@ from prefect.concurrency.sync import concurrency
 
 from flows import registry, tracking
 from flows.registry import RegistryError
-from flows.settings import (Settings, SettingsError, config_sha256, load_settings, product_overrides,
-                            training_config)
+from flows.settings import (Settings, SettingsError, config_sha256, io_retry_delays, load_settings,
+                            product_overrides, training_config)
 from flows.storage import (ObjectNotFound, StorageKeyError, latest_complete_upload, manifest_key, open_store,
                            upload_prefix)
-from flows.upload import ManifestError, read_manifest, sha256_hex
+from flows.upload import ManifestError, content_sha256, read_manifest, sha256_hex
 from flows.validation import UploadNotFound, ValidationReport, quarantine_upload, validate_upload, write_report
 from fsad_core.calibration import Threshold, calibrate_supervised
 from fsad_core.detector import Detector, DetectorConfig, FitReport, resolve_device
@@ -73,7 +73,8 @@ def _transient(task_: Any, task_run: Any, state: Any) -> bool:
 
 
 # The retry policy of every task that reads or writes storage or the registry, here and in the sweep.
-IO_RETRIES = dict(retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=_transient)
+_DELAYS = io_retry_delays()
+IO_RETRIES = dict(retries=len(_DELAYS), retry_delay_seconds=_DELAYS, retry_condition_fn=_transient)
 
 
 @dataclass
@@ -413,7 +414,9 @@ def _train_and_promote(settings: Settings, product: str, upload_id: str, manifes
     logger = get_run_logger()
     config_hash = config_sha256(config)
     device = resolve_device(settings.device).type
-    content = manifest["content_sha256"]
+    # The identity of the files this run reads (validation found the declared hash equal to it; a
+    # manifest replaced since cannot name other images as trained ones).
+    content = content_sha256(manifest["files"])
     summary: dict[str, Any] = {"product": product, "upload_id": upload_id, "content_sha256": content,
                                "method": method, "seed": seed, "config_sha256": config_hash,
                                "validation": validation["uri"]}

@@ -149,7 +149,7 @@ def _collect(folder: Path) -> tuple[list[tuple[str, Path]], list[str]]:
     return wanted, skipped
 
 
-def _one_line(problems: list[str]) -> str:
+def _first_few(problems: list[str]) -> str:
     shown = "; ".join(problems[:_MAX_LISTED])
     more = len(problems) - _MAX_LISTED
     return shown + (f"; ... and {more} more" if more > 0 else "")
@@ -215,7 +215,7 @@ def upload_folder(store: Store, product: str, folder: str | Path, upload_id: str
             continue
         entries.append({"key": rel, **facts.__dict__})
     if problems:
-        raise UploadError(f"refused, nothing uploaded; {len(problems)} bad file(s) in {folder}: {_one_line(problems)}")
+        raise UploadError(f"refused, nothing uploaded; {len(problems)} bad file(s) in {folder}: {_first_few(problems)}")
     try:
         limits.check_set(sum(e["width"] * e["height"] for e in entries), len(entries), str(folder))
     except ImageReadError as exc:
@@ -263,7 +263,7 @@ def _resumable(store: Store, product: str, upload_id: str, keys: set[str]) -> di
     foreign = sorted(set(present) - keys)
     if foreign:
         raise UploadError(f"upload {upload_id} of {product} holds files this folder does not have, so it is not "
-                          f"this folder's upload; not resuming: {_one_line(foreign)}")
+                          f"this folder's upload; not resuming: {_first_few(foreign)}")
     return present
 
 
@@ -293,5 +293,5 @@ def cli_upload(product: str, folder: str, resume: str | None = None) -> int:
     print(f"uploaded {product} {result.upload_id}: {parts} -> {result.uri}")
     print(f"content_sha256 {result.content_sha256}")
     if result.skipped:
-        print(f"skipped {len(result.skipped)}: {_one_line(result.skipped)}", file=sys.stderr)
+        print(f"skipped {len(result.skipped)}: {_first_few(result.skipped)}", file=sys.stderr)
     return 0

@@ -55,8 +55,7 @@ class ValidationLimits:
 
     min_train: int = 1
     max_train: int = 64
-    min_side: int = ImageLimits.min_side
-    max_side: int = 8192
+    max_side: int = 8192  # the shorter side's minimum and the aspect ratio are the image limits
     min_std_brightness: float = 2.0  # below: a blank or nearly constant frame
     min_mean_brightness: float = 2.0  # below / above: a black or white (saturated) frame
     max_mean_brightness: float = 253.0
@@ -194,10 +193,10 @@ def _suite(frame: pd.DataFrame, limits: ValidationLimits) -> list[Any]:
               f"train/good image count within [{L.min_train}, {L.max_train}]"),
         named(gxe.ExpectColumnSumToBeBetween(column="pixels", min_value=0, max_value=L.image.max_set_pixels),
               f"decoded pixels of the upload within {L.image.max_set_pixels} (FSAD_MAX_SET_PIXELS)"),
-        named(gxe.ExpectColumnValuesToBeBetween(column="width", min_value=L.min_side, max_value=L.max_side),
-              f"width within [{L.min_side}, {L.max_side}]"),
-        named(gxe.ExpectColumnValuesToBeBetween(column="height", min_value=L.min_side, max_value=L.max_side),
-              f"height within [{L.min_side}, {L.max_side}]"),
+        named(gxe.ExpectColumnValuesToBeBetween(column="width", max_value=L.max_side),
+              f"width at most {L.max_side}"),
+        named(gxe.ExpectColumnValuesToBeBetween(column="height", max_value=L.max_side),
+              f"height at most {L.max_side}"),
         named(gxe.ExpectColumnValuesToBeUnique(column="sha256"),
               "no duplicate images (sha256 unique)"),
         named(gxe.ExpectColumnValuesToBeBetween(column="std_brightness", min_value=L.min_std_brightness),

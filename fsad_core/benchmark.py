@@ -27,6 +27,7 @@ import torch
 from .backbone import create_backbone
 from .data import Category, Sample, load_category
 from .detector import SCORE_KINDS, Detector, resolve_device
+from .imageio import check_set_files
 from .methods import method_config
 from .metrics import aupro, defect_type_aurocs, image_auroc, pixel_auroc, rates_at_threshold, summarize
 from .provenance import cpu_description, library_versions
@@ -63,8 +64,8 @@ def peak_rss() -> Iterator[list[float]]:
 
 @torch.inference_mode()
 def backbone_ms_per_image(backbone: str, device: str | torch.device = "auto", repeats: int = 3) -> float:
-    """Milliseconds an image of one plain forward of the backbone (batch 16 at 224 px), the best of
-    a few after a warm-up: the unit a record's times are read in."""
+    """Milliseconds an image of one plain forward of the backbone (`BACKBONE_BATCH` views at
+    `BACKBONE_SIDE`), the best of a few after a warm-up: the unit a record's times are read in."""
     dev = resolve_device(device)
     net = create_backbone(backbone, pretrained=False).to(dev).eval()
     batch = torch.rand(BACKBONE_BATCH, 3, BACKBONE_SIDE, BACKBONE_SIDE, generator=torch.Generator().manual_seed(0))
@@ -129,7 +130,9 @@ def run_one(cache: CategoryCache, dataset: str, method: str, k: int, seed: int, 
             progress: Callable[[str, int, int], None] | None = None, **overrides: object) -> dict:
     """One fit and score; `overrides` are DetectorConfig fields (None: the method's own)."""
     config = method_config(method, seed=seed, **overrides)
-    train = [s.image() for s in cache.category.sample_k_shot(k, seed)]
+    samples = cache.category.sample_k_shot(k, seed)
+    check_set_files([s.path for s in samples], f"{cache.category.name}'s k = {k} training images")
+    train = [s.image() for s in samples]
     with peak_rss() as peak:
         t0 = time.perf_counter()
         detector, _ = Detector.fit(train, config, device=device, progress=progress)

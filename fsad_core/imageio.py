@@ -130,6 +130,13 @@ def image_header_size(source: str | Path | bytes, name: str | None = None,
         return img.size
 
 
+def check_set_files(paths: list[Path], what: str, limits: ImageLimits | None = None) -> None:
+    """The set budget checked from the files' headers, before any of them is decoded."""
+    limits = limits or image_limits()
+    sizes = [image_header_size(path, limits=limits) for path in paths]
+    limits.check_set(sum(w * h for w, h in sizes), len(sizes), what)
+
+
 def read_image(source: str | Path | bytes, name: str | None = None,
                limits: ImageLimits | None = None) -> np.ndarray:
     """Decode to an HxWx3 uint8 RGB array: EXIF orientation applied; grey, palette, CMYK, RGBA,

@@ -13,9 +13,9 @@ from PIL import Image
 
 from flows.cli import (BACKBONE_CHOICES, CORESET_HELP, FLIP_CHOICES, FLIPS_HELP, INTENSITY_CHOICES, MAP_SIGMA_HELP,
                        POOLING_CHOICES, RESIZE_CHOICES, ROTATION_HELP, SCORE_CHOICES, build_parser)
+from flows.commands import decoded_batches
 from fsad_core.augment import FLIPS, AugmentConfig
 from fsad_core.backbone import list_backbones
-from flows.commands import decoded_batches
 from fsad_core.detector import SCORE_KINDS, Detector, DetectorConfig
 from fsad_core.imageio import ImageLimits, ImageReadError, read_image
 from fsad_core.network import POOLINGS
@@ -100,6 +100,9 @@ def test_images_are_decoded_in_order_in_batches_with_the_reason_for_a_bad_one(tm
     (_, bad), = [item for b in batches for item in b if item[0] == paths[3]]
     assert isinstance(bad, ImageReadError) and "not a recognised image format" in str(bad)
     assert [int(img[0, 0, 0]) for b in batches for p, img in b if p != paths[3]] == [0, 30, 60, 120]
+    # two batches are held at once: each stays within half the set budget (40 x 40 = 1600 pixels an image)
+    halves = list(decoded_batches(paths, ImageLimits(max_set_pixels=2 * 1600 * 2), size=8))
+    assert [len(b) for b in halves] == [2, 3]  # the bad file counts no pixels
 
 
 def test_bench_writes_the_json_contract(category, tmp_path):

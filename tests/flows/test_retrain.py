@@ -16,19 +16,21 @@ import time
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 from prefect.testing.utilities import prefect_test_harness
 
 from flows import registry, tracking
 from flows.pyfunc import encode_png
 from flows.registry import CANDIDATE, CHAMPION, PREVIOUS
-from flows.retrain import GPU_LIMIT, UploadRejected, product_lock, retrain_flow, training_slot
+from flows.retrain import GPU_LIMIT, UploadRejected, load_images, product_lock, retrain_flow, training_slot
 from flows.settings import SettingsError, load_settings
 from flows.storage import open_store, quarantine_prefix, training_key, upload_prefix, validation_key
 from flows.upload import ManifestError, content_sha256, describe_image, sha256_hex, upload_folder, write_upload_folder
 from fsad_core.data import load_category
-from fsad_core.imageio import read_image
+from fsad_core.imageio import ImageReadError, read_image
 from fsad_core.synthetic import make_category
 from tests.tiny_training import TINY_TRAINING
 
@@ -236,6 +238,19 @@ def test_corrupt_upload_is_quarantined_and_creates_no_version(env, sets):
                               filter_string=f"tags.`fsad.upload_id` = '{U_CORRUPT}'", output_format="list")
     assert [r.data.tags["fsad.status"] for r in runs] == ["failed"] and runs[0].info.status == "FAILED"
     assert "validation.json" in {a.path for a in mlflow.MlflowClient().list_artifacts(runs[0].info.run_id)}
+
+
+def test_training_checks_the_pixel_budget_before_decoding_an_image(env, tmp_path, monkeypatch):
+    """Validation refuses an upload over the budget; should one get past it, training stops before
+    the image that would overrun the budget is decoded."""
+    folder = tmp_path / "set"
+    folder.mkdir()
+    for i in range(3):  # 64 x 64 each
+        Image.fromarray(np.random.default_rng(i).integers(40, 210, (64, 64, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    result = upload_folder(open_store(), "budget", folder, upload_id="20260101T000000Z-budget")
+    monkeypatch.setenv("FSAD_MAX_SET_PIXELS", str(2 * 64 * 64))
+    with pytest.raises(ImageReadError, match="its 3 images hold 12288 decoded pixels, above the budget of 8192"):
+        load_images.fn(load_settings(), "budget", result.upload_id, result.manifest)
 
 
 def test_incomplete_upload_is_refused_without_quarantine(env):

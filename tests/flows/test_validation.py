@@ -13,7 +13,6 @@ from PIL import Image
 
 from flows.storage import LocalStore, manifest_key, quarantine_prefix, upload_prefix, validation_key
 from flows.upload import content_sha256, describe_image, sha256_hex
-from fsad_core.imageio import ImageLimits
 from flows.validation import (
     COLUMNS,
     UploadNotFound,
@@ -23,6 +22,7 @@ from flows.validation import (
     validate_upload,
     write_report,
 )
+from fsad_core.imageio import ImageLimits
 
 P, U = "widget", "20260101T000000Z-abcdef"
 
@@ -129,7 +129,8 @@ def test_frame_columns_and_values(store: LocalStore) -> None:
     ("too_many_pixels", "decoded pixels of the upload within 6000 (FSAD_MAX_SET_PIXELS): observed 6912"),
     ("bad_layout", "files are under train/good, eval/good or eval/defect: test/broken/x.png"),
 ])
-def test_bad_uploads_fail_named_expectation(store: LocalStore, case: str, expected: str) -> None:
+def test_bad_uploads_fail_named_expectation(store: LocalStore, case: str, expected: str,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
     files = good_files()
     kw: dict[str, Any] = {}
     if case == "corrupt":
@@ -178,7 +179,11 @@ def test_bad_uploads_fail_named_expectation(store: LocalStore, case: str, expect
     image = ImageLimits(max_file_bytes=len(png(0)) + 100 if case == "too_many_bytes" else
                         ImageLimits.max_file_bytes, max_set_pixels=6000 if case == "too_many_pixels" else
                         ImageLimits.max_set_pixels)
+    read: list[str] = []
+    real_get = store.get_bytes
+    monkeypatch.setattr(store, "get_bytes", lambda key: read.append(key) or real_get(key))
     report = validate_upload(store, P, U, ValidationLimits(max_train=3, image=image))
+    assert not [key for key in read if key.endswith("big.png")]  # over the byte limit: judged by its size
     assert not report.success
     assert any(f.startswith(expected) for f in report.failed), failed_names(report)
     assert report.result["success"] is False
