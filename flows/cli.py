@@ -274,9 +274,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def one_line(exc: BaseException) -> str:
-    """``Type: first line of the message (notes)``: what the console shows of a failure."""
-    lines = str(exc).strip().splitlines()
-    reason = lines[0] + (" ..." if len(lines) > 1 else "") if lines else ""
+    """``Type: message (notes)`` on one line (a multi-line message joined): what the console shows."""
+    reason = " ".join(str(exc).split())
     notes = "".join(f" ({note})" for note in getattr(exc, "__notes__", ()))
     return f"{type(exc).__name__}: {reason}{notes}"
 

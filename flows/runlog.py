@@ -2,14 +2,16 @@
 
 Prefect reports a failed task or flow run on the console with its full traceback, several times
 over; a person running ``fsad retrain`` needs the one-line reason and where to read more. While
-`logged_to` is active, every log record also goes to the file, and the console shows each record
-as its message alone, without Prefect's failure reports (the command prints the reason itself).
+`logged_to` is active, every log record also goes to the file; the console keeps its own format
+but shows no traceback and none of Prefect's failure reports (the command prints the reason
+itself), and a failure raised through the block is written to the file with its traceback.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -60,6 +62,10 @@ def logged_to(path: Path) -> Iterator[Path]:
     root.addHandler(file_handler)
     try:
         yield path
+    except BaseException:  # failed outside a flow or task run too (the server did not start, ...)
+        file_handler.handle(logging.LogRecord(__name__, logging.ERROR, __file__, 0, "the command failed", None,
+                                              sys.exc_info()))
+        raise
     finally:
         root.removeHandler(file_handler)
         file_handler.close()

@@ -8,6 +8,7 @@
                             {"size": 96, "pool_views": 16, "finetune": {"steps": 10}};
                             "augment": {"hflip": false} for text-bearing parts
     FSAD_DEVICE             auto | cpu | cuda
+    FSAD_IO_RETRY_DELAYS    2,10,30: seconds before each retry of a storage or registry call
 
 Credentials (AWS_*, MLflow tokens) are read by boto3/MLflow from the environment themselves and
 are never copied into settings, logs, parameters or tags.
@@ -29,6 +30,8 @@ from fsad_core.detector import DetectorConfig
 from fsad_core.methods import method_config
 
 DEFAULT_MIN_AUROC = 0.9
+DEFAULT_IO_RETRY_DELAYS = (2.0, 10.0, 30.0)  # a restarted service is usually back within them
+MAX_IO_RETRIES = 10
 DEVICES = ("auto", "cpu", "cuda")
 NESTED_OVERRIDES = ("finetune", "augment")  # overrides that are objects of their own config's fields
 
@@ -77,6 +80,22 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
                         min_auroc, overrides, device)
     training_config("default", 0, settings.train_overrides)  # fail now, not after validation
     return settings
+
+
+def io_retry_delays(env: Mapping[str, str] | None = None) -> list[float]:
+    """Seconds before each retry of a storage or registry call (FSAD_IO_RETRY_DELAYS, comma-separated)."""
+    env = os.environ if env is None else env
+    text = env.get("FSAD_IO_RETRY_DELAYS")
+    if not text:
+        return list(DEFAULT_IO_RETRY_DELAYS)
+    try:
+        delays = [float(part) for part in text.split(",")]
+    except ValueError:
+        delays = []
+    if not 1 <= len(delays) <= MAX_IO_RETRIES or not all(0 <= d <= 3600 for d in delays):
+        raise SettingsError(f"FSAD_IO_RETRY_DELAYS={text!r}: 1 to {MAX_IO_RETRIES} comma-separated seconds "
+                            f"from 0 to 3600, e.g. 2,10,30")
+    return delays
 
 
 def training_config(method: str, seed: int, overrides: Mapping[str, Any],
@@ -154,5 +173,5 @@ def config_sha256(config: DetectorConfig) -> str:
     return hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode("utf-8")).hexdigest()
 
 
-__all__ = ["Settings", "SettingsError", "config_sha256", "load_settings", "merge_overrides", "product_overrides",
+__all__ = ["Settings", "SettingsError", "config_sha256", "io_retry_delays", "load_settings", "merge_overrides", "product_overrides",
            "read_product_training", "training_config"]

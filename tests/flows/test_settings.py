@@ -5,10 +5,18 @@ import json
 
 import pytest
 
-from flows.settings import (SettingsError, load_settings, merge_overrides, product_overrides, read_product_training,
-                            training_config)
+from flows.settings import (DEFAULT_IO_RETRY_DELAYS, SettingsError, io_retry_delays, load_settings, merge_overrides,
+                            product_overrides, read_product_training, training_config)
 from flows.storage import LocalStore, training_key
 from fsad_core.methods import method_config
+
+
+def test_io_retry_delays_come_from_the_environment_and_a_bad_value_is_named():
+    assert io_retry_delays({}) == list(DEFAULT_IO_RETRY_DELAYS)
+    assert io_retry_delays({"FSAD_IO_RETRY_DELAYS": "1,0.5"}) == [1.0, 0.5]
+    for bad in ("soon", "1,,2", "-1", "4000", ",".join(["1"] * 11)):
+        with pytest.raises(SettingsError, match=f"^FSAD_IO_RETRY_DELAYS={bad!r}: 1 to 10 comma-separated seconds"):
+            io_retry_delays({"FSAD_IO_RETRY_DELAYS": bad})
 
 
 def test_augment_overrides_change_the_methods_own_augmentations():

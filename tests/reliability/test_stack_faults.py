@@ -24,11 +24,12 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import requests as requests_lib
 
 from conftest import CLEARED, noise_rgb, png_bytes
 from flows import registry
-from flows.storage import S3Store, StorageKeyError, manifest_key, quarantine_prefix, upload_prefix
 from flows.cli import main as cli_main
+from flows.storage import S3Store, StorageKeyError, manifest_key, quarantine_prefix, upload_prefix
 from flows.upload import upload_folder
 from infra import procs, swift
 from infra.config import StackConfig, free_port_env
@@ -59,7 +60,7 @@ def stack(tmp_path_factory) -> Iterator[tuple[StackInfo, Path, dict[str, str]]]:
             env = {**info.env(), "FSAD_HOME": str(home / "client"), "FSAD_TRAIN_OVERRIDES": json.dumps(TINY_TRAINING),
                    "FSAD_DEVICE": "cpu", "FSAD_GATE_MIN_AUROC": "0", "PREFECT_HOME": str(home / "prefect-client"),
                    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
-                   "MLFLOW_TRACKING_TOKEN": TOKEN}
+                   "MLFLOW_TRACKING_TOKEN": TOKEN, "FSAD_IO_RETRY_DELAYS": "1,1,1"}
             for key, value in env.items():
                 mp.setenv(key, value)
             mlflow.set_tracking_uri(info.mlflow_uri)
@@ -182,6 +183,7 @@ def test_unsafe_keys_never_reach_the_bucket(stack, key):
     requests: list[str] = []
     store.client.meta.events.register("before-send.s3", lambda request, **_: requests.append(request.url))
     before = store.list()
+    assert requests  # the hook sees what the client sends
     requests.clear()
     for unsafe in (lambda: store.put_bytes(key, b"x"), lambda: store.copy("keys-test/ok.txt", key),
                    lambda: store.get_bytes(key), lambda: store.delete(key)):
@@ -339,6 +341,14 @@ def test_the_stack_secret_never_reaches_logs_mlflow_prefect_or_the_bucket(stack)
     env.sh, the proxy config), not in a service log, the MLflow or Prefect database (params, tags,
     flow-run logs), a client file, an object in the bucket, or the console of any run."""
     info, home, _ = stack
+    sent: list[str] = []  # the token is in use: every MLflow request of the module carries it
+    real_send = requests_lib.Session.send
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(requests_lib.Session, "send",
+                   lambda self, request, **kw: sent.append(request.headers.get("Authorization", ""))
+                   or real_send(self, request, **kw))
+        mlflow.MlflowClient().search_registered_models()
+    assert sent and all(header == f"Bearer {TOKEN}" for header in sent)
     cfg = StackConfig.load(home)
     kept = {cfg.state_file, cfg.env_file, swift.conf_path(cfg, "proxy")}
     secret = info.secret_key.encode()
