@@ -369,7 +369,7 @@ def open_store(url: str | None = None) -> Store:
     return LocalStore(url.removeprefix("file://"))
 
 
-# ---- layout (DESIGN.md "Storage layout") ---------------------------------------------------
+# ---- layout: products/P/uploads/U/..., products/P/training.json, quarantine/P/U/... ----------
 
 def validate_name(value: str, what: str = "name") -> str:
     """Product names and upload ids: 1-64 of [A-Za-z0-9._-], starting with a letter or digit."""

@@ -451,9 +451,8 @@ def views_per_forward(device: torch.device) -> int:
 
 
 @torch.no_grad()
-def _prefix(net: Network, views: torch.Tensor, spec: InputSpec, device: torch.device,
-            batch: int | None = None) -> _Prefix:
-    batch = batch or views_per_forward(device)
+def _prefix(net: Network, views: torch.Tensor, spec: InputSpec, device: torch.device) -> _Prefix:
+    batch = views_per_forward(device)
     parts = []
     for i in range(0, views.shape[0], batch):
         maps, pooled, h = net.forward_prefix(normalise(views[i:i + batch].to(device), spec))
@@ -464,11 +463,10 @@ def _prefix(net: Network, views: torch.Tensor, spec: InputSpec, device: torch.de
 
 
 @torch.no_grad()
-def _features(net: Network, pre: _Prefix, device: torch.device, batch: int | None = None,
-              pooled_levels: bool = True) -> Features:
+def _features(net: Network, pre: _Prefix, device: torch.device, pooled_levels: bool = True) -> Features:
     """Pooled levels and patch features of cached prefix outputs; without `pooled_levels` the patch
     features alone (and only the blocks they need run)."""
-    batch = batch or views_per_forward(device)
+    batch = views_per_forward(device)
     maps_parts, pooled_parts = [], []
     for i in range(0, pre.h.shape[0], batch):
         maps, pooled = net.forward_suffix(pre.h[i:i + batch].to(device), pooled_levels)

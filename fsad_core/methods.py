@@ -1,6 +1,7 @@
 """Named methods: one registry from a method name to a DetectorConfig, as timm does for models.
 
-The ablation of DESIGN.md is four rows of this table; `default` is the best measured setting.
+The ablation of the contrastive loss (`pretrained`, `instance`, `instance+cross`, `full`) is four
+rows of this table; `default` is the best measured setting.
 """
 
 from __future__ import annotations
