@@ -41,7 +41,7 @@ from .gaussian import Gaussian
 from .losses import LossWeights
 from .negatives import NEGATIVE_KINDS, synthesize
 from .network import Network, check_pooling
-from .patch_memory import PatchMemory, patch_features, smooth_and_upsample
+from .patch_memory import PatchMemory, group_coresets, patch_features, smooth_and_upsample
 from .preprocess import (DEFAULT_RESIZE_MODE, InputSpec, check_intensity_policy, map_to_image, normalise, prepare,
                          resolve_intensity)
 from .provenance import cpu_description, library_versions
@@ -225,12 +225,17 @@ class Detector:
         net.eval()
         normal = normal_pre.features(net, dev)
         in_memory = view_in_image < config.memory_views
+        # One coreset per image (per half of the views with one image), so every fold's memory is
+        # the union of the coresets of the images it keeps (patch_memory.group_coresets).
+        unit_of_view = image_of_view if n_images >= 2 else (view_in_image >= per_image // 2).long()
+        banks = group_coresets(normal.patches[in_memory], unit_of_view[in_memory], config.memory_max, config.seed,
+                               config.coreset_candidates or None)
 
         def fit_scoring(keep: torch.Tensor) -> "Detector":
             gaussians = [Gaussian.fit(level[keep]) for level in normal.pooled]
             scale = torch.stack([g.distance(level[keep]).mean() for g, level in zip(gaussians, normal.pooled)])
-            memory = PatchMemory.fit(normal.patches[keep & in_memory], config.memory_max, config.seed,
-                                     config.coreset_candidates or None)
+            kept_units = unit_of_view[keep & in_memory].unique().tolist()
+            memory = PatchMemory.union([banks[u] for u in kept_units])
             return cls(config, net, gaussians, scale, memory, {}, None, device=dev)
 
         # Leave-one-out scores of the normals, and of synthetic anomalies made from the left-out

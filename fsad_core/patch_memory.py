@@ -5,6 +5,11 @@ resolution and concatenated; the bank is reduced by greedy k-centre coreset sele
 grows past a cap, which keeps the coverage of rare normal patches better than random sampling.
 The greedy selection costs (candidates x cap) distance updates; with many images or tiles an
 optional candidate cap first draws a seeded random subsample, trading a little coverage for time.
+
+A detector's memory is the union of one coreset per normal image (`group_coresets`), each with its
+share of the cap: a model without some images is then the same union without theirs, so the
+held-out scores that calibrate the threshold need no coreset of their own, and the selection costs
+a k-th of one coreset over all images.
 """
 
 from __future__ import annotations
@@ -62,6 +67,10 @@ class PatchMemory:
         idx = greedy_coreset(flat, max_size, seed)
         return cls(flat[idx].contiguous())
 
+    @classmethod
+    def union(cls, banks: list[torch.Tensor]) -> "PatchMemory":
+        return cls(torch.cat(banks))
+
     def distances(self, features: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
         """BxCxHxW -> BxHxW distance of each patch to its nearest normal patch."""
         b, c, h, w = features.shape
@@ -70,6 +79,22 @@ class PatchMemory:
         for start in range(0, flat.shape[0], chunk):
             out[start:start + chunk] = torch.cdist(flat[start:start + chunk], self.bank).amin(dim=1)
         return out.view(b, h, w)
+
+
+def group_coresets(features: torch.Tensor, groups: torch.Tensor, max_size: int, seed: int = 0,
+                   max_candidates: int | None = None) -> dict[int, torch.Tensor]:
+    """One coreset bank per group of views (BxCxHxW features, `groups` B ids), each keeping its share
+    of `max_size` (and of `max_candidates`) in proportion to its patches."""
+    ids = groups.unique().tolist()
+    total = len(groups)
+    banks = {}
+    for g in ids:
+        mine = groups == g
+        share = int(mine.sum()) / total
+        cap = max(1, round(max_size * share))
+        candidates = None if max_candidates is None else max(cap, round(max_candidates * share))
+        banks[int(g)] = PatchMemory.fit(features[mine], cap, seed, candidates).bank
+    return banks
 
 
 def smooth_and_upsample(dist: torch.Tensor, size: int, sigma: float = 4.0) -> torch.Tensor:

@@ -202,6 +202,16 @@ def test_tiled_parts_are_left_out_whole_and_score_as_their_worst_tile(washer):
     assert single.meta["tiles"] == 2 and single_report.normal_rule.startswith("held-out augmented views")
 
 
+def test_a_held_out_image_is_scored_by_a_memory_without_its_patches(washer):
+    # Two alike parts and one negative: left out, the negative is far from every patch the other
+    # two give; had its own coreset stayed in the memory, its original view would score about 0.
+    images = [s.image() for s in washer.sample_k_shot(2, 0)]
+    images.append(255 - images[0])
+    _, report = Detector.fit(images, replace(method_config("pretrained"), **SMALL), device="cpu")
+    patch = report.normal_scores["patch"]
+    assert patch[2] > 3 * max(patch[:2])
+
+
 def test_beyond_max_folds_images_share_folds_and_each_is_still_scored_once(washer, monkeypatch):
     # k = 4 with at most 2 folds stands for k = 16 with 8: every image gets one held-out score.
     monkeypatch.setattr("fsad_core.detector.MAX_FOLDS", 2)

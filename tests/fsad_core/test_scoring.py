@@ -5,7 +5,7 @@ from scipy.spatial.distance import mahalanobis
 from sklearn.covariance import LedoitWolf
 
 from fsad_core.gaussian import Gaussian
-from fsad_core.patch_memory import PatchMemory, greedy_coreset, smooth_and_upsample
+from fsad_core.patch_memory import PatchMemory, greedy_coreset, group_coresets, smooth_and_upsample
 
 
 def test_mahalanobis_matches_scipy_with_ledoit_wolf_precision():
@@ -55,6 +55,19 @@ def test_candidate_cap_draws_the_coreset_from_a_seeded_subsample():
     assert not torch.equal(capped, PatchMemory.fit(feats, max_size=50, seed=1, max_candidates=120).bank)
     # a cap at or above the number of patches changes nothing
     assert torch.equal(PatchMemory.fit(feats, max_size=50, max_candidates=400).bank, full)
+
+
+def test_each_group_keeps_a_coreset_of_its_own_patches_in_proportion():
+    gen = torch.Generator().manual_seed(0)
+    feats = torch.cat([torch.randn(3, 8, 10, 10, generator=gen), torch.randn(1, 8, 10, 10, generator=gen) + 5])
+    groups = torch.tensor([0, 0, 1, 2])  # 200, 100 and 100 patches
+    banks = group_coresets(feats, groups, max_size=40, max_candidates=80)
+    assert {g: b.shape[0] for g, b in banks.items()} == {0: 20, 1: 10, 2: 10}
+    for g, bank in banks.items():
+        rows = feats[groups == g].permute(0, 2, 3, 1).reshape(-1, 8)
+        assert (bank[:, None] == rows[None]).all(dim=2).any(dim=1).all()  # drawn from the group alone
+    # one group: the coreset over all patches
+    assert torch.equal(group_coresets(feats, torch.zeros(4), 40, 0, 80)[0], PatchMemory.fit(feats, 40, 0, 80).bank)
 
 
 def test_coreset_covers_far_points():
