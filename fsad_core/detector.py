@@ -101,6 +101,12 @@ class DetectorConfig:
         return self.patch_size or self.size
 
     @property
+    def image_branch(self) -> bool:
+        """Whether scoring needs the pooled embeddings and their Gaussians: not for the patch score,
+        which then takes one backbone pass an image, up to the last patch block."""
+        return self.score != "patch"
+
+    @property
     def work_size(self) -> int:
         """The side images are prepared, augmented and given defects at: the larger of the two."""
         return max(self.size, self.patch_side)
@@ -212,7 +218,8 @@ class Detector:
 
         if progress:
             progress("features", 0, 1)
-        normal_pre = _Prefixes.of(net, views, config, input_spec, dev)
+        normal_pre = _Prefixes.of(net, views, config, input_spec, dev,
+                                  config.image_branch or config.finetune is not None)
         history = None
         if config.finetune is not None:
             negatives = synthesize_from(rng.integers(len(views), size=config.negatives))
@@ -223,7 +230,7 @@ class Detector:
             history = finetune(net, normal_pre.image.h, image_of_view, neg_h, config.finetune, config.seed, dev,
                                report)
         net.eval()
-        normal = normal_pre.features(net, dev)
+        normal = normal_pre.features(net, dev, config.image_branch)
         in_memory = view_in_image < config.memory_views
         # One coreset per image (per half of the views with one image), so every fold's memory is
         # the union of the coresets of the images it keeps (patch_memory.group_coresets).
@@ -233,7 +240,8 @@ class Detector:
 
         def fit_scoring(keep: torch.Tensor) -> "Detector":
             gaussians = [Gaussian.fit(level[keep]) for level in normal.pooled]
-            scale = torch.stack([g.distance(level[keep]).mean() for g, level in zip(gaussians, normal.pooled)])
+            scale = torch.tensor([float(g.distance(level[keep]).mean()) for g, level in zip(gaussians, normal.pooled)],
+                                 dtype=torch.float64)
             kept_units = unit_of_view[keep & in_memory].unique().tolist()
             memory = PatchMemory.union([banks[u] for u in kept_units])
             return cls(config, net, gaussians, scale, memory, {}, None, device=dev)
@@ -269,17 +277,18 @@ class Detector:
             if cal_per_fold:
                 candidates = torch.nonzero(negatives_from).flatten().numpy()
                 picks = rng.choice(candidates, size=cal_per_fold, replace=len(candidates) < cal_per_fold)
-                cal = _Prefixes.of(net, synthesize_from(picks), config, input_spec, dev).features(net, dev)
+                cal = _Prefixes.of(net, synthesize_from(picks), config, input_spec, dev,
+                                   config.image_branch).features(net, dev, config.image_branch)
                 synth_parts.append(fold._components(cal))
 
         detector = fit_scoring(torch.ones(len(source), dtype=torch.bool))
         detector.meta = {"k": n_images, "tiles": k, "fitted_on": cpu_description()}
         loo = _concat(normal_parts)
         syn = _concat(synth_parts) if synth_parts else None
-        detector.fusion, fusion_rule = _fusion_scales(loo, syn, single_image=n_images == 1)
-        detector.meta["fusion_rule"] = fusion_rule
+        if config.image_branch:
+            detector.fusion, detector.meta["fusion_rule"] = _fusion_scales(loo, syn, single_image=n_images == 1)
         normal_scores = detector._with_fused(loo)
-        synthetic_scores = detector._with_fused(syn) if syn is not None else {name: [] for name in SCORE_KINDS}
+        synthetic_scores = detector._with_fused(syn) if syn is not None else {name: [] for name in normal_scores}
         if progress:
             progress("calibrate", 1, 1)
         # With k >= 2 the fused score is in units of the leave-one-out spreads (`fused_spread_floor`).
@@ -300,16 +309,18 @@ class Detector:
         return (maha - mm) / ms + (patch - pm) / ps
 
     def _with_fused(self, components: dict[str, np.ndarray]) -> dict[str, list[float]]:
-        """Mahalanobis and patch scores as lists, with the fused score of each pair added."""
-        maha, patch = components["mahalanobis"], components["patch"]
-        return {"mahalanobis": maha.tolist(), "patch": patch.tolist(),
-                "fused": [self._fuse(a, b) for a, b in zip(maha, patch)]}
+        """The component scores as lists, with the fused score of each pair added when there are two."""
+        lists = {name: values.tolist() for name, values in components.items()}
+        if "mahalanobis" in components:
+            lists["fused"] = [self._fuse(a, b) for a, b in zip(components["mahalanobis"], components["patch"])]
+        return lists
 
     def _components(self, feats: "Features") -> dict[str, np.ndarray]:
-        maha = _maha(feats.pooled, self.gaussians, self.level_scale)
+        """Per-view patch scores, and Mahalanobis ones when the detector has the image branch."""
         patch = self.anomaly_maps(feats).flatten(1).amax(dim=1).numpy()
-        fused = np.asarray([self._fuse(a, b) for a, b in zip(maha, patch)])
-        return {"mahalanobis": maha, "patch": patch, "fused": fused}
+        if not self.config.image_branch:
+            return {"patch": patch}
+        return {"mahalanobis": _maha(feats.pooled, self.gaussians, self.level_scale), "patch": patch}
 
     def anomaly_maps(self, feats: "Features") -> torch.Tensor:
         """BxSxS maps at the patch branch's input side: nearest-normal-patch distance, upsampled, smoothed."""
@@ -319,27 +330,25 @@ class Detector:
     @torch.no_grad()
     def score(self, images: list[np.ndarray], with_maps: bool = False, batch: int = 16) -> ScoreResult:
         """Score images in batches; in tile mode each score is the worst tile's."""
-        comps: dict[str, list[float]] = {name: [] for name in SCORE_KINDS}
+        branch = self.config.image_branch
+        parts: list[dict[str, np.ndarray]] = []
         maps: list[np.ndarray] = []
         for first in range(0, len(images), batch):
             chunk = images[first:first + batch]
             views = [prepare(img, self.input_spec) for img in chunk]
-            feats = _Prefixes.of(self.net, torch.cat(views), self.config, self.input_spec, self.device).features(
-                self.net, self.device)
-            maha = _maha(feats.pooled, self.gaussians, self.level_scale)
+            feats = _Prefixes.of(self.net, torch.cat(views), self.config, self.input_spec, self.device,
+                                 branch).features(self.net, self.device, branch)
             amap = self.anomaly_maps(feats)
-            patch = amap.flatten(1).amax(dim=1).numpy()
-            offset = 0
-            for img, v in zip(chunk, views):
-                n = v.shape[0]
-                m, p = float(maha[offset:offset + n].max()), float(patch[offset:offset + n].max())
-                comps["mahalanobis"].append(m)
-                comps["patch"].append(p)
-                comps["fused"].append(self._fuse(m, p))
-                if with_maps:
-                    maps.append(map_to_image(amap[offset:offset + n], img.shape[0], img.shape[1], self.map_spec))
-                offset += n
-        arrays = {name: np.asarray(v) for name, v in comps.items()}
+            per_view = {"patch": amap.flatten(1).amax(dim=1).numpy()}
+            if branch:
+                per_view["mahalanobis"] = _maha(feats.pooled, self.gaussians, self.level_scale)
+            part_of_view = torch.cat([torch.full((v.shape[0],), i) for i, v in enumerate(views)])
+            parts.append(_worst_tile(per_view, part_of_view))
+            if with_maps:
+                offsets = np.cumsum([0] + [v.shape[0] for v in views])
+                maps += [map_to_image(amap[start:stop], img.shape[0], img.shape[1], self.map_spec)
+                         for img, start, stop in zip(chunk, offsets[:-1], offsets[1:])]
+        arrays = {name: np.asarray(values) for name, values in self._with_fused(_concat(parts)).items()}
         scores = arrays[self.config.score]
         if not np.isfinite(scores).all():
             raise FloatingPointError("non-finite anomaly scores")
@@ -426,18 +435,23 @@ class _Prefixes:
     """Frozen-prefix outputs of a batch of views for the image branch (at `size`) and for the patch
     branch (at `patch_size`); one and the same when the two sides are equal."""
 
-    image: _Prefix
+    image: _Prefix | None  # None: the patch branch alone (`DetectorConfig.image_branch`)
     patch: _Prefix
 
     @classmethod
     def of(cls, net: Network, views: torch.Tensor, config: DetectorConfig, spec: InputSpec,
-           device: torch.device) -> "_Prefixes":
-        image = _prefix(net, _resized(views, config.size), spec, device)
+           device: torch.device, image_branch: bool = True) -> "_Prefixes":
+        patch = _prefix(net, _resized(views, config.patch_side), spec, device)
+        if not image_branch:
+            return cls(None, patch)
         if config.patch_side == config.size:
-            return cls(image, image)
-        return cls(image, _prefix(net, _resized(views, config.patch_side), spec, device))
+            return cls(patch, patch)
+        return cls(_prefix(net, _resized(views, config.size), spec, device), patch)
 
-    def features(self, net: Network, device: torch.device) -> "Features":
+    def features(self, net: Network, device: torch.device, pooled_levels: bool = True) -> "Features":
+        """Patch features, and the pooled levels when asked for (which needs the image branch)."""
+        if not pooled_levels:
+            return _features(net, self.patch, device, pooled_levels=False)
         image = _features(net, self.image, device)
         if self.patch is self.image:
             return image
@@ -480,6 +494,8 @@ def _features(net: Network, pre: _Prefix, device: torch.device, pooled_levels: b
     suffix_maps = {j: torch.cat([m[j] for m in maps_parts]) for j in maps_parts[0]}
     all_maps = {**pre.maps, **suffix_maps}
     pooled = pre.pooled + [torch.cat([p[i] for p in pooled_parts]) for i in range(len(pooled_parts[0]))]
+    if not pooled_levels:
+        pooled = []
     patches = patch_features([all_maps[j].float() for j in net.patch_blocks])
     return Features([p.double() for p in pooled], patches)
 
@@ -492,13 +508,13 @@ def _maha(pooled: list[torch.Tensor], gaussians: list[Gaussian], scale: torch.Te
 def _worst_tile(components: dict[str, np.ndarray], part: torch.Tensor) -> dict[str, np.ndarray]:
     """Per-part Mahalanobis and patch scores from per-tile ones: each part's highest, in order of part."""
     parts = part.unique()  # sorted
-    return {name: np.asarray([components[name][(part == p).numpy()].max() for p in parts])
-            for name in ("mahalanobis", "patch")}
+    return {name: np.asarray([scores[(part == p).numpy()].max() for p in parts])
+            for name, scores in components.items() if name != "fused"}
 
 
 def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Per-fold Mahalanobis and patch scores joined into one array each."""
-    return {name: np.concatenate([p[name] for p in parts]) for name in ("mahalanobis", "patch")}
+    """Per-fold component scores (not the fused one) joined into one array each."""
+    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0] if name != "fused"}
 
 
 FUSION_LOO = "z-scores over the leave-one-out normal scores"

@@ -294,3 +294,20 @@ def test_bad_config_is_refused():
     for not_a_count in (None, "all", 40000.0, True):  # `all` is the command line's word for 0
         with pytest.raises(ValueError, match="coreset_candidates"):
             DetectorConfig(coreset_candidates=not_a_count)
+
+
+def test_the_patch_score_alone_takes_one_backbone_pass_and_keeps_no_gaussians(washer, tmp_path):
+    config = replace(method_config("pretrained"), **{**SMALL, "size": 64, "patch_size": 96}, score="patch")
+    assert not config.image_branch
+    detector, report = Detector.fit([s.image() for s in washer.sample_k_shot(3, 0)], config, device="cpu")
+    assert detector.gaussians == [] and detector.fusion == {} and set(report.normal_scores) == {"patch"}
+    test = [s.image() for s in washer.test]
+    sides: list[int] = []
+    forward_prefix = detector.net.forward_prefix
+    detector.net.forward_prefix = lambda x: sides.append(x.shape[-1]) or forward_prefix(x)
+    result = detector.score(test, with_maps=True)
+    assert set(sides) == {96}  # the patch branch's side only: no pass at the image branch's 64
+    assert set(result.components) == {"patch"} and np.array_equal(result.scores, result.components["patch"])
+    assert image_auroc([s.label for s in washer.test], result.scores) >= 0.9
+    again = Detector.load(detector.save(tmp_path / "model"), device="cpu")
+    np.testing.assert_allclose(again.score(test).scores, result.scores, rtol=1e-5)
