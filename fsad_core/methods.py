@@ -70,3 +70,9 @@ def _full() -> DetectorConfig:
 @register_method("default", "the best measured setting (see README): full fine-tuning, fused score")
 def _default() -> DetectorConfig:
     return _full()
+
+
+@register_method("fast", "ImageNet features, the patch score alone at 224 px from the original views: one short "
+                         "backbone pass and a small memory, for lines that need speed")
+def _fast() -> DetectorConfig:
+    return DetectorConfig(finetune=None, score="patch", patch_size=None, memory_views=1)
