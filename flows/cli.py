@@ -19,7 +19,7 @@ RESIZE_HELP = ("input resize policy (default: the method's, tile). tile: square 
 INTENSITY_CHOICES = ("auto", "raw", "standardise")
 INTENSITY_HELP = ("grey levels as shot, or standardised per image for parts whose shots differ in exposure; "
                   "auto (the default) standardises grey images and keeps colour ones raw")
-SCORE_CHOICES = ("mahalanobis", "patch", "fused")
+SCORE_CHOICES = ("mahalanobis", "patch", "fused", "either")
 POOLING_CHOICES = ("mean", "mean+std", "mean+std+max")
 POOLING_HELP = "statistics over positions of the image-level embeddings (default: the method's, mean+std+max)"
 BACKBONE_CHOICES = ("tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2")
@@ -226,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", action="store_true", help="print a Markdown table")
     columns = p.add_mutually_exclusive_group()
     columns.add_argument("--components", action="store_true",
-                         help="image AUROC of each score component (mahalanobis, patch, fused) "
+                         help="image AUROC of each score (mahalanobis, patch, fused, either) "
                               "instead of the usual columns")
     columns.add_argument("--rates", action="store_true",
                          help="F1, false-alarm and miss rate at each model's own calibrated threshold instead")

@@ -13,7 +13,10 @@ Scores (higher = more anomalous):
   augmentation noise, which fine-tuning removes on purpose (on ELPV their Mahalanobis spread was a
   fifth of the normal test images'), so z-scores would hand the fusion to that component. At k = 1
   each component is instead put in units of the gap from the normal views to the median synthetic
-  anomaly: 0 = the normal image, 1 = a typical synthetic defect, for both components alike.
+  anomaly: 0 = the normal image, 1 = a typical synthetic defect, for both components alike;
+- `either`: max(z(mahalanobis), z(patch)) in the same units: a part is as anomalous as the branch
+  that finds it most so. A sum hands half the say to a branch that sees little on a product; the
+  larger of the two lets the weaker branch add only where it stands out.
 
 The two branches may see different input sides (`size` for the pooled embeddings, `patch_size`
 for the patch memory): small defects on a large part resolve better on a finer patch grid, while
@@ -50,7 +53,8 @@ FORMAT_VERSION = 1
 CONFIG_FILE, NETWORK_FILE, SCORING_FILE = "config.json", "network.safetensors", "scoring.safetensors"
 MODEL_FILES = (CONFIG_FILE, NETWORK_FILE, SCORING_FILE)  # a model folder: JSON and safetensors, nothing else
 MAX_FOLDS = 8  # held-out folds of the normal images for calibration (one image each up to k = 8)
-SCORE_KINDS = ("mahalanobis", "patch", "fused")
+SCORE_KINDS = ("mahalanobis", "patch", "fused", "either")
+COMBINED = ("fused", "either")  # scores made of the two components
 Progress = Callable[[str, int, int], None]
 
 
@@ -291,8 +295,9 @@ class Detector:
         synthetic_scores = detector._with_fused(syn) if syn is not None else {name: [] for name in normal_scores}
         if progress:
             progress("calibrate", 1, 1)
-        # With k >= 2 the fused score is in units of the leave-one-out spreads (`fused_spread_floor`).
-        min_spread = fused_spread_floor(loo, detector.fusion) if config.score == "fused" and n_images >= 2 else 0.0
+        # With k >= 2 the combined scores are in units of the leave-one-out spreads (`fused_spread_floor`).
+        min_spread = fused_spread_floor(loo, detector.fusion, config.score) if config.score in COMBINED and \
+            n_images >= 2 else 0.0
         detector.threshold = calibrate_unsupervised(
             np.asarray(normal_scores[config.score]),
             np.asarray(synthetic_scores[config.score]) if syn is not None else None,
@@ -302,17 +307,22 @@ class Detector:
         return detector, report
 
     # ----------------------------------------------------------------------------- scoring
-    def _fuse(self, maha: float, patch: float) -> float:
-        if not self.fusion:  # fusion statistics are not known yet while calibrating
-            return math.nan
+    def _standardised(self, components: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Each component in the fusion's units (NaN while the fusion statistics are not known)."""
+        if not self.fusion:
+            nan = np.full(len(components["patch"]), math.nan)
+            return nan, nan
         (mm, ms), (pm, ps) = self.fusion["mahalanobis"], self.fusion["patch"]
-        return (maha - mm) / ms + (patch - pm) / ps
+        return (components["mahalanobis"] - mm) / ms, (components["patch"] - pm) / ps
 
     def _with_fused(self, components: dict[str, np.ndarray]) -> dict[str, list[float]]:
-        """The component scores as lists, with the fused score of each pair added when there are two."""
-        lists = {name: values.tolist() for name, values in components.items()}
-        if "mahalanobis" in components:
-            lists["fused"] = [self._fuse(a, b) for a, b in zip(components["mahalanobis"], components["patch"])]
+        """The component scores as lists, with the combined scores added when there are two."""
+        arrays = {name: np.asarray(values, dtype=np.float64) for name, values in components.items()}
+        lists = {name: values.tolist() for name, values in arrays.items()}
+        if "mahalanobis" in arrays:
+            z_maha, z_patch = self._standardised(arrays)
+            lists["fused"] = (z_maha + z_patch).tolist()
+            lists["either"] = np.maximum(z_maha, z_patch).tolist()
         return lists
 
     def _components(self, feats: "Features") -> dict[str, np.ndarray]:
@@ -509,12 +519,12 @@ def _worst_tile(components: dict[str, np.ndarray], part: torch.Tensor) -> dict[s
     """Per-part Mahalanobis and patch scores from per-tile ones: each part's highest, in order of part."""
     parts = part.unique()  # sorted
     return {name: np.asarray([scores[(part == p).numpy()].max() for p in parts])
-            for name, scores in components.items() if name != "fused"}
+            for name, scores in components.items() if name not in COMBINED}
 
 
 def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Per-fold component scores (not the fused one) joined into one array each."""
-    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0] if name != "fused"}
+    """Per-fold component scores (not the combined ones) joined into one array each."""
+    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0] if name not in COMBINED}
 
 
 FUSION_LOO = "z-scores over the leave-one-out normal scores"
@@ -534,7 +544,8 @@ def _fusion_scales(normal: dict[str, np.ndarray], synthetic: dict[str, np.ndarra
     return {name: (scales[name][0], max(gaps[name], scales[name][1])) for name in normal}, FUSION_SYNTHETIC_GAP
 
 
-def fused_spread_floor(normal: dict[str, np.ndarray], fusion: dict[str, tuple[float, float]]) -> float:
+def fused_spread_floor(normal: dict[str, np.ndarray], fusion: dict[str, tuple[float, float]],
+                       score: str = "fused") -> float:
     """The spread the fused leave-one-out scores would have if their components were uncorrelated.
 
     The fused score adds the components in units of their own leave-one-out spread, so the fused
@@ -544,9 +555,11 @@ def fused_spread_floor(normal: dict[str, np.ndarray], fusion: dict[str, tuple[fl
     scores flags 17-26 % of new normal images at k = 2 and 2-3 % at k = 4 against a 1 % target
     (simulated, `tests/fsad_core/test_detector.py`). Two measures of one departure from normal do
     not cancel each other (on the test normals of every measured run their correlation was
-    0.24-0.72), so the spread is taken as at least the uncorrelated one.
+    0.24-0.72), so the spread is taken as at least the uncorrelated one. `either`, the larger of the
+    two, spreads about as the wider of them: that one's spread is its floor.
     """
-    return math.sqrt(sum((float(np.std(normal[name], ddof=1)) / fusion[name][1]) ** 2 for name in normal))
+    spreads = [float(np.std(normal[name], ddof=1)) / fusion[name][1] for name in normal]
+    return max(spreads) if score == "either" else math.sqrt(sum(s ** 2 for s in spreads))
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:

@@ -141,7 +141,7 @@ def test_bench_writes_the_json_contract(category, tmp_path):
     comps = run("report", str(out_json), "--components", "--markdown")
     assert comps.returncode == 0, comps.stderr
     head, _, *body = comps.stdout.splitlines()
-    assert head.split(" | ")[4:] == ["mahalanobis_auroc", "patch_auroc", "fused_auroc |"]
+    assert head.split(" | ")[4:] == ["mahalanobis_auroc", "patch_auroc", "fused_auroc", "either_auroc |"]
     k1 = next(r for r in result["records"] if r["k"] == 1)
     row = next(line for line in body if line.split(" | ")[2] == "1").split(" | ")
     assert row[5] == f"{k1['components_auroc']['patch']:.3f} ± 0.000"

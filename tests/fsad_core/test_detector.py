@@ -311,3 +311,16 @@ def test_the_patch_score_alone_takes_one_backbone_pass_and_keeps_no_gaussians(wa
     assert image_auroc([s.label for s in washer.test], result.scores) >= 0.9
     again = Detector.load(detector.save(tmp_path / "model"), device="cpu")
     np.testing.assert_allclose(again.score(test).scores, result.scores, rtol=1e-5)
+
+
+def test_either_is_the_larger_of_the_standardised_components_and_fused_their_sum(fitted, washer):
+    detector, _ = fitted
+    result = detector.score([s.image() for s in washer.test])
+    (mm, ms), (pm, ps) = detector.fusion["mahalanobis"], detector.fusion["patch"]
+    z_maha, z_patch = (result.components["mahalanobis"] - mm) / ms, (result.components["patch"] - pm) / ps
+    np.testing.assert_allclose(result.components["either"], np.maximum(z_maha, z_patch))
+    np.testing.assert_allclose(result.components["fused"], z_maha + z_patch)
+    normal = {"mahalanobis": np.array([1.0, 2.0, 3.0]), "patch": np.array([1.0, 1.5, 2.0])}
+    units = {"mahalanobis": (2.0, 1.0), "patch": (1.5, 1.0)}
+    assert fused_spread_floor(normal, units, "either") == pytest.approx(1.0)  # the wider one's spread
+    assert fused_spread_floor(normal, units) == pytest.approx(math.sqrt(1.0 + 0.25))
