@@ -4,7 +4,8 @@ Record keys: dataset, category, method, k, seed, image_auroc, pixel_auroc, aupro
 score_ms_per_image, peak_rss_mb, backbone_ms_per_image; null where a metric is not defined (no
 masks). `backbone_ms_per_image` is one plain forward of the backbone, timed in the same process on
 the same threads beside each run, so every time of a record also reads as a ratio on any machine.
-Beyond them: the intensity mode the fit used, the rates at the model's threshold, the image AUROC
+Beyond them: the intensity mode the fit used, the rates at the model's threshold (and
+`best_miss_rate`, the fewest misses any threshold allows at the model's false-alarm target), the image AUROC
 of each score component and of each defect type (against all normal test images).
 F1 is taken at the model's own calibrated threshold, as a user would run it, not at a threshold
 tuned on the test labels.
@@ -29,7 +30,8 @@ from .data import Category, Sample, load_category
 from .detector import SCORE_KINDS, Detector, resolve_device
 from .imageio import check_set_files
 from .methods import method_config
-from .metrics import aupro, defect_type_aurocs, image_auroc, pixel_auroc, rates_at_threshold, summarize
+from .metrics import (aupro, defect_type_aurocs, image_auroc, miss_rate_at_false_alarm_rate, pixel_auroc,
+                      rates_at_threshold, summarize)
 from .provenance import cpu_description, library_versions
 
 RECORD_KEYS = ("dataset", "category", "method", "k", "seed", "image_auroc", "pixel_auroc", "aupro", "f1",
@@ -37,7 +39,7 @@ RECORD_KEYS = ("dataset", "category", "method", "k", "seed", "image_auroc", "pix
 BACKBONE_BATCH, BACKBONE_SIDE = 16, 224  # the reference forward of `backbone_ms_per_image`
 COMPONENT_METRICS = tuple(f"{name}_auroc" for name in SCORE_KINDS)
 # What the model's own calibrated threshold (no test labels) does on the test images.
-RATE_METRICS = ("f1", "false_alarm_rate", "miss_rate")
+RATE_METRICS = ("f1", "false_alarm_rate", "miss_rate", "best_miss_rate")
 
 
 @contextmanager
@@ -149,6 +151,8 @@ def run_one(cache: CategoryCache, dataset: str, method: str, k: int, seed: int, 
         "aupro": aupro(cache.masks, result.maps) if cache.masks is not None else None,
         "f1": rates["f1"],
         "false_alarm_rate": rates["false_alarm_rate"], "miss_rate": rates["miss_rate"],
+        "best_miss_rate": miss_rate_at_false_alarm_rate(cache.labels, result.scores,
+                                                        detector.config.target_false_alarm_rate),
         "components_auroc": {name: image_auroc(cache.labels, v) for name, v in result.components.items()},
         "defect_type_auroc": defect_type_aurocs(cache.labels, cache.defect_types, result.scores),
         "fit_seconds": round(fit_seconds, 2), "score_ms_per_image": round(score_ms, 2),

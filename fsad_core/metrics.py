@@ -10,6 +10,8 @@ non-finite scores raise: an AUROC over NaN scores would silently be meaningless.
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -217,3 +219,17 @@ def summarize(values: Iterable[float | None]) -> tuple[float | None, float | Non
         return None, None
     std = float(kept.std(ddof=1)) if kept.size > 1 else 0.0
     return float(kept.mean()), std
+
+
+def miss_rate_at_false_alarm_rate(labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarray,
+                                  rate: float) -> float | None:
+    """The share of defects missed by the threshold that flags at most `rate` of the normal images
+    and no threshold lower: the fewest misses any threshold allows at that false-alarm rate, which
+    tells a calibrated threshold's misses due to the ranking from those due to its margin."""
+    s = as_finite_scores(scores)
+    y = as_labels(labels, s.size)
+    normal, defect = np.sort(s[y == 0])[::-1], s[y == 1]
+    if not normal.size or not defect.size:
+        return None
+    threshold = normal[min(math.floor(rate * normal.size), normal.size - 1)]
+    return float(np.mean(defect <= threshold))

@@ -3,7 +3,8 @@ import pytest
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
-from fsad_core.metrics import aupro, defect_type_aurocs, image_auroc, pixel_auroc, rates_at_threshold, summarize
+from fsad_core.metrics import (aupro, defect_type_aurocs, image_auroc, miss_rate_at_false_alarm_rate, pixel_auroc,
+                               rates_at_threshold, summarize)
 
 
 def _random_masks_maps(rng, shapes, signal=1.0):
@@ -140,3 +141,12 @@ def test_summarize():
     assert summarize([1.0, None, 3.0]) == pytest.approx((2.0, np.sqrt(2.0)))
     assert summarize([0.7, None]) == (0.7, 0.0)
     assert summarize([None]) == (None, None)
+
+
+def test_best_miss_rate_is_that_of_the_lowest_threshold_within_the_false_alarm_rate():
+    labels = [0] * 10 + [1] * 4
+    scores = list(range(10)) + [9.5, 8.5, 5.0, 1.0]
+    assert miss_rate_at_false_alarm_rate(labels, scores, 0.1) == 0.5  # flags > 8: one normal of ten
+    assert miss_rate_at_false_alarm_rate(labels, scores, 0.05) == 0.75  # no normal may be flagged: > 9
+    assert miss_rate_at_false_alarm_rate(labels, scores, 0.3) == 0.5  # > 6: 8.5 and 9.5 caught, 5 and 1 not
+    assert miss_rate_at_false_alarm_rate([0, 0], [0.1, 0.2], 0.1) is None
