@@ -49,7 +49,7 @@ def test_fit_reports_history_and_calibrated_threshold(fitted):
     assert report.history is not None and 1 <= len(report.history.loss) <= 8
     assert all(np.isfinite(report.history.loss))
     t = detector.threshold
-    assert np.isfinite(t.value) and t.value > max(report.normal_scores["fused"])  # never flags every normal
+    assert np.isfinite(t.value) and t.value > max(report.normal_scores[detector.config.score])  # never flags every normal
     assert report.normal_rule.startswith("leave-one-out")
 
 
@@ -220,7 +220,7 @@ def test_beyond_max_folds_images_share_folds_and_each_is_still_scored_once(washe
     assert report.normal_rule == "2-fold held-out scores of the k normal images"
     assert len(report.normal_scores["fused"]) == 4 and detector.meta["k"] == 4
     assert len(report.synthetic_scores["fused"]) == SMALL["calibration_negatives"]  # 4 from each fold
-    assert detector.threshold.value > max(report.normal_scores["fused"])
+    assert detector.threshold.value > max(report.normal_scores[detector.config.score])
 
 
 def test_fusion_scales_single_image_use_the_synthetic_gap():
