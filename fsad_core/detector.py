@@ -494,20 +494,19 @@ def _prefix(net: Network, views: torch.Tensor, spec: InputSpec, device: torch.de
 @torch.no_grad()
 def _features(net: Network, pre: _Prefix, device: torch.device, pooled_levels: bool = True) -> Features:
     """Pooled levels and patch features of cached prefix outputs; without `pooled_levels` the patch
-    features alone (and only the blocks they need run)."""
+    features alone (and only the blocks they need run). Patch features are made a batch at a time,
+    so the upsampled maps of all views never exist at once."""
     batch = views_per_forward(device)
-    maps_parts, pooled_parts = [], []
+    patch_parts, pooled_parts = [], []
     for i in range(0, pre.h.shape[0], batch):
         maps, pooled = net.forward_suffix(pre.h[i:i + batch].to(device), pooled_levels)
-        maps_parts.append({j: m.float().cpu() for j, m in maps.items()})
+        maps = {**{j: m[i:i + batch] for j, m in pre.maps.items()}, **{j: m.float().cpu() for j, m in maps.items()}}
+        patch_parts.append(patch_features([maps[j].float() for j in net.patch_blocks]))
         pooled_parts.append([p.cpu() for p in pooled])
-    suffix_maps = {j: torch.cat([m[j] for m in maps_parts]) for j in maps_parts[0]}
-    all_maps = {**pre.maps, **suffix_maps}
     pooled = pre.pooled + [torch.cat([p[i] for p in pooled_parts]) for i in range(len(pooled_parts[0]))]
     if not pooled_levels:
         pooled = []
-    patches = patch_features([all_maps[j].float() for j in net.patch_blocks])
-    return Features([p.double() for p in pooled], patches)
+    return Features([p.double() for p in pooled], torch.cat(patch_parts))
 
 
 def _maha(pooled: list[torch.Tensor], gaussians: list[Gaussian], scale: torch.Tensor) -> np.ndarray:

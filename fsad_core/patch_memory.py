@@ -71,7 +71,7 @@ class PatchMemory:
     def union(cls, banks: list[torch.Tensor]) -> "PatchMemory":
         return cls(torch.cat(banks))
 
-    def distances(self, features: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    def distances(self, features: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
         """BxCxHxW -> BxHxW distance of each patch to its nearest normal patch."""
         b, c, h, w = features.shape
         flat = features.permute(0, 2, 3, 1).reshape(-1, c).float()
