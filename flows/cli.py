@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--false-alarm-target", dest="target_false_alarm_rate", type=_fraction, default=None, metavar="RATE",
                    help=FALSE_ALARM_HELP)
     p.add_argument("--score", choices=SCORE_CHOICES, default=None,
-                   help="the score the threshold is set on and `fsad score` reports (default: the method's: either, patch for fast); "
+                   help="the score the threshold is set on and `fsad score` reports (default: the method's: fused, patch for fast); "
                         "compare the components with `fsad report --components`")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
 

@@ -80,7 +80,7 @@ class DetectorConfig:
     memory_max: int = 10000
     coreset_candidates: int = 40000  # random subsample of patches the coreset is chosen from (0: all of them)
     map_sigma: float = 4.0        # blur of the anomaly map, pixels at 224 (scaled with the patch side); 0: none
-    score: str = "either"
+    score: str = "fused"
     target_false_alarm_rate: float = 0.01
     seed: int = 0
 
