@@ -340,6 +340,8 @@ class Detector:
     @torch.no_grad()
     def score(self, images: list[np.ndarray], with_maps: bool = False, batch: int = 16) -> ScoreResult:
         """Score images in batches; in tile mode each score is the worst tile's."""
+        if not images:
+            raise ValueError("no images to score")
         branch = self.config.image_branch
         parts: list[dict[str, np.ndarray]] = []
         maps: list[np.ndarray] = []

@@ -308,6 +308,8 @@ def test_the_patch_score_alone_takes_one_backbone_pass_and_keeps_no_gaussians(wa
     result = detector.score(test, with_maps=True)
     assert set(sides) == {96}  # the patch branch's side only: no pass at the image branch's 64
     assert set(result.components) == {"patch"} and np.array_equal(result.scores, result.components["patch"])
+    with pytest.raises(ValueError, match="no images to score"):
+        detector.score([])
     assert image_auroc([s.label for s in washer.test], result.scores) >= 0.9
     again = Detector.load(detector.save(tmp_path / "model"), device="cpu")
     np.testing.assert_allclose(again.score(test).scores, result.scores, rtol=1e-5)
