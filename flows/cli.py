@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-# fsad_core's RESIZE_MODES, INTENSITY_POLICIES, SCORE_KINDS, POOLINGS, FLIPS and bundled backbones, spelled out so
+# fsad_core's RESIZE_MODES, INTENSITY_POLICIES, SCORE_KINDS, POOLINGS, FLIPS, methods and bundled backbones, spelled out so
 # that `--help` does not import torch (a test pins them equal)
 RESIZE_CHOICES = ("resize", "letterbox", "tile")
 RESIZE_HELP = ("input resize policy (default: the method's, tile). tile: square tiles along the long side, "
@@ -20,6 +20,9 @@ INTENSITY_CHOICES = ("auto", "raw", "standardise")
 INTENSITY_HELP = ("grey levels as shot, or standardised per image for parts whose shots differ in exposure; "
                   "auto (the default) standardises grey images and keeps colour ones raw")
 SCORE_CHOICES = ("mahalanobis", "patch", "fused", "either")
+METHOD_NAMES = ("pretrained", "instance", "instance+cross", "full", "default", "fast")
+METHODS_HELP = ("methods of the registry: " + ", ".join(METHOD_NAMES) + "; default is the best measured setting, "
+                "fast the patch score alone at 224 px (README, The model)")
 POOLING_CHOICES = ("mean", "mean+std", "mean+std+max")
 POOLING_HELP = "statistics over positions of the image-level embeddings (default: the method's, mean+std+max)"
 BACKBONE_CHOICES = ("tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2")
@@ -160,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, required=True, help="number of normal images to draw from train/good")
     p.add_argument("--seed", type=int, default=0, help="seed of the k-shot draw and of training")
     p.add_argument("--out", required=True, help="model folder to write (config.json + safetensors)")
-    p.add_argument("--method", default="default", help="method name (see `fsad bench --help`)")
+    p.add_argument("--method", default="default", help=METHODS_HELP)
     p.add_argument("--backbone", default=None, help="timm backbone name (default: the method's)")
     p.add_argument("--weights", default=None, help="local checkpoint for the backbone instead of the bundled weights")
     p.add_argument("--size", type=int, default=None, help="input size in pixels (square)")
@@ -191,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, nargs="+", help="dataset root(s) or category folder(s)")
     p.add_argument("--k", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--methods", nargs="+", default=["pretrained", "default"])
+    p.add_argument("--methods", nargs="+", default=["pretrained", "default"], help=METHODS_HELP)
     p.add_argument("--out", required=True, help="results JSON path")
     p.add_argument("--report", default=None, help="also write the table as Markdown here")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")

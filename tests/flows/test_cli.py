@@ -12,13 +12,14 @@ import pytest
 from PIL import Image
 
 from flows.cli import (BACKBONE_CHOICES, CORESET_HELP, FLIP_CHOICES, FLIPS_HELP, INTENSITY_CHOICES, MAP_SIGMA_HELP,
-                       POOLING_CHOICES, RESIZE_CHOICES, ROTATION_HELP, SCORE_CHOICES, build_parser)
+                       METHOD_NAMES, POOLING_CHOICES, RESIZE_CHOICES, ROTATION_HELP, SCORE_CHOICES, build_parser)
 from flows.commands import decoded_batches
 from fsad_core.augment import FLIPS, AugmentConfig
 from fsad_core.backbone import list_backbones
 from fsad_core.detector import SCORE_KINDS, Detector, DetectorConfig
 from fsad_core.imageio import ImageLimits, ImageReadError, read_image
 from fsad_core.network import POOLINGS
+from fsad_core.methods import list_methods
 from fsad_core.preprocess import INTENSITY_POLICIES, RESIZE_MODES
 from fsad_core.synthetic import make_category
 
@@ -175,6 +176,7 @@ def test_choices_are_the_library_modes():
     assert RESIZE_CHOICES == RESIZE_MODES
     assert INTENSITY_CHOICES == INTENSITY_POLICIES
     assert SCORE_CHOICES == SCORE_KINDS
+    assert list(METHOD_NAMES) == list(list_methods())
     assert POOLING_CHOICES == POOLINGS
     assert list(BACKBONE_CHOICES) == list_backbones()
     # the default and the bound the config enforces, restated so that --help does not import torch
