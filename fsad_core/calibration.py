@@ -15,7 +15,7 @@ import numpy as np
 from scipy import stats
 from sklearn.metrics import precision_recall_curve
 
-from .metrics import as_finite_scores, as_labels, rates_at_threshold
+from .metrics import as_finite_scores, as_labels, lowest_threshold_within, rates_at_threshold
 
 RULE_PREDICTION_BOUND = "normal_prediction_bound"
 RULE_SYNTHETIC_GAP = "synthetic_gap"
@@ -147,8 +147,7 @@ def calibrate_unsupervised(normal_scores: np.ndarray | list[float],
     dof = max(k - 1, 1)  # one score has no spread of its own; the floor stands in for it
     quantile = float(stats.t.isf(target_false_alarm_rate, dof))
     tail = centre + quantile * predictive_spread
-    allowed_false_alarms = math.floor(k * target_false_alarm_rate)
-    guard = float(np.sort(normal)[::-1][allowed_false_alarms])
+    guard = lowest_threshold_within(normal, target_false_alarm_rate)
     value, rule = max(tail, guard), RULE_PREDICTION_BOUND
 
     details: dict[str, Any] = {

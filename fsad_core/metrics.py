@@ -221,6 +221,13 @@ def summarize(values: Iterable[float | None]) -> tuple[float | None, float | Non
     return float(kept.mean()), std
 
 
+def lowest_threshold_within(normal_scores: np.ndarray, rate: float) -> float:
+    """The lowest threshold that flags (``score > threshold``) at most `rate` of these normal
+    scores: the (floor(n * rate) + 1)-th largest of them."""
+    ranked = np.sort(normal_scores)[::-1]
+    return float(ranked[min(math.floor(rate * ranked.size), ranked.size - 1)])
+
+
 def miss_rate_at_false_alarm_rate(labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarray,
                                   rate: float) -> float | None:
     """The share of defects missed by the threshold that flags at most `rate` of the normal images
@@ -228,8 +235,7 @@ def miss_rate_at_false_alarm_rate(labels: Sequence[int] | np.ndarray, scores: Se
     tells a calibrated threshold's misses due to the ranking from those due to its margin."""
     s = as_finite_scores(scores)
     y = as_labels(labels, s.size)
-    normal, defect = np.sort(s[y == 0])[::-1], s[y == 1]
+    normal, defect = s[y == 0], s[y == 1]
     if not normal.size or not defect.size:
         return None
-    threshold = normal[min(math.floor(rate * normal.size), normal.size - 1)]
-    return float(np.mean(defect <= threshold))
+    return float(np.mean(defect <= lowest_threshold_within(normal, rate)))
