@@ -520,12 +520,12 @@ def _worst_tile(components: dict[str, np.ndarray], part: torch.Tensor) -> dict[s
     """Per-part Mahalanobis and patch scores from per-tile ones: each part's highest, in order of part."""
     parts = part.unique()  # sorted
     return {name: np.asarray([scores[(part == p).numpy()].max() for p in parts])
-            for name, scores in components.items() if name not in COMBINED}
+            for name, scores in components.items()}
 
 
 def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Per-fold component scores (not the combined ones) joined into one array each."""
-    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0] if name not in COMBINED}
+    """Per-fold component scores joined into one array each."""
+    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
 
 
 FUSION_LOO = "z-scores over the leave-one-out normal scores"
