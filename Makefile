@@ -68,7 +68,8 @@ bench-peer: $(STAMP)
 # On a CUDA machine: fit and score bottle and Magnetic Tile at k = 4 there, beside the CPU records of
 # `make bench-peer` (image AUROC equal within 0.005); fit seconds, ms at batch 1, images/s at batch 64.
 gpu-check: $(STAMP)
-	$(BIN)/python -m flows.gpu_check --cpu-record $(BENCH_OUT)/side_by_side_k4.json
+	$(BIN)/python -m flows.gpu_check ../shared/data/mvtec_ad/bottle ../shared/data/magnetic_tile/magnetic_tile \
+		--cpu-record $(BENCH_OUT)/side_by_side_k4.json
 
 stack-up: $(STAMP)
 	$(BIN)/fsad stack up

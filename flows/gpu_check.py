@@ -1,4 +1,4 @@
-"""`make gpu-check`: fit and score bottle and Magnetic Tile on a CUDA device, beside the CPU records.
+"""`make gpu-check`: fit and score MVTec-layout categories on a CUDA device, beside the CPU records.
 
 For each set: fit seconds, milliseconds an image at batch 1 and images a second at batch 64 (maps
 included), and the image AUROC beside the CPU record of the same method, k and seed (`fsad bench`'s
@@ -19,7 +19,6 @@ from fsad_core.detector import Detector, resolve_device
 from fsad_core.methods import method_config
 from fsad_core.metrics import image_auroc
 
-SETS = ("mvtec_ad/bottle", "magnetic_tile/magnetic_tile")
 TOLERANCE = 0.005  # image AUROC, device against CPU
 SINGLE_IMAGES = 32  # images timed one at a time
 
@@ -53,13 +52,12 @@ def check_set(root: Path, method: str, k: int, seed: int, device: str) -> dict[s
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="gpu-check", description=__doc__.splitlines()[0])
-    p.add_argument("--data", default="../shared/data", help="folder holding the shared sets")
+    p.add_argument("categories", nargs="+", help="MVTec-layout category folders (the Makefile: bottle, Magnetic Tile)")
     p.add_argument("--cpu-record", required=True, help="fsad bench JSON with the CPU records to compare with")
     p.add_argument("--method", default="default")
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda", help="cuda; cpu runs the same code (for the tests)")
-    p.add_argument("--sets", nargs="+", default=list(SETS))
     args = p.parse_args(argv)
     try:
         device = resolve_device(args.device)
@@ -68,8 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gpu-check: {exc}", file=sys.stderr)
         return 2
     failed = False
-    for name in args.sets:
-        root = Path(args.data) / name
+    for category in args.categories:
+        root = Path(category)
         row = check_set(root, args.method, args.k, args.seed, str(device))
         cpu = reference.get(root.name)
         same = cpu is not None and abs(row["image_auroc"] - cpu) <= TOLERANCE

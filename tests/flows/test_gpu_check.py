@@ -20,8 +20,7 @@ def _record(path, category: str, auroc: float):
 def test_the_device_run_is_compared_with_the_cpu_record(tmp_path, capsys):
     make_category(tmp_path / "data" / "shop" / "washer", kind="object", n_train=3, n_test_good=4,
                   n_test_defect=4, size=96, seed=3)
-    args = ["--data", str(tmp_path / "data"), "--sets", "shop/washer", "--method", "fast", "--k", "2",
-            "--device", "cpu"]
+    args = [str(tmp_path / "data" / "shop" / "washer"), "--method", "fast", "--k", "2", "--device", "cpu"]
     assert main(args + ["--cpu-record", _record(tmp_path / "wrong.json", "washer", -1.0)]) == 1
     line = capsys.readouterr().out
     assert "DIFFERS" in line and "images a second at batch 64" in line
@@ -32,6 +31,6 @@ def test_the_device_run_is_compared_with_the_cpu_record(tmp_path, capsys):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is here")
 def test_without_a_cuda_device_it_says_so_in_one_line(tmp_path, capsys):
-    assert main(["--cpu-record", _record(tmp_path / "r.json", "bottle", 0.99)]) == 2
+    assert main([str(tmp_path), "--cpu-record", _record(tmp_path / "r.json", "bottle", 0.99)]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "gpu-check: --device cuda asked for, but no CUDA device is available"
