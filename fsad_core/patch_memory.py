@@ -54,6 +54,7 @@ def greedy_coreset(x: torch.Tensor, n: int, seed: int = 0, proj_dim: int = 128) 
 class PatchMemory:
     def __init__(self, bank: torch.Tensor):
         self.bank = bank.float()
+        self._bank_sq = (self.bank * self.bank).sum(dim=1)
 
     @classmethod
     def fit(cls, features: torch.Tensor, max_size: int = 16384, seed: int = 0,
@@ -71,13 +72,19 @@ class PatchMemory:
     def union(cls, banks: list[torch.Tensor]) -> "PatchMemory":
         return cls(torch.cat(banks))
 
-    def distances(self, features: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-        """BxCxHxW -> BxHxW distance of each patch to its nearest normal patch."""
+    def distances(self, features: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+        """BxCxHxW -> BxHxW distance of each patch to its nearest normal patch.
+
+        The nearest squared distance is taken as |b|^2 - 2qb before |q|^2 is added and the root
+        drawn, so the root and the norms of the queries are computed once a patch, not once a pair;
+        chunks of a few hundred queries keep the distance block in cache."""
         b, c, h, w = features.shape
         flat = features.permute(0, 2, 3, 1).reshape(-1, c).float()
-        out = torch.empty(flat.shape[0])
+        out = torch.empty(flat.shape[0], device=flat.device)
         for start in range(0, flat.shape[0], chunk):
-            out[start:start + chunk] = torch.cdist(flat[start:start + chunk], self.bank).amin(dim=1)
+            queries = flat[start:start + chunk]
+            nearest = torch.addmm(self._bank_sq, queries, self.bank.T, alpha=-2).amin(dim=1)
+            out[start:start + chunk] = (nearest + (queries * queries).sum(dim=1)).clamp_min_(0).sqrt_()
         return out.view(b, h, w)
 
 

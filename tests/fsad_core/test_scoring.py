@@ -39,8 +39,18 @@ def test_gaussian_handles_fewer_samples_than_dimensions():
 def test_patch_memory_distance_is_zero_on_memorised_patches_and_positive_elsewhere():
     feats = torch.randn(2, 8, 5, 5)
     mem = PatchMemory.fit(feats, max_size=1000)
-    assert mem.distances(feats).abs().max() < 1e-2  # cdist uses the matmul form: ~1e-3 error
+    assert mem.distances(feats).abs().max() < 1e-2  # the matmul form: ~1e-3 error at zero
     assert (mem.distances(feats + 3.0) > 1).all()
+
+
+def test_nearest_patch_distance_is_the_exact_one_over_every_chunk_of_queries():
+    g = torch.Generator().manual_seed(0)
+    bank, feats = torch.randn(700, 16, generator=g), torch.randn(3, 16, 12, 12, generator=g)  # 432 queries
+    queries = feats.permute(0, 2, 3, 1).reshape(-1, 16).double()
+    exact = torch.cdist(queries, bank.double(), compute_mode="donot_use_mm_for_euclid_dist").amin(dim=1)
+    found = PatchMemory(bank).distances(feats, chunk=100)
+    assert found.shape == (3, 12, 12)
+    assert torch.allclose(found.flatten().double(), exact, atol=1e-4)
 
 
 def test_candidate_cap_draws_the_coreset_from_a_seeded_subsample():
