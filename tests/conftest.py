@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import shutil
 import socket
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,10 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+# Prefect's ephemeral API keeps its SQLite database under PREFECT_HOME: one home per test process,
+# so parallel workers (pytest-xdist) never share a database file and ~/.prefect is left alone.
+PREFECT_HOME = tempfile.mkdtemp(prefix="fsad-test-prefect-")
+os.environ["PREFECT_HOME"] = PREFECT_HOME
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 BLOCKED: list[str] = []
@@ -70,6 +76,12 @@ socket.socket.sendto = _guarded_sendto  # type: ignore[method-assign]
 def no_traffic_outside_loopback():
     yield
     assert not BLOCKED, f"traffic outside 127.0.0.1 was attempted: {BLOCKED}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def own_prefect_home():
+    yield
+    shutil.rmtree(PREFECT_HOME, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
