@@ -187,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model folder, or models:/NAME@ALIAS from the MLflow registry")
     p.add_argument("images", nargs="+", help="image files or folders")
     p.add_argument("--out", default=None, help="CSV path (default: standard output)")
-    p.add_argument("--maps", default=None, help="folder for anomaly-map overlay PNGs")
+    p.add_argument("--maps", default=None, help="folder for anomaly-map overlay PNGs, at the images' paths within "
+                   "the folders given (good/000.png -> good/000_map.png)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
 
     p = add("bench", _cmd_bench, "benchmark methods over k and seeds on MVTec-layout data; writes JSON")

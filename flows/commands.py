@@ -81,18 +81,32 @@ def train(args: argparse.Namespace) -> int:
     return 0
 
 
-def collect_images(paths: list[str]) -> list[Path]:
-    files: list[Path] = []
+def collect_images(paths: list[str]) -> list[tuple[Path, Path]]:
+    """Each image named, or found under a named folder, with the relative path its map file mirrors
+    (within that folder; the name of a file named directly). Inputs that would share a map file are
+    refused here, before the model loads, so no output overwrites another."""
+    found: list[tuple[Path, Path]] = []
     for p in map(Path, paths):
         if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.is_file() and is_image_name(f.name))
+            found += [(f, f.relative_to(p)) for f in sorted(p.rglob("*")) if f.is_file() and is_image_name(f.name)]
         elif p.exists():
-            files.append(p)
+            found.append((p, Path(p.name)))
         else:
             raise FileNotFoundError(f"{p}: no such file or folder")
-    if not files:
+    if not found:
         raise FileNotFoundError(f"no images found in {' '.join(paths)}")
-    return files
+    owner: dict[Path, Path] = {}
+    for path, mirror in found:
+        other = owner.setdefault(map_name(mirror), path)
+        if other != path:
+            raise ValueError(f"{other} and {path} would share the map file {map_name(mirror)}: score them in "
+                             "separate runs, or name the folder that holds both")
+    return found
+
+
+def map_name(mirror: Path) -> Path:
+    """The overlay's path under --maps for an input's mirrored relative path."""
+    return mirror.with_name(f"{mirror.stem}_map.png")
 
 
 def load_model(ref: str, device: str) -> Detector:
@@ -148,7 +162,9 @@ def decoded_batches(paths: list[Path], limits: ImageLimits, size: int = SCORE_BA
 
 
 def score(args: argparse.Namespace) -> int:
-    files = collect_images(args.images)  # a missing input is named before the model loads
+    inputs = collect_images(args.images)  # a missing input is named before the model loads
+    files = [path for path, _ in inputs]
+    mirror_of = dict(inputs)
     limits = image_limits()
     detector = load_model(args.model, args.device)
     maps_dir = Path(args.maps) if args.maps else None
@@ -173,7 +189,9 @@ def score(args: argparse.Namespace) -> int:
                                  f"{detector.threshold.value:.6g}"])
                 if maps_dir is not None:
                     from fsad_core.overlay import save_overlay
-                    save_overlay(image, result.maps[i], maps_dir / f"{path.stem}_map.png")
+                    target = maps_dir / map_name(mirror_of[path])
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    save_overlay(image, result.maps[i], target)
     finally:
         if args.out:
             out.close()

@@ -13,7 +13,7 @@ from PIL import Image
 
 from flows.cli import (BACKBONE_CHOICES, CORESET_HELP, FLIP_CHOICES, FLIPS_HELP, INTENSITY_CHOICES, MAP_SIGMA_HELP,
                        METHOD_NAMES, POOLING_CHOICES, RESIZE_CHOICES, ROTATION_HELP, SCORE_CHOICES, build_parser)
-from flows.commands import decoded_batches
+from flows.commands import collect_images, decoded_batches, map_name
 from fsad_core.augment import FLIPS, AugmentConfig
 from fsad_core.backbone import list_backbones
 from fsad_core.detector import SCORE_KINDS, Detector, DetectorConfig
@@ -72,9 +72,9 @@ def test_train_then_score_writes_csv_and_maps_and_reports_bad_files(category, tm
     assert config["detector"]["target_false_alarm_rate"] == 0.05
     assert config["threshold"]["details"]["target_false_alarm_rate"] == 0.05
     images = tmp_path / "images"
-    images.mkdir()
-    for p in list((category / "test").rglob("*.png"))[:3]:
-        (images / f"{p.parent.name}_{p.name}").write_bytes(p.read_bytes())
+    for p in [*sorted((category / "test" / "good").glob("*.png"))[:2], sorted((category / "test").rglob("*.png"))[-1]]:
+        (images / p.parent.name).mkdir(parents=True, exist_ok=True)
+        (images / p.parent.name / p.name).write_bytes(p.read_bytes())
     (images / "broken.png").write_bytes(b"not a png")
     scores, maps = tmp_path / "scores.csv", tmp_path / "maps"
     out = run("score", "--model", str(model), str(images), "--out", str(scores), "--maps", str(maps))
@@ -82,12 +82,29 @@ def test_train_then_score_writes_csv_and_maps_and_reports_bad_files(category, tm
     assert "broken.png" in out.stderr and "3 scored, 1 failed" in out.stderr
     rows = list(csv.DictReader(scores.open()))
     assert len(rows) == 3 and {"image", "score", "is_anomaly"} <= set(rows[0])
-    assert len(list(maps.glob("*.png"))) == 3
+    # map files mirror the images' paths within the folder given: good/000.png and crack/000.png never collide
+    assert sorted(p.relative_to(maps) for p in maps.rglob("*.png")) == sorted(
+        p.relative_to(images).with_name(p.stem + "_map.png") for p in images.rglob("*.png") if p.name != "broken.png")
     direct = Detector.load(model, device="cpu")  # scored in batches: the same scores, in file order
     for row in rows:
         alone = direct.score([read_image(row["image"])]).scores[0]
         assert float(row["score"]) == pytest.approx(float(alone), rel=1e-5)
-    assert [Path(r["image"]).name for r in rows] == sorted(p.name for p in images.glob("*.png") if p.name != "broken.png")
+    assert [Path(r["image"]) for r in rows] == sorted(p for p in images.rglob("*.png") if p.name != "broken.png")
+
+
+def test_inputs_mirror_their_paths_and_two_that_would_share_a_map_file_are_refused(tmp_path):
+    for name in ("good/000.png", "crack/000.png", "crack/000.jpg", "single.png"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    found = collect_images([str(tmp_path / "good"), str(tmp_path / "single.png")])
+    assert [(p.relative_to(tmp_path), m) for p, m in found] == [(Path("good/000.png"), Path("000.png")),
+                                                                (Path("single.png"), Path("single.png"))]
+    assert [map_name(m) for _, m in collect_images([str(tmp_path / "good"), str(tmp_path / "single.png")])] == [
+        Path("000_map.png"), Path("single_map.png")]
+    with pytest.raises(ValueError, match="would share the map file crack/000_map.png"):
+        collect_images([str(tmp_path)])  # crack/000.png and crack/000.jpg
+    with pytest.raises(ValueError, match="would share the map file 000_map.png"):
+        collect_images([str(tmp_path / "good"), str(tmp_path / "crack" / "000.png")])
 
 
 def test_images_are_decoded_in_order_in_batches_with_the_reason_for_a_bad_one(tmp_path):
