@@ -7,6 +7,7 @@ Every failure exits non-zero with a one-line reason on stderr (no traceback unle
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -44,6 +45,14 @@ def _number(text: str) -> float:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+
+
+def _finite(text: str) -> float:
+    """argparse type: a finite number (a threshold)."""
+    value = _number(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
+    return value
 
 
 def _fraction(text: str) -> float:
@@ -140,6 +149,14 @@ def _cmd_stack(args: argparse.Namespace) -> int:
     return stack_main(args.action)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("fsad")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fsad",
@@ -147,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "normal photos, calibrate, score, and run it as a Prefect + MLflow pipeline.",
         epilog="Configuration: FSAD_HOME (default ~/.fsad), FSAD_STORAGE (folder or s3://BUCKET), "
                "MLFLOW_TRACKING_URI (default SQLite in FSAD_HOME).")
+    parser.add_argument("--version", action="version", version=f"fsad {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, handler: Callable[[argparse.Namespace], int], help_: str) -> argparse.ArgumentParser:
@@ -183,12 +201,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "compare the components with `fsad report --components`")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
 
-    p = add("score", _cmd_score, "score images with a trained model; writes a CSV of image, score, is_anomaly")
+    p = add("score", _cmd_score, "score images with a trained model; writes a CSV (or JSON Lines) of image, score, "
+             "is_anomaly, threshold, model")
     p.add_argument("--model", required=True, help="model folder, or models:/NAME@ALIAS from the MLflow registry")
     p.add_argument("images", nargs="+", help="image files or folders")
-    p.add_argument("--out", default=None, help="CSV path (default: standard output)")
+    p.add_argument("--out", default=None, help="output file (default: standard output)")
     p.add_argument("--maps", default=None, help="folder for anomaly-map overlay PNGs, at the images' paths within "
                    "the folders given (good/000.png -> good/000_map.png)")
+    p.add_argument("--threshold", type=_finite, default=None,
+                   help="decide with this threshold instead of the model's own (in the model's score units)")
+    p.add_argument("--json", action="store_true", help="write JSON Lines, one object an image, instead of CSV")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
 
     p = add("bench", _cmd_bench, "benchmark methods over k and seeds on MVTec-layout data; writes JSON")

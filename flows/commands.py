@@ -8,9 +8,11 @@ import csv
 import json
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 
@@ -109,11 +111,32 @@ def map_name(mirror: Path) -> Path:
     return mirror.with_name(f"{mirror.stem}_map.png")
 
 
-def load_model(ref: str, device: str) -> Detector:
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a scoring model came from: a folder, or a registry version and the alias asked for."""
+
+    folder: Path
+    name: str | None = None
+    version: str | None = None
+    alias: str | None = None
+
+    def label(self) -> str:
+        if self.name is None:
+            return str(self.folder)
+        return f"{self.name} version {self.version}" + (f" (@{self.alias})" if self.alias else "")
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "version": self.version, "alias": self.alias, "folder": str(self.folder)}
+
+
+def load_model(ref: str, device: str) -> tuple[Detector, ModelSource]:
     if ref.startswith("models:/"):
-        from flows.registry import download_model
-        return Detector.load(download_model(ref), device=device)
-    return Detector.load(ref, device=device)
+        from flows.registry import download_model, resolve_model
+        name, version = resolve_model(ref)
+        source = ModelSource(download_model(f"models:/{name}/{version}"), name, version, ref.partition("@")[2] or None)
+    else:
+        source = ModelSource(Path(ref))
+    return Detector.load(source.folder, device=device), source
 
 
 SCORE_BATCH = 8  # images scored together; meanwhile a thread decodes the next batch
@@ -166,15 +189,17 @@ def score(args: argparse.Namespace) -> int:
     files = [path for path, _ in inputs]
     mirror_of = dict(inputs)
     limits = image_limits()
-    detector = load_model(args.model, args.device)
+    detector, source = load_model(args.model, args.device)
+    print(f"fsad score: model {source.label()}", file=sys.stderr)
+    threshold = detector.threshold.value if args.threshold is None else args.threshold
+    if args.threshold is None and detector.threshold.details.get("provisional"):
+        print(f"note: the threshold is provisional ({detector.threshold.details['provisional_reason']})",
+              file=sys.stderr)
     maps_dir = Path(args.maps) if args.maps else None
-    if maps_dir:
-        maps_dir.mkdir(parents=True, exist_ok=True)
     out = open(args.out, "w", newline="") if args.out else sys.stdout
+    write = _json_lines(out, source) if args.json else _csv_rows(out, source)
     failed = 0
     try:
-        writer = csv.writer(out)
-        writer.writerow(["image", "score", "is_anomaly", "threshold"])
         for batch in decoded_batches(files, limits):
             for path, problem in batch:
                 if isinstance(problem, ImageReadError):
@@ -185,18 +210,36 @@ def score(args: argparse.Namespace) -> int:
                 continue
             result = detector.score([image for _, image in good], with_maps=maps_dir is not None)
             for i, (path, image) in enumerate(good):
-                writer.writerow([str(path), f"{result.scores[i]:.6g}", int(bool(result.is_anomaly[i])),
-                                 f"{detector.threshold.value:.6g}"])
+                write(path, float(result.scores[i]), threshold)
                 if maps_dir is not None:
                     from fsad_core.overlay import save_overlay
                     target = maps_dir / map_name(mirror_of[path])
                     target.parent.mkdir(parents=True, exist_ok=True)
-                    save_overlay(image, result.maps[i], target)
+                    save_overlay(image, result.maps[i], target, detector.map_anchor(threshold))
     finally:
         if args.out:
             out.close()
     print(f"fsad score: {len(files) - failed} scored, {failed} failed", file=sys.stderr)
     return 1 if failed else 0
+
+
+Writer = Callable[[Path, float, float], None]
+
+
+def _csv_rows(out: TextIO, source: ModelSource) -> Writer:
+    writer = csv.writer(out)
+    writer.writerow(["image", "score", "is_anomaly", "threshold", "model"])
+
+    def write(path: Path, score: float, threshold: float) -> None:
+        writer.writerow([str(path), f"{score:.6g}", int(score > threshold), f"{threshold:.6g}", source.label()])
+    return write
+
+
+def _json_lines(out: TextIO, source: ModelSource) -> Writer:
+    def write(path: Path, score: float, threshold: float) -> None:
+        out.write(json.dumps({"image": str(path), "score": score, "is_anomaly": score > threshold,
+                              "threshold": threshold, "model": source.to_dict()}) + "\n")
+    return write
 
 
 def bench(args: argparse.Namespace) -> int:

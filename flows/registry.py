@@ -231,6 +231,13 @@ def _resolve(ref: str) -> tuple[str, str]:
                             f"({exc.message.splitlines()[0]})") from None
 
 
+def resolve_model(ref: str, settings: Settings | None = None) -> tuple[str, str]:
+    """(name, version) a registry reference stands for now: an alias is read once, so a caller that
+    then downloads ``models:/NAME/VERSION`` scores with the version it reports."""
+    configure(settings or load_settings())
+    return _resolve(ref)
+
+
 def download_model(ref: str, dst: str | Path | None = None, settings: Settings | None = None) -> Path:
     """The model folder (config.json + safetensors) of a registry reference, downloaded once into
     ``dst`` (default ``FSAD_HOME/models/NAME/VERSION``; versions are immutable, so it is reused);
@@ -258,4 +265,5 @@ def download_model(ref: str, dst: str | Path | None = None, settings: Settings |
 
 __all__ = ["CANDIDATE", "CHAMPION", "PREVIOUS", "GateDecision", "RegistryError", "Verification", "alias_version",
            "aliases", "champion_auroc", "decide", "download_model", "find_trained_version", "model_name",
+           "resolve_model",
            "promote", "record_gate", "register", "verify", "version_tags"]

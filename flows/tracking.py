@@ -177,7 +177,7 @@ def log_training_run(record: TrainingRecord, detector: Detector, settings: Setti
                 (plots / "roc.png").write_bytes(roc_png(record.roc_labels, record.roc_scores,
                                                         f"{record.product}: {record.eval_set} benchmark"))
             for name, image, amap in record.overlays:
-                Image.fromarray(overlay(image, amap)).save(plots / f"overlay_{name}.png")
+                Image.fromarray(overlay(image, amap, detector.map_anchor())).save(plots / f"overlay_{name}.png")
             mlflow.log_artifacts(str(plots), "plots")
             model_dir = detector.save(Path(tmp) / DATA_DIRNAME, extra_config={
                 "product": record.product, "upload_id": record.upload_id, "method": record.method,

@@ -337,6 +337,18 @@ class Detector:
         side = self.config.patch_side
         return smooth_and_upsample(self.memory.distances(feats.patches), side, self.config.map_sigma * side / 224)
 
+    def map_anchor(self, threshold: float | None = None) -> float:
+        """The anomaly-map level at which a part reaches the threshold (the model's, or the one given)
+        through its patch component: the threshold itself for the patch score; for the combined
+        scores the patch level standardised to the threshold (a part whose pooled features are at
+        the normal mean is then flagged); for the Mahalanobis score, which maps do not decide, three
+        leave-one-out spreads above the normal mean. Overlays share a colour scale around it."""
+        value = self.threshold.value if threshold is None else threshold
+        if self.config.score == "patch":
+            return value
+        centre, spread = self.fusion["patch"]
+        return centre + (3.0 if self.config.score == "mahalanobis" else value) * spread
+
     @torch.no_grad()
     def score(self, images: list[np.ndarray], with_maps: bool = False, batch: int = 16) -> ScoreResult:
         """Score images in batches; in tile mode each score is the worst tile's."""

@@ -13,6 +13,7 @@ from PIL import Image
 
 from flows.cli import (BACKBONE_CHOICES, CORESET_HELP, FLIP_CHOICES, FLIPS_HELP, INTENSITY_CHOICES, MAP_SIGMA_HELP,
                        METHOD_NAMES, POOLING_CHOICES, RESIZE_CHOICES, ROTATION_HELP, SCORE_CHOICES, build_parser)
+from flows.cli import main as cli_main
 from flows.commands import collect_images, decoded_batches, map_name
 from fsad_core.augment import FLIPS, AugmentConfig
 from fsad_core.backbone import list_backbones
@@ -90,6 +91,27 @@ def test_train_then_score_writes_csv_and_maps_and_reports_bad_files(category, tm
         alone = direct.score([read_image(row["image"])]).scores[0]
         assert float(row["score"]) == pytest.approx(float(alone), rel=1e-5)
     assert [Path(r["image"]) for r in rows] == sorted(p for p in images.rglob("*.png") if p.name != "broken.png")
+    assert {r["model"] for r in rows} == {str(model)} and f"model {model}" in out.stderr
+
+    # --json: JSON Lines with the model it used; --threshold decides instead of the model's threshold
+    lines = tmp_path / "scores.jsonl"
+    assert cli_main(["score", "--model", str(model), "--json", "--threshold", "-1", "--out", str(lines),
+                     str(images / "good")]) == 0
+    decisions = [json.loads(line) for line in lines.read_text().splitlines()]
+    assert [d["image"] for d in decisions] == [r["image"] for r in rows if "/good/" in r["image"]]
+    assert all(d["is_anomaly"] is True and d["threshold"] == -1 and d["model"]["folder"] == str(model)
+               and d["model"]["version"] is None for d in decisions)
+    assert [d["score"] for d in decisions] == pytest.approx([float(r["score"]) for r in rows if "/good/" in r["image"]],
+                                                            rel=1e-5)
+    refused = run("score", "--model", str(model), "--threshold", "nan", str(images))
+    assert refused.returncode == 2 and "not a finite number" in refused.stderr
+
+
+def test_version_is_the_installed_distributions(capsys):
+    from importlib.metadata import version
+    with pytest.raises(SystemExit) as done:
+        build_parser().parse_args(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"fsad {version('fsad')}"
 
 
 def test_inputs_mirror_their_paths_and_two_that_would_share_a_map_file_are_refused(tmp_path):

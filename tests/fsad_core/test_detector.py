@@ -308,6 +308,7 @@ def test_the_patch_score_alone_takes_one_backbone_pass_and_keeps_no_gaussians(wa
     result = detector.score(test, with_maps=True)
     assert set(sides) == {96}  # the patch branch's side only: no pass at the image branch's 64
     assert set(result.components) == {"patch"} and np.array_equal(result.scores, result.components["patch"])
+    assert detector.map_anchor() == detector.threshold.value and detector.map_anchor(0.7) == 0.7  # maps decide
     with pytest.raises(ValueError, match="no images to score"):
         detector.score([])
     assert image_auroc([s.label for s in washer.test], result.scores) >= 0.9
@@ -322,6 +323,9 @@ def test_either_is_the_larger_of_the_standardised_components_and_fused_their_sum
     z_maha, z_patch = (result.components["mahalanobis"] - mm) / ms, (result.components["patch"] - pm) / ps
     np.testing.assert_allclose(result.components["either"], np.maximum(z_maha, z_patch))
     np.testing.assert_allclose(result.components["fused"], z_maha + z_patch)
+    # the overlays' anchor: the patch level whose standardised value is the threshold (given or the model's)
+    assert (detector.map_anchor() - pm) / ps == pytest.approx(detector.threshold.value)
+    assert (detector.map_anchor(2.5) - pm) / ps == pytest.approx(2.5)
     normal = {"mahalanobis": np.array([1.0, 2.0, 3.0]), "patch": np.array([1.0, 1.5, 2.0])}
     units = {"mahalanobis": (2.0, 1.0), "patch": (1.5, 1.0)}
     assert fused_spread_floor(normal, units, "either") == pytest.approx(1.0)  # the wider one's spread

@@ -116,8 +116,12 @@ def test_champion_scores_from_the_registry_through_the_cli(stack, sets, capsys):
     defect = sorted((sets["good"] / "eval" / "defect").iterdir())[0]
     good = sorted((sets["good"] / "eval" / "good").iterdir())[0]
     assert main(["score", "--model", f"models:/{model_name(P)}@champion", str(good), str(defect)]) == 0
-    rows = [line.split(",") for line in capsys.readouterr().out.strip().splitlines()[1:]]
+    printed = capsys.readouterr()
+    rows = [line.split(",") for line in printed.out.strip().splitlines()[1:]]
     assert float(rows[1][1]) > float(rows[0][1])
+    # the version the alias resolved to is printed and written beside every decision
+    assert f"model {model_name(P)} version 1 (@champion)" in printed.err
+    assert {row[4] for row in rows} == {f"{model_name(P)} version 1 (@champion)"}
 
 
 def test_same_content_is_not_trained_again(stack, sets):
