@@ -208,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output file (default: standard output)")
     p.add_argument("--maps", default=None, help="folder for anomaly-map overlay PNGs, at the images' paths within "
                    "the folders given (good/000.png -> good/000_map.png)")
+    p.add_argument("--raw-maps", action="store_true",
+                   help="with --maps, also write each map as a float32 .npy array beside its PNG (the image's size)")
     p.add_argument("--threshold", type=_finite, default=None,
                    help="decide with this threshold instead of the model's own (in the model's score units)")
     p.add_argument("--json", action="store_true", help="write JSON Lines, one object an image, instead of CSV")

@@ -185,6 +185,8 @@ def decoded_batches(paths: list[Path], limits: ImageLimits, size: int = SCORE_BA
 
 
 def score(args: argparse.Namespace) -> int:
+    if args.raw_maps and not args.maps:
+        raise ValueError("--raw-maps writes beside the overlays: give --maps DIR too")
     inputs = collect_images(args.images)  # a missing input is named before the model loads
     files = [path for path, _ in inputs]
     mirror_of = dict(inputs)
@@ -216,6 +218,8 @@ def score(args: argparse.Namespace) -> int:
                     target = maps_dir / map_name(mirror_of[path])
                     target.parent.mkdir(parents=True, exist_ok=True)
                     save_overlay(image, result.maps[i], target, detector.map_anchor(threshold))
+                    if args.raw_maps:
+                        np.save(target.with_suffix(".npy"), result.maps[i].astype(np.float32))
     finally:
         if args.out:
             out.close()

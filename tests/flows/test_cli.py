@@ -105,6 +105,13 @@ def test_train_then_score_writes_csv_and_maps_and_reports_bad_files(category, tm
                                                             rel=1e-5)
     refused = run("score", "--model", str(model), "--threshold", "nan", str(images))
     assert refused.returncode == 2 and "not a finite number" in refused.stderr
+    # raw maps beside the overlays: float arrays at the image's size, readable without pickle
+    assert cli_main(["score", "--model", str(model), "--maps", str(tmp_path / "raw"), "--raw-maps",
+                     str(images / "good")]) == 0
+    for png in (images / "good").glob("*.png"):
+        raw = np.load(tmp_path / "raw" / f"{png.stem}_map.npy", allow_pickle=False)
+        assert raw.dtype == np.float32 and raw.shape == read_image(png).shape[:2] and np.isfinite(raw).all()
+    assert cli_main(["score", "--model", str(model), "--raw-maps", str(images)]) == 1
 
 
 def test_version_is_the_installed_distributions(capsys):
