@@ -29,6 +29,7 @@ from prefect.concurrency.sync import concurrency
 
 from flows import registry, tracking
 from flows.registry import RegistryError
+from flows.run_report import PER_ROLE, GalleryItem, gallery_picks
 from flows.settings import (Settings, SettingsError, config_sha256, io_retry_delays, load_settings,
                             product_overrides, training_config)
 from flows.storage import (ObjectNotFound, StorageKeyError, latest_complete_upload, manifest_key, open_store,
@@ -46,7 +47,6 @@ PRODUCT_LOCK_PREFIX = "fsad-retrain-"
 PRODUCT_LOCK_LEASE_S = 60  # a killed run frees its product within this; renewed while the run lives
 LABELLED, LOO_SYNTHETIC = "labelled", "loo+synthetic"
 _PROGRESS_EVERY_S = 10.0
-_OVERLAYS = 3
 
 
 class UploadRejected(RuntimeError):
@@ -313,18 +313,28 @@ def _fmt(value: float | None) -> str:
 
 
 @task(persist_result=False)
-def anomaly_maps(detector: Detector, data: UploadData) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """A few images with their anomaly maps: defects first when there is a labelled set."""
+def gallery(detector: Detector, data: UploadData, bench: Benchmark) -> list[GalleryItem]:
+    """The images a report shows with their anomaly maps: with a labelled set the normals scored
+    highest and the defects scored highest and lowest; without one, the first training images."""
     if data.labelled:
-        order = sorted(range(len(data.eval_images)), key=lambda i: -data.eval_labels[i])[:_OVERLAYS]
-        picked = [(data.eval_keys[i].replace("/", "_").rsplit(".", 1)[0], data.eval_images[i]) for i in order]
+        picks = gallery_picks(bench.labels, bench.scores)
+        chosen = [(role, data.eval_keys[i], data.eval_images[i]) for role, i in picks]
     else:
-        picked = [(f"train_{i}", img) for i, img in enumerate(data.train[:_OVERLAYS])]
-    maps = detector.score([img for _, img in picked], with_maps=True).maps or []
-    return [(name, img, amap) for (name, img), amap in zip(picked, maps)]
+        chosen = [("training image", f"train/good/{i}", img) for i, img in enumerate(data.train[:PER_ROLE])]
+    result = detector.score([img for _, _, img in chosen], with_maps=True)
+    return [GalleryItem(role, name, float(score), img, amap)
+            for (role, name, img), score, amap in zip(chosen, result.scores, result.maps or [])]
 
 
 # ---- MLflow -----------------------------------------------------------------------------------
+
+@task(**IO_RETRIES, persist_result=False)
+def log_report(settings: Settings, run_id: str, record: tracking.TrainingRecord, detector: Detector, verdict: str,
+               reason: str) -> None:
+    """The run's HTML report, written once the gate has spoken (its verdict is the report's first line)."""
+    tracking.configure(settings)
+    tracking.log_report(run_id, record, detector, verdict, reason)
+
 
 @task(**IO_RETRIES, persist_result=False)
 def log_run(settings: Settings, record: tracking.TrainingRecord, detector: Detector) -> tracking.LoggedRun:
@@ -443,12 +453,13 @@ def _train_and_promote(settings: Settings, product: str, upload_id: str, manifes
     bench = score_benchmark(detector, report, data)
     threshold = calibrate(detector, bench)
     metrics = evaluate(bench, threshold, report)
+    shown = gallery(detector, data, bench)
 
     record = tracking.TrainingRecord(
         product=product, upload_id=upload_id, content_sha256=content, method=method, config=detector.config,
         config_sha256=config_hash, k=len(data.train), eval_set=bench.kind, metrics=metrics, history=report.history,
         threshold=threshold, validation_json=validation["report_json"], fit_report=report.to_dict(),
-        roc_labels=bench.labels, roc_scores=bench.scores.tolist(), overlays=anomaly_maps(detector, data),
+        roc_labels=bench.labels, roc_scores=bench.scores.tolist(), overlays=shown,
         example_image=(data.eval_images or data.train)[0])
     # Checked again before anything is logged: should the product lock ever lapse during a long
     # fine-tuning (its lease expired on a starved machine), a run that finished first wins.
@@ -471,6 +482,8 @@ def _train_and_promote(settings: Settings, product: str, upload_id: str, manifes
         message = (f"version {version} failed the gate ({decision.reason}); {registry.CHAMPION} stays "
                    f"{'v' + aliases[registry.CHAMPION] if registry.CHAMPION in aliases else 'unset'}")
     logger.info(message)
+    log_report(settings, logged.run_id, record, detector, "passed the gate" if decision.passed else "failed the gate",
+               message)
     summary.update(status=status, message=message, version=version, run_id=logged.run_id,
                    model=f"models:/{registry.model_name(product)}/{version}", eval_set=bench.kind,
                    k=len(data.train), metrics=metrics, aliases=aliases,

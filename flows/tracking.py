@@ -3,7 +3,8 @@
 A training run holds everything needed to judge it later without the training machine: parameters
 (method, k, seed, backbone, input size, loss weights, data identity; never credentials), metrics,
 the loss curve as step metrics, the validation report, the threshold, a ROC plot, a few anomaly-map
-overlays and the model itself as a no-pickle pyfunc model (see flows.pyfunc).
+overlays, the model itself as a no-pickle pyfunc model (see flows.pyfunc) and, once the gate has
+judged it, an HTML report (flows.run_report).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from flows.pyfunc import DATA_DIRNAME, log_pyfunc_model
+from flows.run_report import GalleryItem, build_report
 from flows.settings import Settings
 from fsad_core.calibration import Threshold
 from fsad_core.detector import Detector, DetectorConfig
@@ -57,7 +59,7 @@ class TrainingRecord:
     fit_report: dict[str, Any]
     roc_labels: Sequence[int]
     roc_scores: Sequence[float]
-    overlays: list[tuple[str, np.ndarray, np.ndarray]]  # (name, image, anomaly map)
+    overlays: list[GalleryItem]
     example_image: np.ndarray
 
 
@@ -176,8 +178,9 @@ def log_training_run(record: TrainingRecord, detector: Detector, settings: Setti
             if len(set(record.roc_labels)) == 2:  # a ROC curve needs both classes
                 (plots / "roc.png").write_bytes(roc_png(record.roc_labels, record.roc_scores,
                                                         f"{record.product}: {record.eval_set} benchmark"))
-            for name, image, amap in record.overlays:
-                Image.fromarray(overlay(image, amap, detector.map_anchor())).save(plots / f"overlay_{name}.png")
+            for item in record.overlays:
+                name = f"{item.role}_{item.name}".replace(" ", "_").replace("/", "_").rsplit(".", 1)[0]
+                Image.fromarray(overlay(item.image, item.amap, detector.map_anchor())).save(plots / f"overlay_{name}.png")
             mlflow.log_artifacts(str(plots), "plots")
             model_dir = detector.save(Path(tmp) / DATA_DIRNAME, extra_config={
                 "product": record.product, "upload_id": record.upload_id, "method": record.method,
@@ -209,3 +212,17 @@ def log_rejected_upload(product: str, upload_id: str, validation_json: str, fail
 
 __all__ = ["EXPERIMENT_PREFIX", "LoggedRun", "TrainingRecord", "configure", "ensure_experiment",
            "experiment_name", "log_rejected_upload", "log_training_run", "roc_png", "training_params"]
+
+
+def log_report(run_id: str, record: TrainingRecord, detector: Detector, verdict: str, reason: str) -> None:
+    """The run's HTML report as ``report.html`` of the run."""
+    from mlflow import MlflowClient
+
+    both = len(set(record.roc_labels)) == 2
+    roc = roc_png(record.roc_labels, record.roc_scores, record.eval_set) if both else None
+    rates = {name: record.metrics[name] for name in ("benchmark_auroc", "false_alarm_rate", "miss_rate", "f1",
+                                                      "threshold") if name in record.metrics}
+    page = build_report(f"{record.product}: upload {record.upload_id}", verdict, reason, rates, record.eval_set,
+                        record.roc_labels, record.roc_scores, record.threshold.value, roc, record.overlays,
+                        detector.map_anchor())
+    MlflowClient().log_text(run_id, page, "report.html")

@@ -32,6 +32,7 @@ from flows.upload import ManifestError, content_sha256, describe_image, sha256_h
 from fsad_core.data import load_category
 from fsad_core.imageio import ImageReadError, read_image
 from fsad_core.synthetic import make_category
+from tests.html_pictures import pictures_of
 from tests.tiny_training import TINY_TRAINING
 
 P = "washer"
@@ -108,6 +109,11 @@ def test_good_upload_becomes_a_verified_champion(env, sets, tmp_path):
     assert run.data.params["pooling"] == "mean+std+max" and run.data.params["coreset_candidates"] == "40000"
     assert run.data.params["map_sigma"] == "4.0"
     assert (run.data.params["augment_flips"], run.data.params["augment_rotation_deg"]) == ("horizontal", "10.0")
+    # the run's HTML report: the verdict first, every picture inside the one file
+    page = mlflow.artifacts.load_text(f"runs:/{summary['run_id']}/report.html")
+    assert "Verdict: passed the gate" in page and summary["message"] in page
+    pictures = pictures_of(page)
+    assert len(pictures) >= 4  # ROC, histograms and overlays of the eval set's worst normal and best defect
     assert "benchmark_auroc" in run.data.metrics and run.data.tags["fsad.status"] == "trained"
     losses = mlflow.MlflowClient().get_metric_history(run.info.run_id, "train_loss")
     assert len(losses) == TINY_TRAINING["finetune"]["steps"]
@@ -161,6 +167,8 @@ def test_worse_upload_fails_the_gate_and_the_champion_stays(env, sets):
     tags = registry.version_tags(P, "2")
     assert tags["gate.verdict"] == "failed" and tags["gate.champion_auroc"] == f"{gate['champion_auroc']:.6f}"
     assert "verified" not in tags
+    page = mlflow.artifacts.load_text(f"runs:/{summary['run_id']}/report.html")
+    assert "Verdict: failed the gate" in page and "worse than champion v1" in page and pictures_of(page)
 
 
 def test_upload_without_eval_set_is_judged_on_leave_one_out_and_synthetic_anomalies(env, sets):
