@@ -84,9 +84,8 @@ def train(args: argparse.Namespace) -> int:
 
 
 def collect_images(paths: list[str]) -> list[tuple[Path, Path]]:
-    """Each image named, or found under a named folder, with the relative path its map file mirrors
-    (within that folder; the name of a file named directly). Inputs that would share a map file are
-    refused here, before the model loads, so no output overwrites another."""
+    """Each image named, or found under a named folder, with the relative path its map file would
+    mirror (within that folder; the name of a file named directly)."""
     found: list[tuple[Path, Path]] = []
     for p in map(Path, paths):
         if p.is_dir():
@@ -97,13 +96,19 @@ def collect_images(paths: list[str]) -> list[tuple[Path, Path]]:
             raise FileNotFoundError(f"{p}: no such file or folder")
     if not found:
         raise FileNotFoundError(f"no images found in {' '.join(paths)}")
+    return found
+
+
+def map_files(inputs: list[tuple[Path, Path]]) -> dict[Path, Path]:
+    """Each input's map file (relative to --maps); inputs that would share one are refused, so no
+    output overwrites another."""
     owner: dict[Path, Path] = {}
-    for path, mirror in found:
+    for path, mirror in inputs:
         other = owner.setdefault(map_name(mirror), path)
         if other != path:
             raise ValueError(f"{other} and {path} would share the map file {map_name(mirror)}: score them in "
                              "separate runs, or name the folder that holds both")
-    return found
+    return {path: map_name(mirror) for path, mirror in inputs}
 
 
 def map_name(mirror: Path) -> Path:
@@ -189,7 +194,7 @@ def score(args: argparse.Namespace) -> int:
         raise ValueError("--raw-maps writes beside the overlays: give --maps DIR too")
     inputs = collect_images(args.images)  # a missing input is named before the model loads
     files = [path for path, _ in inputs]
-    mirror_of = dict(inputs)
+    map_of = map_files(inputs) if args.maps else {}
     limits = image_limits()
     detector, source = load_model(args.model, args.device)
     print(f"fsad score: model {source.label()}", file=sys.stderr)
@@ -215,7 +220,7 @@ def score(args: argparse.Namespace) -> int:
                 write(path, float(result.scores[i]), threshold)
                 if maps_dir is not None:
                     from fsad_core.overlay import save_overlay
-                    target = maps_dir / map_name(mirror_of[path])
+                    target = maps_dir / map_of[path]
                     target.parent.mkdir(parents=True, exist_ok=True)
                     save_overlay(image, result.maps[i], target, detector.map_anchor(threshold))
                     if args.raw_maps:

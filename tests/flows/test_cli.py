@@ -14,7 +14,7 @@ from PIL import Image
 from flows.cli import (BACKBONE_CHOICES, CORESET_HELP, FLIP_CHOICES, FLIPS_HELP, INTENSITY_CHOICES, MAP_SIGMA_HELP,
                        METHOD_NAMES, POOLING_CHOICES, RESIZE_CHOICES, ROTATION_HELP, SCORE_CHOICES, build_parser)
 from flows.cli import main as cli_main
-from flows.commands import collect_images, decoded_batches, map_name
+from flows.commands import collect_images, decoded_batches, map_files
 from fsad_core.augment import FLIPS, AugmentConfig
 from fsad_core.backbone import list_backbones
 from fsad_core.detector import SCORE_KINDS, Detector, DetectorConfig
@@ -128,12 +128,13 @@ def test_inputs_mirror_their_paths_and_two_that_would_share_a_map_file_are_refus
     found = collect_images([str(tmp_path / "good"), str(tmp_path / "single.png")])
     assert [(p.relative_to(tmp_path), m) for p, m in found] == [(Path("good/000.png"), Path("000.png")),
                                                                 (Path("single.png"), Path("single.png"))]
-    assert [map_name(m) for _, m in collect_images([str(tmp_path / "good"), str(tmp_path / "single.png")])] == [
-        Path("000_map.png"), Path("single_map.png")]
+    assert list(map_files(found).values()) == [Path("000_map.png"), Path("single_map.png")]
+    everything = collect_images([str(tmp_path)])  # without --maps, files that differ in extension alone are fine
+    assert len(everything) == 4
     with pytest.raises(ValueError, match="would share the map file crack/000_map.png"):
-        collect_images([str(tmp_path)])  # crack/000.png and crack/000.jpg
+        map_files(everything)  # crack/000.png and crack/000.jpg
     with pytest.raises(ValueError, match="would share the map file 000_map.png"):
-        collect_images([str(tmp_path / "good"), str(tmp_path / "crack" / "000.png")])
+        map_files(collect_images([str(tmp_path / "good"), str(tmp_path / "crack" / "000.png")]))
 
 
 def test_images_are_decoded_in_order_in_batches_with_the_reason_for_a_bad_one(tmp_path):
