@@ -16,6 +16,8 @@ from infra.s3client import _add_content_md5, make_s3_client
 
 
 def test_config_from_env_and_saved(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for key in free_port_env():  # a stack fixture of this test process may have set them for its session
+        monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("FSAD_HOME", str(tmp_path))
     monkeypatch.setenv("FSAD_S3_PORT", "18080")
     monkeypatch.setenv("FSAD_S3_BUCKET", "b1")
