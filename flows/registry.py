@@ -22,11 +22,10 @@ import pandas as pd
 
 from flows.pyfunc import INPUT_COLUMN, artifact_problem, encode_png, load_served_model, model_folder
 from flows.settings import Settings, load_settings
-from flows.tracking import configure
+from flows.tracking import configure, model_name
 from fsad_core.detector import Detector
 from fsad_core.metrics import image_auroc
 
-MODEL_PREFIX = "fsad-"
 CANDIDATE, CHAMPION, PREVIOUS = "candidate", "champion", "previous"
 _SCORE_RTOL = 1e-5
 _SCORE_ATOL = 1e-5
@@ -62,10 +61,6 @@ class Verification:
     expected_score: float
     loaded_score: float
     reason: str
-
-
-def model_name(product: str) -> str:
-    return MODEL_PREFIX + product
 
 
 def _client() -> Any:

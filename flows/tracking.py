@@ -30,6 +30,7 @@ from fsad_core.finetune import TrainingHistory
 from fsad_core.overlay import overlay
 
 EXPERIMENT_PREFIX = "fsad/"
+MODEL_PREFIX = "fsad-"  # registered model of a product
 _BATCH = 1000  # MLflow's limit of metrics per log_batch call
 
 
@@ -76,6 +77,10 @@ def configure(settings: Settings) -> None:
 
 def experiment_name(product: str) -> str:
     return EXPERIMENT_PREFIX + product
+
+
+def model_name(product: str) -> str:
+    return MODEL_PREFIX + product
 
 
 def ensure_experiment(product: str, settings: Settings) -> str:
@@ -187,7 +192,7 @@ def log_training_run(record: TrainingRecord, detector: Detector, settings: Setti
                 "k": record.k, "seed": record.config.seed, "content_sha256": record.content_sha256,
                 "config_sha256": record.config_sha256, "eval_set": record.eval_set,
                 "fit_report": record.fit_report})
-            info = log_pyfunc_model(model_dir, record.example_image)
+            info = log_pyfunc_model(model_dir, record.example_image, model_name(record.product))
     return LoggedRun(run_id, experiment_id, info.model_uri)
 
 
@@ -210,8 +215,8 @@ def log_rejected_upload(product: str, upload_id: str, validation_json: str, fail
     return run.info.run_id
 
 
-__all__ = ["EXPERIMENT_PREFIX", "LoggedRun", "TrainingRecord", "configure", "ensure_experiment",
-           "experiment_name", "log_rejected_upload", "log_training_run", "roc_png", "training_params"]
+__all__ = ["EXPERIMENT_PREFIX", "MODEL_PREFIX", "LoggedRun", "TrainingRecord", "configure", "ensure_experiment",
+           "experiment_name", "log_rejected_upload", "log_training_run", "model_name", "roc_png", "training_params"]
 
 
 def log_report(run_id: str, record: TrainingRecord, detector: Detector, verdict: str, reason: str) -> None:

@@ -8,6 +8,7 @@ so two versions exist without a second fit.
 from __future__ import annotations
 
 import base64
+import io
 from pathlib import Path
 
 import mlflow
@@ -15,10 +16,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from flows import registry, tracking
-from flows.pyfunc import LOADER_MODULE, artifact_problem, encode_png
+from flows.pyfunc import LOADER_MODULE, artifact_problem, encode_png, requirements, served_code
 from flows.registry import CANDIDATE, CHAMPION, PREVIOUS, RegistryError, decide
 from flows.run_report import GalleryItem
 from flows.settings import config_sha256, load_settings, training_config
@@ -117,6 +119,9 @@ def test_logged_model_is_a_no_pickle_pyfunc_that_scores_like_the_detector(settin
     expected = detector.score(images[:2])
     np.testing.assert_allclose(out["score"].to_numpy(), expected.scores, rtol=1e-5, atol=1e-5)
     assert out["is_anomaly"].tolist() == expected.is_anomaly.tolist() and out["error"].tolist() == ["", ""]
+    assert out["threshold"].tolist() == [detector.threshold.value] * 2 and out["map_png"].tolist() == ["", ""]
+    assert out["model_name"].tolist() == [registry.model_name(PRODUCT)] * 2
+    assert out["model_version"].tolist() == [versions[0][1]] * 2  # asked of the registry by the run's id
     bad = model.predict(pd.DataFrame({"image": [base64.b64encode(b"not an image").decode() + "!"]}))
     assert bad["error"].tolist() == ["row 0: not base64 image bytes"] and bool(bad["is_anomaly"].iloc[0])
     run_artifacts = {f.path for f in mlflow.MlflowClient().list_artifacts(logged.run_id)}
@@ -167,6 +172,36 @@ def test_find_trained_version_matches_content_and_configuration(settings, fitted
     assert str(registry.find_trained_version(PRODUCT, "b" * 64, config_sha256(config)).version) == v2
     assert registry.find_trained_version(PRODUCT, "b" * 64, "0" * 64) is None
     assert registry.find_trained_version("no-such-product", "a" * 64, config_sha256(config)) is None
+
+
+def test_the_artifact_carries_its_code_and_requirements_that_name_only_what_an_index_has(versions, tmp_path):
+    """Served where fsad is not installed: the code is inside, the requirements pin third-party
+    distributions only, and every module the code imports is provided by one of them."""
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=versions[0][0].model_uri, dst_path=str(tmp_path)))
+    assert {f"code/{rel}": data for rel, data in served_code().items()} == {
+        p.relative_to(local).as_posix(): p.read_bytes() for p in (local / "code").rglob("*") if p.is_file()}
+    pinned = {line.split("==")[0].lower() for line in (local / "requirements.txt").read_text().split()}
+    assert "fsad" not in pinned and {"torch", "timm", "safetensors", "pillow", "matplotlib", "mlflow"} <= pinned
+    with pytest.raises(RuntimeError, match="'not_a_module_anywhere', which no installed distribution"):
+        requirements({"x.py": b"import not_a_module_anywhere\n"})
+
+
+def test_a_changed_byte_in_the_bundled_code_is_refused(versions, tmp_path):
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=versions[0][0].model_uri, dst_path=str(tmp_path)))
+    source = local / "code" / "fsad_core" / "detector.py"
+    source.write_bytes(source.read_bytes().replace(b"def score(", b"def score (", 1))
+    assert artifact_problem(local) == "bundled code is not this fsad's own: code/fsad_core/detector.py"
+    source.unlink()
+    assert artifact_problem(local) == "bundled code is not this fsad's own: code/fsad_core/detector.py"
+
+
+def test_served_answers_carry_maps_on_request(versions, fitted):
+    detector, _, _, images, _, _ = fitted
+    model = mlflow.pyfunc.load_model(versions[0][0].model_uri)
+    out = model.predict(pd.DataFrame({"image": [encode_png(images[0]), "not base64!"]}), params={"maps": True})
+    picture = Image.open(io.BytesIO(base64.b64decode(out["map_png"].iloc[0])))
+    assert picture.size[1] == images[0].shape[0] and picture.size[0] > images[0].shape[1]  # image + colour bar
+    assert out["map_png"].iloc[1] == "" and out["error"].iloc[1] == "row 1: not base64 image bytes"
 
 
 def test_download_model_resolves_aliases_and_versions_into_a_loadable_folder(settings, fitted, versions):

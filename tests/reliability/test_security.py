@@ -154,7 +154,7 @@ def _load_pyfunc(path):
 
 @pytest.mark.parametrize("loader, code_file, reason", [
     ("evil_loader", "evil_loader.py", "MLmodel names another loader ('evil_loader'"),
-    ("flows.pyfunc", "flows/pyfunc.py", "MLmodel bundles code"),  # the pipeline's own name, shadowed
+    ("flows.pyfunc", "flows/pyfunc.py", "bundled code is not this fsad's own"),  # the pipeline's own name, shadowed
 ])
 def test_a_version_with_a_loader_or_code_of_its_own_is_never_run_verified_or_promoted(trained, tmp_path, loader,
                                                                                     code_file, reason):
