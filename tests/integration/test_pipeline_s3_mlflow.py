@@ -9,12 +9,24 @@ upload event is the deployment's test.)
 
 from __future__ import annotations
 
+import base64
+import io
 import json
+import os
+import signal
+import site
+import socket
+import statistics
+import subprocess
+import time
+import urllib.request
+import venv
 from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
 import pytest
+from PIL import Image
 
 from tests.tiny_training import TINY_TRAINING
 
@@ -122,6 +134,92 @@ def test_champion_scores_from_the_registry_through_the_cli(stack, sets, capsys):
     # the version the alias resolved to is printed and written beside every decision
     assert f"model {model_name(P)} version 1 (@champion)" in printed.err
     assert {row[4] for row in rows} == {f"{model_name(P)} version 1 (@champion)"}
+
+
+def third_party_env(tmp: Path) -> Path:
+    """A virtual environment that sees this one's third-party packages but not fsad (the editable
+    install's import hook lives in a .pth file that only this environment runs), as a serving
+    machine with just the model's requirements installed would."""
+    env = tmp / "serve-env"
+    venv.EnvBuilder(with_pip=False).create(env)
+    python = env / "bin" / "python"
+    purelib = subprocess.check_output([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                      text=True).strip()
+    (Path(purelib) / "third_party.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    uvicorn = env / "bin" / "uvicorn"  # the console script pip would have written there
+    uvicorn.write_text(f"#!{python}\nimport sys\nfrom uvicorn.main import main\nsys.exit(main())\n")
+    uvicorn.chmod(0o755)
+    return env
+
+
+def invoke(port: int, images: list[Path], maps: bool = False) -> list[dict]:
+    body = {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(p.read_bytes()).decode()] for p in images]},
+            "params": {"maps": maps}}
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as answer:
+        return json.loads(answer.read())["predictions"]
+
+
+@pytest.fixture(scope="module")
+def served(stack, tmp_path_factory) -> Iterator[int]:
+    """``mlflow models serve -m models:/fsad-bolt@champion`` in the third-party environment; its port."""
+    from flows.registry import model_name
+
+    tmp = tmp_path_factory.mktemp("serving")
+    env_dir = third_party_env(tmp)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PATH"] = f"{env_dir / 'bin'}{os.pathsep}{env['PATH']}"
+    assert subprocess.run([env_dir / "bin" / "python", "-c", "import fsad_core"], cwd=tmp, env=env,
+                          capture_output=True).returncode != 0, "fsad must not be importable where the model is served"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = (tmp / "serve.log").open("wb")
+    server = subprocess.Popen([env_dir / "bin" / "python", "-m", "mlflow", "models", "serve", "-m",
+                               f"models:/{model_name(P)}@champion", "--env-manager", "local", "-h", "127.0.0.1",
+                               "-p", str(port)], cwd=tmp, env=env, stdout=log, stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5):
+                    break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"model server did not start: {(tmp / 'serve.log').read_text()[-3000:]}")
+                time.sleep(1)
+        yield port
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+        log.close()
+
+
+def test_the_champion_serves_where_fsad_is_not_installed_and_answers_as_fsad_score(served, sets, capsys):
+    from flows.cli import main
+    from flows.registry import model_name
+
+    files = sorted((sets["good"] / "eval" / "good").iterdir())[:2] + sorted((sets["good"] / "eval" / "defect").iterdir())[:2]
+    assert main(["score", "--json", "--model", f"models:/{model_name(P)}@champion", *map(str, files)]) == 0
+    expected = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    answers = invoke(served, files)
+    assert [a["score"] for a in answers] == pytest.approx([e["score"] for e in expected], rel=1e-5, abs=1e-5)
+    assert [a["is_anomaly"] for a in answers] == [e["is_anomaly"] for e in expected]
+    assert {(a["threshold"], a["model_name"], a["model_version"], a["error"], a["map_png"]) for a in answers} == {
+        (expected[0]["threshold"], model_name(P), "1", "", "")}
+
+    mapped = invoke(served, files[-1:], maps=True)[0]
+    picture = Image.open(io.BytesIO(base64.b64decode(mapped["map_png"])))
+    assert picture.format == "PNG" and picture.size[1] == Image.open(files[-1]).size[1]
+
+    seconds = []
+    for _ in range(5):
+        start = time.perf_counter()
+        invoke(served, files[:1])
+        seconds.append(time.perf_counter() - start)
+    print(f"served latency, one image a request: median {1000 * statistics.median(seconds):.0f} ms")
 
 
 def test_same_content_is_not_trained_again(stack, sets):
