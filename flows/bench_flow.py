@@ -1,62 +1,107 @@
-"""The benchmark as a Prefect flow (deployment ``benchmark``): same records and JSON as ``fsad bench``.
+"""The benchmark as a Prefect flow (deployment ``benchmark``, and ``fsad bench --dask``): the records
+and JSON of ``fsad bench``.
 
 Run on the work pool, a benchmark is one click (or one ``prefect deployment run``) away, keeps its
 logs with the flow run, and shows its table of means and standard deviations as a Markdown artifact.
-One task per category, so the decoded test set is shared by all of that category's runs.
+Given a Dask scheduler (``dask="tcp://HOST:8786"``, or ``"local"`` for a cluster of this machine's
+cores), the grid's runs are spread over its workers through prefect-dask's ``DaskTaskRunner``, one
+task a run; without one they run one after another, as ``fsad bench`` runs them.
 """
 
 from __future__ import annotations
 
-import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.futures import as_completed
 
-from fsad_core.benchmark import CategoryCache, environment, format_table, run_one, table
+from fsad_core.benchmark import Cell, environment, format_table, grid, run_cell, table, write_records
 from fsad_core.data import find_categories
 
+LOCAL = "local"  # ``dask`` value for a LocalCluster of this machine
 
-@task
-def bench_category(root: str, k: list[int], seeds: list[int], methods: list[str], max_test: int | None,
-                   device: str) -> list[dict[str, Any]]:
-    """Every (k, method, seed) run on one category; a k above its number of normal images is skipped."""
-    logger = get_run_logger()
-    path = Path(root)
-    dataset = path.parent.name if path.parent.name != path.name else path.name
-    cache = CategoryCache.load(path, max_test)
-    records = []
-    for k_ in k:
-        if k_ > len(cache.category.train):
-            logger.warning("skip %s k=%d: only %d training images", path.name, k_, len(cache.category.train))
-            continue
-        for method in methods:
-            for seed in seeds:
-                record = run_one(cache, dataset, method, k_, seed, device)
-                logger.info("%s/%s %s k=%d seed=%d: image AUROC %.3f (fit %.0f s)", dataset, path.name, method,
-                            k_, seed, record["image_auroc"], record["fit_seconds"])
-                records.append(record)
-    return records
+
+@task(task_run_name="{cell.dataset} {cell.method} k={cell.k} seed={cell.seed}")
+def bench_cell(cell: Cell, max_test: int | None, device: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    record = run_cell(cell, max_test, device, **overrides)
+    get_run_logger().info("%s: image AUROC %.3f (fit %.0f s)", cell.label(), record["image_auroc"],
+                          record["fit_seconds"])
+    return record
+
+
+def dask_runner(address: str) -> Any:
+    """prefect-dask's runner: on the scheduler at ``address``, or on a LocalCluster of one
+    single-threaded worker a core (each fit then has a core of its own)."""
+    from prefect_dask import DaskTaskRunner
+
+    if address == LOCAL:
+        return DaskTaskRunner(cluster_kwargs={"n_workers": os.cpu_count() or 1, "threads_per_worker": 1,
+                                              "processes": True})
+    return DaskTaskRunner(address=address)
+
+
+@contextmanager
+def api_for_workers() -> Iterator[None]:
+    """Dask workers report their task runs to the Prefect API. Where none is configured, a temporary
+    one is started for the run and its address put in the environment the workers inherit (a
+    cluster on other machines needs a Prefect server of its own: PREFECT_API_URL on every worker)."""
+    if os.environ.get("PREFECT_API_URL"):
+        yield
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()  # the one Prefect's own client falls back to; it stops it at exit
+    server.start()
+    os.environ["PREFECT_API_URL"] = server.api_url
+    try:
+        yield
+    finally:
+        del os.environ["PREFECT_API_URL"]
+
+
+@flow(name="benchmark-grid")
+def grid_flow(cells: list[Cell], max_test: int | None, device: str, overrides: dict[str, Any], out: str,
+              env: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every run submitted at once to this flow's task runner; the result file is rewritten, in
+    the grid's order, as each run finishes."""
+    futures = [bench_cell.submit(cell, max_test, device, overrides) for cell in cells]
+    done: dict[int, dict[str, Any]] = {}
+    position = {future.task_run_id: i for i, future in enumerate(futures)}
+    for future in as_completed(futures):
+        done[position[future.task_run_id]] = future.result()
+        write_records(Path(out), [done[i] for i in sorted(done)], env)
+    return [done[i] for i in range(len(cells))]
 
 
 @flow(name="benchmark")
 def benchmark_flow(data: list[str], k: list[int], seeds: list[int], methods: list[str], out: str,
-                   max_test: int | None = None, device: str = "auto") -> dict[str, Any]:
-    """Benchmark ``methods`` x ``k`` x ``seeds`` on every MVTec-layout category under ``data``; writes
-    ``{"records": [...], "environment": {...}}`` to ``out`` after each category and returns the table."""
+                   max_test: int | None = None, device: str = "auto", overrides: dict[str, Any] | None = None,
+                   dask: str | None = None) -> dict[str, Any]:
+    """Benchmark ``methods`` x ``k`` x ``seeds`` on every MVTec-layout category under ``data``
+    (``overrides``: DetectorConfig fields for every method); writes ``{"records": [...],
+    "environment": {...}}`` to ``out`` after each run and returns the records and the table."""
+    logger = get_run_logger()
     roots = [c for d in data for c in find_categories(d)]
     if not roots:
         raise FileNotFoundError(f"no MVTec-layout category under {' '.join(data)}")
-    out_path = Path(out)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    env = environment()
-    records: list[dict[str, Any]] = []
-    for root in roots:
-        records += bench_category(str(root), k, seeds, methods, max_test, device)
-        out_path.write_text(json.dumps({"records": records, "environment": env}, indent=1))
+    cells, skipped = grid(roots, k, methods, seeds)
+    for note in skipped:
+        logger.warning(note)
+    env, overrides = environment(), overrides or {}
+    if dask:
+        records = grid_flow.with_options(task_runner=dask_runner(dask))(cells, max_test, device, overrides, out, env)
+    else:
+        records = []
+        for cell in cells:
+            records.append(bench_cell(cell, max_test, device, overrides))
+            write_records(Path(out), records, env)
     markdown = format_table(table(records), markdown=True)
-    create_markdown_artifact(markdown=f"# Benchmark\n\n{markdown}\n\nRecords: `{out_path.resolve()}`",
+    create_markdown_artifact(markdown=f"# Benchmark\n\n{markdown}\n\nRecords: `{Path(out).resolve()}`",
                              key="fsad-benchmark", description="image AUROC, pixel AUROC, AUPRO, F1: mean ± std")
-    get_run_logger().info("benchmark table\n%s", format_table(table(records)))
-    return {"out": str(out_path.resolve()), "records": len(records), "table": markdown}
+    logger.info("benchmark table\n%s", format_table(table(records)))
+    return {"out": str(Path(out).resolve()), "records": records, "table": markdown}

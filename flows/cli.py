@@ -12,6 +12,10 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
+# Telemetry of the libraries fsad drives is off unless the caller's environment says otherwise.
+TELEMETRY_OFF = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
+                 "GX_ANALYTICS_ENABLED": "false"}
+
 # fsad_core's RESIZE_MODES, INTENSITY_POLICIES, SCORE_KINDS, POOLINGS, FLIPS, methods and bundled backbones, spelled out so
 # that `--help` does not import torch (a test pins them equal)
 RESIZE_CHOICES = ("resize", "letterbox", "tile")
@@ -225,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--max-test", type=int, default=None,
                    help="score at most this many test images (stratified), for quick runs")
+    p.add_argument("--dask", default=None, metavar="ADDRESS|local",
+                   help="run the grid as a Prefect flow on Dask (prefect-dask): a scheduler's address "
+                        "(tcp://HOST:8786), or local for a cluster of one single-threaded worker a core")
     p.add_argument("--backbone", choices=BACKBONE_CHOICES, default=None,
                    help="a backbone with bundled weights for every method (default: each method's, "
                         "tf_efficientnet_lite0); the row is labelled with it")
@@ -286,6 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    for key, value in TELEMETRY_OFF.items():  # a caller's own choice stands
+        os.environ.setdefault(key, value)
     args = build_parser().parse_args(argv)
     try:
         return int(args.handler(args) or 0)

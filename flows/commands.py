@@ -252,33 +252,27 @@ def _json_lines(out: TextIO, source: ModelSource) -> Writer:
 
 
 def bench(args: argparse.Namespace) -> int:
-    from fsad_core.benchmark import CategoryCache, environment, format_table, run_one, table
+    from fsad_core.benchmark import environment, format_table, grid, run_cell, table, write_records
     roots = [c for d in args.data for c in find_categories(d)]
     if not roots:
         raise FileNotFoundError(f"no MVTec-layout category under {' '.join(args.data)}")
-    records: list[dict] = []
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    env = environment()
-    overrides = _config_options(args)
-    total = len(roots) * len(args.methods) * len(args.k) * len(args.seeds)
-    done = 0
-    for root in roots:
-        dataset = root.parent.name if root.parent.name != root.name else root.name
-        cache = CategoryCache.load(root, args.max_test)
-        for k in args.k:
-            if k > len(cache.category.train):
-                print(f"skip {root.name} k={k}: only {len(cache.category.train)} training images", file=sys.stderr)
-                continue
-            for method in args.methods:
-                for seed in args.seeds:
-                    done += 1
-                    label = f"[{done}/{total}] {dataset}/{root.name} {method} k={k} seed={seed}"
-                    record = run_one(cache, dataset, method, k, seed, args.device, Progress(label), **overrides)
-                    records.append(record)
-                    print(f"{label}: image AUROC {record['image_auroc']:.3f} "
-                          f"(fit {record['fit_seconds']:.0f} s)", file=sys.stderr)
-                    out.write_text(json.dumps({"records": records, "environment": env}, indent=1))
+    if args.dask:
+        from flows.bench_flow import api_for_workers, benchmark_flow
+        with api_for_workers():
+            records = benchmark_flow(data=args.data, k=args.k, seeds=args.seeds, methods=args.methods, out=args.out,
+                                     max_test=args.max_test, device=args.device, overrides=_config_options(args),
+                                     dask=args.dask)["records"]
+    else:
+        cells, skipped = grid(roots, args.k, args.methods, args.seeds)
+        for note in skipped:
+            print(note, file=sys.stderr)
+        records, env = [], environment()
+        for i, cell in enumerate(cells, 1):
+            label = f"[{i}/{len(cells)}] {cell.label()}"
+            records.append(run_cell(cell, args.max_test, args.device, Progress(label), **_config_options(args)))
+            print(f"{label}: image AUROC {records[-1]['image_auroc']:.3f} (fit {records[-1]['fit_seconds']:.0f} s)",
+                  file=sys.stderr)
+            write_records(Path(args.out), records, env)
     rows = table(records)
     print(format_table(rows))
     if args.report:

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from flows.cli import TELEMETRY_OFF
 from flows.settings import Settings, load_settings
 from flows.upload import upload_folder, write_upload_folder
 from fsad_core.benchmark import stratified_subset
@@ -36,8 +37,6 @@ DEMO_TRAINING = {  # small on purpose: the demo must finish in minutes on two bu
     "finetune": {"steps": 20, "normals_per_batch": 12, "negatives_per_batch": 6},
 }
 _PREFECT_STARTUP_S = 180  # the ephemeral API server starts slowly on busy small machines
-_QUIET = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
-          "GX_ANALYTICS_ENABLED": "false"}
 
 
 @contextlib.contextmanager
@@ -120,7 +119,7 @@ def run_demo(workdir: str | None = None, data: str | None = None) -> int:
         "FSAD_HOME": str(home), "FSAD_STORAGE": str(home / "store"),
         "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}",
         "FSAD_TRAIN_OVERRIDES": os.environ.get("FSAD_TRAIN_OVERRIDES") or json.dumps(DEMO_TRAINING),
-        **_QUIET,
+        **TELEMETRY_OFF,
     }
     prefect_home = home / "prefect"
     home.mkdir(parents=True, exist_ok=True)

@@ -13,12 +13,14 @@ tuned on the test labels.
 
 from __future__ import annotations
 
+import json
 import platform
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -117,6 +119,57 @@ class CategoryCache:
         images = [s.image() for s in test]
         masks = [s.mask(img.shape[:2]) for s, img in zip(test, images)] if cat.has_masks else None
         return cls(cat, images, np.asarray([s.label for s in test]), [s.defect_type for s in test], masks)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of the grid: a category, a method, k and a seed."""
+
+    root: str
+    dataset: str
+    method: str
+    k: int
+    seed: int
+
+    def label(self) -> str:
+        return f"{self.dataset}/{Path(self.root).name} {self.method} k={self.k} seed={self.seed}"
+
+
+def grid(roots: Iterable[Path], ks: Iterable[int], methods: Iterable[str], seeds: Iterable[int]
+         ) -> tuple[list[Cell], list[str]]:
+    """The runs of a benchmark in order (a category's runs together), and a note for each k a
+    category has too few normal images for."""
+    cells: list[Cell] = []
+    skipped: list[str] = []
+    for root in roots:
+        dataset = root.parent.name if root.parent.name != root.name else root.name
+        n_train = len(load_category(root).train)
+        for k in ks:
+            if k > n_train:
+                skipped.append(f"skip {root.name} k={k}: only {n_train} training images")
+                continue
+            cells += [Cell(str(root), dataset, method, k, seed) for method in methods for seed in seeds]
+    return cells, skipped
+
+
+@lru_cache(maxsize=1)
+def _cached_category(root: str, max_test: int | None) -> CategoryCache:
+    """The category of the runs at hand: a category's consecutive runs, in one process or on one
+    Dask worker, decode its test set once."""
+    return CategoryCache.load(Path(root), max_test)
+
+
+def run_cell(cell: Cell, max_test: int | None = None, device: str = "auto",
+             progress: Callable[[str, int, int], None] | None = None, **overrides: object) -> dict:
+    """The record of one run of the grid (see `run_one`)."""
+    cache = _cached_category(cell.root, max_test)
+    return run_one(cache, cell.dataset, cell.method, cell.k, cell.seed, device, progress, **overrides)
+
+
+def write_records(path: Path, records: list[dict], env: dict) -> None:
+    """The result file of a benchmark, rewritten after each run so that a stopped one keeps its records."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"records": records, "environment": env}, indent=1))
 
 
 def method_label(method: str, **overrides: object) -> str:
