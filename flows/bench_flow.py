@@ -3,16 +3,12 @@ and JSON of ``fsad bench``.
 
 Run on the work pool, a benchmark is one click (or one ``prefect deployment run``) away, keeps its
 logs with the flow run, and shows its table of means and standard deviations as a Markdown artifact.
-Given a Dask scheduler (``dask="tcp://HOST:8786"``, or ``"local"`` for a cluster of this machine's
-cores), the grid's runs are spread over its workers through prefect-dask's ``DaskTaskRunner``, one
-task a run; without one they run one after another, as ``fsad bench`` runs them.
+One task a run: given a Dask scheduler (``dask``, see `flows.runners`) the runs are spread over its
+workers; without one they run one after another, as ``fsad bench`` runs them.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +16,9 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.futures import as_completed
 
+from flows.runners import task_runner
 from fsad_core.benchmark import Cell, environment, format_table, grid, run_cell, table, write_records
 from fsad_core.data import find_categories
-
-LOCAL = "local"  # ``dask`` value for a LocalCluster of this machine
 
 
 @task(task_run_name="{cell.dataset} {cell.method} k={cell.k} seed={cell.seed}")
@@ -34,41 +29,11 @@ def bench_cell(cell: Cell, max_test: int | None, device: str, overrides: dict[st
     return record
 
 
-def dask_runner(address: str) -> Any:
-    """prefect-dask's runner: on the scheduler at ``address``, or on a LocalCluster of one
-    single-threaded worker a core (each fit then has a core of its own)."""
-    from prefect_dask import DaskTaskRunner
-
-    if address == LOCAL:
-        return DaskTaskRunner(cluster_kwargs={"n_workers": os.cpu_count() or 1, "threads_per_worker": 1,
-                                              "processes": True})
-    return DaskTaskRunner(address=address)
-
-
-@contextmanager
-def api_for_workers() -> Iterator[None]:
-    """Dask workers report their task runs to the Prefect API. Where none is configured, a temporary
-    one is started for the run and its address put in the environment the workers inherit (a
-    cluster on other machines needs a Prefect server of its own: PREFECT_API_URL on every worker)."""
-    if os.environ.get("PREFECT_API_URL"):
-        yield
-        return
-    from prefect.server.api.server import SubprocessASGIServer
-
-    server = SubprocessASGIServer()  # the one Prefect's own client falls back to; it stops it at exit
-    server.start()
-    os.environ["PREFECT_API_URL"] = server.api_url
-    try:
-        yield
-    finally:
-        del os.environ["PREFECT_API_URL"]
-
-
 @flow(name="benchmark-grid")
 def grid_flow(cells: list[Cell], max_test: int | None, device: str, overrides: dict[str, Any], out: str,
               env: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every run submitted at once to this flow's task runner; the result file is rewritten, in
-    the grid's order, as each run finishes."""
+    """Every run submitted to this flow's task runner; the result file is rewritten, in the grid's
+    order, as each run finishes."""
     futures = [bench_cell.submit(cell, max_test, device, overrides) for cell in cells]
     done: dict[int, dict[str, Any]] = {}
     position = {future.task_run_id: i for i, future in enumerate(futures)}
@@ -93,13 +58,7 @@ def benchmark_flow(data: list[str], k: list[int], seeds: list[int], methods: lis
     for note in skipped:
         logger.warning(note)
     env, overrides = environment(), overrides or {}
-    if dask:
-        records = grid_flow.with_options(task_runner=dask_runner(dask))(cells, max_test, device, overrides, out, env)
-    else:
-        records = []
-        for cell in cells:
-            records.append(bench_cell(cell, max_test, device, overrides))
-            write_records(Path(out), records, env)
+    records = grid_flow.with_options(task_runner=task_runner(dask))(cells, max_test, device, overrides, out, env)
     markdown = format_table(table(records), markdown=True)
     create_markdown_artifact(markdown=f"# Benchmark\n\n{markdown}\n\nRecords: `{Path(out).resolve()}`",
                              key="fsad-benchmark", description="image AUROC, pixel AUROC, AUPRO, F1: mean ± std")

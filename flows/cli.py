@@ -7,6 +7,7 @@ Every failure exits non-zero with a one-line reason on stderr (no traceback unle
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -15,6 +16,10 @@ from collections.abc import Callable, Sequence
 # Telemetry of the libraries fsad drives is off unless the caller's environment says otherwise.
 TELEMETRY_OFF = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
                  "GX_ANALYTICS_ENABLED": "false"}
+
+# Without PREFECT_API_URL, flows run on Prefect's ephemeral API, whose 20 s start-up limit is too
+# short on small busy machines (read when prefect is first imported, after `main` sets it).
+_EPHEMERAL_API = {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}
 
 # fsad_core's RESIZE_MODES, INTENSITY_POLICIES, SCORE_KINDS, POOLINGS, FLIPS, methods and bundled backbones, spelled out so
 # that `--help` does not import torch (a test pins them equal)
@@ -56,6 +61,17 @@ def _finite(text: str) -> float:
     value = _number(text)
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
+    return value
+
+
+def _positive(text: str) -> int:
+    """argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
     return value
 
 
@@ -129,9 +145,6 @@ def _cmd_upload(args: argparse.Namespace) -> int:
 
 
 def _cmd_retrain(args: argparse.Namespace) -> int:
-    # Without PREFECT_API_URL the flow runs on Prefect's ephemeral API, whose 20 s start-up limit is
-    # too short on small busy machines; read when prefect is first imported, i.e. just below.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     from flows.retrain import format_summary, retrain_flow
     from flows.runlog import logged_to, run_log_path
     from flows.settings import load_settings
@@ -148,6 +161,17 @@ def _cmd_retrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_score_prefix(args: argparse.Namespace) -> int:
+    from flows.runners import api_for_workers
+    from flows.score_prefix import score_prefix_flow
+    with api_for_workers() if args.dask else contextlib.nullcontext():
+        summary = score_prefix_flow(args.product, args.url, batch=args.batch, dask=args.dask)
+    print(f"{summary['images']} images under {args.url}: {summary['already']} already decided, {summary['scored']} "
+          f"scored now ({summary['anomalies']} flagged, {summary['unreadable']} unreadable) by {summary['model']}; "
+          f"decisions in {summary['decisions']}")
+    return 0
+
+
 def _cmd_stack(args: argparse.Namespace) -> int:
     from infra.stack import main as stack_main
     return stack_main(args.action)
@@ -159,6 +183,12 @@ def _version() -> str:
         return version("fsad")
     except PackageNotFoundError:  # run from a checkout that was never installed
         return "unknown (not installed)"
+
+
+def _add_dask(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--dask", default=None, metavar="ADDRESS|local",
+                        help=f"spread {what} over Dask as tasks of a Prefect flow (prefect-dask): a scheduler's "
+                             "address (tcp://HOST:8786), or local for a cluster of one single-threaded worker a core")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -229,9 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--max-test", type=int, default=None,
                    help="score at most this many test images (stratified), for quick runs")
-    p.add_argument("--dask", default=None, metavar="ADDRESS|local",
-                   help="run the grid as a Prefect flow on Dask (prefect-dask): a scheduler's address "
-                        "(tcp://HOST:8786), or local for a cluster of one single-threaded worker a core")
+    _add_dask(p, "the runs")
     p.add_argument("--backbone", choices=BACKBONE_CHOICES, default=None,
                    help="a backbone with bundled weights for every method (default: each method's, "
                         "tf_efficientnet_lite0); the row is labelled with it")
@@ -287,13 +315,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--product", required=True)
     p.add_argument("--upload", default=None, help="upload id (default: the latest complete upload)")
 
+    p = add("score-prefix", _cmd_score_prefix, "score every image under a storage prefix with a product's champion; "
+            "writes JSON Lines decisions beside them and resumes where an earlier run stopped")
+    p.add_argument("product")
+    p.add_argument("url", help="s3://BUCKET/PREFIX, or a folder")
+    p.add_argument("--batch", type=_positive, default=None, help="images a task (default: the flow's)")
+    _add_dask(p, "the batches")
+
     p = add("stack", _cmd_stack, "start, stop or inspect local real services on 127.0.0.1 (Swift S3, MLflow, Prefect)")
     p.add_argument("action", choices=("up", "down", "status"))
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    for key, value in TELEMETRY_OFF.items():  # a caller's own choice stands
+    for key, value in {**TELEMETRY_OFF, **_EPHEMERAL_API}.items():  # a caller's own choice stands
         os.environ.setdefault(key, value)
     args = build_parser().parse_args(argv)
     try:

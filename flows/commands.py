@@ -257,7 +257,8 @@ def bench(args: argparse.Namespace) -> int:
     if not roots:
         raise FileNotFoundError(f"no MVTec-layout category under {' '.join(args.data)}")
     if args.dask:
-        from flows.bench_flow import api_for_workers, benchmark_flow
+        from flows.bench_flow import benchmark_flow
+        from flows.runners import api_for_workers
         with api_for_workers():
             records = benchmark_flow(data=args.data, k=args.k, seeds=args.seeds, methods=args.methods, out=args.out,
                                      max_test=args.max_test, device=args.device, overrides=_config_options(args),

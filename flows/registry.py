@@ -248,8 +248,12 @@ def download_model(ref: str, dst: str | Path | None = None, settings: Settings |
         partial = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         try:
             mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(partial))
-            shutil.rmtree(target, ignore_errors=True)
-            partial.rename(target)
+            if not (target / "MLmodel").is_file():  # a process beside this one (a Dask worker) may be done first
+                shutil.rmtree(target, ignore_errors=True)  # an earlier download's remains
+                partial.rename(target)
+        except OSError:  # that process renamed its download there in between
+            if not (target / "MLmodel").is_file():
+                raise
         finally:
             shutil.rmtree(partial, ignore_errors=True)
     problem = artifact_problem(target)  # checked on every use: a model is only ever loaded our way

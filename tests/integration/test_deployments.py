@@ -119,6 +119,7 @@ def test_deployments_from_prefect_yaml(deployments: dict[str, Deployment], clien
     assert sensor.active and sensor.schedule.interval == timedelta(seconds=60)
     assert deployments["retrain-on-upload"].schedules == [] and deployments["benchmark"].schedules == []
     assert deployments["benchmark"].parameters["methods"] == ["pretrained", "default"]
+    assert deployments["score-prefix"].entrypoint == "flows/score_prefix.py:score_prefix_flow"
 
     on_upload = deployments["retrain-on-upload"]
     [automation] = client.read_resource_related_automations(f"prefect.deployment.{on_upload.id}")

@@ -222,6 +222,42 @@ def test_the_champion_serves_where_fsad_is_not_installed_and_answers_as_fsad_sco
     print(f"served latency, one image a request: median {1000 * statistics.median(seconds):.0f} ms")
 
 
+def test_a_prefix_is_decided_on_dask_written_back_and_resumed(stack, sets, capsys):
+    """Every image under a prefix of the bucket decided by the champion (on a local Dask cluster),
+    as fsad score decides it; a second run scores only what no part file holds."""
+    from flows.cli import main
+    from flows.registry import model_name
+    from flows.score_prefix import score_prefix_flow
+    from flows.storage import open_store
+    from flows.runners import api_for_workers
+
+    line = open_store(f"s3://{stack.bucket}/lines/day-1")
+    files = sorted((sets["good"] / "eval").rglob("*.png"))
+    for f in files[:-1]:
+        line.put_bytes(f"{f.parent.name}/{f.name}", f.read_bytes())
+    line.put_bytes("defect/broken.png", b"not a png")
+    with api_for_workers():
+        first = score_prefix_flow(P, f"s3://{stack.bucket}/lines/day-1", batch=2, dask="local")
+    assert (first["images"], first["already"], first["scored"], first["unreadable"]) == (len(files), 0, len(files), 1)
+    parts = [k for k in bucket_keys(stack, "lines/day-1/fsad-decisions/") if k.endswith(".jsonl")]
+    assert len(parts) == (len(files) + 1) // 2 and all(f"/{model_name(P)}/v1/part-" in k for k in parts)
+    decisions = {d["image"]: d for k in parts for d in map(json.loads, line.get_bytes(k.removeprefix("lines/day-1/")).decode().split("\n")[:-1])}
+    assert decisions["defect/broken.png"]["error"].startswith("defect/broken.png: ")
+    assert decisions["defect/broken.png"]["is_anomaly"] is True and decisions["defect/broken.png"]["score"] is None
+
+    assert main(["score", "--json", "--model", f"models:/{model_name(P)}@champion", *map(str, files[:-1])]) == 0
+    expected = {f"{Path(d['image']).parent.name}/{Path(d['image']).name}": d
+                for d in map(json.loads, capsys.readouterr().out.splitlines())}
+    for key, want in expected.items():
+        assert decisions[key]["score"] == pytest.approx(want["score"], rel=1e-5, abs=1e-5)
+        assert decisions[key]["is_anomaly"] == want["is_anomaly"]
+        assert decisions[key]["model"] == {"name": model_name(P), "version": "1", "alias": "champion"}
+
+    line.put_bytes(f"{files[-1].parent.name}/{files[-1].name}", files[-1].read_bytes())  # arrived since
+    second = score_prefix_flow(P, f"s3://{stack.bucket}/lines/day-1", batch=2)
+    assert (second["images"], second["already"], second["scored"]) == (len(files) + 1, len(files), 1)
+
+
 def test_same_content_is_not_trained_again(stack, sets):
     from flows.retrain import retrain_flow
     from flows.storage import open_store

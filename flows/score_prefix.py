@@ -1,0 +1,133 @@
+"""Batch scoring (deployment ``score-prefix``, ``fsad score-prefix``): every image under a storage
+prefix scored by a product's champion, the decisions written back beside them as JSON Lines.
+
+The champion's alias is read once: the whole run scores with the version it stood for then. Each
+batch of images is a task (on Dask when given one, see `flows.runners`) that writes its decisions
+as one part file under ``PREFIX/fsad-decisions/MODEL/vVERSION/`` once the batch is scored. A run
+that stops keeps its finished parts; the next run of the same version scores only the images no
+part holds yet (new images included). An image that cannot be read gets a line with its reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+from prefect import flow, get_run_logger, task
+
+from flows import registry
+from flows.retrain import IO_RETRIES
+from flows.runners import task_runner
+from flows.storage import StorageError, open_store
+from fsad_core.detector import Detector
+from fsad_core.imageio import ImageLimits, ImageReadError, image_limits, is_image_name, read_image
+
+DECISIONS_DIR = "fsad-decisions"
+BATCH = 16  # images a task: enough to batch the backbone, few enough that a stop loses little
+
+
+@dataclass(frozen=True)
+class Summary:
+    model: str
+    images: int       # images under the prefix
+    already: int      # decided by an earlier run of the same version
+    scored: int       # decided now
+    anomalies: int    # of those, flagged
+    unreadable: int   # of those, not judged (their lines say why)
+    decisions: str    # where the part files are
+
+
+def decisions_prefix(name: str, version: str) -> str:
+    return f"{DECISIONS_DIR}/{name}/v{version}/"
+
+
+def part_key(prefix: str, keys: list[str]) -> str:
+    """A batch's part file, named by its images: a batch run again replaces its own part."""
+    digest = hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
+    return f"{prefix}part-{digest}.jsonl"
+
+
+def decided(store: Any, prefix: str) -> set[str]:
+    """The images the part files under ``prefix`` already hold a decision for."""
+    done: set[str] = set()
+    for key in store.list(prefix):
+        done |= {json.loads(line)["image"] for line in store.get_bytes(key).decode().splitlines() if line}
+    return done
+
+
+@lru_cache(maxsize=2)
+def _champion(ref: str) -> Detector:
+    """One load a process: a Dask worker's batches share it."""
+    return Detector.load(registry.download_model(ref), device=os.environ.get("FSAD_DEVICE", "auto"))
+
+
+@task(**IO_RETRIES)
+def score_batch(url: str, objects: list[tuple[str, int]], ref: str, model: dict[str, str], part: str
+                ) -> dict[str, int]:
+    """Score the (key, size) ``objects`` and write their decisions to ``part``; counts of what was decided."""
+    store, detector = open_store(url), _champion(ref)
+    images, errors = _read(store, objects, image_limits())
+    scores = dict(zip(images, detector.score(list(images.values())).scores.tolist())) if images else {}
+    threshold = detector.threshold.value
+    lines = [{"image": key, "score": scores.get(key), "is_anomaly": key in errors or scores[key] > threshold,
+              "threshold": threshold, "model": model, "error": errors.get(key, "")} for key, _ in objects]
+    store.put_bytes(part, "".join(json.dumps(line) + "\n" for line in lines).encode(), "application/x-ndjson")
+    return {"scored": len(lines), "anomalies": sum(line["is_anomaly"] for line in lines), "unreadable": len(errors)}
+
+
+def _read(store: Any, objects: list[tuple[str, int]], limits: ImageLimits
+          ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """key -> image for what can be judged, key -> reason for the rest: sizes checked before a
+    read, the batch's decoded pixels kept within the set budget."""
+    images: dict[str, np.ndarray] = {}
+    errors: dict[str, str] = {}
+    pixels = 0
+    for key, size in objects:
+        try:
+            limits.check_bytes(size, key)
+            image = read_image(store.get_bytes(key), name=key, limits=limits)
+            limits.check_set(pixels + image.shape[0] * image.shape[1], len(images) + 1, f"the batch up to {key}")
+        except (ImageReadError, StorageError) as exc:
+            errors[key] = str(exc)
+            continue
+        images[key] = image
+        pixels += image.shape[0] * image.shape[1]
+    return images, errors
+
+
+@flow(name="score-prefix-batches")
+def batches_flow(url: str, batches: list[list[tuple[str, int]]], ref: str, model: dict[str, str], prefix: str
+                 ) -> list[dict]:
+    futures = [score_batch.submit(url, objects, ref, model, part_key(prefix, [key for key, _ in objects]))
+               for objects in batches]
+    return [future.result() for future in futures]
+
+
+@flow(name="score-prefix")
+def score_prefix_flow(product: str, url: str, batch: int | None = None, dask: str | None = None) -> dict[str, Any]:
+    """Decide every image under ``url`` (``s3://BUCKET/PREFIX`` or a folder) with ``product``'s
+    champion, ``batch`` images a task (default `BATCH`); returns the run's `Summary`."""
+    batch = BATCH if batch is None else batch
+    if batch < 1:
+        raise ValueError(f"batch must be at least 1, got {batch}")
+    name, version = registry.resolve_model(f"models:/{registry.model_name(product)}@{registry.CHAMPION}")
+    ref = f"models:/{name}/{version}"
+    registry.download_model(ref)  # once here: the tasks of this machine then find it
+    store, prefix = open_store(url), decisions_prefix(name, version)
+    images = sorted((i.key, i.size) for i in store.list_info()
+                    if is_image_name(i.key) and not i.key.startswith(f"{DECISIONS_DIR}/"))
+    done = decided(store, prefix)
+    todo = [(key, size) for key, size in images if key not in done]
+    batches = [todo[i:i + batch] for i in range(0, len(todo), batch)]
+    model = {"name": name, "version": version, "alias": registry.CHAMPION}
+    counts = batches_flow.with_options(task_runner=task_runner(dask))(url, batches, ref, model, prefix) if batches else []
+    summary = Summary(f"{name} version {version} (@{registry.CHAMPION})", len(images), len(images) - len(todo),
+                      *(sum(c[field] for c in counts) for field in ("scored", "anomalies", "unreadable")),
+                      store.uri(prefix))
+    get_run_logger().info("%s", summary)
+    return asdict(summary)
