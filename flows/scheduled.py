@@ -3,12 +3,16 @@ or whose training configuration changed since its champion was fitted.
 
 The event trigger (retrain-on-upload) reacts to each upload as it arrives; this nightly sweep
 (deployment ``retrain-scheduled``) catches what it missed: events lost while the server was down,
-uploads from before the sensor ran, runs that crashed. Products are retrained one after another as
-subflows, and one failing product does not stop the others; the sweep fails at the end, naming them.
+uploads from before the sensor ran, runs that crashed. It plans every product first; then, against
+a Prefect server, each due product becomes a run of its own of the ``retrain-on-upload`` deployment,
+which any worker of the pool, on any machine, takes; the sweep waits for them all. Without a server
+(the embedded API) or that deployment, products are retrained here, one after another. Either way
+one failing product does not stop the others; the sweep fails at the end, naming them.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -80,7 +84,72 @@ def plan_product(settings: Settings, product: str, method: str, seed: int) -> Pl
                   champion, tags.get("upload_id"), tags.get("config_sha256"), config_hash)
 
 
-@flow(name="retrain-due")
+RETRAIN_DEPLOYMENT = "retrain/retrain-on-upload"
+POLL_S = 5.0
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: str            # the retraining summary's status, or "completed" / "failed"
+    message: str = ""
+
+
+def retrain_here(plans: list[Plan], method: str, seed: int) -> dict[str, Outcome]:
+    """Each product's retraining as a subflow of this run, one after another."""
+    outcomes = {}
+    for plan in plans:
+        state = retrain_flow(plan.product, plan.upload_id, method, seed, return_state=True)
+        outcomes[plan.product] = (Outcome(state.result()["status"]) if state.is_completed()
+                                  else Outcome("failed", f"upload {plan.upload_id}: {state.message}"))
+    return outcomes
+
+
+def retrain_on_pool(plans: list[Plan], method: str, seed: int) -> dict[str, Outcome] | None:
+    """Each product's retraining as a run of ``retrain-on-upload`` for the pool's workers, all
+    started before any is waited for; None when the server has no such deployment."""
+    from prefect.deployments import run_deployment
+    from prefect.exceptions import ObjectNotFound
+
+    runs = {}
+    for plan in plans:
+        try:
+            runs[plan.product] = run_deployment(
+                RETRAIN_DEPLOYMENT, timeout=0, flow_run_name=f"retrain-{plan.product}",
+                parameters={"product": plan.product, "upload_id": plan.upload_id, "method": method, "seed": seed})
+        except ObjectNotFound:
+            if runs:  # the deployment vanished midway: a failure, not a reason to train twice
+                raise
+            return None
+    return {product: _outcome(_finished(run.id)) for product, run in runs.items()}
+
+
+def _finished(flow_run_id: Any) -> Any:
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        while not (run := client.read_flow_run(flow_run_id)).state.is_final():
+            time.sleep(POLL_S)
+    return run
+
+
+def _outcome(run: Any) -> Outcome:
+    """A finished child run's outcome: its summary's status where its result can be read here (a
+    result store this machine shares), else the state it ended in."""
+    if not run.state.is_completed():
+        return Outcome("failed", f"flow run {run.name}: {run.state.name}: {run.state.message}")
+    try:
+        return Outcome(run.state.result()["status"])
+    except Exception:  # persisted on another machine's disk: the state still says it completed
+        return Outcome("completed")
+
+
+def _on_server() -> bool:
+    from prefect.settings import get_current_settings
+
+    return get_current_settings().api.url is not None
+
+
+@flow(name="retrain-due", persist_result=True, result_serializer="json")
 def retrain_due_flow(method: str = "default", seed: int = 0) -> dict[str, Any]:
     """Retrain each due product (see ``decide``); returns per product the plan and the retraining
     status. Raises at the end when the planning or retraining of any product failed."""
@@ -90,6 +159,7 @@ def retrain_due_flow(method: str = "default", seed: int = 0) -> dict[str, Any]:
     store = open_store(settings.storage_url)
     results: dict[str, Any] = {}
     failed: list[str] = []
+    due: list[Plan] = []
     for product in list_products(store):
         planned = plan_product(settings, product, method, seed, return_state=True)
         if not planned.is_completed():
@@ -98,14 +168,16 @@ def retrain_due_flow(method: str = "default", seed: int = 0) -> dict[str, Any]:
         plan: Plan = planned.result()
         logger.info("%s: %s", product, plan.reason)
         results[product] = asdict(plan)
-        if plan.upload_id is None:
-            continue
-        state = retrain_flow(product, plan.upload_id, method, seed, return_state=True)
-        if state.is_completed():
-            results[product]["status"] = state.result()["status"]
-        else:
-            results[product]["status"] = "failed"
-            failed.append(f"{product} (upload {plan.upload_id}: {state.message})")
+        if plan.upload_id is not None:
+            due.append(plan)
+    outcomes = (retrain_on_pool(due, method, seed) if due and _on_server() else None)
+    if outcomes is None:
+        outcomes = retrain_here(due, method, seed)
+    for product, outcome in outcomes.items():
+        results[product]["status"] = outcome.status
+        logger.info("%s: %s %s", product, outcome.status, outcome.message)
+        if outcome.status == "failed":
+            failed.append(f"{product} ({outcome.message})")
     if failed:
         raise RuntimeError(f"retraining failed for {len(failed)} product(s): {'; '.join(failed)}")
     return results

@@ -53,6 +53,8 @@ class StackInfo:
             "MLFLOW_TRACKING_URI": self.mlflow_uri,
             "MLFLOW_S3_ENDPOINT_URL": self.s3_endpoint,
             "PREFECT_API_URL": self.prefect_api_url,
+            # One result store for every process of this machine: a sweep reads its child runs' summaries.
+            **({"PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(self.root / "prefect-results")} if self.root else {}),
         }
 
     def env_sh(self) -> str:

@@ -1,8 +1,9 @@
-"""prefect.yaml against the real local stack: `prefect --no-prompt deploy --all` creates the four
+"""prefect.yaml against the real local stack: `prefect --no-prompt deploy --all` creates the
 deployments with their schedules and trigger, and the event path runs end to end on the stack's
 process worker: an upload to S3 -> upload-sensor announces it -> the trigger starts retrain-on-upload
 with product/upload_id from the event -> a registered model version. Then neither a second sensor
-run nor the scheduled sweep trains it again.
+run nor the scheduled sweep trains it again. Last, the sweep fans four due products out as runs of
+retrain-on-upload taken by two process workers.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.filters import FlowFilter, FlowFilterName
 from prefect.client.schemas.objects import Deployment, FlowRun
 from prefect.deployments import run_deployment
-from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.settings import PREFECT_API_URL, PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
 
 from flows.sensor import EVENT, announced_key, upload_sensor_flow
 from flows.storage import open_store
@@ -41,7 +42,8 @@ ROOT = Path(__file__).resolve().parents[2]
 PRODUCT = "washer"
 QUIET = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
 NAMES = {"retrain-scheduled": "retrain-due/retrain-scheduled", "retrain-on-upload": "retrain/retrain-on-upload",
-         "upload-sensor": "upload-sensor/upload-sensor", "benchmark": "benchmark/benchmark"}
+         "upload-sensor": "upload-sensor/upload-sensor", "benchmark": "benchmark/benchmark",
+         "score-prefix": "score-prefix/score-prefix"}
 T = TypeVar("T")
 
 
@@ -59,7 +61,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackInfo]:
         with running(home) as info:
             for key, value in info.env().items():
                 mp.setenv(key, value)
-            with temporary_settings(updates={PREFECT_API_URL: info.prefect_api_url}):
+            with temporary_settings(updates={PREFECT_API_URL: info.prefect_api_url,
+                                             PREFECT_RESULTS_LOCAL_STORAGE_PATH: info.root / "prefect-results"}):
                 yield info
 
 
@@ -167,3 +170,56 @@ def test_upload_is_announced_trained_once_and_not_retrained(
     assert sweep.state.is_completed(), f"{sweep.state.type}: {sweep.state.message}"
     assert [r.id for r in retrain_runs(client)] == [run.id]
     assert len(mlflow.search_model_versions(f"name = 'fsad-{PRODUCT}'")) == 1
+
+
+@pytest.fixture
+def second_worker(stack: StackInfo, tmp_path: Path) -> Iterator[str]:
+    """Another process worker of the pool, as a second machine would run one."""
+    name = f"fsad-worker-2-{os.getpid()}"
+    env = {**os.environ, **stack.env(), **QUIET, "PREFECT_HOME": str(tmp_path / "prefect-worker-2")}
+    log = (tmp_path / "worker-2.log").open("wb")
+    worker = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "worker", "start", "--pool", WORK_POOL,
+                               "--type", "process", "--name", name], cwd=ROOT, env=env, stdout=log,
+                              stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        with get_client(sync_client=True) as client:
+            wait_for("the second worker's heartbeat", lambda: any(
+                w.name == name for w in client.read_workers_for_work_pool(WORK_POOL)), 120, stack)
+        yield name
+    finally:
+        os.killpg(worker.pid, 15)
+        worker.wait(timeout=60)
+        log.close()
+
+
+def test_the_sweep_fans_due_products_out_to_the_pool_and_waits_for_them(
+        stack: StackInfo, deployments: dict[str, Deployment], client: SyncPrefectClient, second_worker: str,
+        tmp_path: Path) -> None:
+    # Only the sweep may start these trainings: no sensor run, no trigger from an upload event.
+    client.pause_deployment(deployments["upload-sensor"].id)
+    [trigger] = client.read_resource_related_automations(f"prefect.deployment.{deployments['retrain-on-upload'].id}")
+    client.pause_automation(trigger.id)
+    store = open_store()
+    products = [f"part-{i}" for i in range(4)]
+    folder = tiny_upload_folder(tmp_path)
+    for product in products:
+        upload_folder(store, product, folder)
+
+    start = time.monotonic()
+    sweep = run_deployment(NAMES["retrain-scheduled"], timeout=900)
+    seconds = time.monotonic() - start
+    assert sweep.state.is_completed(), f"{sweep.state.type}: {sweep.state.message}"
+    runs = [r for r in client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["retrain"])))
+            if r.parameters.get("product") in products]
+    outcome = sweep.state.result()
+    assert {p: outcome[p]["status"] for p in products} == {p: "promoted" for p in products}, \
+        [(r.name, r.parameters, r.deployment_id, r.start_time) for r in runs]
+    assert sorted(r.parameters["product"] for r in runs) == products  # each trained once
+    assert {r.deployment_id for r in runs} == {deployments["retrain-on-upload"].id}
+    assert all(r.state.is_completed() for r in runs)
+    first_end = min(r.end_time for r in runs)
+    assert sum(r.start_time < first_end for r in runs) >= 2  # they ran side by side, not one after another
+    mlflow = MlflowClient(tracking_uri=stack.mlflow_uri, registry_uri=stack.mlflow_uri)
+    for product in products:
+        assert len(mlflow.search_model_versions(f"name = 'fsad-{product}'")) == 1
+    print(f"sweep of {len(products)} products on two workers: {seconds:.0f} s")
