@@ -23,7 +23,7 @@ PEER_K ?= 4
 PEER_RUN = $(PEER_PYTHON) -c "import pathlib, runpy, sys, tempfile; sys.argv = sys.argv[1:]; \
 	runpy.run_path(sys.argv[0], {'TMP': pathlib.Path(tempfile.mkdtemp())}, '__main__')" $(PEER_HARNESS)
 
-.PHONY: install demo test bench bench-ablation bench-peer gpu-check stack-up stack-down clean
+.PHONY: install demo test bench bench-ablation bench-peer bench-sweep gpu-check stack-up stack-down clean
 
 install: $(STAMP)
 
@@ -61,6 +61,11 @@ bench-ablation: $(STAMP)
 
 # Speed side by side: the peer's PatchCore, then fsad's default and fast, on the same sets, k and
 # seed, one thread each, one after the other in one run; compare the records' ratios, not seconds.
+# The nightly sweep on the real stack: four products with one worker of the pool, then two (one run
+# at a time each); prints both wall times and their ratio.
+bench-sweep: $(STAMP)
+	FSAD_WORKER_LIMIT=1 $(BIN)/python -m pytest -s -k sweep_on_two_workers_against_one tests/integration/test_deployments.py
+
 bench-peer: $(STAMP)
 	for k in $(PEER_K); do \
 		OMP_NUM_THREADS=1 $(PEER_RUN) --k $$k --seeds 0 --models patchcore --threads 1 \

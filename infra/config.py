@@ -54,6 +54,17 @@ def fsad_home(home: Path | None = None) -> Path:
     return Path(os.environ.get("FSAD_HOME") or "~/.fsad").expanduser().resolve()
 
 
+def _whole(var: str, default: int) -> int:
+    raw = os.environ.get(var, "").strip()
+    try:
+        value = int(raw) if raw else default
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise StackError(f"{var}={raw!r} is not a whole number")
+    return value
+
+
 @dataclass(frozen=True)
 class StackConfig:
     """Ports, bucket and paths of one stack (one per fsad home)."""
@@ -67,6 +78,7 @@ class StackConfig:
     bucket: str
     timeout_s: float
     secret_key: str
+    worker_limit: int = 0  # flow runs the stack's worker runs at once (0: no limit)
 
     @classmethod
     def from_env(cls, home: Path | None = None) -> StackConfig:
@@ -83,6 +95,7 @@ class StackConfig:
             bucket=os.environ.get("FSAD_S3_BUCKET", "").strip() or "fsad",
             timeout_s=float(os.environ.get("FSAD_STACK_TIMEOUT", "") or 180),
             secret_key=os.environ.get("FSAD_S3_SECRET", "").strip() or secrets.token_urlsafe(24),
+            worker_limit=_whole("FSAD_WORKER_LIMIT", 0),
             **ports,
         )
 

@@ -132,7 +132,7 @@ def build_services(cfg: StackConfig, info: StackInfo) -> list[Service]:
     services.append(Service(
         "prefect-worker", [
             _exe("prefect"), "worker", "start", "--pool", WORK_POOL, "--type", "process",
-            "--name", worker_name,
+            "--name", worker_name, *(["--limit", str(cfg.worker_limit)] if cfg.worker_limit else []),
         ], worker_env, cfg.prefect_dir, lambda: _worker_online(cfg, worker_name),
         f"{cfg.prefect_api_url}/work_pools/{WORK_POOL}", after="prefect-server"))
     return services

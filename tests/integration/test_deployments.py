@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import TypeVar
@@ -27,6 +29,7 @@ from prefect.client.schemas.objects import Deployment, FlowRun
 from prefect.deployments import run_deployment
 from prefect.settings import PREFECT_API_URL, PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
 
+from flows.scheduled import retrain_due_flow
 from flows.sensor import EVENT, announced_key, upload_sensor_flow
 from flows.storage import open_store
 from flows.upload import upload_folder, write_upload_folder
@@ -172,14 +175,15 @@ def test_upload_is_announced_trained_once_and_not_retrained(
     assert len(mlflow.search_model_versions(f"name = 'fsad-{PRODUCT}'")) == 1
 
 
-@pytest.fixture
-def second_worker(stack: StackInfo, tmp_path: Path) -> Iterator[str]:
+@contextmanager
+def extra_worker(stack: StackInfo, tmp: Path, *limit: str) -> Iterator[str]:
     """Another process worker of the pool, as a second machine would run one."""
-    name = f"fsad-worker-2-{os.getpid()}"
-    env = {**os.environ, **stack.env(), **QUIET, "PREFECT_HOME": str(tmp_path / "prefect-worker-2")}
-    log = (tmp_path / "worker-2.log").open("wb")
+    name = f"fsad-worker-{tmp.name}"
+    tmp.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, **stack.env(), **QUIET, "PREFECT_HOME": str(tmp / "prefect-worker")}
+    log = (tmp / "worker.log").open("wb")
     worker = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "worker", "start", "--pool", WORK_POOL,
-                               "--type", "process", "--name", name], cwd=ROOT, env=env, stdout=log,
+                               "--type", "process", "--name", name, *limit], cwd=ROOT, env=env, stdout=log,
                               stderr=subprocess.STDOUT, start_new_session=True)
     try:
         with get_client(sync_client=True) as client:
@@ -187,30 +191,36 @@ def second_worker(stack: StackInfo, tmp_path: Path) -> Iterator[str]:
                 w.name == name for w in client.read_workers_for_work_pool(WORK_POOL)), 120, stack)
         yield name
     finally:
-        os.killpg(worker.pid, 15)
+        os.killpg(worker.pid, signal.SIGTERM)
         worker.wait(timeout=60)
         log.close()
 
 
-def test_the_sweep_fans_due_products_out_to_the_pool_and_waits_for_them(
-        stack: StackInfo, deployments: dict[str, Deployment], client: SyncPrefectClient, second_worker: str,
-        tmp_path: Path) -> None:
-    # Only the sweep may start these trainings: no sensor run, no trigger from an upload event.
+def only_the_sweep_trains(client: SyncPrefectClient, deployments: dict[str, Deployment]) -> None:
+    """No sensor run and no trigger from an upload event from now on."""
     client.pause_deployment(deployments["upload-sensor"].id)
     [trigger] = client.read_resource_related_automations(f"prefect.deployment.{deployments['retrain-on-upload'].id}")
     client.pause_automation(trigger.id)
+
+
+def product_runs(client: SyncPrefectClient, products: list[str]) -> list[FlowRun]:
+    return [r for r in client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["retrain"])))
+            if r.parameters.get("product") in products]
+
+
+def test_the_sweep_fans_due_products_out_to_the_pool_and_waits_for_them(
+        stack: StackInfo, deployments: dict[str, Deployment], client: SyncPrefectClient, tmp_path: Path) -> None:
+    only_the_sweep_trains(client, deployments)
     store = open_store()
     products = [f"part-{i}" for i in range(4)]
     folder = tiny_upload_folder(tmp_path)
     for product in products:
         upload_folder(store, product, folder)
 
-    start = time.monotonic()
-    sweep = run_deployment(NAMES["retrain-scheduled"], timeout=900)
-    seconds = time.monotonic() - start
+    with extra_worker(stack, tmp_path / "worker-2"):
+        sweep = run_deployment(NAMES["retrain-scheduled"], timeout=900)
     assert sweep.state.is_completed(), f"{sweep.state.type}: {sweep.state.message}"
-    runs = [r for r in client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["retrain"])))
-            if r.parameters.get("product") in products]
+    runs = product_runs(client, products)
     outcome = sweep.state.result()
     assert {p: outcome[p]["status"] for p in products} == {p: "promoted" for p in products}, \
         [(r.name, r.parameters, r.deployment_id, r.start_time) for r in runs]
@@ -222,4 +232,30 @@ def test_the_sweep_fans_due_products_out_to_the_pool_and_waits_for_them(
     mlflow = MlflowClient(tracking_uri=stack.mlflow_uri, registry_uri=stack.mlflow_uri)
     for product in products:
         assert len(mlflow.search_model_versions(f"name = 'fsad-{product}'")) == 1
-    print(f"sweep of {len(products)} products on two workers: {seconds:.0f} s")
+
+
+def timed_sweep(products: list[str], folder: Path, client: SyncPrefectClient) -> float:
+    """Seconds of a sweep run in this process (it holds no worker slot) over ``products``' new uploads."""
+    store = open_store()
+    for product in products:
+        upload_folder(store, product, folder)
+    start = time.monotonic()
+    outcome = retrain_due_flow()
+    seconds = time.monotonic() - start
+    assert {p: outcome[p]["status"] for p in products} == {p: "promoted" for p in products}
+    assert sorted(r.parameters["product"] for r in product_runs(client, products)) == products
+    return seconds
+
+
+@pytest.mark.skipif(os.environ.get("FSAD_WORKER_LIMIT") != "1",
+                    reason="a measurement: make bench-sweep (the stack's worker takes one run at a time)")
+def test_sweep_on_two_workers_against_one(stack: StackInfo, deployments: dict[str, Deployment],
+                                          client: SyncPrefectClient, tmp_path: Path) -> None:
+    """The sweep's wall time for four due products with one worker, then two, each taking one
+    training at a time; each product is trained once either way."""
+    only_the_sweep_trains(client, deployments)
+    folder = tiny_upload_folder(tmp_path)
+    one = timed_sweep([f"one-{i}" for i in range(4)], folder, client)
+    with extra_worker(stack, tmp_path / "worker-2", "--limit", "1"):
+        two = timed_sweep([f"two-{i}" for i in range(4)], folder, client)
+    print(f"sweep of 4 products: one worker {one:.0f} s, two workers {two:.0f} s, ratio {two / one:.2f}")
