@@ -23,7 +23,7 @@ PEER_K ?= 4
 PEER_RUN = $(PEER_PYTHON) -c "import pathlib, runpy, sys, tempfile; sys.argv = sys.argv[1:]; \
 	runpy.run_path(sys.argv[0], {'TMP': pathlib.Path(tempfile.mkdtemp())}, '__main__')" $(PEER_HARNESS)
 
-.PHONY: install demo test bench bench-ablation bench-peer bench-sweep gpu-check stack-up stack-down clean
+.PHONY: install demo test bench bench-ablation bench-peer bench-sweep bench-serve gpu-check stack-up stack-down clean
 
 install: $(STAMP)
 
@@ -65,6 +65,10 @@ bench-ablation: $(STAMP)
 # at a time each); prints both wall times and their ratio.
 bench-sweep: $(STAMP)
 	FSAD_WORKER_LIMIT=1 $(BIN)/python -m pytest -s -k sweep_on_two_workers_against_one tests/integration/test_deployments.py
+
+# Latency of the served model, one image a request: make bench-serve SERVE_MODEL=DIR SERVE_IMAGES=DIR
+bench-serve: $(STAMP)
+	$(BIN)/python -m infra.serve_latency $(SERVE_MODEL) $(SERVE_IMAGES) $(BENCH_OUT)/serve
 
 bench-peer: $(STAMP)
 	for k in $(PEER_K); do \

@@ -1,0 +1,91 @@
+"""How long a line waits for a decision: a model folder logged as the pipeline logs it, served by
+``mlflow models serve`` on 127.0.0.1, and one-image requests timed (``make bench-serve``).
+
+    python -m infra.serve_latency MODEL_DIR IMAGE_DIR WORKDIR [--requests N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+
+def serve(model_uri: str, tracking_uri: str, log: Path) -> tuple[subprocess.Popen, int]:
+    """``mlflow models serve`` for ``model_uri`` on a free port, once it answers /ping."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager",
+                               "local", "-h", "127.0.0.1", "-p", str(port)],
+                              env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri,  # uvicorn of this environment
+                                   "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"},
+                              stdout=log.open("wb"),
+                              stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5):
+                return server, port
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"model server did not start; see {log}") from None
+            time.sleep(1)
+
+
+def request_seconds(port: int, image: Path, maps: bool = False) -> float:
+    body = {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(image.read_bytes()).decode()]]},
+            "params": {"maps": maps}}
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+    start = time.perf_counter()
+    with urllib.request.urlopen(request, timeout=600) as answer:
+        answer.read()
+    return time.perf_counter() - start
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", type=Path, help="a model folder written by fsad train (named anything)")
+    parser.add_argument("images", type=Path, help="a folder of images to post, one a request")
+    parser.add_argument("workdir", type=Path)
+    parser.add_argument("--requests", type=int, default=10)
+    args = parser.parse_args()
+
+    import mlflow
+
+    from flows.pyfunc import DATA_DIRNAME, log_pyfunc_model
+    from fsad_core.imageio import is_image_name, read_image
+
+    images = sorted(p for p in args.images.rglob("*") if is_image_name(p.name))[:args.requests + 1]
+    folder = args.workdir / DATA_DIRNAME
+    if not folder.exists():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        folder.symlink_to(args.model.resolve(), target_is_directory=True)
+    tracking = f"sqlite:///{args.workdir.resolve()}/mlflow.db"
+    mlflow.set_tracking_uri(tracking)
+    with mlflow.start_run():
+        info = log_pyfunc_model(folder, read_image(images[0]), "fsad-latency")
+    server, port = serve(info.model_uri, tracking, args.workdir / "serve.log")
+    try:
+        request_seconds(port, images[0])  # the first request warms the model
+        plain = [request_seconds(port, p) for p in images[1:]]
+        mapped = [request_seconds(port, p, maps=True) for p in images[1:]]
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+    print(f"{len(plain)} requests of one image: median {1000 * statistics.median(plain):.0f} ms, "
+          f"with the map {1000 * statistics.median(mapped):.0f} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
