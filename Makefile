@@ -59,8 +59,6 @@ bench-ablation: $(STAMP)
 	$(BIN)/fsad bench --data $(BENCH_DATA) --k 4 --seeds 0 1 2 --methods instance instance+cross full \
 		--out $(BENCH_OUT)/ablation.json --report $(BENCH_OUT)/ablation.md
 
-# Speed side by side: the peer's PatchCore, then fsad's default and fast, on the same sets, k and
-# seed, one thread each, one after the other in one run; compare the records' ratios, not seconds.
 # The nightly sweep on the real stack: four products with one worker of the pool, then two (one run
 # at a time each); prints both wall times and their ratio.
 bench-sweep: $(STAMP)
@@ -70,6 +68,8 @@ bench-sweep: $(STAMP)
 bench-serve: $(STAMP)
 	$(BIN)/python -m infra.serve_latency $(SERVE_MODEL) $(SERVE_IMAGES) $(BENCH_OUT)/serve
 
+# Speed side by side: the peer's PatchCore, then fsad's default and fast, on the same sets, k and
+# seed, one thread each, one after the other in one run; compare the records' ratios, not seconds.
 bench-peer: $(STAMP)
 	for k in $(PEER_K); do \
 		OMP_NUM_THREADS=1 $(PEER_RUN) --k $$k --seeds 0 --models patchcore --threads 1 \

@@ -253,9 +253,6 @@ def _json_lines(out: TextIO, source: ModelSource) -> Writer:
 
 def bench(args: argparse.Namespace) -> int:
     from fsad_core.benchmark import environment, format_table, grid, run_cell, table, write_records
-    roots = [c for d in args.data for c in find_categories(d)]
-    if not roots:
-        raise FileNotFoundError(f"no MVTec-layout category under {' '.join(args.data)}")
     if args.dask:
         from flows.bench_flow import benchmark_flow
         from flows.runners import api_for_workers
@@ -264,6 +261,9 @@ def bench(args: argparse.Namespace) -> int:
                                      max_test=args.max_test, device=args.device, overrides=_config_options(args),
                                      dask=args.dask)["records"]
     else:
+        roots = [c for d in args.data for c in find_categories(d)]
+        if not roots:
+            raise FileNotFoundError(f"no MVTec-layout category under {' '.join(args.data)}")
         cells, skipped = grid(roots, args.k, args.methods, args.seeds)
         for note in skipped:
             print(note, file=sys.stderr)

@@ -202,7 +202,7 @@ def requirements(code: dict[str, bytes] | None = None) -> list[str]:
     for module in sorted(_third_party_imports(code if code is not None else served_code())):
         if module not in providers:
             raise RuntimeError(f"the served code imports {module!r}, which no installed distribution provides")
-        pins |= {f"{dist}=={metadata.version(dist)}" for dist in providers[module]}
+        pins |= {f"{dist}=={metadata.version(dist).split('+')[0]}" for dist in providers[module]}  # no +cpu
     return sorted(pins, key=str.lower)
 
 
@@ -239,11 +239,13 @@ def log_pyfunc_model(model_dir: Path, example_image: np.ndarray, model_name: str
             pip_requirements=requirements(code))
 
 
-def artifact_problem(pyfunc_dir: str | Path) -> str | None:
+def artifact_problem(pyfunc_dir: str | Path, own_code: bool = True) -> str | None:
     """Why a downloaded artifact is not one this pipeline wrote, or None when it is: MLmodel names
-    this module as its only loader, any code it bundles is byte for byte this installation's, and
-    every other file is one `log_pyfunc_model` writes (a planted loader, foreign code or a pickle is
-    refused before anything is imported)."""
+    this module as its only loader, its bundled code holds only the files `log_pyfunc_model`
+    bundles and, with ``own_code``, byte for byte this installation's (what promotion requires, as
+    that code is what ``mlflow models serve`` runs), and every other file is one it writes. A
+    planted loader, foreign code or a pickle is refused before anything is imported; the pipeline
+    itself never imports bundled code, so a model logged by another fsad version still scores."""
     from mlflow.models import Model
 
     root = Path(pyfunc_dir)
@@ -265,7 +267,7 @@ def artifact_problem(pyfunc_dir: str | Path) -> str | None:
     if foreign:
         return f"artifact holds files the pipeline never writes: {', '.join(foreign[:10])}"
     altered = [rel for rel, data in code.items() if not (root / rel).is_file() or (root / rel).read_bytes() != data]
-    if altered:
+    if own_code and altered:
         return f"bundled code is not this fsad's own: {', '.join(altered[:10])}"
     return None
 

@@ -158,7 +158,7 @@ def record_gate(product: str, version: str, decision: GateDecision) -> None:
 
 def verify(product: str, version: str, smoke_image: np.ndarray, expected_score: float) -> Verification:
     """Download the version from the registry into a fresh folder, check it is an artifact this
-    pipeline wrote (its own loader, no bundled code, no file it never writes), load it with the
+    pipeline wrote (its own loader, bundled code byte for byte its own, no file it never writes), load it with the
     pipeline's own loader, score the smoke image and compare with the in-memory score; tag the outcome."""
     import mlflow
 
@@ -248,18 +248,26 @@ def download_model(ref: str, dst: str | Path | None = None, settings: Settings |
         partial = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         try:
             mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(partial))
-            if not (target / "MLmodel").is_file():  # a process beside this one (a Dask worker) may be done first
-                shutil.rmtree(target, ignore_errors=True)  # an earlier download's remains
-                partial.rename(target)
-        except OSError:  # that process renamed its download there in between
+            _move_aside_remains(target)
+            partial.rename(target)
+        except OSError:  # a process beside this one (a Dask worker) renamed its download there first
             if not (target / "MLmodel").is_file():
                 raise
         finally:
             shutil.rmtree(partial, ignore_errors=True)
-    problem = artifact_problem(target)  # checked on every use: a model is only ever loaded our way
+    problem = artifact_problem(target, own_code=False)  # on every use: a model is only ever loaded our way
     if problem is not None:
         raise RegistryError(f"{ref} (v{version}): {problem}; not loading it")
     return model_folder(target)
+
+
+def _move_aside_remains(target: Path) -> None:
+    """An incomplete earlier download at ``target`` renamed away (atomically) and removed; a
+    complete one, perhaps just put there by another process, is left alone."""
+    if target.exists() and not (target / "MLmodel").is_file():
+        stale = Path(tempfile.mkdtemp(prefix=f".{target.name}.stale.", dir=target.parent))
+        target.rename(stale / target.name)
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 __all__ = ["CANDIDATE", "CHAMPION", "PREVIOUS", "GateDecision", "RegistryError", "Verification", "alias_version",

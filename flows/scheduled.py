@@ -86,6 +86,7 @@ def plan_product(settings: Settings, product: str, method: str, seed: int) -> Pl
 
 RETRAIN_DEPLOYMENT = "retrain/retrain-on-upload"
 POLL_S = 5.0
+CHILD_WAIT_S = 12 * 3600  # a child run not finished by then is reported failed (no worker took it, or it hangs)
 
 
 @dataclass(frozen=True)
@@ -120,21 +121,26 @@ def retrain_on_pool(plans: list[Plan], method: str, seed: int) -> dict[str, Outc
             if runs:  # the deployment vanished midway: a failure, not a reason to train twice
                 raise
             return None
-    return {product: _outcome(_finished(run.id)) for product, run in runs.items()}
+    deadline = time.monotonic() + CHILD_WAIT_S
+    return {product: _outcome(_finished(run.id, deadline)) for product, run in runs.items()}
 
 
-def _finished(flow_run_id: Any) -> Any:
+def _finished(flow_run_id: Any, deadline: float) -> Any:
+    """The child run once final, or as it stands at ``deadline`` (time.monotonic())."""
     from prefect import get_client
 
     with get_client(sync_client=True) as client:
-        while not (run := client.read_flow_run(flow_run_id)).state.is_final():
+        while not (run := client.read_flow_run(flow_run_id)).state.is_final() and time.monotonic() < deadline:
             time.sleep(POLL_S)
     return run
 
 
 def _outcome(run: Any) -> Outcome:
-    """A finished child run's outcome: its summary's status where its result can be read here (a
-    result store this machine shares), else the state it ended in."""
+    """A child run's outcome: its summary's status where its result can be read here (a result
+    store this machine shares), else the state it ended in; unfinished, a failure."""
+    if not run.state.is_final():
+        return Outcome("failed", f"flow run {run.name} still {run.state.name} after {CHILD_WAIT_S / 3600:.0f} h "
+                                 f"(is a worker of the pool free to take it?)")
     if not run.state.is_completed():
         return Outcome("failed", f"flow run {run.name}: {run.state.name}: {run.state.message}")
     try:

@@ -23,7 +23,7 @@ from prefect import flow, get_run_logger, task
 from flows import registry
 from flows.retrain import IO_RETRIES
 from flows.runners import task_runner
-from flows.storage import StorageError, open_store
+from flows.storage import ObjectNotFound, open_store
 from fsad_core.detector import Detector
 from fsad_core.imageio import ImageLimits, ImageReadError, image_limits, is_image_name, read_image
 
@@ -92,7 +92,7 @@ def _read(store: Any, objects: list[tuple[str, int]], limits: ImageLimits
             limits.check_bytes(size, key)
             image = read_image(store.get_bytes(key), name=key, limits=limits)
             limits.check_set(pixels + image.shape[0] * image.shape[1], len(images) + 1, f"the batch up to {key}")
-        except (ImageReadError, StorageError) as exc:
+        except (ImageReadError, ObjectNotFound) as exc:  # storage down: the task fails and is retried
             errors[key] = str(exc)
             continue
         images[key] = image

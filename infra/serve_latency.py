@@ -20,17 +20,18 @@ import urllib.request
 from pathlib import Path
 
 
-def serve(model_uri: str, tracking_uri: str, log: Path) -> tuple[subprocess.Popen, int]:
-    """``mlflow models serve`` for ``model_uri`` on a free port, once it answers /ping."""
+def serve(model_uri: str, log: Path, python: Path = Path(sys.executable), env: dict[str, str] | None = None,
+          cwd: Path | None = None) -> tuple[subprocess.Popen, int]:
+    """``mlflow models serve`` of ``python``'s environment for ``model_uri`` on a free port, once it
+    answers /ping; stop it with `stop`."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager",
-                               "local", "-h", "127.0.0.1", "-p", str(port)],
-                              env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri,  # uvicorn of this environment
-                                   "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"},
-                              stdout=log.open("wb"),
-                              stderr=subprocess.STDOUT, start_new_session=True)
+    env = {**(os.environ if env is None else env)}
+    env["PATH"] = f"{python.parent}{os.pathsep}{env.get('PATH', '')}"  # its uvicorn
+    server = subprocess.Popen([str(python), "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager",
+                               "local", "-h", "127.0.0.1", "-p", str(port)], env=env, cwd=cwd,
+                              stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 300
     while True:
         try:
@@ -38,8 +39,15 @@ def serve(model_uri: str, tracking_uri: str, log: Path) -> tuple[subprocess.Pope
                 return server, port
         except OSError:
             if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"model server did not start; see {log}") from None
+                stop(server)
+                raise RuntimeError(f"model server did not start: {log.read_text(errors='replace')[-3000:]}") from None
             time.sleep(1)
+
+
+def stop(server: subprocess.Popen) -> None:
+    if server.poll() is None:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
 
 
 def request_seconds(port: int, image: Path, maps: bool = False) -> float:
@@ -67,21 +75,23 @@ def main() -> int:
     from fsad_core.imageio import is_image_name, read_image
 
     images = sorted(p for p in args.images.rglob("*") if is_image_name(p.name))[:args.requests + 1]
-    folder = args.workdir / DATA_DIRNAME
-    if not folder.exists():
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        folder.symlink_to(args.model.resolve(), target_is_directory=True)
+    if len(images) < 2:
+        raise SystemExit(f"serve_latency: {args.images}: fewer than two images")
+    folder = args.workdir / DATA_DIRNAME  # the name the artifact needs, linked anew to the model given
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    folder.unlink(missing_ok=True)
+    folder.symlink_to(args.model.resolve(), target_is_directory=True)
     tracking = f"sqlite:///{args.workdir.resolve()}/mlflow.db"
     mlflow.set_tracking_uri(tracking)
     with mlflow.start_run():
         info = log_pyfunc_model(folder, read_image(images[0]), "fsad-latency")
-    server, port = serve(info.model_uri, tracking, args.workdir / "serve.log")
+    server, port = serve(info.model_uri, args.workdir / "serve.log", env={**os.environ, "MLFLOW_TRACKING_URI": tracking})
     try:
         request_seconds(port, images[0])  # the first request warms the model
         plain = [request_seconds(port, p) for p in images[1:]]
         mapped = [request_seconds(port, p, maps=True) for p in images[1:]]
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
+        stop(server)
     print(f"{len(plain)} requests of one image: median {1000 * statistics.median(plain):.0f} ms, "
           f"with the map {1000 * statistics.median(mapped):.0f} ms")
     return 0

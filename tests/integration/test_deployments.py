@@ -3,7 +3,7 @@ deployments with their schedules and trigger, and the event path runs end to end
 process worker: an upload to S3 -> upload-sensor announces it -> the trigger starts retrain-on-upload
 with product/upload_id from the event -> a registered model version. Then neither a second sensor
 run nor the scheduled sweep trains it again. Last, the sweep fans four due products out as runs of
-retrain-on-upload taken by two process workers.
+retrain-on-upload, side by side, the second of two process workers taking some.
 """
 
 from __future__ import annotations
@@ -57,7 +57,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackInfo]:
     set before it starts; this process then uses the stack as a client."""
     home = tmp_path_factory.mktemp("fsad-home")
     env = {**free_port_env(), **QUIET, "FSAD_HOME": str(home), "FSAD_TRAIN_OVERRIDES": json.dumps(TINY_TRAINING),
-           "FSAD_GATE_MIN_AUROC": "0"}
+           "FSAD_GATE_MIN_AUROC": "0",
+           # The stack's worker takes two runs at once (a sweep and one training), so that another
+           # worker must take the rest of a fan-out; make bench-sweep sets 1.
+           "FSAD_WORKER_LIMIT": os.environ.get("FSAD_WORKER_LIMIT", "2")}
     with pytest.MonkeyPatch.context() as mp:
         for key, value in env.items():
             mp.setenv(key, value)
@@ -181,26 +184,32 @@ def extra_worker(stack: StackInfo, tmp: Path, *limit: str) -> Iterator[str]:
     name = f"fsad-worker-{tmp.name}"
     tmp.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **stack.env(), **QUIET, "PREFECT_HOME": str(tmp / "prefect-worker")}
-    log = (tmp / "worker.log").open("wb")
-    worker = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "worker", "start", "--pool", WORK_POOL,
-                               "--type", "process", "--name", name, *limit], cwd=ROOT, env=env, stdout=log,
-                              stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        with get_client(sync_client=True) as client:
-            wait_for("the second worker's heartbeat", lambda: any(
-                w.name == name for w in client.read_workers_for_work_pool(WORK_POOL)), 120, stack)
-        yield name
-    finally:
-        os.killpg(worker.pid, signal.SIGTERM)
-        worker.wait(timeout=60)
-        log.close()
+    with (tmp / "worker.log").open("wb") as log:
+        worker = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "worker", "start", "--pool",
+                                   WORK_POOL, "--type", "process", "--name", name, *limit], cwd=ROOT, env=env,
+                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            with get_client(sync_client=True) as client:
+                wait_for("the second worker's heartbeat", lambda: any(
+                    w.name == name for w in client.read_workers_for_work_pool(WORK_POOL)), 120, stack)
+            yield name
+        finally:
+            os.killpg(worker.pid, signal.SIGTERM)
+            worker.wait(timeout=60)
 
 
-def only_the_sweep_trains(client: SyncPrefectClient, deployments: dict[str, Deployment]) -> None:
-    """No sensor run and no trigger from an upload event from now on."""
-    client.pause_deployment(deployments["upload-sensor"].id)
+@contextmanager
+def only_the_sweep_trains(client: SyncPrefectClient, deployments: dict[str, Deployment]) -> Iterator[None]:
+    """No sensor run and no trigger from an upload event meanwhile."""
+    sensor = deployments["upload-sensor"].id
     [trigger] = client.read_resource_related_automations(f"prefect.deployment.{deployments['retrain-on-upload'].id}")
+    client.pause_deployment(sensor)
     client.pause_automation(trigger.id)
+    try:
+        yield
+    finally:
+        client.resume_automation(trigger.id)
+        client.resume_deployment(sensor)
 
 
 def product_runs(client: SyncPrefectClient, products: list[str]) -> list[FlowRun]:
@@ -210,14 +219,12 @@ def product_runs(client: SyncPrefectClient, products: list[str]) -> list[FlowRun
 
 def test_the_sweep_fans_due_products_out_to_the_pool_and_waits_for_them(
         stack: StackInfo, deployments: dict[str, Deployment], client: SyncPrefectClient, tmp_path: Path) -> None:
-    only_the_sweep_trains(client, deployments)
     store = open_store()
     products = [f"part-{i}" for i in range(4)]
     folder = tiny_upload_folder(tmp_path)
-    for product in products:
-        upload_folder(store, product, folder)
-
-    with extra_worker(stack, tmp_path / "worker-2"):
+    with only_the_sweep_trains(client, deployments), extra_worker(stack, tmp_path / "worker-2"):
+        for product in products:
+            upload_folder(store, product, folder)
         sweep = run_deployment(NAMES["retrain-scheduled"], timeout=900)
     assert sweep.state.is_completed(), f"{sweep.state.type}: {sweep.state.message}"
     runs = product_runs(client, products)
@@ -229,6 +236,8 @@ def test_the_sweep_fans_due_products_out_to_the_pool_and_waits_for_them(
     assert all(r.state.is_completed() for r in runs)
     first_end = min(r.end_time for r in runs)
     assert sum(r.start_time < first_end for r in runs) >= 2  # they ran side by side, not one after another
+    taken = (tmp_path / "worker-2" / "worker.log").read_text(errors="replace")
+    assert sum(str(r.id) in taken for r in runs) >= 2, "the stack's worker has one slot for them: two workers took them"
     mlflow = MlflowClient(tracking_uri=stack.mlflow_uri, registry_uri=stack.mlflow_uri)
     for product in products:
         assert len(mlflow.search_model_versions(f"name = 'fsad-{product}'")) == 1
@@ -253,9 +262,9 @@ def test_sweep_on_two_workers_against_one(stack: StackInfo, deployments: dict[st
                                           client: SyncPrefectClient, tmp_path: Path) -> None:
     """The sweep's wall time for four due products with one worker, then two, each taking one
     training at a time; each product is trained once either way."""
-    only_the_sweep_trains(client, deployments)
     folder = tiny_upload_folder(tmp_path)
-    one = timed_sweep([f"one-{i}" for i in range(4)], folder, client)
-    with extra_worker(stack, tmp_path / "worker-2", "--limit", "1"):
-        two = timed_sweep([f"two-{i}" for i in range(4)], folder, client)
+    with only_the_sweep_trains(client, deployments):
+        one = timed_sweep([f"one-{i}" for i in range(4)], folder, client)
+        with extra_worker(stack, tmp_path / "worker-2", "--limit", "1"):
+            two = timed_sweep([f"two-{i}" for i in range(4)], folder, client)
     print(f"sweep of 4 products: one worker {one:.0f} s, two workers {two:.0f} s, ratio {two / one:.2f}")

@@ -13,9 +13,7 @@ import base64
 import io
 import json
 import os
-import signal
 import site
-import socket
 import statistics
 import subprocess
 import time
@@ -165,36 +163,18 @@ def invoke(port: int, images: list[Path], maps: bool = False) -> list[dict]:
 def served(stack, tmp_path_factory) -> Iterator[int]:
     """``mlflow models serve -m models:/fsad-bolt@champion`` in the third-party environment; its port."""
     from flows.registry import model_name
+    from infra.serve_latency import serve, stop
 
     tmp = tmp_path_factory.mktemp("serving")
     env_dir = third_party_env(tmp)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["PATH"] = f"{env_dir / 'bin'}{os.pathsep}{env['PATH']}"
     assert subprocess.run([env_dir / "bin" / "python", "-c", "import fsad_core"], cwd=tmp, env=env,
                           capture_output=True).returncode != 0, "fsad must not be importable where the model is served"
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    log = (tmp / "serve.log").open("wb")
-    server = subprocess.Popen([env_dir / "bin" / "python", "-m", "mlflow", "models", "serve", "-m",
-                               f"models:/{model_name(P)}@champion", "--env-manager", "local", "-h", "127.0.0.1",
-                               "-p", str(port)], cwd=tmp, env=env, stdout=log, stderr=subprocess.STDOUT,
-                              start_new_session=True)
+    server, port = serve(f"models:/{model_name(P)}@champion", tmp / "serve.log", env_dir / "bin" / "python", env, tmp)
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5):
-                    break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(f"model server did not start: {(tmp / 'serve.log').read_text()[-3000:]}")
-                time.sleep(1)
         yield port
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=60)
-        log.close()
+        stop(server)
 
 
 def test_the_champion_serves_where_fsad_is_not_installed_and_answers_as_fsad_score(served, sets, capsys):

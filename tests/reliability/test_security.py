@@ -117,7 +117,9 @@ def _register(folder: Path, **log_options) -> str:
     return version
 
 
-def _assert_refused(version: str, reason: str, marker: Path) -> None:
+def _assert_refused(version: str, reason: str, marker: Path, scored: bool = False) -> None:
+    """Never verified nor promoted; never loaded to score either, unless ``scored``: bundled code
+    under the pipeline's own file names is never imported, so such a model may score."""
     champion = registry.alias_version(P, registry.CHAMPION)
     check = registry.verify(P, version, noise_rgb(1), 0.0)
     assert not check.ok and reason in check.reason, check.reason
@@ -126,8 +128,11 @@ def _assert_refused(version: str, reason: str, marker: Path) -> None:
     with pytest.raises(registry.RegistryError, match="not verified"):
         registry.promote(P, version)
     assert registry.alias_version(P, registry.CHAMPION) == champion
-    with pytest.raises(registry.RegistryError, match=re.escape(reason)):  # nor is it ever loaded to score
-        registry.download_model(f"models:/{registry.model_name(P)}/{version}")
+    if scored:
+        Detector.load(registry.download_model(f"models:/{registry.model_name(P)}/{version}"), device="cpu")
+    else:
+        with pytest.raises(registry.RegistryError, match=re.escape(reason)):
+            registry.download_model(f"models:/{registry.model_name(P)}/{version}")
     assert not marker.exists()
 
 
@@ -152,12 +157,13 @@ def _load_pyfunc(path):
 """
 
 
-@pytest.mark.parametrize("loader, code_file, reason", [
-    ("evil_loader", "evil_loader.py", "MLmodel names another loader ('evil_loader'"),
-    ("flows.pyfunc", "flows/pyfunc.py", "bundled code is not this fsad's own"),  # the pipeline's own name, shadowed
+@pytest.mark.parametrize("loader, code_file, reason, scored", [
+    ("evil_loader", "evil_loader.py", "MLmodel names another loader ('evil_loader'", False),
+    ("flows.pyfunc", "flows/pyfunc.py", "bundled code is not this fsad's own", True),  # the pipeline's own name
+    ("flows.pyfunc", "flows/evil.py", "artifact holds files the pipeline never writes: code/flows/evil.py", False),
 ])
 def test_a_version_with_a_loader_or_code_of_its_own_is_never_run_verified_or_promoted(trained, tmp_path, loader,
-                                                                                    code_file, reason):
+                                                                                    code_file, reason, scored):
     """No pickle anywhere, but the artifact names its own loader module (or bundles code under the
     pipeline's module name): verification refuses it before importing anything."""
     marker = tmp_path / "LOADER_RAN"
@@ -167,7 +173,7 @@ def test_a_version_with_a_loader_or_code_of_its_own_is_never_run_verified_or_pro
     code.parent.mkdir(parents=True)
     code.write_text(LOADER.format(marker=str(marker)))
     root = tmp_path / "code" / code_file.split("/")[0]
-    _assert_refused(_register(folder, loader_module=loader, code_paths=[str(root)]), reason, marker)
+    _assert_refused(_register(folder, loader_module=loader, code_paths=[str(root)]), reason, marker, scored)
 
 
 def test_the_served_model_never_opens_a_path_its_caller_names(trained, tmp_path):
