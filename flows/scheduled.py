@@ -13,7 +13,7 @@ one failing product does not stop the others; the sweep fails at the end, naming
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -21,8 +21,12 @@ from prefect import flow, get_run_logger, task
 from flows import registry, tracking
 from flows.retrain import IO_RETRIES, retrain_flow
 from flows.settings import Settings, config_sha256, load_settings, product_overrides, training_config
-from flows.storage import ObjectNotFound, latest_complete_upload, list_products, open_store, validation_key
+from flows.storage import (ObjectNotFound, latest_complete_upload, list_products, open_store,
+                           stale_incomplete_uploads, validation_key)
 from flows.upload import ManifestError, read_manifest
+
+
+STALE_UPLOAD_S = 24 * 3600  # an upload without its manifest this long is reported (never deleted)
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,7 @@ class Plan:
     product: str
     upload_id: str | None  # the upload to train on; None when the product is not due
     reason: str
+    stale_uploads: tuple[str, ...] = ()  # uploads interrupted before their manifest, long ago
 
 
 def decide(product: str, latest_upload: str | None, latest_content: str | None, rejected: bool,
@@ -65,9 +70,10 @@ def plan_product(settings: Settings, product: str, method: str, seed: int) -> Pl
     product's own (its training settings over FSAD_TRAIN_OVERRIDES): changing them retrains it."""
     store = open_store(settings.storage_url)
     config_hash = config_sha256(training_config(method, seed, *product_overrides(settings, store, product)))
+    stale = tuple(u.upload_id for u in stale_incomplete_uploads(store, product, STALE_UPLOAD_S))
     latest = latest_complete_upload(store, product)
     if latest is None:
-        return decide(product, None, None, False, None, None, None)
+        return replace(decide(product, None, None, False, None, None, None), stale_uploads=stale)
     try:
         content = read_manifest(store, product, latest.upload_id).get("content_sha256")
     except ManifestError:
@@ -80,8 +86,9 @@ def plan_product(settings: Settings, product: str, method: str, seed: int) -> Pl
     trained = registry.find_trained_version(product, content, config_hash) if content else None
     champion = registry.alias_version(product, registry.CHAMPION)
     tags = registry.version_tags(product, champion) if champion else {}
-    return decide(product, latest.upload_id, content, rejected, str(trained.version) if trained is not None else None,
+    plan = decide(product, latest.upload_id, content, rejected, str(trained.version) if trained is not None else None,
                   champion, tags.get("upload_id"), tags.get("config_sha256"), config_hash)
+    return replace(plan, stale_uploads=stale)
 
 
 RETRAIN_DEPLOYMENT = "retrain/retrain-on-upload"
@@ -173,6 +180,10 @@ def retrain_due_flow(method: str = "default", seed: int = 0) -> dict[str, Any]:
             continue
         plan: Plan = planned.result()
         logger.info("%s: %s", product, plan.reason)
+        if plan.stale_uploads:
+            logger.warning("%s: upload(s) %s have had no manifest.json for over %.0f h: finish them with `fsad "
+                           "upload --resume UPLOAD_ID`, or delete them", product, ", ".join(plan.stale_uploads),
+                           STALE_UPLOAD_S / 3600)
         results[product] = asdict(plan)
         if plan.upload_id is not None:
             due.append(plan)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import timm
@@ -31,7 +31,6 @@ class BackboneSpec:
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     # Stages (indices into timm's feature_info) used for patch features and the global embedding.
     patch_stages: tuple[int, ...] = (1, 2)
-    extra: dict = field(default_factory=dict)
 
     @property
     def sha256_prefix(self) -> str | None:

@@ -26,6 +26,8 @@ from conftest import bomb_png, embedded_env, noise_rgb, png_bytes
 from flows import registry
 from flows.cli import main as cli_main
 from flows.retrain import NoUpload, retrain_flow
+from flows.scheduled import STALE_UPLOAD_S, plan_product
+from flows.settings import load_settings
 from flows.storage import (LocalStore, StorageKeyError, list_uploads, manifest_key, open_store, quarantine_prefix,
                            stale_incomplete_uploads, upload_prefix)
 from flows.upload import ManifestError, UploadError, upload_folder
@@ -368,6 +370,11 @@ def test_upload_whose_manifest_never_arrives_is_never_trained_and_reported_stale
     assert stale_incomplete_uploads(store, product, older_than_s=3600) == []  # fresh: maybe still uploading
     later = datetime.now(timezone.utc) + timedelta(hours=2)
     assert [u.upload_id for u in stale_incomplete_uploads(store, product, 3600, now=later)] == [uid]
+    assert plan_product.fn(load_settings(), product, "default", 0).stale_uploads == ()
+    day_ago = time.time() - STALE_UPLOAD_S - 60
+    for key in store.list(prefix):  # the nightly sweep reports it once a day has passed
+        os.utime(Path(load_settings().storage_url) / key, (day_ago, day_ago))
+    assert plan_product.fn(load_settings(), product, "default", 0).stale_uploads == (uid,)
     assert {k: store.get_bytes(k) for k in store.list(prefix)} == objects  # reported, not deleted
     assert store.list(quarantine_prefix(product, uid)) == [] and versions(product) == []
 
