@@ -23,7 +23,7 @@ PEER_K ?= 4
 PEER_RUN = $(PEER_PYTHON) -c "import pathlib, runpy, sys, tempfile; sys.argv = sys.argv[1:]; \
 	runpy.run_path(sys.argv[0], {'TMP': pathlib.Path(tempfile.mkdtemp())}, '__main__')" $(PEER_HARNESS)
 
-.PHONY: install demo test bench bench-ablation bench-peer bench-sweep bench-serve gpu-check stack-up stack-down clean
+.PHONY: install demo lint test bench bench-ablation bench-peer bench-sweep bench-serve gpu-check stack-up stack-down clean
 
 install: $(STAMP)
 
@@ -45,7 +45,11 @@ TEST_WORKERS ?= -n 2 --dist loadfile
 # where spinning OpenMP threads were measured 6x slower than one thread.
 # The reliability suite runs in a process of its own: its Prefect test harness must not inherit
 # event/log workers that earlier in-process flows left pointing at stopped servers.
-test: $(STAMP)
+# ruff, configured in pyproject.toml; part of `make test`.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+test: $(STAMP) lint
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest $(TEST_WORKERS) --ignore=tests/reliability
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest $(TEST_WORKERS) tests/reliability
 

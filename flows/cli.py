@@ -21,8 +21,8 @@ TELEMETRY_OFF = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false
 # short on small busy machines (read when prefect is first imported, after `main` sets it).
 _EPHEMERAL_API = {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}
 
-# fsad_core's RESIZE_MODES, INTENSITY_POLICIES, SCORE_KINDS, POOLINGS, FLIPS, methods and bundled backbones, spelled out so
-# that `--help` does not import torch (a test pins them equal)
+# fsad_core's RESIZE_MODES, INTENSITY_POLICIES, SCORE_KINDS, POOLINGS, FLIPS, methods and bundled backbones,
+# spelled out so that `--help` does not import torch (a test pins them equal)
 RESIZE_CHOICES = ("resize", "letterbox", "tile")
 RESIZE_HELP = ("input resize policy (default: the method's, tile). tile: square tiles along the long side, "
                "nothing stretched; resize: plain, to a square; letterbox: padded to a square")
@@ -231,8 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--false-alarm-target", dest="target_false_alarm_rate", type=_fraction, default=None, metavar="RATE",
                    help=FALSE_ALARM_HELP)
     p.add_argument("--score", choices=SCORE_CHOICES, default=None,
-                   help="the score the threshold is set on and `fsad score` reports (default: the method's: fused, patch for fast); "
-                        "compare the components with `fsad report --components`")
+                   help="the score the threshold is set on and `fsad score` reports (default: the method's: "
+                        "fused, patch for fast); compare the components with `fsad report --components`")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
 
     p = add("score", _cmd_score, "score images with a trained model; writes a CSV (or JSON Lines) of image, score, "

@@ -19,8 +19,15 @@ import numpy as np
 from fsad_core.augment import FLIPS
 from fsad_core.data import find_categories, load_category
 from fsad_core.detector import Detector
-from fsad_core.imageio import (ImageLimits, ImageReadError, check_set_files, image_header_size, image_limits,
-                               is_image_name, read_image)
+from fsad_core.imageio import (
+    ImageLimits,
+    ImageReadError,
+    check_set_files,
+    image_header_size,
+    image_limits,
+    is_image_name,
+    read_image,
+)
 from fsad_core.methods import method_config
 from fsad_core.preprocess import stretch_warning
 
@@ -208,7 +215,7 @@ def score(args: argparse.Namespace) -> int:
     failed = 0
     try:
         for batch in decoded_batches(files, limits):
-            for path, problem in batch:
+            for _, problem in batch:
                 if isinstance(problem, ImageReadError):
                     print(f"fsad score: skipped {problem}", file=sys.stderr)
                     failed += 1
@@ -284,8 +291,14 @@ def bench(args: argparse.Namespace) -> int:
 def report(args: argparse.Namespace) -> int:
     """Merge result files of several ``fsad bench`` runs into one table (later files win for the
     same dataset, category, method, k and seed)."""
-    from fsad_core.benchmark import (COMPONENT_METRICS, RATE_METRICS, format_table, table, with_component_metrics,
-                                     with_defect_type_metrics)
+    from fsad_core.benchmark import (
+        COMPONENT_METRICS,
+        RATE_METRICS,
+        format_table,
+        table,
+        with_component_metrics,
+        with_defect_type_metrics,
+    )
     merged: dict[tuple, dict] = {}
     for name in args.results:
         try:

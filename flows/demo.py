@@ -57,8 +57,12 @@ def _environment(values: dict[str, str]) -> Iterator[None]:
 @contextlib.contextmanager
 def _ephemeral_prefect(home: Path) -> Iterator[None]:
     """Prefect's ephemeral API with its database under ``home`` (not a configured server)."""
-    from prefect.settings import (PREFECT_API_URL, PREFECT_HOME, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
-                                  temporary_settings)
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_HOME,
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+        temporary_settings,
+    )
 
     updates = {PREFECT_HOME: str(home), PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: _PREFECT_STARTUP_S}
     with temporary_settings(updates=updates, restore_defaults={PREFECT_API_URL}):

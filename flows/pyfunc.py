@@ -255,7 +255,8 @@ def artifact_problem(pyfunc_dir: str | Path, own_code: bool = True) -> str | Non
         return f"MLmodel unreadable ({type(exc).__name__})"
     conf = flavors.get("python_function") or {}
     if set(flavors) != {"python_function"} or conf.get("loader_module") != LOADER_MODULE:
-        return f"MLmodel names another loader ({conf.get('loader_module')!r}, flavors {sorted(flavors)}), not {LOADER_MODULE}"
+        return (f"MLmodel names another loader ({conf.get('loader_module')!r}, flavors {sorted(flavors)}), "
+                f"not {LOADER_MODULE}")
     if conf.get("code") not in (None, CODE_DIRNAME):
         return f"MLmodel bundles code at {conf['code']!r}, not {CODE_DIRNAME}"
     if conf.get("data") != _DATA_PATH:

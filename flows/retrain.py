@@ -30,10 +30,23 @@ from prefect.concurrency.sync import concurrency
 from flows import registry, tracking
 from flows.registry import RegistryError
 from flows.run_report import PER_ROLE, GalleryItem, gallery_picks
-from flows.settings import (Settings, SettingsError, config_sha256, io_retry_delays, load_settings,
-                            product_overrides, training_config)
-from flows.storage import (ObjectNotFound, StorageKeyError, latest_complete_upload, manifest_key, open_store,
-                           upload_prefix)
+from flows.settings import (
+    Settings,
+    SettingsError,
+    config_sha256,
+    io_retry_delays,
+    load_settings,
+    product_overrides,
+    training_config,
+)
+from flows.storage import (
+    ObjectNotFound,
+    StorageKeyError,
+    latest_complete_upload,
+    manifest_key,
+    open_store,
+    upload_prefix,
+)
 from flows.upload import ManifestError, content_sha256, read_manifest, sha256_hex
 from flows.validation import UploadNotFound, ValidationReport, quarantine_upload, validate_upload, write_report
 from fsad_core.calibration import Threshold, calibrate_supervised

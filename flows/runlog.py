@@ -13,7 +13,7 @@ import contextlib
 import logging
 import sys
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 _FAILURE_REPORTERS = ("prefect.flow_runs", "prefect.task_runs")  # their ERROR records restate the failure
@@ -24,7 +24,7 @@ def run_log_path(home: Path, command: str, subject: str) -> Path:
     """``HOME/logs/COMMAND-SUBJECT-UTCTIME.log`` (the folder is created)."""
     folder = home / "logs"
     folder.mkdir(parents=True, exist_ok=True)
-    return folder / f"{command}-{subject}-{datetime.now(timezone.utc):%Y%m%dT%H%M%S%fZ}.log"
+    return folder / f"{command}-{subject}-{datetime.now(UTC):%Y%m%dT%H%M%S%fZ}.log"
 
 
 class _WithoutTraceback(logging.Formatter):

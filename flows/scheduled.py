@@ -21,10 +21,15 @@ from prefect import flow, get_run_logger, task
 from flows import registry, tracking
 from flows.retrain import IO_RETRIES, retrain_flow
 from flows.settings import Settings, config_sha256, load_settings, product_overrides, training_config
-from flows.storage import (ObjectNotFound, latest_complete_upload, list_products, open_store,
-                           stale_incomplete_uploads, validation_key)
+from flows.storage import (
+    ObjectNotFound,
+    latest_complete_upload,
+    list_products,
+    open_store,
+    stale_incomplete_uploads,
+    validation_key,
+)
 from flows.upload import ManifestError, read_manifest
-
 
 STALE_UPLOAD_S = 24 * 3600  # an upload without its manifest this long is reported (never deleted)
 

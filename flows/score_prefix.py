@@ -125,7 +125,8 @@ def score_prefix_flow(product: str, url: str, batch: int | None = None, dask: st
     todo = [(key, size) for key, size in images if key not in done]
     batches = [todo[i:i + batch] for i in range(0, len(todo), batch)]
     model = {"name": name, "version": version, "alias": registry.CHAMPION}
-    counts = batches_flow.with_options(task_runner=task_runner(dask))(url, batches, ref, model, prefix) if batches else []
+    run_batches = batches_flow.with_options(task_runner=task_runner(dask))
+    counts = run_batches(url, batches, ref, model, prefix) if batches else []
     summary = Summary(f"{name} version {version} (@{registry.CHAMPION})", len(images), len(images) - len(todo),
                       *(sum(c[field] for c in counts) for field in ("scored", "anomalies", "unreadable")),
                       store.uri(prefix))

@@ -173,5 +173,5 @@ def config_sha256(config: DetectorConfig) -> str:
     return hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode("utf-8")).hexdigest()
 
 
-__all__ = ["Settings", "SettingsError", "config_sha256", "io_retry_delays", "load_settings", "merge_overrides", "product_overrides",
-           "read_product_training", "training_config"]
+__all__ = ["Settings", "SettingsError", "config_sha256", "io_retry_delays", "load_settings", "merge_overrides",
+           "product_overrides", "read_product_training", "training_config"]

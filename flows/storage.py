@@ -16,7 +16,7 @@ import tempfile
 import unicodedata
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -212,7 +212,7 @@ class LocalStore(Store):
                     st = full.stat()
                 except OSError:
                     continue  # vanished meanwhile or a dangling link
-                out.append(ObjectInfo(key, st.st_size, datetime.fromtimestamp(st.st_mtime, timezone.utc)))
+                out.append(ObjectInfo(key, st.st_size, datetime.fromtimestamp(st.st_mtime, UTC)))
         out.sort(key=lambda o: o.key)
         return out
 
@@ -230,7 +230,8 @@ class LocalStore(Store):
             finally:
                 Path(tmp).unlink(missing_ok=True)
         except OSError as exc:
-            raise StorageError(f"copy {self.uri(src_key)} -> {self.uri(dst_key)} failed ({exc.strerror or exc})") from None
+            raise StorageError(f"copy {self.uri(src_key)} -> {self.uri(dst_key)} failed "
+                               f"({exc.strerror or exc})") from None
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
@@ -436,7 +437,7 @@ def upload_id_time(upload_id: str) -> datetime | None:
     if not m:
         return None
     try:
-        return datetime.strptime(m.group(1), "%Y%m%dT%H%M%SZ").replace(tzinfo=timezone.utc)
+        return datetime.strptime(m.group(1), "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
     except ValueError:
         return None
 
@@ -473,7 +474,7 @@ def stale_incomplete_uploads(store: Store, product: str, older_than_s: float,
 
     Only reported: an interrupted upload is evidence, so nothing is deleted here.
     """
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     stale = []
     for u in list_uploads(store, product):
         when = u.last_modified or u.created

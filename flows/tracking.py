@@ -165,8 +165,8 @@ def log_training_run(record: TrainingRecord, detector: Detector, settings: Setti
     tags = {"fsad.product": record.product, "fsad.upload_id": record.upload_id, "fsad.status": "trained",
             "content_sha256": record.content_sha256, "config_sha256": record.config_sha256,
             "eval_set": record.eval_set}
-    with mlflow.start_run(experiment_id=experiment_id, run_name=f"{record.upload_id}-{record.method}-s{record.config.seed}",
-                          tags=tags) as run:
+    run_name = f"{record.upload_id}-{record.method}-s{record.config.seed}"
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags) as run:
         run_id = run.info.run_id
         mlflow.log_params(training_params(record))
         mlflow.log_metrics(record.metrics)
@@ -185,7 +185,8 @@ def log_training_run(record: TrainingRecord, detector: Detector, settings: Setti
                                                         f"{record.product}: {record.eval_set} benchmark"))
             for item in record.overlays:
                 name = f"{item.role}_{item.name}".replace(" ", "_").replace("/", "_").rsplit(".", 1)[0]
-                Image.fromarray(overlay(item.image, item.amap, detector.map_anchor())).save(plots / f"overlay_{name}.png")
+                picture = overlay(item.image, item.amap, detector.map_anchor())
+                Image.fromarray(picture).save(plots / f"overlay_{name}.png")
             mlflow.log_artifacts(str(plots), "plots")
             model_dir = detector.save(Path(tmp) / DATA_DIRNAME, extra_config={
                 "product": record.product, "upload_id": record.upload_id, "method": record.method,

@@ -17,7 +17,7 @@ import sys
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +27,9 @@ from flows.storage import (
     MANIFEST_NAME,
     SPLITS_LABELS,
     ObjectNotFound,
-    Store,
     StorageError,
     StorageKeyError,
+    Store,
     manifest_key,
     open_store,
     upload_prefix,
@@ -75,8 +75,8 @@ class UploadResult:
 
 def new_upload_id(now: datetime | None = None) -> str:
     """UTC timestamp + random suffix, e.g. ``20261129T101500Z-ab12cd``: sorts by time, never collides."""
-    now = now or datetime.now(timezone.utc)
-    return f"{now.astimezone(timezone.utc):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+    now = now or datetime.now(UTC)
+    return f"{now.astimezone(UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
 
 
 def sha256_hex(data: bytes) -> str:
@@ -103,7 +103,7 @@ def content_sha256(files: list[dict[str, Any]]) -> str:
     """
     h = hashlib.sha256()
     for key, digest in sorted((f["key"], f["sha256"]) for f in files):
-        h.update(f"{key}\t{digest}\n".encode("utf-8"))
+        h.update(f"{key}\t{digest}\n".encode())
     return h.hexdigest()
 
 
@@ -143,7 +143,8 @@ def _collect(folder: Path) -> tuple[list[tuple[str, Path]], list[str]]:
                 if rel in layout and sub.is_dir():
                     take(sub, rel, rel + "/")
                 else:
-                    skipped.append(f"{rel}{'/' if sub.is_dir() else ''} (expected train/good, eval/good or eval/defect)")
+                    slash = "/" if sub.is_dir() else ""
+                    skipped.append(f"{rel}{slash} (expected train/good, eval/good or eval/defect)")
     else:
         take(folder, "train/good", "")
     return wanted, skipped
@@ -230,7 +231,8 @@ def upload_folder(store: Store, product: str, folder: str | Path, upload_id: str
         data = path.read_bytes()
         if sha256_hex(data) != entry["sha256"]:
             raise UploadError(f"{rel}: changed while uploading; {incomplete}")
-        if rel in present and present[rel] == entry["size"] and sha256_hex(store.get_bytes(prefix + rel)) == entry["sha256"]:
+        stored = rel in present and present[rel] == entry["size"]
+        if stored and sha256_hex(store.get_bytes(prefix + rel)) == entry["sha256"]:
             continue
         try:
             store.put_bytes(prefix + rel, data, content_type=mimetypes.guess_type(rel)[0])
@@ -241,7 +243,7 @@ def upload_folder(store: Store, product: str, folder: str | Path, upload_id: str
         "format": MANIFEST_FORMAT,
         "product": product,
         "upload_id": upload_id,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
         "files": entries,
         "content_sha256": content_sha256(entries),
     }

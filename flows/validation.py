@@ -14,7 +14,7 @@ os.environ["GX_ANALYTICS_ENABLED"] = "false"  # before any GX import: never phon
 
 import json
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -24,8 +24,8 @@ from flows.storage import (
     MANIFEST_NAME,
     VALIDATION_NAME,
     ObjectNotFound,
-    Store,
     StorageError,
+    Store,
     manifest_key,
     quarantine_prefix,
     upload_prefix,
@@ -188,7 +188,7 @@ def _suite(frame: pd.DataFrame, limits: ValidationLimits) -> list[Any]:
         named(gxe.ExpectColumnValuesToBeInSet(column="decodes", value_set=[True]),
               "every file decodes as an image"),
         named(gxe.ExpectTableRowCountToBeBetween(
-                  min_value=L.min_train, max_value=L.max_train, 
+                  min_value=L.min_train, max_value=L.max_train,
                   row_condition=(Column("layout") == "train/good") & (Column("exists") == True)),  # noqa: E712
               f"train/good image count within [{L.min_train}, {L.max_train}]"),
         named(gxe.ExpectColumnSumToBeBetween(column="pixels", min_value=0, max_value=L.image.max_set_pixels),
@@ -262,7 +262,7 @@ def validate_upload(store: Store, product: str, upload_id: str,
     limits = limits or ValidationLimits()
     frame = build_upload_frame(store, product, upload_id, limits.image)
     success, failed, result, version = run_expectations(frame, limits)
-    checked = datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+    checked = datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
     return ValidationReport(product, upload_id, success, failed, result, asdict(limits), checked, version)
 
 

@@ -51,7 +51,7 @@ class AugmentConfig:
         """The flip setting by name (a key of FLIPS)."""
         return next(name for name, pair in FLIPS.items() if pair == (self.hflip, self.vflip))
 
-    def updated(self, changes: Mapping[str, object]) -> "AugmentConfig":
+    def updated(self, changes: Mapping[str, object]) -> AugmentConfig:
         """This config with some fields changed (JSON lists read as tuples); unknown names refused."""
         unknown = sorted(set(changes) - set(asdict(self)))
         if unknown:

@@ -32,8 +32,15 @@ from .data import Category, Sample, load_category
 from .detector import SCORE_KINDS, Detector, resolve_device
 from .imageio import check_set_files
 from .methods import method_config
-from .metrics import (aupro, defect_type_aurocs, image_auroc, miss_rate_at_false_alarm_rate, pixel_auroc,
-                      rates_at_threshold, summarize)
+from .metrics import (
+    aupro,
+    defect_type_aurocs,
+    image_auroc,
+    miss_rate_at_false_alarm_rate,
+    pixel_auroc,
+    rates_at_threshold,
+    summarize,
+)
 from .provenance import cpu_description, library_versions
 
 RECORD_KEYS = ("dataset", "category", "method", "k", "seed", "image_auroc", "pixel_auroc", "aupro", "f1",
@@ -113,7 +120,7 @@ class CategoryCache:
     masks: list[np.ndarray] | None
 
     @classmethod
-    def load(cls, root: Path, max_test: int | None) -> "CategoryCache":
+    def load(cls, root: Path, max_test: int | None) -> CategoryCache:
         cat = load_category(root)
         test = stratified_subset(cat.test, max_test)
         images = [s.image() for s in test]
@@ -231,7 +238,8 @@ def table(records: list[dict], metrics: tuple[str, ...] = ("image_auroc", "pixel
     for r in records:
         groups.setdefault((r["dataset"], r["category"], r["method"], r["k"]), []).append(r)
     rows = []
-    for (dataset, category, method, k), items in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][3], kv[0][2])):
+    in_order = sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][3], kv[0][2]))  # k before method
+    for (dataset, category, method, k), items in in_order:
         row = {"dataset": dataset, "category": category, "method": method, "k": k, "seeds": len(items)}
         for m in metrics:
             row[m] = summarize([r.get(m) for r in items])

@@ -45,8 +45,15 @@ from .losses import LossWeights
 from .negatives import NEGATIVE_KINDS, synthesize
 from .network import Network, check_pooling
 from .patch_memory import PatchMemory, group_coresets, patch_features, smooth_and_upsample
-from .preprocess import (DEFAULT_RESIZE_MODE, InputSpec, check_intensity_policy, map_to_image, normalise, prepare,
-                         resolve_intensity)
+from .preprocess import (
+    DEFAULT_RESIZE_MODE,
+    InputSpec,
+    check_intensity_policy,
+    map_to_image,
+    normalise,
+    prepare,
+    resolve_intensity,
+)
 from .provenance import cpu_description, library_versions
 
 FORMAT_VERSION = 1
@@ -122,7 +129,7 @@ class DetectorConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "DetectorConfig":
+    def from_dict(cls, d: dict) -> DetectorConfig:
         d = dict(d)
         d.setdefault("intensity", "raw")  # models saved before the policy existed were fitted on raw levels
         d.setdefault("patch_size", None)  # and before the patch branch had its own side, on one side
@@ -190,7 +197,7 @@ class Detector:
     # ----------------------------------------------------------------------------- fitting
     @classmethod
     def fit(cls, images: list[np.ndarray], config: DetectorConfig = DetectorConfig(), device: str = "auto",
-            progress: Progress | None = None) -> tuple["Detector", FitReport]:
+            progress: Progress | None = None) -> tuple[Detector, FitReport]:
         """Fit on k >= 1 normal images (HxWx3 uint8, any sizes)."""
         if not images:
             raise ValueError("need at least one normal image")
@@ -242,7 +249,7 @@ class Detector:
         banks = group_coresets(normal.patches[in_memory], unit_of_view[in_memory], config.memory_max, config.seed,
                                config.coreset_candidates or None)
 
-        def fit_scoring(keep: torch.Tensor) -> "Detector":
+        def fit_scoring(keep: torch.Tensor) -> Detector:
             gaussians = [Gaussian.fit(level[keep]) for level in normal.pooled]
             scale = torch.tensor([float(g.distance(level[keep]).mean()) for g, level in zip(gaussians, normal.pooled)],
                                  dtype=torch.float64)
@@ -325,14 +332,14 @@ class Detector:
             lists["either"] = np.maximum(z_maha, z_patch).tolist()
         return lists
 
-    def _components(self, feats: "Features") -> dict[str, np.ndarray]:
+    def _components(self, feats: Features) -> dict[str, np.ndarray]:
         """Per-view patch scores, and Mahalanobis ones when the detector has the image branch."""
         patch = self.anomaly_maps(feats).flatten(1).amax(dim=1).numpy()
         if not self.config.image_branch:
             return {"patch": patch}
         return {"mahalanobis": _maha(feats.pooled, self.gaussians, self.level_scale), "patch": patch}
 
-    def anomaly_maps(self, feats: "Features") -> torch.Tensor:
+    def anomaly_maps(self, feats: Features) -> torch.Tensor:
         """BxSxS maps at the patch branch's input side: nearest-normal-patch distance, upsampled, smoothed."""
         side = self.config.patch_side
         return smooth_and_upsample(self.memory.distances(feats.patches), side, self.config.map_sigma * side / 224)
@@ -405,7 +412,7 @@ class Detector:
         return folder
 
     @classmethod
-    def load(cls, folder: str | Path, device: str = "auto") -> "Detector":
+    def load(cls, folder: str | Path, device: str = "auto") -> Detector:
         """Load a model folder; only JSON and safetensors are read (never pickle)."""
         folder = Path(folder)
         cfg_path = folder / CONFIG_FILE
@@ -442,7 +449,7 @@ class Features:
     pooled: list[torch.Tensor]
     patches: torch.Tensor
 
-    def select(self, mask: torch.Tensor) -> "Features":
+    def select(self, mask: torch.Tensor) -> Features:
         return Features([p[mask] for p in self.pooled], self.patches[mask])
 
 
@@ -464,7 +471,7 @@ class _Prefixes:
 
     @classmethod
     def of(cls, net: Network, views: torch.Tensor, config: DetectorConfig, spec: InputSpec,
-           device: torch.device, image_branch: bool = True) -> "_Prefixes":
+           device: torch.device, image_branch: bool = True) -> _Prefixes:
         patch = _prefix(net, _resized(views, config.patch_side), spec, device)
         if not image_branch:
             return cls(None, patch)
@@ -472,7 +479,7 @@ class _Prefixes:
             return cls(patch, patch)
         return cls(_prefix(net, _resized(views, config.size), spec, device), patch)
 
-    def features(self, net: Network, device: torch.device, pooled_levels: bool = True) -> "Features":
+    def features(self, net: Network, device: torch.device, pooled_levels: bool = True) -> Features:
         """Patch features, and the pooled levels when asked for (which needs the image branch)."""
         if not pooled_levels:
             return _features(net, self.patch, device, pooled_levels=False)

@@ -24,7 +24,7 @@ class Gaussian:
         self._inner = torch.linalg.inv(self.a * torch.eye(n, dtype=torch.float64) + self.b * gram)
 
     @classmethod
-    def fit(cls, x: torch.Tensor) -> "Gaussian":
+    def fit(cls, x: torch.Tensor) -> Gaussian:
         """x: NxD embeddings (N >= 2)."""
         if x.shape[0] < 2:
             raise ValueError(f"a Gaussian needs at least 2 embeddings, got {x.shape[0]}")
@@ -50,7 +50,7 @@ class Gaussian:
                 f"{prefix}.ab": torch.tensor([self.a, self.b], dtype=torch.float64)}
 
     @classmethod
-    def from_state(cls, state: dict[str, torch.Tensor], prefix: str) -> "Gaussian":
+    def from_state(cls, state: dict[str, torch.Tensor], prefix: str) -> Gaussian:
         a, b = state[f"{prefix}.ab"].tolist()
         return cls(state[f"{prefix}.mean"], state[f"{prefix}.samples"], a, b)
 

@@ -17,7 +17,10 @@ _METHODS: dict[str, Callable[[], DetectorConfig]] = {}
 _DESCRIPTIONS: dict[str, str] = {}
 
 
-def register_method(name: str, description: str) -> Callable[[Callable[[], DetectorConfig]], Callable[[], DetectorConfig]]:
+MethodFactory = Callable[[], DetectorConfig]
+
+
+def register_method(name: str, description: str) -> Callable[[MethodFactory], MethodFactory]:
     def wrap(fn: Callable[[], DetectorConfig]) -> Callable[[], DetectorConfig]:
         _METHODS[name] = fn
         _DESCRIPTIONS[name] = description

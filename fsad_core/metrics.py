@@ -11,7 +11,6 @@ non-finite scores raise: an AUROC over NaN scores would silently be meaningless.
 from __future__ import annotations
 
 import math
-
 from collections.abc import Iterable, Sequence
 
 import numpy as np

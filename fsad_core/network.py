@@ -17,7 +17,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-
 POOLINGS = ("mean", "mean+std", "mean+std+max")
 
 
@@ -48,7 +47,8 @@ class Network(nn.Module):
         if not 1 <= split < n_blocks:
             raise ValueError(f"split must be in [1, {n_blocks - 1}]")
         if not all(0 <= b < n_blocks for b in patch_blocks) or not 0 <= first_level < n_blocks:
-            raise ValueError(f"patch_blocks {patch_blocks} and first_level {first_level} must be in [0, {n_blocks - 1}]")
+            raise ValueError(f"patch_blocks {patch_blocks} and first_level {first_level} must be in "
+                             f"[0, {n_blocks - 1}]")
         check_pooling(pooling)
         self.backbone = backbone
         self.split = split

@@ -58,7 +58,7 @@ class PatchMemory:
 
     @classmethod
     def fit(cls, features: torch.Tensor, max_size: int = 16384, seed: int = 0,
-            max_candidates: int | None = None) -> "PatchMemory":
+            max_candidates: int | None = None) -> PatchMemory:
         """features: BxCxHxW patch features of normal images. With `max_candidates`, the coreset is
         chosen from a seeded random subsample of at most that many patches (None: from all)."""
         flat = features.permute(0, 2, 3, 1).reshape(-1, features.shape[1]).float()
@@ -69,7 +69,7 @@ class PatchMemory:
         return cls(flat[idx].contiguous())
 
     @classmethod
-    def union(cls, banks: list[torch.Tensor]) -> "PatchMemory":
+    def union(cls, banks: list[torch.Tensor]) -> PatchMemory:
         return cls(torch.cat(banks))
 
     def distances(self, features: torch.Tensor, chunk: int = 256) -> torch.Tensor:

@@ -155,7 +155,8 @@ def prepare(image: np.ndarray, spec: InputSpec) -> torch.Tensor:
         canvas[:, top:top + nh, left:left + nw] = _resize(x, nh, nw)
         views = [canvas]
     else:
-        views = [_resize(x[:, t:t + s, l:l + s2], spec.size, spec.size) for t, l, s, s2 in tile_boxes(h, w)]
+        views = [_resize(x[:, top:top + s, left:left + s2], spec.size, spec.size)
+                 for top, left, s, s2 in tile_boxes(h, w)]
     return torch.stack(views)
 
 
@@ -176,6 +177,7 @@ def map_to_image(amap: torch.Tensor, h: int, w: int, spec: InputSpec) -> np.ndar
         nh, nw, top, left = letterbox_geometry(h, w, spec.size)
         return _resize(amap[:1, top:top + nh, left:left + nw], h, w)[0].numpy()
     out = torch.full((h, w), float("-inf"))
-    for tile, (t, l, s, s2) in zip(amap, tile_boxes(h, w)):
-        out[t:t + s, l:l + s2] = torch.maximum(out[t:t + s, l:l + s2], _resize(tile[None], s, s2)[0])
+    for tile, (top, left, s, s2) in zip(amap, tile_boxes(h, w)):
+        region = (slice(top, top + s), slice(left, left + s2))
+        out[region] = torch.maximum(out[region], _resize(tile[None], s, s2)[0])
     return out.numpy()

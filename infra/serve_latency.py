@@ -85,7 +85,8 @@ def main() -> int:
     mlflow.set_tracking_uri(tracking)
     with mlflow.start_run():
         info = log_pyfunc_model(folder, read_image(images[0]), "fsad-latency")
-    server, port = serve(info.model_uri, args.workdir / "serve.log", env={**os.environ, "MLFLOW_TRACKING_URI": tracking})
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking}
+    server, port = serve(info.model_uri, args.workdir / "serve.log", env=env)
     try:
         request_seconds(port, images[0])  # the first request warms the model
         plain = [request_seconds(port, p) for p in images[1:]]

@@ -11,16 +11,28 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flows.cli import (BACKBONE_CHOICES, CORESET_HELP, FLIP_CHOICES, FLIPS_HELP, INTENSITY_CHOICES, MAP_SIGMA_HELP,
-                       METHOD_NAMES, POOLING_CHOICES, RESIZE_CHOICES, ROTATION_HELP, SCORE_CHOICES, build_parser)
+from flows.cli import (
+    BACKBONE_CHOICES,
+    CORESET_HELP,
+    FLIP_CHOICES,
+    FLIPS_HELP,
+    INTENSITY_CHOICES,
+    MAP_SIGMA_HELP,
+    METHOD_NAMES,
+    POOLING_CHOICES,
+    RESIZE_CHOICES,
+    ROTATION_HELP,
+    SCORE_CHOICES,
+    build_parser,
+)
 from flows.cli import main as cli_main
 from flows.commands import collect_images, decoded_batches, map_files
 from fsad_core.augment import FLIPS, AugmentConfig
 from fsad_core.backbone import list_backbones
 from fsad_core.detector import SCORE_KINDS, Detector, DetectorConfig
 from fsad_core.imageio import ImageLimits, ImageReadError, read_image
-from fsad_core.network import POOLINGS
 from fsad_core.methods import list_methods
+from fsad_core.network import POOLINGS
 from fsad_core.preprocess import INTENSITY_POLICIES, RESIZE_MODES
 from fsad_core.synthetic import make_category
 

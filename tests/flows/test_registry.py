@@ -66,7 +66,8 @@ def log(settings, fitted, upload_id: str, content: str) -> tracking.LoggedRun:
         config_sha256=config_sha256(config), k=2, eval_set="labelled",
         metrics={"benchmark_auroc": image_auroc(labels, scores)}, history=report.history,
         threshold=detector.threshold, validation_json='{"success": true}\n', fit_report=report.to_dict(),
-        roc_labels=labels, roc_scores=scores.tolist(), overlays=[GalleryItem("training image", "first", 0.0, images[0], np.zeros(images[0].shape[:2]))],
+        roc_labels=labels, roc_scores=scores.tolist(),
+        overlays=[GalleryItem("training image", "first", 0.0, images[0], np.zeros(images[0].shape[:2]))],
         example_image=images[0])
     return tracking.log_training_run(record, detector, settings)
 

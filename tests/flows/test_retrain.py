@@ -254,7 +254,8 @@ def test_training_checks_the_pixel_budget_before_decoding_an_image(env, tmp_path
     folder = tmp_path / "set"
     folder.mkdir()
     for i in range(3):  # 64 x 64 each
-        Image.fromarray(np.random.default_rng(i).integers(40, 210, (64, 64, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        pixels = np.random.default_rng(i).integers(40, 210, (64, 64, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i}.png")
     result = upload_folder(open_store(), "budget", folder, upload_id="20260101T000000Z-budget")
     monkeypatch.setenv("FSAD_MAX_SET_PIXELS", str(2 * 64 * 64))
     with pytest.raises(ImageReadError, match="its 3 images hold 12288 decoded pixels, above the budget of 8192"):

@@ -5,8 +5,16 @@ import json
 
 import pytest
 
-from flows.settings import (DEFAULT_IO_RETRY_DELAYS, SettingsError, io_retry_delays, load_settings, merge_overrides,
-                            product_overrides, read_product_training, training_config)
+from flows.settings import (
+    DEFAULT_IO_RETRY_DELAYS,
+    SettingsError,
+    io_retry_delays,
+    load_settings,
+    merge_overrides,
+    product_overrides,
+    read_product_training,
+    training_config,
+)
 from flows.storage import LocalStore, training_key
 from fsad_core.methods import method_config
 

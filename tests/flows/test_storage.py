@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -189,7 +189,7 @@ class _FakeS3:
                     yield {"CommonPrefixes": [{"Prefix": p} for p in cps]}
                     return
                 yield {"Contents": [{"Key": k, "Size": len(fake.objects[k]),
-                                     "LastModified": datetime.now(timezone.utc)} for k in keys]}
+                                     "LastModified": datetime.now(UTC)} for k in keys]}
         return P()
 
 
@@ -224,7 +224,7 @@ def test_layout_helpers_and_names() -> None:
             upload_prefix("p", bad)
     with pytest.raises(StorageKeyError):
         train_key("p", "u", "a/b.png")
-    assert upload_id_time("20261129T101500Z-ab12cd") == datetime(2026, 11, 29, 10, 15, tzinfo=timezone.utc)
+    assert upload_id_time("20261129T101500Z-ab12cd") == datetime(2026, 11, 29, 10, 15, tzinfo=UTC)
     assert upload_id_time("manual-1") is None
 
 
@@ -238,11 +238,11 @@ def test_upload_discovery(store: LocalStore) -> None:
     ups = list_uploads(store, "p")
     assert [u.upload_id for u in ups] == ids
     assert [u.complete for u in ups] == [True, True, False]
-    assert ups[0].created == datetime(2026, 1, 1, tzinfo=timezone.utc) and ups[0].n_objects == 2
+    assert ups[0].created == datetime(2026, 1, 1, tzinfo=UTC) and ups[0].n_objects == 2
     assert latest_complete_upload(store, "p").upload_id == ids[1]  # type: ignore[union-attr]
     assert latest_complete_upload(store, "nobody") is None
     assert list_products(store) == ["p", "q"]
-    later = datetime.now(timezone.utc) + timedelta(hours=2)
+    later = datetime.now(UTC) + timedelta(hours=2)
     stale = stale_incomplete_uploads(store, "p", older_than_s=3600, now=later)
     assert [u.upload_id for u in stale] == [ids[2]]
     assert stale_incomplete_uploads(store, "p", older_than_s=3600) == []  # just written: not stale

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import re
+from datetime import UTC
 from pathlib import Path
 
 import numpy as np
@@ -235,10 +236,10 @@ def test_a_long_file_name_uploads_and_resumes_whole(store: LocalStore, tmp_path:
 
 
 def test_upload_id_is_time_sortable() -> None:
-    from datetime import datetime, timezone
-    a = new_upload_id(datetime(2026, 11, 29, 10, 15, tzinfo=timezone.utc))
+    from datetime import datetime
+    a = new_upload_id(datetime(2026, 11, 29, 10, 15, tzinfo=UTC))
     assert re.fullmatch(r"20261129T101500Z-[0-9a-f]{6}", a)
-    assert new_upload_id(datetime(2026, 11, 29, 10, 16, tzinfo=timezone.utc)) > a
+    assert new_upload_id(datetime(2026, 11, 29, 10, 16, tzinfo=UTC)) > a
 
 
 def test_read_manifest_errors(store: LocalStore) -> None:

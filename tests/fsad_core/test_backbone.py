@@ -2,8 +2,14 @@ import pytest
 import torch
 from skimage import data as skdata
 
-from fsad_core.backbone import (WeightsError, create_backbone, get_spec, list_backbones, verify_sha256_prefix,
-                                weights_path)
+from fsad_core.backbone import (
+    WeightsError,
+    create_backbone,
+    get_spec,
+    list_backbones,
+    verify_sha256_prefix,
+    weights_path,
+)
 from fsad_core.preprocess import InputSpec, normalise, prepare
 
 

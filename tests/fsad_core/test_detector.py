@@ -49,7 +49,8 @@ def test_fit_reports_history_and_calibrated_threshold(fitted):
     assert report.history is not None and 1 <= len(report.history.loss) <= 8
     assert all(np.isfinite(report.history.loss))
     t = detector.threshold
-    assert np.isfinite(t.value) and t.value > max(report.normal_scores[detector.config.score])  # never flags every normal
+    # never flags every normal
+    assert np.isfinite(t.value) and t.value > max(report.normal_scores[detector.config.score])
     assert report.normal_rule.startswith("leave-one-out")
 
 

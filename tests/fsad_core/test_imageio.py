@@ -4,8 +4,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fsad_core.imageio import (ImageLimits, ImageReadError, LimitSettingError, image_header_size, image_limits,
-                                read_image, read_mask)
+from fsad_core.imageio import (
+    ImageLimits,
+    ImageReadError,
+    LimitSettingError,
+    image_header_size,
+    image_limits,
+    read_image,
+    read_mask,
+)
 
 
 def _png(arr: np.ndarray, mode: str | None = None) -> bytes:
@@ -21,7 +28,7 @@ def test_rgb_grey_rgba_palette_16bit_cmyk_all_become_rgb_uint8(tmp_path):
         "grey.png": Image.fromarray(rgb[..., 0]),
         "rgba.png": Image.fromarray(np.dstack([rgb, np.full((40, 60), 255, np.uint8)])),
         "palette.png": Image.fromarray(rgb).convert("P"),
-        "grey16.png": Image.fromarray((rgb[..., 0].astype(np.uint16) * 257)),
+        "grey16.png": Image.fromarray(rgb[..., 0].astype(np.uint16) * 257),
         "cmyk.jpg": Image.fromarray(rgb).convert("CMYK"),
         "rgb.jpg": Image.fromarray(rgb),
     }
@@ -102,8 +109,9 @@ def test_a_file_over_the_byte_limit_is_refused_before_it_is_read(tmp_path):
     path.write_bytes(_png(np.random.default_rng(2).integers(0, 255, (64, 64), dtype=np.uint8)))
     limits = ImageLimits(max_file_bytes=path.stat().st_size - 1)
     for source in (path, path.read_bytes()):
-        with pytest.raises(ImageReadError, match=f"big.png: refused, {path.stat().st_size} bytes exceeds the "
-                                                 f"per-file limit of {limits.max_file_bytes} \\(FSAD_MAX_FILE_BYTES\\)"):
+        reason = (f"big.png: refused, {path.stat().st_size} bytes exceeds the per-file limit of "
+                  f"{limits.max_file_bytes} \\(FSAD_MAX_FILE_BYTES\\)")
+        with pytest.raises(ImageReadError, match=reason):
             read_image(source, name="big.png", limits=limits)
     assert read_image(path, limits=ImageLimits(max_file_bytes=path.stat().st_size)).shape == (64, 64, 3)
 

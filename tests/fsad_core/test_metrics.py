@@ -3,8 +3,15 @@ import pytest
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
-from fsad_core.metrics import (aupro, defect_type_aurocs, image_auroc, miss_rate_at_false_alarm_rate, pixel_auroc,
-                               rates_at_threshold, summarize)
+from fsad_core.metrics import (
+    aupro,
+    defect_type_aurocs,
+    image_auroc,
+    miss_rate_at_false_alarm_rate,
+    pixel_auroc,
+    rates_at_threshold,
+    summarize,
+)
 
 
 def _random_masks_maps(rng, shapes, signal=1.0):

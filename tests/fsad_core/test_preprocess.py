@@ -4,9 +4,22 @@ import numpy as np
 import pytest
 import torch
 
-from fsad_core.preprocess import (GREY_TOLERANCE, MAX_TILES, STANDARD_MEAN, STANDARD_SPREAD, InputSpec, is_grey,
-                                  letterbox_geometry, map_to_image, normalise, prepare, resolve_intensity,
-                                  standardise_intensity, stretch_warning, tile_boxes)
+from fsad_core.preprocess import (
+    GREY_TOLERANCE,
+    MAX_TILES,
+    STANDARD_MEAN,
+    STANDARD_SPREAD,
+    InputSpec,
+    is_grey,
+    letterbox_geometry,
+    map_to_image,
+    normalise,
+    prepare,
+    resolve_intensity,
+    standardise_intensity,
+    stretch_warning,
+    tile_boxes,
+)
 
 
 def _image(h: int, w: int, seed: int = 0) -> np.ndarray:

@@ -151,8 +151,8 @@ def third_party_env(tmp: Path) -> Path:
 
 
 def invoke(port: int, images: list[Path], maps: bool = False) -> list[dict]:
-    body = {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(p.read_bytes()).decode()] for p in images]},
-            "params": {"maps": maps}}
+    rows = [[base64.b64encode(p.read_bytes()).decode()] for p in images]
+    body = {"dataframe_split": {"columns": ["image"], "data": rows}, "params": {"maps": maps}}
     request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=120) as answer:
@@ -181,7 +181,8 @@ def test_the_champion_serves_where_fsad_is_not_installed_and_answers_as_fsad_sco
     from flows.cli import main
     from flows.registry import model_name
 
-    files = sorted((sets["good"] / "eval" / "good").iterdir())[:2] + sorted((sets["good"] / "eval" / "defect").iterdir())[:2]
+    evaluation = sets["good"] / "eval"
+    files = sorted((evaluation / "good").iterdir())[:2] + sorted((evaluation / "defect").iterdir())[:2]
     assert main(["score", "--json", "--model", f"models:/{model_name(P)}@champion", *map(str, files)]) == 0
     expected = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     answers = invoke(served, files)
@@ -207,9 +208,9 @@ def test_a_prefix_is_decided_on_dask_written_back_and_resumed(stack, sets, capsy
     as fsad score decides it; a second run scores only what no part file holds."""
     from flows.cli import main
     from flows.registry import model_name
+    from flows.runners import api_for_workers
     from flows.score_prefix import score_prefix_flow
     from flows.storage import open_store
-    from flows.runners import api_for_workers
 
     line = open_store(f"s3://{stack.bucket}/lines/day-1")
     files = sorted((sets["good"] / "eval").rglob("*.png"))
@@ -221,7 +222,8 @@ def test_a_prefix_is_decided_on_dask_written_back_and_resumed(stack, sets, capsy
     assert (first["images"], first["already"], first["scored"], first["unreadable"]) == (len(files), 0, len(files), 1)
     parts = [k for k in bucket_keys(stack, "lines/day-1/fsad-decisions/") if k.endswith(".jsonl")]
     assert len(parts) == (len(files) + 1) // 2 and all(f"/{model_name(P)}/v1/part-" in k for k in parts)
-    decisions = {d["image"]: d for k in parts for d in map(json.loads, line.get_bytes(k.removeprefix("lines/day-1/")).decode().split("\n")[:-1])}
+    lines = [text for k in parts for text in line.get_bytes(k.removeprefix("lines/day-1/")).decode().splitlines()]
+    decisions = {d["image"]: d for d in map(json.loads, lines)}
     assert decisions["defect/broken.png"]["error"].startswith("defect/broken.png: ")
     assert decisions["defect/broken.png"]["is_anomaly"] is True and decisions["defect/broken.png"]["score"] is None
 

@@ -12,24 +12,32 @@ import csv
 import json
 import os
 import subprocess
-import time
 import sys
-from datetime import datetime, timedelta, timezone
+import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pytest
+from conftest import bomb_png, embedded_env, noise_rgb, png_bytes
 from PIL import Image
 
-from conftest import bomb_png, embedded_env, noise_rgb, png_bytes
 from flows import registry
 from flows.cli import main as cli_main
 from flows.retrain import NoUpload, retrain_flow
 from flows.scheduled import STALE_UPLOAD_S, plan_product
 from flows.settings import load_settings
-from flows.storage import (LocalStore, StorageKeyError, list_uploads, manifest_key, open_store, quarantine_prefix,
-                           stale_incomplete_uploads, upload_prefix)
+from flows.storage import (
+    LocalStore,
+    StorageKeyError,
+    list_uploads,
+    manifest_key,
+    open_store,
+    quarantine_prefix,
+    stale_incomplete_uploads,
+    upload_prefix,
+)
 from flows.upload import ManifestError, UploadError, upload_folder
 from fsad_core.imageio import read_image
 
@@ -368,7 +376,7 @@ def test_upload_whose_manifest_never_arrives_is_never_trained_and_reported_stale
     (info,) = list_uploads(store, product)
     assert info.upload_id == uid and not info.complete
     assert stale_incomplete_uploads(store, product, older_than_s=3600) == []  # fresh: maybe still uploading
-    later = datetime.now(timezone.utc) + timedelta(hours=2)
+    later = datetime.now(UTC) + timedelta(hours=2)
     assert [u.upload_id for u in stale_incomplete_uploads(store, product, 3600, now=later)] == [uid]
     assert plan_product.fn(load_settings(), product, "default", 0).stale_uploads == ()
     day_ago = time.time() - STALE_UPLOAD_S - 60

@@ -15,9 +15,9 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import embedded_env, noise_rgb, png_bytes
 from safetensors import SafetensorError
 
-from conftest import embedded_env, noise_rgb, png_bytes
 from flows import registry
 from flows.cli import main as cli_main
 from flows.pyfunc import DATA_DIRNAME, encode_png, log_pyfunc_model, model_folder

@@ -25,8 +25,8 @@ from pathlib import Path
 import mlflow
 import pytest
 import requests as requests_lib
-
 from conftest import CLEARED, noise_rgb, png_bytes
+
 from flows import registry
 from flows.cli import main as cli_main
 from flows.storage import S3Store, StorageKeyError, manifest_key, quarantine_prefix, upload_prefix
@@ -43,7 +43,7 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 FLOW_TIMEOUT_S = 420
 UPLOADED: dict[str, bytes] = {}  # every object key this module uploaded -> its bytes
-RUNS: list["Retrain"] = []  # every fsad retrain this module ran (their console output is checked)
+RUNS: list[Retrain] = []  # every fsad retrain this module ran (their console output is checked)
 TOKEN = "fsadCanaryToken-3hT8sQ"  # sent to the MLflow server with every request of the module
 
 
@@ -120,7 +120,7 @@ class Retrain:
             return self.proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             self.kill()
-            raise AssertionError(f"fsad retrain did not finish within {timeout_s} s:\n{self.output[-4000:]}")
+            raise AssertionError(f"fsad retrain did not finish within {timeout_s} s:\n{self.output[-4000:]}") from None
         finally:
             time.sleep(0.3)
 
@@ -325,7 +325,7 @@ def test_rejected_upload_is_quarantined_in_the_bucket(stack, tmp_path):
     assert "Traceback (most recent call last)" in log and "UploadRejected" in log
 
 
-def _one_failure_line(run: "Retrain", *phrases: str) -> str:
+def _one_failure_line(run: Retrain, *phrases: str) -> str:
     """The console of a failed ``fsad retrain``: no traceback, one ``fsad retrain:`` line with the
     reason and the log file, which keeps the traceback; returns the log's text."""
     assert "Traceback" not in run.output, run.output[-4000:]
