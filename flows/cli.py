@@ -32,7 +32,7 @@ INTENSITY_HELP = ("grey levels as shot, or standardised per image for parts whos
 SCORE_CHOICES = ("mahalanobis", "patch", "fused", "either")
 METHOD_NAMES = ("pretrained", "instance", "instance+cross", "full", "default", "fast")
 METHODS_HELP = ("methods of the registry: " + ", ".join(METHOD_NAMES) + "; default is the best measured setting, "
-                "fast the patch score alone at 224 px (README, The model)")
+                "fast the patch score alone at 224 px (docs/method.md)")
 POOLING_CHOICES = ("mean", "mean+std", "mean+std+max")
 POOLING_HELP = "statistics over positions of the image-level embeddings (default: the method's, mean+std+max)"
 BACKBONE_CHOICES = ("tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2")

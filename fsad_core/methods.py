@@ -70,7 +70,7 @@ def _full() -> DetectorConfig:
     return _finetuned(1.0, 1.0, 1.0)
 
 
-@register_method("default", "the best measured setting (see README): full fine-tuning, fused score")
+@register_method("default", "the best measured setting (docs/results.md): full fine-tuning, fused score")
 def _default() -> DetectorConfig:
     return _full()
 

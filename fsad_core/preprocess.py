@@ -119,7 +119,7 @@ def resolve_intensity(policy: str, images: list[np.ndarray]) -> str:
     """The intensity mode a fit uses: `auto` standardises grey products and keeps colour ones raw.
 
     A grey camera's exposure and gain vary from shot to shot and say little about the part; on the
-    grey sets we measured, standardising helped, on the colour one it did not (README "Measured")."""
+    grey sets we measured, standardising helped, on the colour one it did not (docs/results.md)."""
     check_intensity_policy(policy)
     if policy != "auto":
         return policy

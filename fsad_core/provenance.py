@@ -2,7 +2,7 @@
 
 Fine-tuned weights depend on more than the code, the seed and torch's version: with all three the
 same, two installs gave `default` a mean image AUROC of 0.784 and 0.780 on Magnetic Tile at k = 1
-(`pretrained` equal record for record; README, Measured), and nothing recorded could say which
+(`pretrained` equal record for record; docs/results.md), and nothing recorded could say which
 library or machine differed. So models and benchmark records name them.
 """
 

@@ -66,7 +66,7 @@ def test_find_categories(category):
     assert category in find_categories(category.parent)
 
 
-EXPECTED = {  # from ../shared/data/README.md: train good, test good, test defect
+EXPECTED = {  # each shared set: train good, test good, test defect (as published with the data)
     "mvtec_ad/bottle": (209, 20, 63),
     "magnetic_tile/magnetic_tile": (762, 190, 392),
     "elpv/poly": (100, 184, 402),

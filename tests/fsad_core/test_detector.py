@@ -167,7 +167,7 @@ def test_single_image_fit_uses_held_out_views(washer):
 
 
 def test_patch_branch_at_its_own_input_side(washer, tmp_path):
-    # The default patch branch sees more of the part than the image branch (measured: README).
+    # The default patch branch sees more of the part than the image branch (measured: docs/results.md).
     assert DetectorConfig().patch_side == 320 > DetectorConfig().size
     # Image branch at 64 px, patch branch at 96 px: maps at the patch side, at image size after scoring.
     config = replace(method_config("pretrained"), **{**SMALL, "size": 64, "patch_size": 96})
