@@ -116,7 +116,7 @@ def register(product: str, model_uri: str, run_id: str, tags: dict[str, str]) ->
     return mv
 
 
-def decide(candidate_auroc: float | None, min_auroc: float, eval_set: str,
+def gate_decision(candidate_auroc: float | None, min_auroc: float, eval_set: str,
            champion_version: str | None = None, champion_auroc: float | None = None) -> GateDecision:
     """The gate's verdict from its inputs (no I/O): minimum AUROC, then not worse than the champion."""
     def made(passed: bool, reason: str) -> GateDecision:
@@ -271,6 +271,6 @@ def _move_aside_remains(target: Path) -> None:
 
 
 __all__ = ["CANDIDATE", "CHAMPION", "PREVIOUS", "GateDecision", "RegistryError", "Verification", "alias_version",
-           "aliases", "champion_auroc", "decide", "download_model", "find_trained_version", "model_name",
+           "aliases", "champion_auroc", "download_model", "gate_decision", "find_trained_version", "model_name",
            "resolve_model",
            "promote", "record_gate", "register", "verify", "version_tags"]

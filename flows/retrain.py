@@ -259,7 +259,8 @@ def product_lock(product: str) -> Iterator[None]:
 
 
 @task(persist_result=False)
-def fine_tune(images: list[np.ndarray], config: DetectorConfig, device: str) -> tuple[Detector, FitReport]:
+def fit(images: list[np.ndarray], config: DetectorConfig, device: str) -> tuple[Detector, FitReport]:
+    """Fine-tune and fit the scoring, with the threshold calibrated without labels (`Detector.fit`)."""
     logger = get_run_logger()
     dev = resolve_device(device)
     steps = config.finetune.steps if config.finetune else 0
@@ -373,7 +374,7 @@ def gate(settings: Settings, product: str, version: str, auroc: float | None, be
     tracking.configure(settings)
     images, labels = (data.eval_images, data.eval_labels) if bench_kind == LABELLED else (None, None)
     champion, champion_auroc = registry.champion_auroc(product, images, labels, device, settings)
-    decision = registry.decide(auroc, settings.gate_min_auroc, bench_kind, champion, champion_auroc)
+    decision = registry.gate_decision(auroc, settings.gate_min_auroc, bench_kind, champion, champion_auroc)
     registry.record_gate(product, version, decision)
     get_run_logger().info("gate %s: %s", "passed" if decision.passed else "FAILED", decision.reason)
     return decision
@@ -461,7 +462,7 @@ def _train_and_promote(settings: Settings, product: str, upload_id: str, manifes
         return already_trained(existing)
 
     data = load_images(settings, product, upload_id, manifest)
-    tagged = fine_tune.with_options(tags={GPU_LIMIT}) if device == "cuda" else fine_tune
+    tagged = fit.with_options(tags={GPU_LIMIT}) if device == "cuda" else fit
     detector, report = tagged(data.train, config, device)
     bench = score_benchmark(detector, report, data)
     threshold = calibrate(detector, bench)

@@ -42,7 +42,7 @@ class Plan:
     stale_uploads: tuple[str, ...] = ()  # uploads interrupted before their manifest, long ago
 
 
-def decide(product: str, latest_upload: str | None, latest_content: str | None, rejected: bool,
+def plan_for(product: str, latest_upload: str | None, latest_content: str | None, rejected: bool,
            trained_version: str | None, champion: str | None, champion_upload: str | None,
            champion_config: str | None = None, config_hash: str | None = None) -> Plan:
     """Whether ``product`` is due (no I/O). Upload ids sort by time, so a larger id is a newer upload.
@@ -71,14 +71,14 @@ def decide(product: str, latest_upload: str | None, latest_content: str | None, 
 
 @task(**IO_RETRIES)  # storage or registry down: retried; bad product settings: not
 def plan_product(settings: Settings, product: str, method: str, seed: int) -> Plan:
-    """Read the facts ``decide`` needs from storage and the MLflow registry. The configuration is the
+    """Read the facts ``plan_for`` needs from storage and the MLflow registry. The configuration is the
     product's own (its training settings over FSAD_TRAIN_OVERRIDES): changing them retrains it."""
     store = open_store(settings.storage_url)
     config_hash = config_sha256(training_config(method, seed, *product_overrides(settings, store, product)))
     stale = tuple(u.upload_id for u in stale_incomplete_uploads(store, product, STALE_UPLOAD_S))
     latest = latest_complete_upload(store, product)
     if latest is None:
-        return replace(decide(product, None, None, False, None, None, None), stale_uploads=stale)
+        return replace(plan_for(product, None, None, False, None, None, None), stale_uploads=stale)
     try:
         content = read_manifest(store, product, latest.upload_id).get("content_sha256")
     except ManifestError:
@@ -91,7 +91,7 @@ def plan_product(settings: Settings, product: str, method: str, seed: int) -> Pl
     trained = registry.find_trained_version(product, content, config_hash) if content else None
     champion = registry.alias_version(product, registry.CHAMPION)
     tags = registry.version_tags(product, champion) if champion else {}
-    plan = decide(product, latest.upload_id, content, rejected, str(trained.version) if trained is not None else None,
+    plan = plan_for(product, latest.upload_id, content, rejected, str(trained.version) if trained is not None else None,
                   champion, tags.get("upload_id"), tags.get("config_sha256"), config_hash)
     return replace(plan, stale_uploads=stale)
 
@@ -169,7 +169,7 @@ def _on_server() -> bool:
 
 @flow(name="retrain-due", persist_result=True, result_serializer="json")
 def retrain_due_flow(method: str = "default", seed: int = 0) -> dict[str, Any]:
-    """Retrain each due product (see ``decide``); returns per product the plan and the retraining
+    """Retrain each due product (see ``plan_for``); returns per product the plan and the retraining
     status. Raises at the end when the planning or retraining of any product failed."""
     logger = get_run_logger()
     settings = load_settings()

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from flows import registry, tracking
 from flows.pyfunc import LOADER_MODULE, artifact_problem, encode_png, requirements, served_code
-from flows.registry import CANDIDATE, CHAMPION, PREVIOUS, RegistryError, decide
+from flows.registry import CANDIDATE, CHAMPION, PREVIOUS, RegistryError, gate_decision
 from flows.run_report import GalleryItem
 from flows.settings import config_sha256, load_settings, training_config
 from fsad_core.data import load_category
@@ -95,7 +95,7 @@ def versions(settings, fitted):
     (None, 0.9, None, None, False, "undefined"),
 ])
 def test_gate_rules(auroc, minimum, champ, champ_auroc, passed, phrase):
-    d = decide(auroc, minimum, "labelled", champ, champ_auroc)
+    d = gate_decision(auroc, minimum, "labelled", champ, champ_auroc)
     assert d.passed is passed and phrase in d.reason
     tags = d.tags()
     assert tags["gate.verdict"] == ("passed" if passed else "failed")
@@ -138,7 +138,7 @@ def test_register_verify_promote_moves_champion_and_previous(settings, fitted, v
     with pytest.raises(RegistryError, match="not verified"):
         registry.promote(PRODUCT, v1)
     for version in (v1, v2):
-        registry.record_gate(PRODUCT, version, decide(1.0, 0.9, "labelled"))
+        registry.record_gate(PRODUCT, version, gate_decision(1.0, 0.9, "labelled"))
         check = registry.verify(PRODUCT, version, images[0], float(detector.score(images[:1]).scores[0]))
         assert check.ok, check.reason
         assert registry.version_tags(PRODUCT, version)["verified"] == "true"
@@ -152,7 +152,7 @@ def test_a_version_that_does_not_reproduce_its_score_is_never_champion(settings,
     _, _, _, images, _, _ = fitted
     logged = log(settings, fitted, "20260101T000009Z-bad000", "c" * 64)
     version = str(registry.register(PRODUCT, logged.model_uri, logged.run_id, {}).version)
-    registry.record_gate(PRODUCT, version, decide(1.0, 0.9, "labelled"))
+    registry.record_gate(PRODUCT, version, gate_decision(1.0, 0.9, "labelled"))
     check = registry.verify(PRODUCT, version, images[0], expected_score=1e6)
     assert not check.ok and "in memory" in check.reason
     assert registry.version_tags(PRODUCT, version)["verified"] == "false"
@@ -238,7 +238,7 @@ def test_an_artifact_changed_after_logging_fails_verification_and_is_never_champ
     detector, _, _, images, _, _ = fitted
     logged = log(settings, fitted, "20260101T000010Z-tamper", "d" * 64)
     version = str(registry.register(PRODUCT, logged.model_uri, logged.run_id, {}).version)
-    registry.record_gate(PRODUCT, version, decide(1.0, 0.9, "labelled"))
+    registry.record_gate(PRODUCT, version, gate_decision(1.0, 0.9, "labelled"))
     stored = mlflow.get_logged_model(logged.model_uri.removeprefix("models:/")).artifact_location
     [weights] = Path(stored.removeprefix("file://")).rglob("network.safetensors")
     damage(weights)  # changed in the store after logging, before verification
@@ -282,7 +282,7 @@ def test_a_failure_while_moving_aliases_never_leaves_champion_on_an_unverified_v
     assert registry.version_tags(PRODUCT, v1)["verified"] == "true"
 
     unverified = str(mlflow.register_model(logged.model_uri, registry.model_name(PRODUCT)).version)
-    registry.record_gate(PRODUCT, unverified, decide(1.0, 0.9, "labelled"))
+    registry.record_gate(PRODUCT, unverified, gate_decision(1.0, 0.9, "labelled"))
     mlflow.MlflowClient().set_model_version_tag(registry.model_name(PRODUCT), unverified, "verified", "false")
     moved = registry.aliases(PRODUCT)
     with pytest.raises(RegistryError, match="not verified"):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from flows.scheduled import decide
+from flows.scheduled import plan_for
 
 U1, U2 = "20260101T000001Z-a", "20260102T000001Z-b"
 OLD, NEW = "a" * 64, "b" * 64
@@ -19,5 +19,5 @@ OLD, NEW = "a" * 64, "b" * 64
     ((U1, "c", False, None, "1", U1, None, NEW), None, "trained on the latest upload"),  # a champion without the tag
 ])
 def test_decide(args, due, reason):
-    plan = decide("washer", *args)
+    plan = plan_for("washer", *args)
     assert plan.upload_id == due and reason in plan.reason

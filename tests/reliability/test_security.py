@@ -113,7 +113,7 @@ def _register(folder: Path, **log_options) -> str:
         else:
             info = log_pyfunc_model(folder, noise_rgb(1))
     version = str(mlflow.register_model(info.model_uri, registry.model_name(P)).version)
-    registry.record_gate(P, version, registry.decide(1.0, 0.0, "labelled"))  # even a passed gate
+    registry.record_gate(P, version, registry.gate_decision(1.0, 0.0, "labelled"))  # even a passed gate
     return version
 
 
