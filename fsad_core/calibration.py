@@ -118,9 +118,8 @@ def calibrate_unsupervised(normal_scores: np.ndarray | list[float],
     It never moves up and never below the guard. With fewer than ``MIN_NORMALS_FOR_TAIL`` normal
     scores the spread it measures the gap in is a floor, not an estimate, so there it stops at the
     prediction bound for ``SMALL_K_GAP_FALSE_ALARM_FACTOR`` times the target: uncapped, a gap of
-    one floor put thresholds at k = 2 among the normal images (40-70 % of the normal test images
-    flagged on two Magnetic Tile and ELPV runs), while off, it let most defects pass on bottle,
-    whose synthetic and real defects stand far above the normal images.
+    one floor put thresholds at k = 2 among the normal images, while off, it let most defects pass
+    on sets whose synthetic and real defects stand far above the normal images (docs/measurements.md).
     With ``views_of_one_image`` (k = 1: the "normal" scores are held-out augmented views of the only
     image) they understate how far other normal images score, and a threshold from them flags
     nearly every real normal image. Then (``single_image_midpoint``) the threshold is at least the

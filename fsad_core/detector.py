@@ -572,11 +572,11 @@ def fused_spread_floor(normal: dict[str, np.ndarray], fusion: dict[str, tuple[fl
     leave-one-out scores have spread sqrt(2 + 2 r), r the components' correlation over the same k
     images. From a few images r is a coin toss (at k = 2 it is +1 or -1: the two fused scores are
     then equal, the spread 0 and the threshold their mean, or the spread 2): a bound on those
-    scores flags 17-26 % of new normal images at k = 2 and 2-3 % at k = 4 against a 1 % target
-    (simulated, `tests/fsad_core/test_detector.py`). Two measures of one departure from normal do
-    not cancel each other (on the test normals of every measured run their correlation was
-    0.24-0.72), so the spread is taken as at least the uncorrelated one. `either`, the larger of the
-    two, spreads about as the wider of them: that one's spread is its floor.
+    scores flags several times the target of new normal images (simulated in
+    `tests/fsad_core/test_detector.py`). Two measures of one departure from normal do not cancel
+    each other (their correlation was positive on the test normals of every measured run,
+    docs/measurements.md), so the spread is taken as at least the uncorrelated one. `either`, the
+    larger of the two, spreads about as the wider of them: that one's spread is its floor.
     """
     spreads = [float(np.std(normal[name], ddof=1)) / fusion[name][1] for name in normal]
     return max(spreads) if score == "either" else math.sqrt(sum(s ** 2 for s in spreads))

@@ -56,9 +56,8 @@ def stretch_warning(shapes: list[tuple[int, ...]], mode: str, tolerance: float =
 
     Under `resize` every part becomes a square, so parts whose aspect ratios differ by more than
     `tolerance` are distorted differently and their textures stop matching. The default, `tile`,
-    keeps the shapes (Magnetic Tile, ratios 0.36-2.6, k = 4: image AUROC 0.811 under `resize`,
-    0.836 with tiles); the choice may have been made for scoring time (2.7 times as long there),
-    so the note asks for a comparison rather than overriding it."""
+    keeps the shapes and ranked better where they vary (docs/results.md); plain resize may have been
+    chosen for scoring time, so the note asks for a comparison rather than overriding it."""
     if mode != "resize" or not shapes:
         return None
     ratios = [w / h for h, w, *_ in shapes]
