@@ -37,8 +37,8 @@ def pool(x: torch.Tensor, stats: str) -> torch.Tensor:
 
 
 class Network(nn.Module):
-    def __init__(self, backbone: nn.Module, split: int = 4, patch_blocks: tuple[int, ...] = (2, 4),
-                 first_level: int = 4, pooling: str = "mean", proj_dim: int = 128):
+    def __init__(self, backbone: nn.Module, split: int, patch_blocks: tuple[int, ...], first_level: int,
+                 pooling: str, proj_dim: int = 128):
         super().__init__()
         for attr in ("conv_stem", "bn1", "blocks", "conv_head", "bn2"):
             if not hasattr(backbone, attr):

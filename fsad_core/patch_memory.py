@@ -57,7 +57,7 @@ class PatchMemory:
         self._bank_sq = (self.bank * self.bank).sum(dim=1)
 
     @classmethod
-    def fit(cls, features: torch.Tensor, max_size: int = 16384, seed: int = 0,
+    def fit(cls, features: torch.Tensor, max_size: int, seed: int = 0,
             max_candidates: int | None = None) -> PatchMemory:
         """features: BxCxHxW patch features of normal images. With `max_candidates`, the coreset is
         chosen from a seeded random subsample of at most that many patches (None: from all)."""
