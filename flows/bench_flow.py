@@ -18,7 +18,7 @@ from prefect.futures import as_completed
 
 from flows.runners import task_runner
 from fsad_core.benchmark import Cell, environment, format_table, grid, run_cell, table, write_records
-from fsad_core.data import find_categories
+from fsad_core.data import find_all_categories
 
 
 @task(task_run_name="{cell.dataset} {cell.method} k={cell.k} seed={cell.seed}")
@@ -51,10 +51,7 @@ def benchmark_flow(data: list[str], k: list[int], seeds: list[int], methods: lis
     (``overrides``: DetectorConfig fields for every method); writes ``{"records": [...],
     "environment": {...}}`` to ``out`` after each run and returns the records and the table."""
     logger = get_run_logger()
-    roots = [c for d in data for c in find_categories(d)]
-    if not roots:
-        raise FileNotFoundError(f"no MVTec-layout category under {' '.join(data)}")
-    cells, skipped = grid(roots, k, methods, seeds)
+    cells, skipped = grid(find_all_categories(data), k, methods, seeds)
     for note in skipped:
         logger.warning(note)
     env, overrides = environment(), overrides or {}

@@ -17,7 +17,7 @@ from typing import TextIO
 import numpy as np
 
 from fsad_core.augment import FLIPS
-from fsad_core.data import find_categories, load_category
+from fsad_core.data import find_all_categories, load_category
 from fsad_core.detector import Detector
 from fsad_core.imageio import (
     ImageLimits,
@@ -268,16 +268,13 @@ def bench(args: argparse.Namespace) -> int:
                                      max_test=args.max_test, device=args.device, overrides=_config_options(args),
                                      dask=args.dask)["records"]
     else:
-        roots = [c for d in args.data for c in find_categories(d)]
-        if not roots:
-            raise FileNotFoundError(f"no MVTec-layout category under {' '.join(args.data)}")
-        cells, skipped = grid(roots, args.k, args.methods, args.seeds)
+        cells, skipped = grid(find_all_categories(args.data), args.k, args.methods, args.seeds)
         for note in skipped:
             print(note, file=sys.stderr)
-        records, env = [], environment()
+        records, env, overrides = [], environment(), _config_options(args)
         for i, cell in enumerate(cells, 1):
             label = f"[{i}/{len(cells)}] {cell.label()}"
-            records.append(run_cell(cell, args.max_test, args.device, Progress(label), **_config_options(args)))
+            records.append(run_cell(cell, args.max_test, args.device, Progress(label), **overrides))
             print(f"{label}: image AUROC {records[-1]['image_auroc']:.3f} (fit {records[-1]['fit_seconds']:.0f} s)",
                   file=sys.stderr)
             write_records(Path(args.out), records, env)

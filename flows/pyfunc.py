@@ -267,8 +267,8 @@ def artifact_problem(pyfunc_dir: str | Path, own_code: bool = True) -> str | Non
     foreign = [f for f in files if f not in written]
     if foreign:
         return f"artifact holds files the pipeline never writes: {', '.join(foreign[:10])}"
-    altered = [rel for rel, data in code.items() if not (root / rel).is_file() or (root / rel).read_bytes() != data]
-    if own_code and altered:
+    if own_code and (altered := [rel for rel, data in code.items()
+                                 if not (root / rel).is_file() or (root / rel).read_bytes() != data]):
         return f"bundled code is not this fsad's own: {', '.join(altered[:10])}"
     return None
 

@@ -26,12 +26,20 @@ def task_runner(dask: str | None) -> Any:
     return DaskTaskRunner(address=dask)
 
 
+def prefect_api_configured() -> bool:
+    """Whether flows here talk to a Prefect server (PREFECT_API_URL, from the environment or the
+    profile) rather than the embedded API."""
+    from prefect.settings import get_current_settings
+
+    return get_current_settings().api.url is not None
+
+
 @contextmanager
 def api_for_workers() -> Iterator[None]:
     """Dask workers report their task runs to the Prefect API. Where none is configured, a temporary
     one is started for the run and its address put in the environment the workers inherit (a
     cluster on other machines needs a Prefect server of its own: PREFECT_API_URL on every worker)."""
-    if os.environ.get("PREFECT_API_URL"):
+    if prefect_api_configured():
         yield
         return
     from prefect.server.api.server import SubprocessASGIServer

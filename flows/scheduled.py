@@ -20,6 +20,7 @@ from prefect import flow, get_run_logger, task
 
 from flows import registry, tracking
 from flows.retrain import IO_RETRIES, retrain_flow
+from flows.runners import prefect_api_configured
 from flows.settings import Settings, config_sha256, load_settings, product_overrides, training_config
 from flows.storage import (
     ObjectNotFound,
@@ -161,12 +162,6 @@ def _outcome(run: Any) -> Outcome:
         return Outcome("completed")
 
 
-def _on_server() -> bool:
-    from prefect.settings import get_current_settings
-
-    return get_current_settings().api.url is not None
-
-
 @flow(name="retrain-due", persist_result=True, result_serializer="json")
 def retrain_due_flow(method: str = "default", seed: int = 0) -> dict[str, Any]:
     """Retrain each due product (see ``plan_for``); returns per product the plan and the retraining
@@ -192,7 +187,7 @@ def retrain_due_flow(method: str = "default", seed: int = 0) -> dict[str, Any]:
         results[product] = asdict(plan)
         if plan.upload_id is not None:
             due.append(plan)
-    outcomes = (retrain_on_pool(due, method, seed) if due and _on_server() else None)
+    outcomes = (retrain_on_pool(due, method, seed) if due and prefect_api_configured() else None)
     if outcomes is None:
         outcomes = retrain_here(due, method, seed)
     for product, outcome in outcomes.items():

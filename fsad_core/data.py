@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,6 +95,15 @@ def load_category(root: str | Path) -> Category:
                         raise CategoryError(f"{path}: defect image has no mask {candidate}")
                 test.append(Sample(path, label, sub.name, mask_path))
     return Category(root, train, test)
+
+
+def find_all_categories(roots: Iterable[str | Path]) -> list[Path]:
+    """Category folders under each of ``roots``, in order; FileNotFoundError when there is none."""
+    roots = [Path(root) for root in roots]
+    found = [category for root in roots for category in find_categories(root)]
+    if not found:
+        raise FileNotFoundError(f"no MVTec-layout category under {' '.join(map(str, roots))}")
+    return found
 
 
 def find_categories(root: str | Path) -> list[Path]:
