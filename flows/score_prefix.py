@@ -91,12 +91,13 @@ def _read(store: Any, objects: list[tuple[str, int]], limits: ImageLimits
         try:
             limits.check_bytes(size, key)
             image = read_image(store.get_bytes(key), name=key, limits=limits)
-            limits.check_set(pixels + image.shape[0] * image.shape[1], len(images) + 1, f"the batch up to {key}")
+            area = image.shape[0] * image.shape[1]
+            limits.check_set(pixels + area, len(images) + 1, f"the batch up to {key}")
         except (ImageReadError, ObjectNotFound) as exc:  # storage down: the task fails and is retried
             errors[key] = str(exc)
             continue
         images[key] = image
-        pixels += image.shape[0] * image.shape[1]
+        pixels += area
     return images, errors
 
 
