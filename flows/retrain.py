@@ -293,8 +293,7 @@ def calibrate(detector: Detector, bench: Benchmark) -> Threshold:
     """F1-optimal threshold on a labelled set; otherwise the fit's unsupervised threshold stays."""
     if bench.kind == LABELLED:
         supervised = calibrate_supervised(bench.scores, bench.labels)
-        supervised.details["unsupervised"] = detector.threshold.to_dict()  # kept for comparison
-        detector.threshold = supervised
+        detector.threshold = supervised.with_details(unsupervised=detector.threshold.to_dict())  # for comparison
     t = detector.threshold
     get_run_logger().info("threshold %.4g (%s)", t.value, t.rule)
     if t.details.get("provisional"):

@@ -8,7 +8,7 @@ anomaly means ``score > threshold`` (strictly greater).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -23,9 +23,8 @@ RULE_SUPERVISED_F1 = "supervised_f1"
 RULE_SINGLE_IMAGE = "single_image_midpoint"
 
 # Fewer leave-one-out scores than this give no spread one can put a tail on (two scores: their
-# half-difference), so their threshold is provisional. Measured on the whole Magnetic Tile and ELPV
-# test sets against a 1 % target: at k = 2 three runs of twelve flagged 15-41 % of the normal
-# images and four let every defect pass; at k = 4 and 8 no run flagged more than 7.1 %.
+# half-difference), so their threshold is provisional; at k = 2 the bound missed its target badly
+# in both directions (docs/measurements.md, section 10).
 MIN_NORMALS_FOR_TAIL = 4
 # Below MIN_NORMALS_FOR_TAIL the synthetic-gap refinement may trade false alarms for recall only
 # down to the prediction bound at this many times the target false-alarm rate.
@@ -66,6 +65,10 @@ class Threshold:
     def __post_init__(self) -> None:
         if not math.isfinite(self.value):
             raise ValueError(f"threshold value must be finite, got {self.value}")
+
+    def with_details(self, **more: Any) -> Threshold:
+        """The same threshold with more details: a threshold is never changed once made."""
+        return replace(self, details={**self.details, **more})
 
     def is_anomaly(self, scores: np.ndarray | list[float]) -> np.ndarray:
         """Bool flags, ``score > value``: the one comparison used by metrics and calibration."""

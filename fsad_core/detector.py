@@ -308,8 +308,8 @@ class Detector:
         detector.threshold = calibrate_unsupervised(
             np.asarray(normal_scores[config.score]),
             np.asarray(synthetic_scores[config.score]) if syn is not None else None,
-            config.target_false_alarm_rate, min_spread=min_spread, views_of_one_image=n_images == 1)
-        detector.threshold.details["normal_rule"] = rule
+            config.target_false_alarm_rate, min_spread=min_spread,
+            views_of_one_image=n_images == 1).with_details(normal_rule=rule)
         report = FitReport(history, normal_scores, synthetic_scores, rule, time.perf_counter() - start)
         return detector, report
 
