@@ -66,7 +66,7 @@ bench-ablation: $(STAMP)
 # The nightly sweep on the real stack: four products with one worker of the pool, then two (one run
 # at a time each); prints both wall times and their ratio.
 bench-sweep: $(STAMP)
-	FSAD_WORKER_LIMIT=1 $(BIN)/python -m pytest -s -k sweep_on_two_workers_against_one tests/integration/test_deployments.py
+	OMP_NUM_THREADS=1 FSAD_WORKER_LIMIT=1 $(BIN)/python -m pytest -s -k sweep_on_two_workers_against_one tests/integration/test_deployments.py
 
 # Latency of the served model, one image a request: make bench-serve SERVE_MODEL=DIR SERVE_IMAGES=DIR
 bench-serve: $(STAMP)

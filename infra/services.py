@@ -127,7 +127,7 @@ def build_services(cfg: StackConfig, info: StackInfo) -> list[Service]:
         "FSAD_S3_PORT", prepare=prepare_swift))
 
     # Flow runs are children of the worker and inherit its environment: give it the clients' env.
-    worker_env = {**prefect_env, **info.env()}
+    worker_env = {**prefect_env, **info.env(), **threads_per_run(cfg.worker_limit, env)}
     worker_name = f"fsad-worker-{cfg.prefect_port}"
     services.append(Service(
         "prefect-worker", [
@@ -136,6 +136,15 @@ def build_services(cfg: StackConfig, info: StackInfo) -> list[Service]:
         ], worker_env, cfg.prefect_dir, lambda: _worker_online(cfg, worker_name),
         f"{cfg.prefect_api_url}/work_pools/{WORK_POOL}", after="prefect-server"))
     return services
+
+
+def threads_per_run(limit: int, env: dict[str, str]) -> dict[str, str]:
+    """OMP_NUM_THREADS for a worker's runs: its share of the cores when it runs ``limit`` at once
+    (each torch run otherwise takes every core, and runs side by side oversubscribe them); nothing
+    when the environment already says, or without a limit."""
+    if not limit or "OMP_NUM_THREADS" in env:
+        return {}
+    return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // limit))}
 
 
 def _worker_online(cfg: StackConfig, worker_name: str) -> bool:

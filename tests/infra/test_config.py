@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import os
 import socket
 import subprocess
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 from infra.config import StackConfig, StackError, free_port_env
 from infra.info import StackInfo
 from infra.s3client import _add_content_md5, make_s3_client
+from infra.services import threads_per_run
 
 
 def test_config_from_env_and_saved(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -95,3 +97,11 @@ def test_each_stack_draws_its_own_secret_and_keeps_it_private(tmp_path: Path, mo
     assert a.state_file.stat().st_mode & 0o077 == 0  # owner only
     monkeypatch.setenv("FSAD_S3_SECRET", "chosen-by-the-user")
     assert StackConfig.from_env(tmp_path / "c").secret_key == "chosen-by-the-user"
+
+
+def test_a_limited_worker_gives_each_run_its_share_of_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert threads_per_run(4, {}) == {"OMP_NUM_THREADS": "2"}
+    assert threads_per_run(16, {}) == {"OMP_NUM_THREADS": "1"}
+    assert threads_per_run(0, {}) == {}  # no limit: runs take what torch gives them
+    assert threads_per_run(4, {"OMP_NUM_THREADS": "3"}) == {}  # the environment's word stands
