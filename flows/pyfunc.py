@@ -83,8 +83,7 @@ class DetectorModel:
             if with_maps:
                 for row, image, amap in zip(rows, images.values(), result.maps):
                     pictures[row] = _overlay_png(image, amap, self.detector.map_anchor())
-        threshold = self.detector.threshold.value if self.detector.threshold is not None else float("nan")
-        return pd.DataFrame({"score": scores, "is_anomaly": flags, "threshold": threshold,
+        return pd.DataFrame({"score": scores, "is_anomaly": flags, "threshold": self.detector.threshold.value,
                              "model_name": self.identity.name, "model_version": self.identity.version,
                              "error": errors, "map_png": pictures})
 

@@ -1,8 +1,10 @@
 """The anomaly detector: fit on k normal images, score images, save and load as a model folder.
 
-Fit = prepare inputs -> pool of augmented views and synthetic negatives -> frozen prefix once ->
-optional contrastive fine-tuning -> per-level Gaussians (Mahalanobis) and a patch memory ->
-leave-one-out normal scores and synthetic-anomaly scores -> fusion statistics and threshold.
+Fit, in stages: a pool of augmented views (`view_pool`) -> the frozen prefix once, and the optional
+contrastive fine-tuning against synthetic negatives -> one patch coreset per image (`_Normals`) ->
+held-out folds (`held_out_folds`), each scored by a `Scoring` (per-level Gaussians and a patch
+memory) fitted without it, on its normal parts and on synthetic anomalies -> fusion statistics
+and the threshold (`_calibrate`) -> the detector, built once with the scoring of all the views.
 
 Scores (higher = more anomalous):
 - `mahalanobis`: sum over levels of the Mahalanobis distance of the pooled embedding, each level
@@ -159,8 +161,8 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 class ScoreResult:
     scores: np.ndarray                       # the configured score, one per image
     components: dict[str, np.ndarray]        # every score kind, one per image
-    maps: list[np.ndarray] | None = None     # HxW anomaly maps at each image's own size
-    is_anomaly: np.ndarray | None = None
+    is_anomaly: np.ndarray                   # scores above the model's threshold
+    maps: list[np.ndarray] | None = None     # HxW anomaly maps at each image's own size, when asked for
 
 
 @dataclass
@@ -178,14 +180,14 @@ class FitReport:
 
 
 class Detector:
-    def __init__(self, config: DetectorConfig, net: Network, gaussians: list[Gaussian], level_scale: torch.Tensor,
-                 memory: PatchMemory, fusion: dict[str, tuple[float, float]], threshold: Threshold | None,
-                 meta: dict | None = None, device: torch.device | None = None):
+    """A fitted model of one product: the network, the scoring fitted on its normal images, the
+    fusion statistics of the combined scores and the calibrated threshold."""
+
+    def __init__(self, config: DetectorConfig, net: Network, scoring: Scoring, fusion: dict[str, tuple[float, float]],
+                 threshold: Threshold, meta: dict | None = None, device: torch.device | None = None):
         self.config = config
         self.net = net.eval()
-        self.gaussians = gaussians
-        self.level_scale = level_scale.double()
-        self.memory = memory
+        self.scoring = scoring
         self.fusion = fusion
         self.threshold = threshold
         self.meta = meta or {}
@@ -193,12 +195,13 @@ class Detector:
         spec = get_spec(config.backbone)
         self.input_spec = InputSpec(config.work_size, config.resize, spec.mean, spec.std, config.intensity)
         self.map_spec = InputSpec(config.patch_side, config.resize, spec.mean, spec.std, config.intensity)
+        self._extractor = _Extractor(self.net, config, self.input_spec, self.device)
 
     # ----------------------------------------------------------------------------- fitting
     @classmethod
     def fit(cls, images: list[np.ndarray], config: DetectorConfig = DetectorConfig(), device: str = "auto",
             progress: Progress | None = None) -> tuple[Detector, FitReport]:
-        """Fit on k >= 1 normal images (HxWx3 uint8, any sizes)."""
+        """Fit on k >= 1 normal images (HxWx3 uint8, any sizes): the stages of the module docstring."""
         if not images:
             raise ValueError("need at least one normal image")
         start = time.perf_counter()
@@ -209,140 +212,29 @@ class Detector:
         spec = get_spec(config.backbone)
         input_spec = InputSpec(config.work_size, config.resize, spec.mean, spec.std, config.intensity)
         net = _network(config, create_backbone(config.backbone, config.weights)).to(dev).eval()
-
-        # Views are drawn per tile; fine-tuning and calibration group a part's tiles (image_of_view).
-        tiles = [prepare(img, input_spec) for img in images]
-        bases = [t for image_tiles in tiles for t in image_tiles]
-        image_of_base = torch.cat([torch.full((len(t),), i) for i, t in enumerate(tiles)])
-        k, n_images = len(bases), len(images)
-        per_image = max(8, math.ceil(config.pool_views / k))
-        views = torch.cat([torch.cat([base[None], augment_views(base, per_image - 1, config.augment,
-                                                                generator_seed=config.seed * 1000 + i)])
-                           for i, base in enumerate(bases)])
-        source = torch.arange(k).repeat_interleave(per_image)
-        image_of_view = image_of_base[source]
-        view_in_image = torch.arange(per_image).repeat(k)
-
-        def synthesize_from(indices: np.ndarray) -> torch.Tensor:
-            return torch.stack([synthesize(rng, views[int(j)], config.negative_kinds,
-                                           source=views[int(rng.integers(len(views)))])[0] for j in indices])
-
+        extractor = _Extractor(net, config, input_spec, dev)
+        pool = view_pool(images, config, input_spec)
         if progress:
             progress("features", 0, 1)
-        normal_pre = _Prefixes.of(net, views, config, input_spec, dev,
-                                  config.image_branch or config.finetune is not None)
-        history = None
-        if config.finetune is not None:
-            negatives = synthesize_from(rng.integers(len(views), size=config.negatives))
-            neg_h = _prefix(net, _resized(negatives, config.size), input_spec, dev).h
-            report = (lambda step, total, loss: progress("fine-tune", step, total)) if progress else None
-            # Tiles of one part are views of one instance: the instance term must not learn to tell
-            # them apart, and the cross-instance term pairs different parts.
-            history = finetune(net, normal_pre.image.h, image_of_view, neg_h, config.finetune, config.seed, dev,
-                               report)
-        net.eval()
-        normal = normal_pre.features(net, dev, config.image_branch)
-        in_memory = view_in_image < config.memory_views
-        # One coreset per image (per half of the views with one image), so every fold's memory is
-        # the union of the coresets of the images it keeps (patch_memory.group_coresets).
-        unit_of_view = image_of_view if n_images >= 2 else (view_in_image >= per_image // 2).long()
-        banks = group_coresets(normal.patches[in_memory], unit_of_view[in_memory], config.memory_max, config.seed,
-                               config.coreset_candidates or None)
-
-        def fit_scoring(keep: torch.Tensor) -> Detector:
-            gaussians = [Gaussian.fit(level[keep]) for level in normal.pooled]
-            scale = torch.tensor([float(g.distance(level[keep]).mean()) for g, level in zip(gaussians, normal.pooled)],
-                                 dtype=torch.float64)
-            kept_units = unit_of_view[keep & in_memory].unique().tolist()
-            memory = PatchMemory.union([banks[u] for u in kept_units])
-            return cls(config, net, gaussians, scale, memory, {}, None, device=dev)
-
-        # Leave-one-out scores of the normals, and of synthetic anomalies made from the left-out
-        # image, so both come from a model that never saw that image (nor any tile of it: tiles of
-        # one part look alike, and leaving out one tile at a time would understate the spread
-        # between parts); a held-out part scores as its worst tile, as in `score`. With one image:
-        # held-out augmented views instead (the first half of the views fits, the second half is
-        # scored; each view index across the tiles stands for one part).
-        # Beyond MAX_FOLDS images, images share folds (image i in fold i mod MAX_FOLDS): each is still
-        # scored by a model that never saw it, and the fit's cost stops growing with k squared (a
-        # greedy coreset per fold over the patches of all the fold's other images).
-        if n_images >= 2:
-            n_folds = min(n_images, MAX_FOLDS)
-            rule = ("leave-one-out over the k normal images" if n_folds == n_images else
-                    f"{n_folds}-fold held-out scores of the k normal images")
-            fold_of_view = image_of_view % n_folds
-            folds = [(fold_of_view != i, (fold_of_view == i) & (view_in_image == 0), fold_of_view == i)
-                     for i in range(n_folds)]
-            part_of_view = image_of_view
-        else:
-            rule = "held-out augmented views of the single normal image"
-            fit_half = view_in_image < per_image // 2
-            folds = [(fit_half, ~fit_half, ~fit_half)]
-            part_of_view = view_in_image
-        cal_per_fold = max(2, config.calibration_negatives // len(folds)) if config.calibration_negatives > 0 else 0
-        normal_parts: list[dict[str, np.ndarray]] = []
-        synth_parts: list[dict[str, np.ndarray]] = []
-        for keep, held, negatives_from in folds:
-            fold = fit_scoring(keep)
-            normal_parts.append(_worst_tile(fold._components(normal.select(held)), part_of_view[held]))
-            if cal_per_fold:
-                candidates = torch.nonzero(negatives_from).flatten().numpy()
-                picks = rng.choice(candidates, size=cal_per_fold, replace=len(candidates) < cal_per_fold)
-                cal = _Prefixes.of(net, synthesize_from(picks), config, input_spec, dev,
-                                   config.image_branch).features(net, dev, config.image_branch)
-                synth_parts.append(fold._components(cal))
-
-        detector = fit_scoring(torch.ones(len(source), dtype=torch.bool))
-        detector.meta = {"k": n_images, "tiles": k, "fitted_on": cpu_description()}
-        loo = _concat(normal_parts)
-        syn = _concat(synth_parts) if synth_parts else None
-        if config.image_branch:
-            detector.fusion, detector.meta["fusion_rule"] = _fusion_scales(loo, syn, single_image=n_images == 1)
-        normal_scores = detector._with_fused(loo)
-        synthetic_scores = detector._with_fused(syn) if syn is not None else {name: [] for name in normal_scores}
+        features, history = _adapted_features(extractor, pool, rng, progress)
+        normals = _Normals.of(features, pool, config)
+        folds = held_out_folds(pool)
+        normal, synthetic = _held_out_scores(extractor, normals, pool, folds, rng)
         if progress:
             progress("calibrate", 1, 1)
-        # With k >= 2 the combined scores are in units of the leave-one-out spreads (`fused_spread_floor`).
-        min_spread = fused_spread_floor(loo, detector.fusion, config.score) if config.score in COMBINED and \
-            n_images >= 2 else 0.0
-        detector.threshold = calibrate_unsupervised(
-            np.asarray(normal_scores[config.score]),
-            np.asarray(synthetic_scores[config.score]) if syn is not None else None,
-            config.target_false_alarm_rate, min_spread=min_spread,
-            views_of_one_image=n_images == 1).with_details(normal_rule=rule)
-        report = FitReport(history, normal_scores, synthetic_scores, rule, time.perf_counter() - start)
+        calibration = _calibrate(normal, synthetic, config, pool.n_images, folds.rule)
+        meta = {"k": pool.n_images, "tiles": pool.n_tiles, "fitted_on": cpu_description(),
+                **({"fusion_rule": calibration.fusion_rule} if config.image_branch else {})}
+        detector = cls(config, net, normals.scoring(torch.ones(len(pool.views), dtype=torch.bool)),
+                       calibration.fusion, calibration.threshold, meta, device=dev)
+        report = FitReport(history, _as_lists(calibration.normal_scores), _as_lists(calibration.synthetic_scores),
+                           folds.rule, time.perf_counter() - start)
         return detector, report
 
     # ----------------------------------------------------------------------------- scoring
-    def _standardised(self, components: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """Each component in the fusion's units (NaN while the fusion statistics are not known)."""
-        if not self.fusion:
-            nan = np.full(len(components["patch"]), math.nan)
-            return nan, nan
-        (mm, ms), (pm, ps) = self.fusion["mahalanobis"], self.fusion["patch"]
-        return (components["mahalanobis"] - mm) / ms, (components["patch"] - pm) / ps
-
-    def _with_fused(self, components: dict[str, np.ndarray]) -> dict[str, list[float]]:
-        """The component scores as lists, with the combined scores added when there are two."""
-        arrays = {name: np.asarray(values, dtype=np.float64) for name, values in components.items()}
-        lists = {name: values.tolist() for name, values in arrays.items()}
-        if "mahalanobis" in arrays:
-            z_maha, z_patch = self._standardised(arrays)
-            lists["fused"] = (z_maha + z_patch).tolist()
-            lists["either"] = np.maximum(z_maha, z_patch).tolist()
-        return lists
-
-    def _components(self, feats: Features) -> dict[str, np.ndarray]:
-        """Per-view patch scores, and Mahalanobis ones when the detector has the image branch."""
-        patch = self.anomaly_maps(feats).flatten(1).amax(dim=1).numpy()
-        if not self.config.image_branch:
-            return {"patch": patch}
-        return {"mahalanobis": _maha(feats.pooled, self.gaussians, self.level_scale), "patch": patch}
-
     def anomaly_maps(self, feats: Features) -> torch.Tensor:
-        """BxSxS maps at the patch branch's input side: nearest-normal-patch distance, upsampled, smoothed."""
-        side = self.config.patch_side
-        return smooth_and_upsample(self.memory.distances(feats.patches), side, self.config.map_sigma * side / 224)
+        """BxSxS maps at the patch branch's input side (`Scoring.anomaly_maps`)."""
+        return self.scoring.anomaly_maps(feats, self.config)
 
     def map_anchor(self, threshold: float | None = None) -> float:
         """The anomaly-map level at which a part reaches the threshold (the model's, or the one given)
@@ -361,30 +253,24 @@ class Detector:
         """Score images in batches; in tile mode each score is the worst tile's."""
         if not images:
             raise ValueError("no images to score")
-        branch = self.config.image_branch
         parts: list[dict[str, np.ndarray]] = []
         maps: list[np.ndarray] = []
         for first in range(0, len(images), batch):
             chunk = images[first:first + batch]
             views = [prepare(img, self.input_spec) for img in chunk]
-            feats = _Prefixes.of(self.net, torch.cat(views), self.config, self.input_spec, self.device,
-                                 branch).features(self.net, self.device, branch)
+            feats = self._extractor.features(torch.cat(views), self.config.image_branch)
             amap = self.anomaly_maps(feats)
-            per_view = {"patch": amap.flatten(1).amax(dim=1).numpy()}
-            if branch:
-                per_view["mahalanobis"] = _maha(feats.pooled, self.gaussians, self.level_scale)
             part_of_view = torch.cat([torch.full((v.shape[0],), i) for i, v in enumerate(views)])
-            parts.append(_worst_tile(per_view, part_of_view))
+            parts.append(_worst_tile(self.scoring.components(feats, self.config, amap), part_of_view))
             if with_maps:
                 offsets = np.cumsum([0] + [v.shape[0] for v in views])
                 maps += [map_to_image(amap[start:stop], img.shape[0], img.shape[1], self.map_spec)
                          for img, start, stop in zip(chunk, offsets[:-1], offsets[1:])]
-        arrays = {name: np.asarray(values) for name, values in self._with_fused(_concat(parts)).items()}
+        arrays = with_combined(_concat(parts), self.fusion)
         scores = arrays[self.config.score]
         if not np.isfinite(scores).all():
             raise FloatingPointError("non-finite anomaly scores")
-        is_anomaly = scores > self.threshold.value if self.threshold is not None else None
-        return ScoreResult(scores, arrays, maps if with_maps else None, is_anomaly)
+        return ScoreResult(scores, arrays, self.threshold.is_anomaly(scores), maps if with_maps else None)
 
     # ----------------------------------------------------------------------------- persistence
     def save(self, folder: str | Path, extra_config: dict | None = None) -> Path:
@@ -393,8 +279,8 @@ class Detector:
         folder.mkdir(parents=True, exist_ok=True)
         net_state = {k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
         save_file(net_state, str(folder / NETWORK_FILE))
-        scoring = {"level_scale": self.level_scale, "memory": self.memory.bank.contiguous()}
-        for i, g in enumerate(self.gaussians):
+        scoring = {"level_scale": self.scoring.level_scale, "memory": self.scoring.memory.bank.contiguous()}
+        for i, g in enumerate(self.scoring.gaussians):
             scoring.update(g.state(f"gaussian.{i}"))
         save_file({k: v.contiguous() for k, v in scoring.items()}, str(folder / SCORING_FILE))
         config = {
@@ -402,9 +288,9 @@ class Detector:
             "library": library_versions(),
             "detector": self.config.to_dict(),
             "normalisation": {"mean": list(self.input_spec.mean), "std": list(self.input_spec.std)},
-            "levels": len(self.gaussians),
+            "levels": len(self.scoring.gaussians),
             "fusion": {k: list(v) for k, v in self.fusion.items()},
-            "threshold": self.threshold.to_dict() if self.threshold else None,
+            "threshold": self.threshold.to_dict(),
             "meta": self.meta,
             **(extra_config or {}),
         }
@@ -424,13 +310,237 @@ class Detector:
         config = DetectorConfig.from_dict(config_json["detector"])
         net = _network(config, create_backbone(config.backbone, pretrained=False))
         net.load_state_dict(load_file(str(folder / NETWORK_FILE)), strict=True)
-        scoring = load_file(str(folder / SCORING_FILE))
-        gaussians = [Gaussian.from_state(scoring, f"gaussian.{i}") for i in range(config_json["levels"])]
+        tensors = load_file(str(folder / SCORING_FILE))
+        gaussians = [Gaussian.from_state(tensors, f"gaussian.{i}") for i in range(config_json["levels"])]
         fusion = {k: (float(v[0]), float(v[1])) for k, v in config_json["fusion"].items()}
-        threshold = Threshold.from_dict(config_json["threshold"]) if config_json.get("threshold") else None
+        if not config_json.get("threshold"):
+            raise ValueError(f"{folder}: the model has no threshold")
         dev = resolve_device(device)
-        return cls(config, net.to(dev), gaussians, scoring["level_scale"], PatchMemory(scoring["memory"]), fusion,
-                   threshold, meta=config_json.get("meta", {}), device=dev)
+        fitted = Scoring(gaussians, tensors["level_scale"].double(), PatchMemory(tensors["memory"]))
+        return cls(config, net.to(dev), fitted, fusion, Threshold.from_dict(config_json["threshold"]),
+                   meta=config_json.get("meta", {}), device=dev)
+
+
+# ----------------------------------------------------------------------------- fitting stages
+@dataclass(frozen=True)
+class ViewPool:
+    """The fit's views: each tile of each normal image as itself, then augmented. A part's tiles
+    are views of one instance, so fine-tuning and calibration group views by image."""
+
+    views: torch.Tensor          # (tiles x per_tile) x 3 x S x S at the work side
+    image_of_view: torch.Tensor  # the normal image each view shows
+    view_in_tile: torch.Tensor   # 0: the tile itself, then its augmented views
+    per_tile: int                # views of each tile
+    n_images: int
+    n_tiles: int
+
+
+def view_pool(images: list[np.ndarray], config: DetectorConfig, spec: InputSpec) -> ViewPool:
+    """`pool_views` augmented views spread over the tiles (at least 8 each), each tile's own first."""
+    tiles = [prepare(img, spec) for img in images]
+    bases = [t for image_tiles in tiles for t in image_tiles]
+    image_of_tile = torch.cat([torch.full((len(t),), i) for i, t in enumerate(tiles)])
+    per_tile = max(8, math.ceil(config.pool_views / len(bases)))
+    views = torch.cat([torch.cat([base[None], augment_views(base, per_tile - 1, config.augment,
+                                                            generator_seed=config.seed * 1000 + i)])
+                       for i, base in enumerate(bases)])
+    return ViewPool(views, image_of_tile.repeat_interleave(per_tile), torch.arange(per_tile).repeat(len(bases)),
+                    per_tile, len(images), len(bases))
+
+
+def _synthetic_anomalies(rng: np.random.Generator, views: torch.Tensor, picks: np.ndarray,
+                         kinds: tuple[str, ...]) -> torch.Tensor:
+    """One synthetic anomaly from each picked view, with material from another view of the pool."""
+    return torch.stack([synthesize(rng, views[int(j)], kinds, source=views[int(rng.integers(len(views)))])[0]
+                        for j in picks])
+
+
+def _adapted_features(extractor: _Extractor, pool: ViewPool, rng: np.random.Generator,
+                      progress: Progress | None) -> tuple[Features, TrainingHistory | None]:
+    """The pool's features after the optional contrastive fine-tuning, which trains the network's
+    suffix on the frozen prefix's outputs, computed once."""
+    config, net = extractor.config, extractor.net
+    normal_pre = extractor.prefixes(pool.views, config.image_branch or config.finetune is not None)
+    history = None
+    if config.finetune is not None:
+        negatives = _synthetic_anomalies(rng, pool.views, rng.integers(len(pool.views), size=config.negatives),
+                                         config.negative_kinds)
+        neg_h = _prefix(net, _resized(negatives, config.size), extractor.spec, extractor.device).h
+        report = (lambda step, total, loss: progress("fine-tune", step, total)) if progress else None
+        # Tiles of one part are views of one instance: the instance term must not learn to tell
+        # them apart, and the cross-instance term pairs different parts.
+        history = finetune(net, normal_pre.image.h, pool.image_of_view, neg_h, config.finetune, config.seed,
+                           extractor.device, report)
+    net.eval()
+    return normal_pre.features(net, extractor.device, config.image_branch), history
+
+
+@dataclass(frozen=True, eq=False)
+class Scoring:
+    """What scores a view against the normal images: a Gaussian a pooled level with its mean
+    normal distance (so levels count alike), and the memory of normal patches."""
+
+    gaussians: list[Gaussian]
+    level_scale: torch.Tensor  # float64, one a level
+    memory: PatchMemory
+
+    def anomaly_maps(self, feats: Features, config: DetectorConfig) -> torch.Tensor:
+        """BxSxS maps at the patch branch's input side: nearest-normal-patch distance, upsampled, smoothed."""
+        side = config.patch_side
+        return smooth_and_upsample(self.memory.distances(feats.patches), side, config.map_sigma * side / 224)
+
+    def components(self, feats: Features, config: DetectorConfig,
+                   maps: torch.Tensor | None = None) -> dict[str, np.ndarray]:
+        """Per-view patch scores (each map's maximum), and Mahalanobis ones with the image branch."""
+        maps = self.anomaly_maps(feats, config) if maps is None else maps
+        per_view = {"patch": maps.flatten(1).amax(dim=1).numpy()}
+        if config.image_branch:
+            total = sum(g.distance(p) / s for g, p, s in zip(self.gaussians, feats.pooled, self.level_scale))
+            per_view["mahalanobis"] = total.numpy()
+        return per_view
+
+
+@dataclass(frozen=True)
+class _Normals:
+    """The pool's features and one patch coreset per memory unit, from which the scoring of any
+    subset of the views is fitted without choosing a coreset again (`patch_memory.group_coresets`)."""
+
+    features: Features
+    config: DetectorConfig
+    banks: dict[int, torch.Tensor]
+    unit_of_view: torch.Tensor  # an image; with one image, a half of the views
+    in_memory: torch.Tensor     # the first `memory_views` views of each tile
+
+    @classmethod
+    def of(cls, features: Features, pool: ViewPool, config: DetectorConfig) -> _Normals:
+        in_memory = pool.view_in_tile < config.memory_views
+        unit = pool.image_of_view if pool.n_images >= 2 else (pool.view_in_tile >= pool.per_tile // 2).long()
+        banks = group_coresets(features.patches[in_memory], unit[in_memory], config.memory_max, config.seed,
+                               config.coreset_candidates or None)
+        return cls(features, config, banks, unit, in_memory)
+
+    def scoring(self, keep: torch.Tensor) -> Scoring:
+        """The scoring fitted on the views ``keep`` marks."""
+        gaussians = [Gaussian.fit(level[keep]) for level in self.features.pooled]
+        scale = torch.tensor([float(g.distance(level[keep]).mean())
+                              for g, level in zip(gaussians, self.features.pooled)], dtype=torch.float64)
+        kept_units = self.unit_of_view[keep & self.in_memory].unique().tolist()
+        return Scoring(gaussians, scale, PatchMemory.union([self.banks[u] for u in kept_units]))
+
+
+@dataclass(frozen=True)
+class Fold:
+    fits: torch.Tensor       # views its scoring is fitted on
+    held_out: torch.Tensor   # views scored as its normal parts
+    anomalies_from: torch.Tensor  # views its synthetic anomalies are made from
+
+
+@dataclass(frozen=True)
+class Folds:
+    rule: str
+    folds: list[Fold]
+    part_of_view: torch.Tensor  # the part a held-out view stands for
+
+
+def held_out_folds(pool: ViewPool) -> Folds:
+    """Folds that score each normal part by a scoring that never saw it, nor any tile of it: tiles
+    of one part look alike, and leaving out one tile at a time would understate the spread between
+    parts. Beyond MAX_FOLDS images, images share folds (image i in fold i mod MAX_FOLDS), so the
+    fit's cost stops growing with k squared. With one image: the first half of its views fits and
+    the second half is scored, each view index across the tiles standing for one part."""
+    if pool.n_images == 1:
+        fit_half = pool.view_in_tile < pool.per_tile // 2
+        return Folds("held-out augmented views of the single normal image", [Fold(fit_half, ~fit_half, ~fit_half)],
+                     pool.view_in_tile)
+    n_folds = min(pool.n_images, MAX_FOLDS)
+    fold_of_view = pool.image_of_view % n_folds
+    folds = [Fold(fold_of_view != i, (fold_of_view == i) & (pool.view_in_tile == 0), fold_of_view == i)
+             for i in range(n_folds)]
+    rule = ("leave-one-out over the k normal images" if n_folds == pool.n_images else
+            f"{n_folds}-fold held-out scores of the k normal images")
+    return Folds(rule, folds, pool.image_of_view)
+
+
+def _held_out_scores(extractor: _Extractor, normals: _Normals, pool: ViewPool, folds: Folds,
+                     rng: np.random.Generator) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
+    """Component scores of each fold's held-out parts (a part scores as its worst tile, as in
+    `score`) and of synthetic anomalies made from them, by the fold's scoring."""
+    config = extractor.config
+    wanted = config.calibration_negatives
+    per_fold = max(2, wanted // len(folds.folds)) if wanted > 0 else 0
+    normal_parts, synthetic_parts = [], []
+    for fold in folds.folds:
+        scoring = normals.scoring(fold.fits)
+        held = normals.features.select(fold.held_out)
+        normal_parts.append(_worst_tile(scoring.components(held, config), folds.part_of_view[fold.held_out]))
+        if per_fold:
+            candidates = torch.nonzero(fold.anomalies_from).flatten().numpy()
+            picks = rng.choice(candidates, size=per_fold, replace=len(candidates) < per_fold)
+            anomalies = _synthetic_anomalies(rng, pool.views, picks, config.negative_kinds)
+            synthetic_parts.append(scoring.components(extractor.features(anomalies, config.image_branch), config))
+    return _concat(normal_parts), (_concat(synthetic_parts) if synthetic_parts else None)
+
+
+@dataclass(frozen=True)
+class _Calibration:
+    fusion: dict[str, tuple[float, float]]
+    fusion_rule: str | None
+    threshold: Threshold
+    normal_scores: dict[str, np.ndarray]     # every score kind of the held-out normal parts
+    synthetic_scores: dict[str, np.ndarray]  # and of the synthetic anomalies (empty without them)
+
+
+def _calibrate(normal: dict[str, np.ndarray], synthetic: dict[str, np.ndarray] | None, config: DetectorConfig,
+               n_images: int, normal_rule: str) -> _Calibration:
+    """Fusion statistics from the held-out scores, then the threshold on the configured score."""
+    fusion, fusion_rule = (_fusion_scales(normal, synthetic, single_image=n_images == 1) if config.image_branch
+                           else ({}, None))
+    normal_scores = with_combined(normal, fusion)
+    synthetic_scores = (with_combined(synthetic, fusion) if synthetic is not None
+                        else {name: np.array([]) for name in normal_scores})
+    # With k >= 2 the combined scores are in units of the leave-one-out spreads (`fused_spread_floor`).
+    min_spread = (fused_spread_floor(normal, fusion, config.score)
+                  if config.score in COMBINED and n_images >= 2 else 0.0)
+    threshold = calibrate_unsupervised(
+        normal_scores[config.score], synthetic_scores[config.score] if synthetic is not None else None,
+        config.target_false_alarm_rate, min_spread=min_spread,
+        views_of_one_image=n_images == 1).with_details(normal_rule=normal_rule)
+    return _Calibration(fusion, fusion_rule, threshold, normal_scores, synthetic_scores)
+
+
+def with_combined(components: dict[str, np.ndarray], fusion: dict[str, tuple[float, float]]) -> dict[str, np.ndarray]:
+    """The component scores (float64), with the combined ones added when there are two: `fused`,
+    the sum of the components in the fusion's units, and `either`, the larger of them."""
+    scores = {name: np.asarray(values, dtype=np.float64) for name, values in components.items()}
+    if "mahalanobis" in scores:
+        (mm, ms), (pm, ps) = fusion["mahalanobis"], fusion["patch"]
+        z_maha, z_patch = (scores["mahalanobis"] - mm) / ms, (scores["patch"] - pm) / ps
+        scores["fused"] = z_maha + z_patch
+        scores["either"] = np.maximum(z_maha, z_patch)
+    return scores
+
+
+def _as_lists(scores: dict[str, np.ndarray]) -> dict[str, list[float]]:
+    return {name: values.tolist() for name, values in scores.items()}
+
+
+# ----------------------------------------------------------------------------- features
+@dataclass(frozen=True)
+class _Extractor:
+    """The network with what turns prepared views into features: the sides of the two branches,
+    the input normalisation and the device."""
+
+    net: Network
+    config: DetectorConfig
+    spec: InputSpec
+    device: torch.device
+
+    def prefixes(self, views: torch.Tensor, image_branch: bool) -> _Prefixes:
+        return _Prefixes.of(self.net, views, self.config, self.spec, self.device, image_branch)
+
+    def features(self, views: torch.Tensor, image_branch: bool) -> Features:
+        """Patch features of the views, and their pooled levels with the image branch."""
+        return self.prefixes(views, image_branch).features(self.net, self.device, image_branch)
 
 
 @dataclass
@@ -528,11 +638,6 @@ def _features(net: Network, pre: _Prefix, device: torch.device, pooled_levels: b
     if not pooled_levels:
         pooled = []
     return Features([p.double() for p in pooled], torch.cat(patch_parts))
-
-
-def _maha(pooled: list[torch.Tensor], gaussians: list[Gaussian], scale: torch.Tensor) -> np.ndarray:
-    total = sum(g.distance(p) / s for g, p, s in zip(gaussians, pooled, scale))
-    return total.numpy()
 
 
 def _worst_tile(components: dict[str, np.ndarray], part: torch.Tensor) -> dict[str, np.ndarray]:

@@ -111,8 +111,9 @@ def test_a_candidate_cap_fits_the_same_size_of_memory_and_the_model_keeps_it(was
     images = [s.image() for s in washer.sample_k_shot(2, 0)]
     detector, _ = Detector.fit(images, config, device="cpu")
     uncapped, _ = Detector.fit(images, replace(config, coreset_candidates=0), device="cpu")
-    assert detector.memory.bank.shape == uncapped.memory.bank.shape  # 200, chosen from 300 of 2 x 2 x 144 patches
-    assert not torch.equal(detector.memory.bank, uncapped.memory.bank)
+    # 200, chosen from 300 of 2 x 2 x 144 patches
+    assert detector.scoring.memory.bank.shape == uncapped.scoring.memory.bank.shape
+    assert not torch.equal(detector.scoring.memory.bank, uncapped.scoring.memory.bank)
     again = Detector.load(detector.save(tmp_path / "model"), device="cpu")
     assert again.config.coreset_candidates == 300
 
@@ -178,7 +179,7 @@ def test_patch_branch_at_its_own_input_side(washer, tmp_path):
     assert all(m.shape == img.shape[:2] for m, img in zip(result.maps, test))
     assert image_auroc([s.label for s in washer.test], result.scores) >= 0.9
     same = Detector.fit(images, replace(config, patch_size=None), device="cpu")[0]
-    assert detector.memory.bank.shape[0] > same.memory.bank.shape[0]  # (96/64)^2 more patches
+    assert detector.scoring.memory.bank.shape[0] > same.scoring.memory.bank.shape[0]  # (96/64)^2 more patches
     again = Detector.load(detector.save(tmp_path / "model"), device="cpu")
     np.testing.assert_allclose(again.score(test).scores, result.scores, rtol=1e-5)
 
@@ -301,7 +302,7 @@ def test_the_patch_score_alone_takes_one_backbone_pass_and_keeps_no_gaussians(wa
     config = replace(method_config("pretrained"), **{**SMALL, "size": 64, "patch_size": 96}, score="patch")
     assert not config.image_branch
     detector, report = Detector.fit([s.image() for s in washer.sample_k_shot(3, 0)], config, device="cpu")
-    assert detector.gaussians == [] and detector.fusion == {} and set(report.normal_scores) == {"patch"}
+    assert detector.scoring.gaussians == [] and detector.fusion == {} and set(report.normal_scores) == {"patch"}
     test = [s.image() for s in washer.test]
     sides: list[int] = []
     forward_prefix = detector.net.forward_prefix
