@@ -13,6 +13,16 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
+from fsad_core.options import (
+    BUNDLED_BACKBONES,
+    FLIPS,
+    INTENSITY_POLICIES,
+    METHOD_NAMES,
+    POOLINGS,
+    RESIZE_MODES,
+    SCORE_KINDS,
+)
+
 # Telemetry of the libraries fsad drives is off unless the caller's environment says otherwise.
 TELEMETRY_OFF = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
                  "GX_ANALYTICS_ENABLED": "false"}
@@ -21,26 +31,17 @@ TELEMETRY_OFF = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false
 # short on small busy machines (read when prefect is first imported, after `main` sets it).
 _EPHEMERAL_API = {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}
 
-# fsad_core's RESIZE_MODES, INTENSITY_POLICIES, SCORE_KINDS, POOLINGS, FLIPS, methods and bundled backbones,
-# spelled out so that `--help` does not import torch (a test pins them equal)
-RESIZE_CHOICES = ("resize", "letterbox", "tile")
-RESIZE_HELP = ("input resize policy (default: the method's, tile). tile: square tiles along the long side, "
-               "nothing stretched; resize: plain, to a square; letterbox: padded to a square")
-INTENSITY_CHOICES = ("auto", "raw", "standardise")
-INTENSITY_HELP = ("grey levels as shot, or standardised per image for parts whose shots differ in exposure; "
-                  "auto (the default) standardises grey images and keeps colour ones raw")
-SCORE_CHOICES = ("mahalanobis", "patch", "fused", "either")
-METHOD_NAMES = ("pretrained", "instance", "instance+cross", "full", "default", "fast")
 METHODS_HELP = ("methods of the registry: " + ", ".join(METHOD_NAMES) + "; default is the best measured setting, "
                 "fast the patch score alone at 224 px (docs/method.md)")
-POOLING_CHOICES = ("mean", "mean+std", "mean+std+max")
+RESIZE_HELP = ("input resize policy (default: the method's, tile). tile: square tiles along the long side, "
+               "nothing stretched; resize: plain, to a square; letterbox: padded to a square")
+INTENSITY_HELP = ("grey levels as shot, or standardised per image for parts whose shots differ in exposure; "
+                  "auto (the default) standardises grey images and keeps colour ones raw")
 POOLING_HELP = "statistics over positions of the image-level embeddings (default: the method's, mean+std+max)"
-BACKBONE_CHOICES = ("tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2")
 CORESET_HELP = ("choose the patch memory from a seeded random subsample of at most N patches (default: the method's, "
                 "40000; at least 10000); all (or 0): from every patch, several times slower with many images or tiles")
 MAP_SIGMA_HELP = ("blur of the anomaly map in pixels at 224, scaled with the patch side (default: the method's, 4; "
                   "0: none); larger suits defects that spread, smaller pores and fine cracks")
-FLIP_CHOICES = ("none", "horizontal", "vertical", "both")
 FLIPS_HELP = ("mirror images among the augmented views (default: the method's, horizontal); none for text-bearing "
               "or handed parts, both for parts that look the same mirrored either way")
 ROTATION_HELP = ("largest rotation of the augmented views in degrees, 0 to 180 (default: the method's, 10); 0 for "
@@ -221,16 +222,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=None, help="input size in pixels (square)")
     p.add_argument("--patch-size", type=int, default=None,
                    help="input size of the patch branch (default: the method's, 320); larger finds smaller defects")
-    p.add_argument("--resize", choices=RESIZE_CHOICES, default=None, help=RESIZE_HELP)
-    p.add_argument("--intensity", choices=INTENSITY_CHOICES, default=None, help=INTENSITY_HELP)
-    p.add_argument("--pooling", choices=POOLING_CHOICES, default=None, help=POOLING_HELP)
+    p.add_argument("--resize", choices=RESIZE_MODES, default=None, help=RESIZE_HELP)
+    p.add_argument("--intensity", choices=INTENSITY_POLICIES, default=None, help=INTENSITY_HELP)
+    p.add_argument("--pooling", choices=POOLINGS, default=None, help=POOLING_HELP)
     p.add_argument("--coreset-candidates", type=_candidates, default=None, metavar="N|all", help=CORESET_HELP)
     p.add_argument("--map-sigma", type=_sigma, default=None, metavar="PX", help=MAP_SIGMA_HELP)
-    p.add_argument("--flips", choices=FLIP_CHOICES, default=None, help=FLIPS_HELP)
+    p.add_argument("--flips", choices=tuple(FLIPS), default=None, help=FLIPS_HELP)
     p.add_argument("--rotation", type=_degrees, default=None, metavar="DEG", help=ROTATION_HELP)
     p.add_argument("--false-alarm-target", dest="target_false_alarm_rate", type=_fraction, default=None, metavar="RATE",
                    help=FALSE_ALARM_HELP)
-    p.add_argument("--score", choices=SCORE_CHOICES, default=None,
+    p.add_argument("--score", choices=SCORE_KINDS, default=None,
                    help="the score the threshold is set on and `fsad score` reports (default: the method's: "
                         "fused, patch for fast); compare the components with `fsad report --components`")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -260,24 +261,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-test", type=int, default=None,
                    help="score at most this many test images (stratified), for quick runs")
     _add_dask(p, "the runs")
-    p.add_argument("--backbone", choices=BACKBONE_CHOICES, default=None,
+    p.add_argument("--backbone", choices=BUNDLED_BACKBONES, default=None,
                    help="a backbone with bundled weights for every method (default: each method's, "
                         "tf_efficientnet_lite0); the row is labelled with it")
     p.add_argument("--size", type=int, default=None,
                    help="input size override for every method (default: each method's)")
     p.add_argument("--patch-size", type=int, default=None,
                    help="patch-branch input size override for every method; the row is labelled with it")
-    p.add_argument("--resize", choices=RESIZE_CHOICES, default=None,
+    p.add_argument("--resize", choices=RESIZE_MODES, default=None,
                    help=RESIZE_HELP + "; for every method, the row is labelled with it")
-    p.add_argument("--intensity", choices=INTENSITY_CHOICES, default=None,
+    p.add_argument("--intensity", choices=INTENSITY_POLICIES, default=None,
                    help=INTENSITY_HELP + " for every method; the row is labelled with it")
-    p.add_argument("--pooling", choices=POOLING_CHOICES, default=None,
+    p.add_argument("--pooling", choices=POOLINGS, default=None,
                    help=POOLING_HELP + " for every method; the row is labelled with it")
     p.add_argument("--coreset-candidates", type=_candidates, default=None, metavar="N|all",
                    help=CORESET_HELP + "; for every method, the row is labelled with it (all: 0)")
     p.add_argument("--map-sigma", type=_sigma, default=None, metavar="PX",
                    help=MAP_SIGMA_HELP + "; for every method, the row is labelled with it")
-    p.add_argument("--flips", choices=FLIP_CHOICES, default=None,
+    p.add_argument("--flips", choices=tuple(FLIPS), default=None,
                    help=FLIPS_HELP + "; for every method, the row is labelled with hflip and vflip")
     p.add_argument("--rotation", type=_degrees, default=None, metavar="DEG",
                    help=ROTATION_HELP + "; for every method, the row is labelled with rotation_deg")
