@@ -12,10 +12,13 @@ import pytest
 from PIL import Image
 
 from flows.cli import (
+    BACKBONE_DEFAULT,
     CORESET_HELP,
     FLIPS_HELP,
     MAP_SIGMA_HELP,
+    PATCH_SIZE_HELP,
     ROTATION_HELP,
+    SIZE_HELP,
     build_parser,
 )
 from flows.cli import main as cli_main
@@ -233,6 +236,9 @@ def test_building_the_parser_imports_no_torch():
 def test_help_states_the_configs_defaults_and_bounds():
     # restated in words so that --help does not import torch
     config = DetectorConfig()
+    assert f"the method's, {config.backbone})" in BACKBONE_DEFAULT
+    assert f"the method's, {config.size})" in SIZE_HELP
+    assert f"the method's, {config.patch_size})" in PATCH_SIZE_HELP
     assert f"the method's, {config.coreset_candidates}; at least {config.memory_max}" in CORESET_HELP
     assert f"the method's, {config.map_sigma:g};" in MAP_SIGMA_HELP
     assert f"the method's, {config.augment.flips})" in FLIPS_HELP
