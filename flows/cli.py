@@ -12,6 +12,17 @@ import math
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
+
+from fsad_core.options import (
+    BUNDLED_BACKBONES,
+    FLIPS,
+    INTENSITY_POLICIES,
+    METHOD_NAMES,
+    POOLINGS,
+    RESIZE_MODES,
+    SCORE_KINDS,
+)
 
 # Telemetry of the libraries fsad drives is off unless the caller's environment says otherwise.
 TELEMETRY_OFF = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
@@ -21,26 +32,21 @@ TELEMETRY_OFF = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false
 # short on small busy machines (read when prefect is first imported, after `main` sets it).
 _EPHEMERAL_API = {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}
 
-# fsad_core's RESIZE_MODES, INTENSITY_POLICIES, SCORE_KINDS, POOLINGS, FLIPS, methods and bundled backbones,
-# spelled out so that `--help` does not import torch (a test pins them equal)
-RESIZE_CHOICES = ("resize", "letterbox", "tile")
-RESIZE_HELP = ("input resize policy (default: the method's, tile). tile: square tiles along the long side, "
-               "nothing stretched; resize: plain, to a square; letterbox: padded to a square")
-INTENSITY_CHOICES = ("auto", "raw", "standardise")
-INTENSITY_HELP = ("grey levels as shot, or standardised per image for parts whose shots differ in exposure; "
-                  "auto (the default) standardises grey images and keeps colour ones raw")
-SCORE_CHOICES = ("mahalanobis", "patch", "fused", "either")
-METHOD_NAMES = ("pretrained", "instance", "instance+cross", "full", "default", "fast")
 METHODS_HELP = ("methods of the registry: " + ", ".join(METHOD_NAMES) + "; default is the best measured setting, "
                 "fast the patch score alone at 224 px (docs/method.md)")
-POOLING_CHOICES = ("mean", "mean+std", "mean+std+max")
+# Help of the detector options; the defaults they name are DetectorConfig's (a test keeps them true).
+BACKBONE_DEFAULT = "(default: the method's, tf_efficientnet_lite0)"
+SIZE_HELP = "input size in pixels, square (default: the method's, 224)"
+PATCH_SIZE_HELP = "input size of the patch branch (default: the method's, 320); larger finds smaller defects"
+RESIZE_HELP = ("input resize policy (default: the method's, tile). tile: square tiles along the long side, "
+               "nothing stretched; resize: plain, to a square; letterbox: padded to a square")
+INTENSITY_HELP = ("grey levels as shot, or standardised per image for parts whose shots differ in exposure; "
+                  "auto (the default) standardises grey images and keeps colour ones raw")
 POOLING_HELP = "statistics over positions of the image-level embeddings (default: the method's, mean+std+max)"
-BACKBONE_CHOICES = ("tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2")
 CORESET_HELP = ("choose the patch memory from a seeded random subsample of at most N patches (default: the method's, "
                 "40000; at least 10000); all (or 0): from every patch, several times slower with many images or tiles")
 MAP_SIGMA_HELP = ("blur of the anomaly map in pixels at 224, scaled with the patch side (default: the method's, 4; "
                   "0: none); larger suits defects that spread, smaller pores and fine cracks")
-FLIP_CHOICES = ("none", "horizontal", "vertical", "both")
 FLIPS_HELP = ("mirror images among the augmented views (default: the method's, horizontal); none for text-bearing "
               "or handed parts, both for parts that look the same mirrored either way")
 ROTATION_HELP = ("largest rotation of the augmented views in degrees, 0 to 180 (default: the method's, 10); 0 for "
@@ -191,6 +197,33 @@ def _add_dask(parser: argparse.ArgumentParser, what: str) -> None:
                              "address (tcp://HOST:8786), or local for a cluster of one single-threaded worker a core")
 
 
+def _add_detector_options(parser: argparse.ArgumentParser, bench: bool) -> None:
+    """The DetectorConfig settings `fsad train` sets for its model and `fsad bench` for every method
+    (flows.commands reads them as overrides), added in one place so that both take the same.
+
+    `bench` labels its rows with each setting given, and takes only backbones with bundled weights,
+    as it has no --weights."""
+
+    def add(flag: str, help_: str, label: str = "it", **kwargs: Any) -> None:
+        in_rows = f"; for every method, the row is labelled with {label}" if bench else ""
+        parser.add_argument(flag, default=None, help=help_ + in_rows, **kwargs)
+
+    if bench:
+        add("--backbone", f"a backbone with bundled weights {BACKBONE_DEFAULT}", choices=BUNDLED_BACKBONES)
+    else:
+        add("--backbone", f"timm backbone name; without --weights, one with bundled weights {BACKBONE_DEFAULT}")
+    add("--size", SIZE_HELP, type=int)
+    add("--patch-size", PATCH_SIZE_HELP, type=int)
+    add("--resize", RESIZE_HELP, choices=RESIZE_MODES)
+    add("--intensity", INTENSITY_HELP, choices=INTENSITY_POLICIES)
+    add("--pooling", POOLING_HELP, choices=POOLINGS)
+    add("--coreset-candidates", CORESET_HELP, "it (all: 0)", type=_candidates, metavar="N|all")
+    add("--map-sigma", MAP_SIGMA_HELP, type=_sigma, metavar="PX")
+    add("--flips", FLIPS_HELP, "hflip and vflip", choices=tuple(FLIPS))
+    add("--rotation", ROTATION_HELP, "rotation_deg", type=_degrees, metavar="DEG")
+    add("--false-alarm-target", FALSE_ALARM_HELP, dest="target_false_alarm_rate", type=_fraction, metavar="RATE")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fsad",
@@ -216,21 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the k-shot draw and of training")
     p.add_argument("--out", required=True, help="model folder to write (config.json + safetensors)")
     p.add_argument("--method", default="default", help=METHODS_HELP)
-    p.add_argument("--backbone", default=None, help="timm backbone name (default: the method's)")
+    _add_detector_options(p, bench=False)
     p.add_argument("--weights", default=None, help="local checkpoint for the backbone instead of the bundled weights")
-    p.add_argument("--size", type=int, default=None, help="input size in pixels (square)")
-    p.add_argument("--patch-size", type=int, default=None,
-                   help="input size of the patch branch (default: the method's, 320); larger finds smaller defects")
-    p.add_argument("--resize", choices=RESIZE_CHOICES, default=None, help=RESIZE_HELP)
-    p.add_argument("--intensity", choices=INTENSITY_CHOICES, default=None, help=INTENSITY_HELP)
-    p.add_argument("--pooling", choices=POOLING_CHOICES, default=None, help=POOLING_HELP)
-    p.add_argument("--coreset-candidates", type=_candidates, default=None, metavar="N|all", help=CORESET_HELP)
-    p.add_argument("--map-sigma", type=_sigma, default=None, metavar="PX", help=MAP_SIGMA_HELP)
-    p.add_argument("--flips", choices=FLIP_CHOICES, default=None, help=FLIPS_HELP)
-    p.add_argument("--rotation", type=_degrees, default=None, metavar="DEG", help=ROTATION_HELP)
-    p.add_argument("--false-alarm-target", dest="target_false_alarm_rate", type=_fraction, default=None, metavar="RATE",
-                   help=FALSE_ALARM_HELP)
-    p.add_argument("--score", choices=SCORE_CHOICES, default=None,
+    p.add_argument("--score", choices=SCORE_KINDS, default=None,
                    help="the score the threshold is set on and `fsad score` reports (default: the method's: "
                         "fused, patch for fast); compare the components with `fsad report --components`")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -260,29 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-test", type=int, default=None,
                    help="score at most this many test images (stratified), for quick runs")
     _add_dask(p, "the runs")
-    p.add_argument("--backbone", choices=BACKBONE_CHOICES, default=None,
-                   help="a backbone with bundled weights for every method (default: each method's, "
-                        "tf_efficientnet_lite0); the row is labelled with it")
-    p.add_argument("--size", type=int, default=None,
-                   help="input size override for every method (default: each method's)")
-    p.add_argument("--patch-size", type=int, default=None,
-                   help="patch-branch input size override for every method; the row is labelled with it")
-    p.add_argument("--resize", choices=RESIZE_CHOICES, default=None,
-                   help=RESIZE_HELP + "; for every method, the row is labelled with it")
-    p.add_argument("--intensity", choices=INTENSITY_CHOICES, default=None,
-                   help=INTENSITY_HELP + " for every method; the row is labelled with it")
-    p.add_argument("--pooling", choices=POOLING_CHOICES, default=None,
-                   help=POOLING_HELP + " for every method; the row is labelled with it")
-    p.add_argument("--coreset-candidates", type=_candidates, default=None, metavar="N|all",
-                   help=CORESET_HELP + "; for every method, the row is labelled with it (all: 0)")
-    p.add_argument("--map-sigma", type=_sigma, default=None, metavar="PX",
-                   help=MAP_SIGMA_HELP + "; for every method, the row is labelled with it")
-    p.add_argument("--flips", choices=FLIP_CHOICES, default=None,
-                   help=FLIPS_HELP + "; for every method, the row is labelled with hflip and vflip")
-    p.add_argument("--rotation", type=_degrees, default=None, metavar="DEG",
-                   help=ROTATION_HELP + "; for every method, the row is labelled with rotation_deg")
-    p.add_argument("--false-alarm-target", dest="target_false_alarm_rate", type=_fraction, default=None, metavar="RATE",
-                   help=FALSE_ALARM_HELP + "; for every method, the row is labelled with it")
+    _add_detector_options(p, bench=True)
 
     p = add("report", _cmd_report, "merge result files of several bench runs into one table of means and stds")
     p.add_argument("results", nargs="+", help="JSON files written by fsad bench --out")

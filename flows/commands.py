@@ -16,7 +16,6 @@ from typing import TextIO
 
 import numpy as np
 
-from fsad_core.augment import FLIPS
 from fsad_core.data import find_all_categories, load_category
 from fsad_core.detector import Detector
 from fsad_core.imageio import (
@@ -29,6 +28,7 @@ from fsad_core.imageio import (
     read_image,
 )
 from fsad_core.methods import method_config
+from fsad_core.options import FLIPS
 from fsad_core.preprocess import stretch_warning
 
 

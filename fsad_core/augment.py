@@ -13,9 +13,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 from torchvision.transforms import v2
 
-# Names of the flip settings, as (hflip, vflip): none for text-bearing or handed parts, both for
-# parts that look the same mirrored either way.
-FLIPS = {"none": (False, False), "horizontal": (True, False), "vertical": (False, True), "both": (True, True)}
+from .options import FLIPS
 
 
 def _is_number(value: object) -> bool:

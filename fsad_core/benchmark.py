@@ -29,7 +29,7 @@ import torch
 
 from .backbone import create_backbone
 from .data import Category, Sample, load_category
-from .detector import SCORE_KINDS, Detector, resolve_device
+from .detector import Detector, resolve_device
 from .imageio import check_set_files
 from .methods import method_config
 from .metrics import (
@@ -41,6 +41,7 @@ from .metrics import (
     rates_at_threshold,
     summarize,
 )
+from .options import SCORE_KINDS
 from .provenance import cpu_description, library_versions
 
 RECORD_KEYS = ("dataset", "category", "method", "k", "seed", "image_auroc", "pixel_auroc", "aupro", "f1",

@@ -46,6 +46,7 @@ from .gaussian import Gaussian
 from .losses import LossWeights
 from .negatives import NEGATIVE_KINDS, synthesize
 from .network import Network, check_pooling
+from .options import SCORE_KINDS
 from .patch_memory import PatchMemory, group_coresets, patch_features, smooth_and_upsample
 from .preprocess import (
     DEFAULT_RESIZE_MODE,
@@ -62,7 +63,6 @@ FORMAT_VERSION = 1
 CONFIG_FILE, NETWORK_FILE, SCORING_FILE = "config.json", "network.safetensors", "scoring.safetensors"
 MODEL_FILES = (CONFIG_FILE, NETWORK_FILE, SCORING_FILE)  # a model folder: JSON and safetensors, nothing else
 MAX_FOLDS = 8  # held-out folds of the normal images for calibration (one image each up to k = 8)
-SCORE_KINDS = ("mahalanobis", "patch", "fused", "either")
 COMBINED = ("fused", "either")  # scores made of the two components
 Progress = Callable[[str, int, int], None]
 

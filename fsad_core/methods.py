@@ -1,7 +1,8 @@
 """Named methods: one registry from a method name to a DetectorConfig, as timm does for models.
 
 The ablation of the contrastive loss (`pretrained`, `instance`, `instance+cross`, `full`) is four
-rows of this table; `default` is the best measured setting.
+rows of this table; `default` is the best measured setting. Their names are listed in `options`
+too, for the command line, and this module refuses to import if the two differ.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import replace
 from .detector import DetectorConfig
 from .finetune import FinetuneConfig
 from .losses import LossWeights
+from .options import METHOD_NAMES, check_registered
 
 _METHODS: dict[str, Callable[[], DetectorConfig]] = {}
 _DESCRIPTIONS: dict[str, str] = {}
@@ -79,3 +81,6 @@ def _default() -> DetectorConfig:
                          "backbone pass and a small memory, for lines that need speed")
 def _fast() -> DetectorConfig:
     return DetectorConfig(finetune=None, score="patch", patch_size=None, memory_views=1)
+
+
+check_registered("method", _METHODS, METHOD_NAMES)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-POOLINGS = ("mean", "mean+std", "mean+std+max")
+from .options import POOLINGS
 
 
 def check_pooling(pooling: str) -> None:

@@ -17,11 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from .imageio import ImageLimits
+from .options import INTENSITY_MODES, INTENSITY_POLICIES, RESIZE_MODES
 
-RESIZE_MODES = ("resize", "letterbox", "tile")
 DEFAULT_RESIZE_MODE = "tile"  # never stretches a part; on a square image it is plain resize
-INTENSITY_MODES = ("raw", "standardise")  # what a fitted model uses
-INTENSITY_POLICIES = ("auto", *INTENSITY_MODES)  # what a configuration may ask for
 # Mean deviation of an image's channels from their mean, in grey levels, below which it is grey:
 # a grey shot stored as RGB (or through a JPEG's colour planes) stays within it, a colour photo not.
 GREY_TOLERANCE = 1.0

@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from fsad_core.augment import FLIPS, AugmentConfig, augment_views
+from fsad_core.augment import AugmentConfig, augment_views
 from fsad_core.negatives import NEGATIVE_KINDS, cutpaste, cutpaste_scar, noise_blob, synthesize, texture_blob
+from fsad_core.options import FLIPS
 
 
 @pytest.fixture

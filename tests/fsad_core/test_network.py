@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from fsad_core.detector import DetectorConfig
-from fsad_core.network import POOLINGS, pool
+from fsad_core.network import pool
+from fsad_core.options import POOLINGS
 
 
 def test_pooling_statistics_in_order():
