@@ -31,8 +31,12 @@ class BackboneSpec:
     weights_file: str | None = None
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    # Stages (indices into timm's feature_info) used for patch features and the global embedding.
-    patch_stages: tuple[int, ...] = (1, 2)
+    # Where the network is cut and read, in block indices of the EfficientNet family: the frozen
+    # prefix ends before block `split`, patch features come from `patch_blocks`, and the pooled
+    # outputs of the blocks from `first_level` on (and of the head) get a Gaussian each.
+    split: int = 4
+    patch_blocks: tuple[int, ...] = (2, 4)
+    first_level: int = 4
 
     @property
     def sha256_prefix(self) -> str | None:

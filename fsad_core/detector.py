@@ -69,21 +69,21 @@ Progress = Callable[[str, int, int], None]
 
 @dataclass(frozen=True)
 class DetectorConfig:
+    """How a detector is fitted and scores. Sides: `size` and `patch_size` are the input sides asked
+    for; `patch_side` and `work_side` the sides used (see their docstrings). Where the backbone is
+    cut is the backbone's (`BackboneSpec`), not a setting."""
+
     backbone: str = "tf_efficientnet_lite0"
     weights: str | None = None
     size: int = 224
-    resize: str = DEFAULT_RESIZE_MODE  # preprocess.RESIZE_MODES
-    intensity: str = "auto"       # preprocess.INTENSITY_POLICIES; a fitted model holds the mode `auto` chose
+    resize: str = DEFAULT_RESIZE_MODE  # options.RESIZE_MODES
+    intensity: str = "auto"       # options.INTENSITY_POLICIES; a fitted model holds the mode `auto` chose
     patch_size: int | None = 320  # input side of the patch branch (None: `size`); see the module docstring
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     finetune: FinetuneConfig | None = field(default_factory=FinetuneConfig)
-    split: int = 4
-    patch_blocks: tuple[int, ...] = (2, 4)
-    first_level: int = 4          # pooled outputs of blocks >= this (and the head) get a Gaussian each
-    pooling: str = "mean+std+max" # statistics over positions of each pooled level (network.POOLINGS)
+    pooling: str = "mean+std+max" # statistics over positions of each pooled level (options.POOLINGS)
     pool_views: int = 64          # augmented views in the pool, spread over the k images (>= 8 each)
     negatives: int = 48           # synthetic anomalies in the pool
-    negative_kinds: tuple[str, ...] = NEGATIVE_KINDS
     calibration_negatives: int = 32  # synthetic anomalies scored to calibrate the threshold
     memory_views: int = 3         # views per image in the patch memory (the original first)
     memory_max: int = 10000
@@ -111,6 +111,7 @@ class DetectorConfig:
 
     @property
     def patch_side(self) -> int:
+        """The patch branch's input side: `patch_size`, or `size` when that is None."""
         return self.patch_size or self.size
 
     @property
@@ -120,7 +121,7 @@ class DetectorConfig:
         return self.score != "patch"
 
     @property
-    def work_size(self) -> int:
+    def work_side(self) -> int:
         """The side images are prepared, augmented and given defects at: the larger of the two."""
         return max(self.size, self.patch_side)
 
@@ -142,9 +143,21 @@ class DetectorConfig:
             ft = dict(d["finetune"])
             ft["loss"] = LossWeights(**ft["loss"])
             d["finetune"] = FinetuneConfig(**ft)
-        d["patch_blocks"] = tuple(d["patch_blocks"])
-        d["negative_kinds"] = tuple(d["negative_kinds"])
+        _check_saved_cut(d)
         return cls(**d)
+
+
+def _check_saved_cut(d: dict) -> None:
+    """Models saved when the cut of the network was a detector setting carry it: it must be the
+    backbone's (`BackboneSpec`), which no configuration ever changed; the negatives' kinds only
+    mattered to the fit."""
+    spec = get_spec(d["backbone"])
+    for name in ("split", "patch_blocks", "first_level"):
+        saved = d.pop(name, None)
+        wanted = getattr(spec, name)
+        if saved is not None and (tuple(saved) if isinstance(saved, list) else saved) != wanted:
+            raise ValueError(f"the model cuts its backbone at {name}={saved}, this fsad at {wanted} (BackboneSpec)")
+    d.pop("negative_kinds", None)
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -193,7 +206,7 @@ class Detector:
         self.meta = meta or {}
         self.device = device or torch.device("cpu")
         spec = get_spec(config.backbone)
-        self.input_spec = InputSpec(config.work_size, config.resize, spec.mean, spec.std, config.intensity)
+        self.input_spec = InputSpec(config.work_side, config.resize, spec.mean, spec.std, config.intensity)
         self.map_spec = InputSpec(config.patch_side, config.resize, spec.mean, spec.std, config.intensity)
         self._extractor = _Extractor(self.net, config, self.input_spec, self.device)
 
@@ -210,8 +223,8 @@ class Detector:
         torch.manual_seed(config.seed)
         rng = np.random.default_rng(config.seed)
         spec = get_spec(config.backbone)
-        input_spec = InputSpec(config.work_size, config.resize, spec.mean, spec.std, config.intensity)
-        net = _network(config, create_backbone(config.backbone, config.weights)).to(dev).eval()
+        input_spec = InputSpec(config.work_side, config.resize, spec.mean, spec.std, config.intensity)
+        net = build_network(config, create_backbone(config.backbone, config.weights)).to(dev).eval()
         extractor = _Extractor(net, config, input_spec, dev)
         pool = view_pool(images, config, input_spec)
         if progress:
@@ -308,7 +321,7 @@ class Detector:
         if config_json.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{folder}: unsupported model format {config_json.get('format_version')}")
         config = DetectorConfig.from_dict(config_json["detector"])
-        net = _network(config, create_backbone(config.backbone, pretrained=False))
+        net = build_network(config, create_backbone(config.backbone, pretrained=False))
         net.load_state_dict(load_file(str(folder / NETWORK_FILE)), strict=True)
         tensors = load_file(str(folder / SCORING_FILE))
         gaussians = [Gaussian.from_state(tensors, f"gaussian.{i}") for i in range(config_json["levels"])]
@@ -364,7 +377,7 @@ def _adapted_features(extractor: _Extractor, pool: ViewPool, rng: np.random.Gene
     history = None
     if config.finetune is not None:
         negatives = _synthetic_anomalies(rng, pool.views, rng.integers(len(pool.views), size=config.negatives),
-                                         config.negative_kinds)
+                                         NEGATIVE_KINDS)
         neg_h = _prefix(net, _resized(negatives, config.size), extractor.spec, extractor.device).h
         report = (lambda step, total, loss: progress("fine-tune", step, total)) if progress else None
         # Tiles of one part are views of one instance: the instance term must not learn to tell
@@ -476,7 +489,7 @@ def _held_out_scores(extractor: _Extractor, normals: _Normals, pool: ViewPool, f
         if per_fold:
             candidates = torch.nonzero(fold.anomalies_from).flatten().numpy()
             picks = rng.choice(candidates, size=per_fold, replace=len(candidates) < per_fold)
-            anomalies = _synthetic_anomalies(rng, pool.views, picks, config.negative_kinds)
+            anomalies = _synthetic_anomalies(rng, pool.views, picks, NEGATIVE_KINDS)
             synthetic_parts.append(scoring.components(extractor.features(anomalies, config.image_branch), config))
     return _concat(normal_parts), (_concat(synthetic_parts) if synthetic_parts else None)
 
@@ -599,8 +612,10 @@ class _Prefixes:
         return Features(image.pooled, _features(net, self.patch, device, pooled_levels=False).patches)
 
 
-def _network(config: DetectorConfig, backbone: torch.nn.Module) -> Network:
-    return Network(backbone, config.split, config.patch_blocks, config.first_level, config.pooling)
+def build_network(config: DetectorConfig, backbone: torch.nn.Module) -> Network:
+    """The backbone cut where its spec says, pooled as the configuration says."""
+    spec = get_spec(config.backbone)
+    return Network(backbone, spec.split, spec.patch_blocks, spec.first_level, config.pooling)
 
 
 def views_per_forward(device: torch.device) -> int:

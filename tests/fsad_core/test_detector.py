@@ -100,6 +100,22 @@ def test_artifact_round_trip_gives_identical_scores_without_pickle(fitted, washe
     np.testing.assert_allclose(old.score(images).scores, a.scores, rtol=1e-5)
 
 
+def test_a_model_saved_with_the_cut_of_its_backbone_loads_when_it_is_the_backbones(fitted, washer, tmp_path):
+    # Models saved when the cut was a detector setting carry it; the backbone's spec holds it now.
+    detector, _ = fitted
+    folder = detector.save(tmp_path / "model")
+    config = json.loads((folder / "config.json").read_text())
+    config["detector"].update(split=4, patch_blocks=[2, 4], first_level=4, negative_kinds=["scar", "patch"])
+    (folder / "config.json").write_text(json.dumps(config))
+    images = [s.image() for s in washer.test[:2]]
+    np.testing.assert_allclose(Detector.load(folder, device="cpu").score(images).scores,
+                               detector.score(images).scores, rtol=1e-5)
+    config["detector"]["patch_blocks"] = [1, 3]
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"patch_blocks=\[1, 3\], this fsad at \(2, 4\)"):
+        Detector.load(folder, device="cpu")
+
+
 def test_model_keeps_the_pooling_it_was_fitted_with(washer, tmp_path):
     """A model saved under an earlier default (mean+std) must score with its own pooling, or its
     Gaussians would not match the embeddings: a registered champion outlives a change of default."""
@@ -346,7 +362,7 @@ def test_the_view_pool_spreads_the_views_over_the_tiles_each_tile_first_as_itsel
     config = replace(method_config("pretrained"), **SMALL)
     wide = np.concatenate([washer.train[0].image()] * 2, axis=1)  # two tiles
     images = [washer.train[1].image(), wide]
-    spec = InputSpec(config.work_size, config.resize)
+    spec = InputSpec(config.work_side, config.resize)
     pool = view_pool(images, config, spec)
     assert (pool.n_images, pool.n_tiles, pool.per_tile) == (2, 3, 8)  # 16 views over 3 tiles, at least 8 each
     assert pool.views.shape[0] == 24 and pool.image_of_view.tolist() == [0] * 8 + [1] * 16

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fsad_core.backbone import create_backbone
-from fsad_core.detector import DetectorConfig
+from fsad_core.detector import DetectorConfig, build_network
 from fsad_core.finetune import FinetuneConfig, _sample_batch, finetune
 from fsad_core.network import Network
 
@@ -18,8 +18,7 @@ def caches() -> tuple[Network, torch.Tensor, torch.Tensor, torch.Tensor]:
     """A real network and the prefix outputs of 3 images x 4 views and of 4 negatives (64 px)."""
     torch.manual_seed(0)
     config = DetectorConfig()
-    net = Network(create_backbone(config.backbone, pretrained=False), config.split, config.patch_blocks,
-                  config.first_level, config.pooling).eval()
+    net = build_network(config, create_backbone(config.backbone, pretrained=False)).eval()
     with torch.no_grad():
         normal = net.forward_prefix(torch.rand(12, 3, 64, 64))[2]
         negative = net.forward_prefix(torch.rand(4, 3, 64, 64))[2]
