@@ -14,6 +14,12 @@ from fsad_core.calibration import (
     Threshold,
     calibrate_supervised,
     calibrate_unsupervised,
+    gap_threshold,
+    prediction_bound,
+    provisional_reason,
+    refine_with_synthetic,
+    single_image_midpoint,
+    synthetic_gap_midpoint,
 )
 from fsad_core.metrics import rates_at_threshold
 
@@ -120,6 +126,79 @@ def test_too_few_normals_make_a_provisional_threshold_with_unknown_false_alarms(
         assert f"{k} normal images" in t.details["provisional_reason"]
     else:
         assert t.expected_false_alarm_rate is not None and "provisional" not in t.details
+
+
+def _bound(normals, target=0.01, min_spread=0.0):
+    return prediction_bound(np.asarray(normals, dtype=np.float64), target, min_relative_spread=0.1,
+                            min_spread=min_spread)
+
+
+def test_the_bound_is_a_student_t_bound_on_the_predictive_spread():
+    # [0, 0, 0, 1]: mean 0.25, sd 0.5, so 0.25 + t(0.99; 3) * 0.5 * sqrt(1 + 1/4) = 2.7883.
+    bound = _bound([0.0, 0.0, 0.0, 1.0])
+    assert (bound.centre, bound.spread, bound.degrees_of_freedom) == (0.25, 0.5, 3)
+    assert bound.predictive_spread == pytest.approx(0.5 * 1.25 ** 0.5)
+    assert bound.t_quantile(0.01) == pytest.approx(4.5407, abs=1e-4)
+    assert bound.tail == pytest.approx(2.7883, abs=1e-4)
+    assert bound.guard == 1.0 and not bound.guard_applied and bound.threshold == bound.tail
+    assert bound.false_alarm_rate(bound.tail) == pytest.approx(0.01)
+    assert _bound([3.0], min_spread=0.0).false_alarm_rate(3.0) == pytest.approx(0.5)
+    assert _bound([0.0, 0.0]).false_alarm_rate(0.0) == 0.0  # no spread at all: nothing above flags
+
+
+def test_the_guard_lifts_a_tail_that_would_flag_a_calibration_normal():
+    # At a 20 % target the tail of [0, 0, 0, 1] is 0.25 + t(0.8; 3) * 0.559 = 0.797, below the
+    # highest normal; with 4 * 0.2 < 1 calibration normal allowed, the guard is that highest one.
+    bound = _bound([0.0, 0.0, 0.0, 1.0], target=0.2)
+    assert bound.tail == pytest.approx(0.797, abs=1e-3)
+    assert bound.guard == 1.0 and bound.guard_applied and bound.threshold == 1.0
+
+
+def test_the_gap_midpoint_needs_a_bound_that_misses_most_and_a_gap_of_one_spread():
+    bound = _bound([0.0, 0.0, 0.0, 1.0])  # threshold 2.79, guard 1, spread 0.5
+    missed = np.linspace(2.0, 3.0, 11)  # lower decile 2.1: a gap of 1.1 above the guard
+    assert synthetic_gap_midpoint(bound, missed, 2.1) == pytest.approx((1.0 + 2.1) / 2)
+    caught = np.linspace(3.0, 4.0, 11)  # the bound already flags them all
+    assert synthetic_gap_midpoint(bound, caught, 3.1) is None
+    narrow = np.linspace(1.2, 2.2, 11)  # lower decile 1.3: a gap of 0.3, less than one spread
+    assert synthetic_gap_midpoint(bound, narrow, 1.3) is None
+
+
+def test_with_too_few_normals_the_gap_stops_at_the_bound_for_a_looser_target():
+    bound = _bound([0.0, 0.0], min_spread=2 ** 0.5)  # predictive spread sqrt(2) * sqrt(1.5) = 1.732
+    stop = stats.t.isf(SMALL_K_GAP_FALSE_ALARM_FACTOR * 0.01, 1) * 3 ** 0.5  # t(0.95; 1) = 6.314
+    assert gap_threshold(bound, 0.0, too_few_normals=True) == pytest.approx(stop)
+    assert gap_threshold(bound, 50.0, too_few_normals=True) == 50.0  # a middle above the stop stands
+    assert gap_threshold(bound, 0.0, too_few_normals=False) == 0.0
+    # The looser target is never above one half: the stop never goes below the centre.
+    assert gap_threshold(_bound([0.0, 0.0], target=0.2, min_spread=1.0), -1.0, too_few_normals=True) == 0.0
+
+
+def test_the_single_image_midpoint_lies_between_the_top_view_and_the_median_anomaly():
+    assert single_image_midpoint(np.array([1.0, 3.0, 2.0]), np.array([10.0, 20.0, 60.0])) == 11.5
+
+
+def test_for_one_image_the_midpoint_only_ever_raises_the_threshold():
+    views = np.array([0.0, 0.0, 0.0, 1.0])
+    bound = _bound(views)  # threshold 2.79
+    low = refine_with_synthetic(bound, views, np.array([3.0, 3.5, 4.0]), too_few_normals=False,
+                                views_of_one_image=True)  # midpoint 2.25: below the bound
+    assert low.rule == RULE_SINGLE_IMAGE and low.value == bound.threshold and low.gap_midpoint is None
+    high = refine_with_synthetic(bound, views, np.array([3.0, 9.0, 11.0]), too_few_normals=False,
+                                 views_of_one_image=True)
+    assert high.rule == RULE_SINGLE_IMAGE and high.value == 5.0
+
+
+@pytest.mark.parametrize(("k", "views", "reason"), [
+    (1, True, "one normal image"), (2, True, "one normal image"), (2, False, "2 normal images"),
+    (3, False, "3 normal images"), (MIN_NORMALS_FOR_TAIL, False, None), (20, False, None),
+])
+def test_a_threshold_is_provisional_with_one_image_or_fewer_normals_than_a_tail_needs(k, views, reason):
+    said = provisional_reason(k, views)
+    if reason is None:
+        assert said is None
+    else:
+        assert said.startswith(reason) and said.endswith("calibrate with more normal images or a labelled set")
 
 
 @pytest.mark.parametrize("bad", [[], [1.0, np.nan], [np.inf]])
