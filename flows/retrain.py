@@ -290,7 +290,8 @@ def score_benchmark(detector: Detector, report: FitReport, data: UploadData) -> 
 
 @task(persist_result=False)
 def calibrate(detector: Detector, bench: Benchmark) -> Threshold:
-    """F1-optimal threshold on a labelled set; otherwise the fit's unsupervised threshold stays."""
+    """F1-optimal threshold on a labelled set; otherwise the fit's unsupervised threshold stays.
+    The detector is given the threshold it returns: the saved model, its overlays and its report read it there."""
     if bench.kind == LABELLED:
         supervised = calibrate_supervised(bench.scores, bench.labels)
         detector.threshold = supervised.with_details(unsupervised=detector.threshold.to_dict())  # for comparison
