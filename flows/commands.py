@@ -29,6 +29,7 @@ from fsad_core.imageio import (
 )
 from fsad_core.methods import method_config
 from fsad_core.options import FLIPS
+from fsad_core.overlay import save_overlay
 from fsad_core.preprocess import stretch_warning
 
 
@@ -205,33 +206,12 @@ def score(args: argparse.Namespace) -> int:
     limits = image_limits()
     detector, source = load_model(args.model, args.device)
     print(f"fsad score: model {source.label()}", file=sys.stderr)
-    threshold = detector.threshold.value if args.threshold is None else args.threshold
-    if args.threshold is None and detector.threshold.details.get("provisional"):
-        print(f"note: the threshold is provisional ({detector.threshold.details['provisional_reason']})",
-              file=sys.stderr)
-    maps_dir = Path(args.maps) if args.maps else None
+    threshold = _decision_threshold(detector, args.threshold)
+    maps = MapWriter(Path(args.maps), map_of, detector.map_anchor(threshold), args.raw_maps) if args.maps else None
     out = open(args.out, "w", newline="") if args.out else sys.stdout
     write = _json_lines(out, source) if args.json else _csv_rows(out, source)
-    failed = 0
     try:
-        for batch in decoded_batches(files, limits):
-            for _, problem in batch:
-                if isinstance(problem, ImageReadError):
-                    print(f"fsad score: skipped {problem}", file=sys.stderr)
-                    failed += 1
-            good = [(path, image) for path, image in batch if not isinstance(image, ImageReadError)]
-            if not good:
-                continue
-            result = detector.score([image for _, image in good], with_maps=maps_dir is not None)
-            for i, (path, image) in enumerate(good):
-                write(path, float(result.scores[i]), threshold)
-                if maps_dir is not None:
-                    from fsad_core.overlay import save_overlay
-                    target = maps_dir / map_of[path]
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    save_overlay(image, result.maps[i], target, detector.map_anchor(threshold))
-                    if args.raw_maps:
-                        np.save(target.with_suffix(".npy"), result.maps[i].astype(np.float32))
+        failed = _score_files(detector, files, limits, threshold, write, maps)
     finally:
         if args.out:
             out.close()
@@ -239,22 +219,73 @@ def score(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _decision_threshold(detector: Detector, asked: float | None) -> float:
+    """The threshold asked for, else the model's own (with a note when that one is provisional)."""
+    if asked is not None:
+        return asked
+    if detector.threshold.details.get("provisional"):
+        print(f"note: the threshold is provisional ({detector.threshold.details['provisional_reason']})",
+              file=sys.stderr)
+    return detector.threshold.value
+
+
 Writer = Callable[[Path, float, float], None]
+
+
+@dataclass(frozen=True)
+class MapWriter:
+    """`fsad score --maps`: each image's overlay at its own path under the folder, and with --raw-maps
+    the map itself as .npy beside it."""
+
+    folder: Path
+    files: dict[Path, Path]  # input image -> its overlay's path under the folder (`map_files`)
+    anchor: float  # the map level of the threshold: one colour scale for every overlay (`Detector.map_anchor`)
+    raw: bool
+
+    def write(self, path: Path, image: np.ndarray, amap: np.ndarray) -> None:
+        target = self.folder / self.files[path]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        save_overlay(image, amap, target, self.anchor)
+        if self.raw:
+            np.save(target.with_suffix(".npy"), amap.astype(np.float32))
+
+
+def _score_files(detector: Detector, files: list[Path], limits: ImageLimits, threshold: float, write: Writer,
+                 maps: MapWriter | None) -> int:
+    """Score the files batch by batch in their order, a row (and maps) for each; returns how many could not be read."""
+    failed = 0
+    for batch in decoded_batches(files, limits):
+        for _, problem in batch:
+            if isinstance(problem, ImageReadError):
+                print(f"fsad score: skipped {problem}", file=sys.stderr)
+                failed += 1
+        good = [(path, image) for path, image in batch if not isinstance(image, ImageReadError)]
+        if not good:
+            continue
+        result = detector.score([image for _, image in good], with_maps=maps is not None)
+        for i, (path, image) in enumerate(good):
+            write(path, float(result.scores[i]), threshold)
+            if maps is not None:
+                maps.write(path, image, result.maps[i])
+    return failed
 
 
 def _csv_rows(out: TextIO, source: ModelSource) -> Writer:
     writer = csv.writer(out)
     writer.writerow(["image", "score", "is_anomaly", "threshold", "model"])
+    model = source.label()
 
     def write(path: Path, score: float, threshold: float) -> None:
-        writer.writerow([str(path), f"{score:.6g}", int(score > threshold), f"{threshold:.6g}", source.label()])
+        writer.writerow([str(path), f"{score:.6g}", int(score > threshold), f"{threshold:.6g}", model])
     return write
 
 
 def _json_lines(out: TextIO, source: ModelSource) -> Writer:
+    model = source.to_dict()
+
     def write(path: Path, score: float, threshold: float) -> None:
         out.write(json.dumps({"image": str(path), "score": score, "is_anomaly": score > threshold,
-                              "threshold": threshold, "model": source.to_dict()}) + "\n")
+                              "threshold": threshold, "model": model}) + "\n")
     return write
 
 

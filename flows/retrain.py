@@ -20,7 +20,7 @@ import json
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 from prefect import flow, get_run_logger, task
@@ -290,7 +290,8 @@ def score_benchmark(detector: Detector, report: FitReport, data: UploadData) -> 
 
 @task(persist_result=False)
 def calibrate(detector: Detector, bench: Benchmark) -> Threshold:
-    """F1-optimal threshold on a labelled set; otherwise the fit's unsupervised threshold stays."""
+    """F1-optimal threshold on a labelled set; otherwise the fit's unsupervised threshold stays.
+    The detector is given the threshold it returns: the saved model, its overlays and its report read it there."""
     if bench.kind == LABELLED:
         supervised = calibrate_supervised(bench.scores, bench.labels)
         detector.threshold = supervised.with_details(unsupervised=detector.threshold.to_dict())  # for comparison
@@ -421,93 +422,175 @@ def retrain_flow(product: str, upload_id: str | None = None, method: str = "defa
     manifest = load_manifest(settings, product, upload_id)
     validation = validate(settings, product, upload_id)
     if not validation["success"] or manifest is None:
-        where = quarantine(settings, product, upload_id, validation)
-        log_rejection(settings, product, upload_id, validation, where)
-        raise UploadRejected(f"upload {upload_id} of {product} failed validation: "
-                             f"{'; '.join(validation['failed']) or 'malformed manifest'} (quarantined at {where})")
+        _reject(settings, product, upload_id, validation)
     get_run_logger().info("waiting for the retraining slot of %s (one retraining per product at a time)", product)
     with product_lock(product):
         return _train_and_promote(settings, product, upload_id, manifest, validation, method, seed, config)
+
+
+def _reject(settings: Settings, product: str, upload_id: str, validation: dict[str, Any]) -> NoReturn:
+    """Quarantine the upload and log the rejection, so that a failed upload leaves a trace, then fail."""
+    where = quarantine(settings, product, upload_id, validation)
+    log_rejection(settings, product, upload_id, validation, where)
+    raise UploadRejected(f"upload {upload_id} of {product} failed validation: "
+                         f"{'; '.join(validation['failed']) or 'malformed manifest'} (quarantined at {where})")
+
+
+@dataclass(frozen=True)
+class RetrainJob:
+    """What one retraining is about: the upload, the configuration asked for, and where it trains.
+    Its content and configuration hashes are the key under which a trained version is found again."""
+
+    product: str
+    upload_id: str
+    content_sha256: str
+    method: str
+    seed: int
+    config: DetectorConfig
+    config_sha256: str
+    device: str
+    validation_uri: str
+    validation_json: str
+
+    def identity(self) -> dict[str, Any]:
+        """The summary's first fields, the same whatever the outcome."""
+        return {"product": self.product, "upload_id": self.upload_id, "content_sha256": self.content_sha256,
+                "method": self.method, "seed": self.seed, "config_sha256": self.config_sha256,
+                "validation": self.validation_uri}
+
+
+@dataclass(frozen=True)
+class Trained:
+    """A trained and evaluated model: what the run logs, the model itself, and the images the gate scores."""
+
+    record: tracking.TrainingRecord
+    detector: Detector
+    data: UploadData
+
+
+@dataclass(frozen=True)
+class Published:
+    """What became of a logged and registered version once the gate has spoken."""
+
+    run_id: str
+    version: str
+    decision: registry.GateDecision
+    aliases: dict[str, str]
+    message: str
+
+    @property
+    def status(self) -> str:
+        return "promoted" if self.decision.passed else "gate_failed"
 
 
 def _train_and_promote(settings: Settings, product: str, upload_id: str, manifest: dict[str, Any],
                        validation: dict[str, Any], method: str, seed: int, config: DetectorConfig) -> dict[str, Any]:
     """The flow's critical section (under the product lock): already trained? else train, log,
     register, gate, verify and promote."""
-    logger = get_run_logger()
-    config_hash = config_sha256(config)
-    device = resolve_device(settings.device).type
     # The identity of the files this run reads (validation found the declared hash equal to it; a
     # manifest replaced since cannot name other images as trained ones).
-    content = content_sha256(manifest["files"])
-    summary: dict[str, Any] = {"product": product, "upload_id": upload_id, "content_sha256": content,
-                               "method": method, "seed": seed, "config_sha256": config_hash,
-                               "validation": validation["uri"]}
-
-    def already_trained(existing: dict[str, Any]) -> dict[str, Any]:
-        tags = existing["tags"]
-        summary.update(status="already_trained", version=existing["version"], run_id=existing["run_id"],
-                       model=f"models:/{registry.model_name(product)}/{existing['version']}",
-                       gate={"passed": tags.get("gate.verdict") == "passed",
-                             "reason": tags.get("gate.reason", "no gate verdict recorded")},
-                       aliases=current_aliases(settings, product),
-                       message=f"already trained as version {existing['version']} (same content_sha256 and "
-                               f"configuration); not training again")
-        logger.info(summary["message"])
-        return summary
-
-    existing = find_existing(settings, product, content, config_hash)
+    job = RetrainJob(product, upload_id, content_sha256(manifest["files"]), method, seed, config,
+                     config_sha256(config), resolve_device(settings.device).type, validation["uri"],
+                     validation["report_json"])
+    existing = find_existing(settings, product, job.content_sha256, job.config_sha256)
     if existing is not None:
-        return already_trained(existing)
+        return _stop_already_trained(settings, job, existing)
+    trained = _train_and_evaluate(settings, job, manifest)
+    # Checked again before anything is logged: should the product lock ever lapse during a long
+    # fine-tuning (its lease expired on a starved machine), a run that finished first wins.
+    existing = find_existing(settings, product, job.content_sha256, job.config_sha256)
+    if existing is not None:
+        return _stop_already_trained(settings, job, existing)
+    return trained_summary(job, trained.record, _publish(settings, job, trained))
 
-    data = load_images(settings, product, upload_id, manifest)
-    tagged = fit.with_options(tags={GPU_LIMIT}) if device == "cuda" else fit
-    detector, report = tagged(data.train, config, device)
+
+def _stop_already_trained(settings: Settings, job: RetrainJob, existing: dict[str, Any]) -> dict[str, Any]:
+    """The summary of a run that finds its upload and configuration already trained, with today's aliases."""
+    summary = already_trained_summary(job, existing, current_aliases(settings, job.product))
+    get_run_logger().info(summary["message"])
+    return summary
+
+
+def _train_and_evaluate(settings: Settings, job: RetrainJob, manifest: dict[str, Any]) -> Trained:
+    """Decode the upload, fine-tune, judge the model on its benchmark and gather what the run logs."""
+    data = load_images(settings, job.product, job.upload_id, manifest)
+    fit_task = fit.with_options(tags={GPU_LIMIT}) if job.device == "cuda" else fit
+    detector, report = fit_task(data.train, job.config, job.device)
     bench = score_benchmark(detector, report, data)
     threshold = calibrate(detector, bench)
     metrics = evaluate(bench, threshold, report)
     shown = gallery(detector, data, bench)
-
     record = tracking.TrainingRecord(
-        product=product, upload_id=upload_id, content_sha256=content, method=method, config=detector.config,
-        config_sha256=config_hash, k=len(data.train), eval_set=bench.kind, metrics=metrics, history=report.history,
-        threshold=threshold, validation_json=validation["report_json"], fit_report=report.to_dict(),
-        roc_labels=bench.labels, roc_scores=bench.scores.tolist(), overlays=shown,
+        product=job.product, upload_id=job.upload_id, content_sha256=job.content_sha256, method=job.method,
+        config=detector.config, config_sha256=job.config_sha256, k=len(data.train), eval_set=bench.kind,
+        metrics=metrics, history=report.history, threshold=threshold, validation_json=job.validation_json,
+        fit_report=report.to_dict(), roc_labels=bench.labels, roc_scores=bench.scores.tolist(), overlays=shown,
         example_image=(data.eval_images or data.train)[0])
-    # Checked again before anything is logged: should the product lock ever lapse during a long
-    # fine-tuning (its lease expired on a starved machine), a run that finished first wins.
-    existing = find_existing(settings, product, content, config_hash)
-    if existing is not None:
-        return already_trained(existing)
-    logged = log_run(settings, record, detector)
-    version = register(settings, product, logged.model_uri, logged.run_id, {
-        "content_sha256": content, "config_sha256": config_hash, "method": method, "seed": str(seed),
-        "upload_id": upload_id, "eval_set": bench.kind, "k": str(len(data.train)),
-        "benchmark_auroc": f"{metrics.get('benchmark_auroc', float('nan')):.6f}"})
-    decision = gate(settings, product, version, metrics.get("benchmark_auroc"), bench.kind, data, device)
+    return Trained(record, detector, data)
 
+
+def _publish(settings: Settings, job: RetrainJob, trained: Trained) -> Published:
+    """Log and register the run, let the gate decide, promote a passing version, then log the report
+    (written last because its first line is the verdict)."""
+    record, detector = trained.record, trained.detector
+    logged = log_run(settings, record, detector)
+    version = register(settings, job.product, logged.model_uri, logged.run_id, version_tags(job, record))
+    decision = gate(settings, job.product, version, record.metrics.get("benchmark_auroc"), record.eval_set,
+                    trained.data, job.device)
     if decision.passed:
-        aliases = verify_and_promote(settings, product, version, detector, record.example_image)
-        status, message = "promoted", f"version {version} passed the gate and is now {registry.CHAMPION}"
+        aliases = verify_and_promote(settings, job.product, version, detector, record.example_image)
+        message = f"version {version} passed the gate and is now {registry.CHAMPION}"
     else:
-        aliases = current_aliases(settings, product)
-        status = "gate_failed"
-        message = (f"version {version} failed the gate ({decision.reason}); {registry.CHAMPION} stays "
-                   f"{'v' + aliases[registry.CHAMPION] if registry.CHAMPION in aliases else 'unset'}")
-    logger.info(message)
+        aliases = current_aliases(settings, job.product)
+        message = gate_failed_message(version, decision, aliases)
+    get_run_logger().info(message)
     log_report(settings, logged.run_id, record, detector, "passed the gate" if decision.passed else "failed the gate",
                message)
-    summary.update(status=status, message=message, version=version, run_id=logged.run_id,
-                   model=f"models:/{registry.model_name(product)}/{version}", eval_set=bench.kind,
-                   k=len(data.train), metrics=metrics, aliases=aliases,
-                   gate={"passed": decision.passed, "reason": decision.reason, "min_auroc": decision.min_auroc,
-                         "candidate_auroc": decision.candidate_auroc,
-                         "champion_version": decision.champion_version, "champion_auroc": decision.champion_auroc},
-                   threshold={"value": threshold.value, "rule": threshold.rule,
-                              "expected_false_alarm_rate": threshold.expected_false_alarm_rate},
-                   training={"size": config.size, "steps": config.finetune.steps if config.finetune else 0,
-                             "pool_views": config.pool_views, "backbone": config.backbone, "device": device})
-    return summary
+    return Published(logged.run_id, version, decision, aliases, message)
+
+
+def version_tags(job: RetrainJob, record: tracking.TrainingRecord) -> dict[str, str]:
+    """The registered version's tags; its content and configuration hashes are what `find_existing` looks up."""
+    return {"content_sha256": job.content_sha256, "config_sha256": job.config_sha256, "method": job.method,
+            "seed": str(job.seed), "upload_id": job.upload_id, "eval_set": record.eval_set, "k": str(record.k),
+            "benchmark_auroc": f"{record.metrics.get('benchmark_auroc', float('nan')):.6f}"}
+
+
+def gate_failed_message(version: str, decision: registry.GateDecision, aliases: dict[str, str]) -> str:
+    champion = f"v{aliases[registry.CHAMPION]}" if registry.CHAMPION in aliases else "unset"
+    return f"version {version} failed the gate ({decision.reason}); {registry.CHAMPION} stays {champion}"
+
+
+def _model_ref(product: str, version: str) -> str:
+    return f"models:/{registry.model_name(product)}/{version}"
+
+
+def already_trained_summary(job: RetrainJob, existing: dict[str, Any], aliases: dict[str, str]) -> dict[str, Any]:
+    """The summary of a run that stops early: the gate verdict is the one recorded on the existing version."""
+    version, tags = existing["version"], existing["tags"]
+    return {**job.identity(), "status": "already_trained", "version": version, "run_id": existing["run_id"],
+            "model": _model_ref(job.product, version),
+            "gate": {"passed": tags.get("gate.verdict") == "passed",
+                     "reason": tags.get("gate.reason", "no gate verdict recorded")},
+            "aliases": aliases,
+            "message": f"already trained as version {version} (same content_sha256 and configuration); "
+                       f"not training again"}
+
+
+def trained_summary(job: RetrainJob, record: tracking.TrainingRecord, published: Published) -> dict[str, Any]:
+    """The summary of a run that trained: what it measured, what the gate decided and where the aliases stand."""
+    decision, threshold, config = published.decision, record.threshold, job.config
+    return {**job.identity(), "status": published.status, "message": published.message,
+            "version": published.version, "run_id": published.run_id,
+            "model": _model_ref(job.product, published.version), "eval_set": record.eval_set, "k": record.k,
+            "metrics": record.metrics, "aliases": published.aliases,
+            "gate": {"passed": decision.passed, "reason": decision.reason, "min_auroc": decision.min_auroc,
+                     "candidate_auroc": decision.candidate_auroc, "champion_version": decision.champion_version,
+                     "champion_auroc": decision.champion_auroc},
+            "threshold": {"value": threshold.value, "rule": threshold.rule,
+                          "expected_false_alarm_rate": threshold.expected_false_alarm_rate},
+            "training": {"size": config.size, "steps": config.finetune.steps if config.finetune else 0,
+                         "pool_views": config.pool_views, "backbone": config.backbone, "device": job.device}}
 
 
 def format_summary(summary: dict[str, Any]) -> str:

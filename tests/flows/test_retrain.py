@@ -25,11 +25,26 @@ from prefect.testing.utilities import prefect_test_harness
 from flows import registry, tracking
 from flows.pyfunc import encode_png
 from flows.registry import CANDIDATE, CHAMPION, PREVIOUS
-from flows.retrain import GPU_LIMIT, UploadRejected, load_images, product_lock, retrain_flow, training_slot
+from flows.retrain import (
+    GPU_LIMIT,
+    Published,
+    RetrainJob,
+    UploadRejected,
+    already_trained_summary,
+    gate_failed_message,
+    load_images,
+    product_lock,
+    retrain_flow,
+    trained_summary,
+    training_slot,
+    version_tags,
+)
 from flows.settings import SettingsError, load_settings
 from flows.storage import open_store, quarantine_prefix, training_key, upload_prefix, validation_key
 from flows.upload import ManifestError, content_sha256, describe_image, sha256_hex, upload_folder, write_upload_folder
+from fsad_core.calibration import Threshold
 from fsad_core.data import load_category
+from fsad_core.detector import DetectorConfig
 from fsad_core.imageio import ImageReadError, read_image
 from fsad_core.synthetic import make_category
 from tests.html_pictures import pictures_of
@@ -317,3 +332,67 @@ def test_settings_come_from_the_environment(env):
     assert s.embedded_tracking and s.storage_url.endswith("store") and s.train_overrides == TINY_TRAINING
     tracking.configure(s)
     assert mlflow.get_tracking_uri() == s.tracking_uri
+
+
+# ---- the summaries, without running a flow ---------------------------------------------------------
+
+IDENTITY = ["product", "upload_id", "content_sha256", "method", "seed", "config_sha256", "validation"]
+
+
+def _job() -> RetrainJob:
+    return RetrainJob("washer", U_GOOD, "c" * 64, "default", 3, DetectorConfig(), "d" * 64, "cpu",
+                      "file:///store/validation.json", "{}")
+
+
+def _record(job: RetrainJob) -> tracking.TrainingRecord:
+    threshold = Threshold(1.5, "supervised_f1", 0.02, None)
+    return tracking.TrainingRecord(
+        product=job.product, upload_id=job.upload_id, content_sha256=job.content_sha256, method=job.method,
+        config=job.config, config_sha256=job.config_sha256, k=2, eval_set="labelled",
+        metrics={"benchmark_auroc": 0.875, "f1": 0.5}, history=None, threshold=threshold, validation_json="{}",
+        fit_report={}, roc_labels=[0, 1], roc_scores=[0.1, 0.9], overlays=[], example_image=np.zeros((4, 4, 3)))
+
+
+def test_an_already_trained_summary_names_the_existing_version_and_its_recorded_verdict():
+    existing = {"version": "4", "run_id": "r4", "tags": {"gate.verdict": "passed", "gate.reason": "AUROC 0.9"}}
+    summary = already_trained_summary(_job(), existing, {CHAMPION: "4"})
+    assert list(summary) == [*IDENTITY, "status", "version", "run_id", "model", "gate", "aliases", "message"]
+    assert summary["seed"] == 3 and summary["validation"] == "file:///store/validation.json"
+    assert summary["status"] == "already_trained" and summary["run_id"] == "r4"
+    assert summary["model"] == f"models:/{registry.model_name('washer')}/4"
+    assert summary["gate"] == {"passed": True, "reason": "AUROC 0.9"} and summary["aliases"] == {CHAMPION: "4"}
+    assert summary["message"] == ("already trained as version 4 (same content_sha256 and configuration); "
+                                  "not training again")
+    untagged = already_trained_summary(_job(), {**existing, "tags": {}}, {})
+    assert untagged["gate"] == {"passed": False, "reason": "no gate verdict recorded"}
+
+
+@pytest.mark.parametrize("passed", [True, False])
+def test_a_trained_summary_has_the_same_fields_whether_the_gate_passed_or_not(passed):
+    job = _job()
+    record = _record(job)
+    decision = registry.GateDecision(passed, "why", 0.8, 0.875, "labelled", "1", 0.9)
+    summary = trained_summary(job, record, Published("r5", "5", decision, {CHAMPION: "1"}, "what happened"))
+    assert list(summary) == [*IDENTITY, "status", "message", "version", "run_id", "model", "eval_set", "k",
+                             "metrics", "aliases", "gate", "threshold", "training"]
+    assert summary["status"] == ("promoted" if passed else "gate_failed") and summary["message"] == "what happened"
+    assert (summary["version"], summary["run_id"], summary["k"]) == ("5", "r5", 2)
+    assert summary["metrics"] == record.metrics and summary["eval_set"] == "labelled"
+    assert summary["gate"] == {"passed": passed, "reason": "why", "min_auroc": 0.8, "candidate_auroc": 0.875,
+                               "champion_version": "1", "champion_auroc": 0.9}
+    assert summary["threshold"] == {"value": 1.5, "rule": "supervised_f1", "expected_false_alarm_rate": 0.02}
+    assert summary["training"] == {"size": job.config.size, "steps": job.config.finetune.steps,
+                                   "pool_views": job.config.pool_views, "backbone": job.config.backbone,
+                                   "device": "cpu"}
+    json.dumps(summary)
+
+
+def test_a_failed_gate_says_which_champion_stays_and_the_version_is_tagged_for_finding_it_again():
+    decision = registry.GateDecision(False, "too low", 0.8, 0.5, "labelled")
+    assert gate_failed_message("5", decision, {CHAMPION: "1"}) == \
+        f"version 5 failed the gate (too low); {CHAMPION} stays v1"
+    assert gate_failed_message("1", decision, {}).endswith(f"{CHAMPION} stays unset")
+    job = _job()
+    assert version_tags(job, _record(job)) == {
+        "content_sha256": "c" * 64, "config_sha256": "d" * 64, "method": "default", "seed": "3",
+        "upload_id": U_GOOD, "eval_set": "labelled", "k": "2", "benchmark_auroc": "0.875000"}
