@@ -290,12 +290,10 @@ def score_benchmark(detector: Detector, report: FitReport, data: UploadData) -> 
 
 @task(persist_result=False)
 def calibrate(detector: Detector, bench: Benchmark) -> Threshold:
-    """F1-optimal threshold on a labelled set; otherwise the fit's unsupervised threshold stays.
-    The detector is given the threshold it returns: the saved model, its overlays and its report read it there."""
-    if bench.kind == LABELLED:
-        supervised = calibrate_supervised(bench.scores, bench.labels)
-        detector.threshold = supervised.with_details(unsupervised=detector.threshold.to_dict())  # for comparison
+    """F1-optimal threshold on a labelled set; otherwise the fit's unsupervised threshold stays."""
     t = detector.threshold
+    if bench.kind == LABELLED:
+        t = calibrate_supervised(bench.scores, bench.labels).with_details(unsupervised=t.to_dict())  # to compare
     get_run_logger().info("threshold %.4g (%s)", t.value, t.rule)
     if t.details.get("provisional"):
         get_run_logger().warning("the threshold is provisional: %s", t.details["provisional_reason"])
@@ -518,6 +516,7 @@ def _train_and_evaluate(settings: Settings, job: RetrainJob, manifest: dict[str,
     detector, report = fit_task(data.train, job.config, job.device)
     bench = score_benchmark(detector, report, data)
     threshold = calibrate(detector, bench)
+    detector = detector.with_threshold(threshold)  # the saved model, its overlays and its report use it
     metrics = evaluate(bench, threshold, report)
     shown = gallery(detector, data, bench)
     record = tracking.TrainingRecord(

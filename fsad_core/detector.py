@@ -244,6 +244,10 @@ class Detector:
                            folds.rule, time.perf_counter() - start)
         return detector, report
 
+    def with_threshold(self, threshold: Threshold) -> Detector:
+        """The same model deciding at another threshold (a labelled set's, say)."""
+        return Detector(self.config, self.net, self.scoring, self.fusion, threshold, self.meta, self.device)
+
     # ----------------------------------------------------------------------------- scoring
     def anomaly_maps(self, feats: Features) -> torch.Tensor:
         """BxSxS maps at the patch branch's input side (`Scoring.anomaly_maps`)."""

@@ -427,3 +427,14 @@ def test_calibration_puts_the_fused_threshold_in_units_of_the_held_out_spreads()
     assert patch_only.fusion == {} and patch_only.fusion_rule is None
     assert patch_only.threshold.details["min_spread"] == 0
     assert patch_only.synthetic_scores["patch"].size == 0
+
+
+def test_a_detector_at_another_threshold_decides_by_it_and_leaves_the_original_as_it_was(fitted, washer):
+    detector, _ = fitted
+    images = [s.image() for s in washer.test[:4]]
+    scores = detector.score(images).scores
+    lower = replace(detector.threshold, value=float(scores.min()) - 1.0)
+    strict = detector.with_threshold(lower)
+    assert strict.score(images).is_anomaly.all() and strict.threshold is lower
+    assert detector.threshold.value != lower.value
+    np.testing.assert_array_equal(strict.score(images).scores, scores)
