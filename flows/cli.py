@@ -224,26 +224,31 @@ def _add_detector_options(parser: argparse.ArgumentParser, bench: bool) -> None:
     add("--false-alarm-target", FALSE_ALARM_HELP, dest="target_false_alarm_rate", type=_fraction, metavar="RATE")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="fsad",
-        description="Few-shot anomaly detection for industrial images: fine-tune on a handful of "
-                    "normal photos, calibrate, score, and run it as a Prefect + MLflow pipeline.",
-        epilog="Configuration: FSAD_HOME (default ~/.fsad), FSAD_STORAGE (folder or s3://BUCKET), "
-               "MLFLOW_TRACKING_URI (default SQLite in FSAD_HOME).")
-    parser.add_argument("--version", action="version", version=f"fsad {_version()}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+# What add_subparsers returns: each _add_* function below adds one subcommand's parser to it.
+Subcommands = argparse._SubParsersAction
 
-    def add(name: str, handler: Callable[[argparse.Namespace], int], help_: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_, description=help_)
-        p.set_defaults(handler=handler)
-        return p
 
-    p = add("demo", _cmd_demo, "run the main job end to end on embedded defaults and a generated product")
+def _subcommand(sub: Subcommands, name: str, handler: Callable[[argparse.Namespace], int],
+                help_: str) -> argparse.ArgumentParser:
+    """A subcommand's parser, its help repeated as its description so that `fsad NAME --help` says what it does."""
+    parser = sub.add_parser(name, help=help_, description=help_)
+    parser.set_defaults(handler=handler)
+    return parser
+
+
+def _add_device(parser: argparse.ArgumentParser) -> None:
+    """The device choice of the subcommands that run a model, in one place."""
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+
+
+def _add_demo(sub: Subcommands) -> None:
+    p = _subcommand(sub, "demo", _cmd_demo, "run the main job end to end on embedded defaults and a generated product")
     p.add_argument("--workdir", default=None, help="folder for everything the demo writes (default: FSAD_HOME)")
     p.add_argument("--data", default=None, help="an MVTec-layout category folder to use instead of generated data")
 
-    p = add("train", _cmd_train, "fine-tune and calibrate a model on k normal images of a category")
+
+def _add_train(sub: Subcommands) -> None:
+    p = _subcommand(sub, "train", _cmd_train, "fine-tune and calibrate a model on k normal images of a category")
     p.add_argument("--data", required=True, help="MVTec-layout category folder (train/good is the pool)")
     p.add_argument("--k", type=int, required=True, help="number of normal images to draw from train/good")
     p.add_argument("--seed", type=int, default=0, help="seed of the k-shot draw and of training")
@@ -254,10 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--score", choices=SCORE_KINDS, default=None,
                    help="the score the threshold is set on and `fsad score` reports (default: the method's: "
                         "fused, patch for fast); compare the components with `fsad report --components`")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    _add_device(p)
 
-    p = add("score", _cmd_score, "score images with a trained model; writes a CSV (or JSON Lines) of image, score, "
-             "is_anomaly, threshold, model")
+
+def _add_score(sub: Subcommands) -> None:
+    p = _subcommand(sub, "score", _cmd_score, "score images with a trained model; writes a CSV (or JSON Lines) of "
+                    "image, score, is_anomaly, threshold, model")
     p.add_argument("--model", required=True, help="model folder, or models:/NAME@ALIAS from the MLflow registry")
     p.add_argument("images", nargs="+", help="image files or folders")
     p.add_argument("--out", default=None, help="output file (default: standard output)")
@@ -268,22 +275,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=_finite, default=None,
                    help="decide with this threshold instead of the model's own (in the model's score units)")
     p.add_argument("--json", action="store_true", help="write JSON Lines, one object an image, instead of CSV")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    _add_device(p)
 
-    p = add("bench", _cmd_bench, "benchmark methods over k and seeds on MVTec-layout data; writes JSON")
+
+def _add_bench(sub: Subcommands) -> None:
+    p = _subcommand(sub, "bench", _cmd_bench, "benchmark methods over k and seeds on MVTec-layout data; writes JSON")
     p.add_argument("--data", required=True, nargs="+", help="dataset root(s) or category folder(s)")
     p.add_argument("--k", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--methods", nargs="+", default=["pretrained", "default"], help=METHODS_HELP)
     p.add_argument("--out", required=True, help="results JSON path")
     p.add_argument("--report", default=None, help="also write the table as Markdown here")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    _add_device(p)
     p.add_argument("--max-test", type=int, default=None,
                    help="score at most this many test images (stratified), for quick runs")
     _add_dask(p, "the runs")
     _add_detector_options(p, bench=True)
 
-    p = add("report", _cmd_report, "merge result files of several bench runs into one table of means and stds")
+
+def _add_report(sub: Subcommands) -> None:
+    p = _subcommand(sub, "report", _cmd_report,
+                    "merge result files of several bench runs into one table of means and stds")
     p.add_argument("results", nargs="+", help="JSON files written by fsad bench --out")
     p.add_argument("--markdown", action="store_true", help="print a Markdown table")
     columns = p.add_mutually_exclusive_group()
@@ -295,14 +307,18 @@ def build_parser() -> argparse.ArgumentParser:
     columns.add_argument("--defect-types", action="store_true",
                          help="image AUROC of each defect type against all normal test images instead")
 
-    p = add("upload", _cmd_upload, "put a few-shot set into storage (images first, manifest.json last)")
+
+def _add_upload(sub: Subcommands) -> None:
+    p = _subcommand(sub, "upload", _cmd_upload, "put a few-shot set into storage (images first, manifest.json last)")
     p.add_argument("--product", required=True)
     p.add_argument("--resume", default=None, metavar="UPLOAD_ID",
                    help="finish an interrupted upload of the same folder (kept objects are not written twice)")
     p.add_argument("dir", help="folder with train/good/* and optionally eval/good|defect/*, or just images")
 
-    p = add("settings", _cmd_settings,
-            "show, set or clear a product's own training settings (merged over FSAD_TRAIN_OVERRIDES by retraining)")
+
+def _add_settings(sub: Subcommands) -> None:
+    p = _subcommand(sub, "settings", _cmd_settings, "show, set or clear a product's own training settings "
+                    "(merged over FSAD_TRAIN_OVERRIDES by retraining)")
     p.add_argument("--product", required=True)
     change = p.add_mutually_exclusive_group()
     change.add_argument("--set", default=None, metavar="JSON_FILE",
@@ -310,19 +326,42 @@ def build_parser() -> argparse.ArgumentParser:
                              "checked before it is stored, and the product retrains on its next run")
     change.add_argument("--clear", action="store_true", help="remove them")
 
-    p = add("retrain", _cmd_retrain, "run the retraining flow now for a product")
+
+def _add_retrain(sub: Subcommands) -> None:
+    p = _subcommand(sub, "retrain", _cmd_retrain, "run the retraining flow now for a product")
     p.add_argument("--product", required=True)
     p.add_argument("--upload", default=None, help="upload id (default: the latest complete upload)")
 
-    p = add("score-prefix", _cmd_score_prefix, "score every image under a storage prefix with a product's champion; "
-            "writes JSON Lines decisions beside them and resumes where an earlier run stopped")
+
+def _add_score_prefix(sub: Subcommands) -> None:
+    p = _subcommand(sub, "score-prefix", _cmd_score_prefix, "score every image under a storage prefix with a "
+                    "product's champion; writes JSON Lines decisions beside them and resumes where an earlier run "
+                    "stopped")
     p.add_argument("product")
     p.add_argument("url", help="s3://BUCKET/PREFIX, or a folder")
     p.add_argument("--batch", type=_positive, default=None, help="images a task (default: the flow's)")
     _add_dask(p, "the batches")
 
-    p = add("stack", _cmd_stack, "start, stop or inspect local real services on 127.0.0.1 (Swift S3, MLflow, Prefect)")
+
+def _add_stack(sub: Subcommands) -> None:
+    p = _subcommand(sub, "stack", _cmd_stack,
+                    "start, stop or inspect local real services on 127.0.0.1 (Swift S3, MLflow, Prefect)")
     p.add_argument("action", choices=("up", "down", "status"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `fsad` parser: global options, then one subparser a subcommand, each calling its handler."""
+    parser = argparse.ArgumentParser(
+        prog="fsad",
+        description="Few-shot anomaly detection for industrial images: fine-tune on a handful of "
+                    "normal photos, calibrate, score, and run it as a Prefect + MLflow pipeline.",
+        epilog="Configuration: FSAD_HOME (default ~/.fsad), FSAD_STORAGE (folder or s3://BUCKET), "
+               "MLFLOW_TRACKING_URI (default SQLite in FSAD_HOME).")
+    parser.add_argument("--version", action="version", version=f"fsad {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add_subcommand in (_add_demo, _add_train, _add_score, _add_bench, _add_report, _add_upload, _add_settings,
+                           _add_retrain, _add_score_prefix, _add_stack):  # in the order `fsad --help` lists them
+        add_subcommand(sub)
     return parser
 
 
