@@ -196,6 +196,57 @@ def test_interrupted_upload_is_resumed_writing_each_object_once(tmp_path: Path, 
     assert res.content_sha256 == upload_folder(LocalStore(tmp_path / "other"), "bottle", category).content_sha256
 
 
+class OperationLog(LocalStore):
+    """A store that logs every operation it is asked for (reads, lists and writes) with its key."""
+
+    def __init__(self, root: Path):
+        super().__init__(root)
+        self.log: list[tuple[str, str]] = []
+
+    def put_bytes(self, key: str, data: bytes, content_type: str | None = None) -> None:
+        self.log.append(("put", key))
+        super().put_bytes(key, data, content_type)
+
+    def get_bytes(self, key: str) -> bytes:
+        self.log.append(("get", key))
+        return super().get_bytes(key)
+
+    def exists(self, key: str) -> bool:
+        self.log.append(("exists", key))
+        return super().exists(key)
+
+    def list_info(self, prefix: str = "") -> list:
+        self.log.append(("list", prefix))
+        return super().list_info(prefix)
+
+
+def test_storage_is_asked_only_after_every_file_is_checked_and_the_manifest_is_written_last(
+        tmp_path: Path, category: Path) -> None:
+    """A bad set never reaches storage; a new upload lists its prefix once, then writes; a resume lists,
+    reads back what it keeps, writes the rest; the manifest comes last either way."""
+    uid = "20260101T000000Z-oplog1"
+    prefix, manifest = upload_prefix("bottle", uid), manifest_key("bottle", uid)
+    images = [f"{prefix}{rel}" for rel in ("eval/defect/d1.png", "eval/good/e1.png", "train/good/001.png",
+                                           "train/good/002.png")]
+    bad = tmp_path / "bad"
+    write(bad / "train/good/text.png", b"not an image")
+    store = OperationLog(tmp_path / "store")
+    with pytest.raises(UploadError, match="nothing uploaded"):
+        upload_folder(store, "bottle", bad, upload_id=uid)
+    assert store.log == []
+
+    upload_folder(store, "bottle", category, upload_id=uid)
+    assert store.log == [("list", prefix), *(("put", key) for key in images), ("put", manifest)]
+
+    interrupted = LocalStore(tmp_path / "other")  # as an upload cut off after its first two images
+    for key, rel in zip(images[:2], ("eval/defect/d1.png", "eval/good/e1.png")):
+        interrupted.put_bytes(key, (category / rel).read_bytes())
+    resumed = OperationLog(tmp_path / "other")
+    upload_folder(resumed, "bottle", category, resume=uid)
+    assert resumed.log == [("list", prefix), ("get", images[0]), ("get", images[1]),
+                           *(("put", key) for key in images[2:]), ("put", manifest)]
+
+
 def test_resume_refuses_what_is_not_an_interrupted_upload_of_this_folder(store: LocalStore, tmp_path: Path,
                                                                          category: Path) -> None:
     with pytest.raises(UploadError, match="nothing to resume"):
