@@ -180,52 +180,91 @@ def upload_folder(store: Store, product: str, folder: str | Path, upload_id: str
     a storage outage leaves one copy of each object under one upload id.
     """
     validate_name(product, "product name")
+    upload_id = _upload_id_to_write(upload_id, resume)
+    prefix = upload_prefix(product, upload_id)
+    folder = Path(folder)
+    wanted, skipped = _plan(folder)
+    entries = _checked_entries(folder, wanted, prefix)
+    present = _stored_before(store, product, upload_id, {e["key"] for e in entries}, resume)
+    _send_images(store, prefix, upload_id, wanted, entries, present)
+    manifest = _manifest(product, upload_id, entries)
+    store.put_json(manifest_key(product, upload_id), manifest)  # last: it marks the upload complete
+    counts = Counter(rel.rsplit("/", 1)[0] for rel, _ in wanted)
+    return UploadResult(product, upload_id, store.uri(prefix), dict(sorted(counts.items())), skipped,
+                        manifest["content_sha256"], manifest)
+
+
+def _upload_id_to_write(upload_id: str | None, resume: str | None) -> str:
+    """The resumed upload's id, the id given, or a new one; an id that differs from ``resume`` is refused
+    so that a resume never writes under a second id."""
     if resume is not None:
         if upload_id is not None and upload_id != resume:
             raise UploadError(f"upload id {upload_id} and resume {resume} differ")
         upload_id = resume
-    upload_id = validate_name(upload_id, "upload id") if upload_id is not None else new_upload_id()
-    folder = Path(folder)
+    return validate_name(upload_id, "upload id") if upload_id is not None else new_upload_id()
+
+
+def _plan(folder: Path) -> tuple[list[tuple[str, Path]], list[str]]:
+    """(relative key, file) pairs to send and the skipped entries; a folder without training images is
+    refused, as its upload could never be trained on."""
     if not folder.is_dir():
         raise UploadError(f"{folder}: not a folder")
-    prefix = upload_prefix(product, upload_id)
-
     wanted, skipped = _collect(folder)
     if not any(rel.startswith("train/good/") for rel, _ in wanted):
         raise UploadError(f"{folder}: no training images found (expected images in train/good/ or directly "
                           f"in the folder; suffixes: png jpg jpeg bmp tif tiff webp)")
+    return wanted, skipped
 
-    # Pass 1: check every limit, read and decode everything (one image at a time); write nothing.
+
+def _checked_entries(folder: Path, wanted: list[tuple[str, Path]], prefix: str) -> list[dict[str, Any]]:
+    """The manifest entry of every file, each read and decoded (one at a time) before anything is
+    written, so that a bad set is refused whole with every bad file named."""
     limits = image_limits()
     entries: list[dict[str, Any]] = []
     problems: list[str] = []
     for rel, path in wanted:
         try:
-            validate_key(prefix + rel)
-            limits.check_bytes(path.stat().st_size, rel)
-            data = path.read_bytes()
-            facts, _ = describe_image(data, rel, limits)
+            entries.append(_entry(rel, path, prefix, limits))
         except StorageKeyError as exc:
             problems.append(f"{ascii(rel)}: unusable file name ({exc})")
-            continue
         except ImageReadError as exc:
             problems.append(str(exc))
-            continue
         except OSError as exc:
             problems.append(f"{rel}: cannot read ({exc.strerror or exc})")
-            continue
-        entries.append({"key": rel, **facts.__dict__})
     if problems:
         raise UploadError(f"refused, nothing uploaded; {len(problems)} bad file(s) in {folder}: {_first_few(problems)}")
     try:
         limits.check_set(sum(e["width"] * e["height"] for e in entries), len(entries), str(folder))
     except ImageReadError as exc:
         raise UploadError(f"{exc}; nothing uploaded") from None
-    present = _resumable(store, product, upload_id, {e["key"] for e in entries}) if resume else {}
-    if not resume and store.list(prefix):
-        raise UploadError(f"upload {upload_id} of {product} already exists at {store.uri(prefix)}; not overwriting")
+    return entries
 
-    # Pass 2: write images (re-read one at a time, checked against pass 1), then the manifest.
+
+def _entry(rel: str, path: Path, prefix: str, limits: ImageLimits) -> dict[str, Any]:
+    """One file's manifest entry; raises on a key storage refuses, a file over the limits or one that
+    does not decode."""
+    validate_key(prefix + rel)
+    limits.check_bytes(path.stat().st_size, rel)
+    facts, _ = describe_image(path.read_bytes(), rel, limits)
+    return {"key": rel, **facts.__dict__}
+
+
+def _stored_before(store: Store, product: str, upload_id: str, keys: set[str],
+                   resume: str | None) -> dict[str, int]:
+    """relative key -> size of the objects already stored: those of the upload being resumed, and none
+    for a new upload, whose id is refused if anything is stored under it (never overwritten)."""
+    if resume:
+        return _resumable(store, product, upload_id, keys)
+    prefix = upload_prefix(product, upload_id)
+    if store.list(prefix):
+        raise UploadError(f"upload {upload_id} of {product} already exists at {store.uri(prefix)}; not overwriting")
+    return {}
+
+
+def _send_images(store: Store, prefix: str, upload_id: str, wanted: list[tuple[str, Path]],
+                 entries: list[dict[str, Any]], present: dict[str, int]) -> None:
+    """Write every image not already stored with its content, re-reading each and checking it against
+    its entry so that the manifest describes exactly what was written."""
     incomplete = f"upload {upload_id} left incomplete (no manifest); finish it with --resume {upload_id}"
     for entry, (rel, path) in zip(entries, wanted):
         data = path.read_bytes()
@@ -239,7 +278,10 @@ def upload_folder(store: Store, product: str, folder: str | Path, upload_id: str
         except StorageError as exc:
             raise StorageError(f"{exc}; {incomplete}") from None
 
-    manifest = {
+
+def _manifest(product: str, upload_id: str, entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """The manifest of a finished upload, stamped with the time it is made."""
+    return {
         "format": MANIFEST_FORMAT,
         "product": product,
         "upload_id": upload_id,
@@ -247,10 +289,6 @@ def upload_folder(store: Store, product: str, folder: str | Path, upload_id: str
         "files": entries,
         "content_sha256": content_sha256(entries),
     }
-    store.put_json(manifest_key(product, upload_id), manifest)
-    counts = Counter(rel.rsplit("/", 1)[0] for rel, _ in wanted)
-    return UploadResult(product, upload_id, store.uri(prefix), dict(sorted(counts.items())), skipped,
-                        manifest["content_sha256"], manifest)
 
 
 def _resumable(store: Store, product: str, upload_id: str, keys: set[str]) -> dict[str, int]:
