@@ -37,7 +37,8 @@ METHODS_HELP = ("methods of the registry: " + ", ".join(METHOD_NAMES) + "; defau
 # Help of the detector options; the defaults they name are DetectorConfig's (a test keeps them true).
 BACKBONE_DEFAULT = "(default: the method's, tf_efficientnet_lite0)"
 SIZE_HELP = "input size in pixels, square (default: the method's, 224)"
-PATCH_SIZE_HELP = "input size of the patch branch (default: the method's, 320); larger finds smaller defects"
+PATCH_SIZE_HELP = ("input size of the patch branch (default: the method's, 320; fast: as --size); larger finds "
+                   "smaller defects")
 RESIZE_HELP = ("input resize policy (default: the method's, tile). tile: square tiles along the long side, "
                "nothing stretched; resize: plain, to a square; letterbox: padded to a square")
 INTENSITY_HELP = ("grey levels as shot, or standardised per image for parts whose shots differ in exposure; "

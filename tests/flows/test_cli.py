@@ -26,6 +26,7 @@ from flows.commands import collect_images, decoded_batches, map_files
 from fsad_core.augment import AugmentConfig
 from fsad_core.detector import Detector, DetectorConfig
 from fsad_core.imageio import ImageLimits, ImageReadError, read_image
+from fsad_core.methods import method_config
 from fsad_core.synthetic import make_category
 
 FSAD = [sys.executable, "-m", "flows.cli"]
@@ -238,7 +239,8 @@ def test_help_states_the_configs_defaults_and_bounds():
     config = DetectorConfig()
     assert f"the method's, {config.backbone})" in BACKBONE_DEFAULT
     assert f"the method's, {config.size})" in SIZE_HELP
-    assert f"the method's, {config.patch_size})" in PATCH_SIZE_HELP
+    assert f"the method's, {config.patch_size}; fast: as --size)" in PATCH_SIZE_HELP
+    assert method_config("fast").patch_side == method_config("fast").size
     assert f"the method's, {config.coreset_candidates}; at least {config.memory_max}" in CORESET_HELP
     assert f"the method's, {config.map_sigma:g};" in MAP_SIGMA_HELP
     assert f"the method's, {config.augment.flips})" in FLIPS_HELP
