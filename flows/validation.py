@@ -118,43 +118,61 @@ def _content_status(manifest: dict[str, Any]) -> str:
     return "ok" if declared == actual else f"mismatch (declared {declared[:16]}..., its files give {actual[:16]}...)"
 
 
+def _upload_objects(store: Store, prefix: str) -> dict[str, int]:
+    """Size of each object of the upload by its path in it; the manifest and the report are not data."""
+    objects = {o.key[len(prefix):]: o.size for o in store.list_info(prefix)}
+    return {rel: size for rel, size in objects.items() if rel not in (MANIFEST_NAME, VALIDATION_NAME)}
+
+
+def _load_manifest(store: Store, product: str, upload_id: str) -> tuple[dict[str, Any] | None, str]:
+    """The manifest (None unless readable) and its status: "ok", "missing" (an incomplete upload) or "invalid"."""
+    if not store.exists(manifest_key(product, upload_id)):
+        return None, "missing"
+    try:
+        return read_manifest(store, product, upload_id), "ok"
+    except ManifestError:
+        return None, "invalid"
+
+
+def _location(rel: str) -> dict[str, Any]:
+    """The key and where it sits: the layout is what the suite checks, split and label what it counts."""
+    split, label, layout = _split_label(rel)
+    return {"key": rel, "split": split, "label": label, "layout": layout}
+
+
+def _manifest_match(row: dict[str, Any], entry: dict[str, Any] | None) -> dict[str, Any]:
+    """How an object's recomputed facts compare with its manifest entry (None: it has none)."""
+    match: dict[str, Any] = {"in_manifest": entry is not None}
+    if entry is not None and row["exists"]:
+        match["manifest_size_matches"] = entry.get("size") == row["bytes"]
+        if "sha256" in row:  # an object too large to read is refused by its size alone
+            match["manifest_sha256_matches"] = entry.get("sha256") == row["sha256"]
+    return match
+
+
+def _frame_row(store: Store, prefix: str, rel: str, size: int, entries: dict[str, dict[str, Any]] | None,
+               limits: ImageLimits) -> dict[str, Any]:
+    """The row of one object; ``entries`` are the manifest's by key, None when there is no manifest to match."""
+    row = {**_location(rel), **_object_row(store, prefix + rel, rel, size, limits)}
+    if entries is not None:
+        row.update(_manifest_match(row, entries.get(rel)))
+    return row
+
+
 def build_upload_frame(store: Store, product: str, upload_id: str,
                        limits: ImageLimits | None = None) -> pd.DataFrame:
     """One row per object of the upload (manifest.json / validation.json excluded), recomputed from
     the bytes and cross-checked against the manifest, plus a row per manifest entry with no object."""
     limits = limits or image_limits()
     prefix = upload_prefix(product, upload_id)
-    objects = {o.key[len(prefix):]: o.size for o in store.list_info(prefix)}
-    objects = {rel: size for rel, size in objects.items() if rel not in (MANIFEST_NAME, VALIDATION_NAME)}
-    manifest: dict[str, Any] | None = None
-    if not store.exists(manifest_key(product, upload_id)):
-        status = "missing"
-    else:
-        try:
-            manifest, status = read_manifest(store, product, upload_id), "ok"
-        except ManifestError:
-            status = "invalid"
+    objects = _upload_objects(store, prefix)
+    manifest, status = _load_manifest(store, product, upload_id)
     if not objects and status == "missing":
         raise UploadNotFound(f"no upload {upload_id} of product {product} at {store.uri(prefix)}")
-    entries = {f["key"]: f for f in manifest["files"]} if manifest else {}
-
-    rows: list[dict[str, Any]] = []
-    for rel, size in objects.items():
-        split, label, layout = _split_label(rel)
-        row: dict[str, Any] = {"key": rel, "split": split, "label": label, "layout": layout}
-        row.update(_object_row(store, prefix + rel, rel, size, limits))
-        if manifest is not None:
-            entry = entries.get(rel)
-            row["in_manifest"] = entry is not None
-            if entry is not None and row["exists"]:
-                row["manifest_size_matches"] = entry.get("size") == row["bytes"]
-                if "sha256" in row:  # an object too large to read is refused by its size alone
-                    row["manifest_sha256_matches"] = entry.get("sha256") == row["sha256"]
-        rows.append(row)
-    for rel in sorted(set(entries) - set(objects)):
-        split, label, layout = _split_label(rel)
-        rows.append({"key": rel, "split": split, "label": label, "layout": layout, "exists": False,
-                     "in_manifest": True})
+    entries = {f["key"]: f for f in manifest["files"]} if manifest is not None else None
+    rows = [_frame_row(store, prefix, rel, size, entries, limits) for rel, size in objects.items()]
+    rows += [{**_location(rel), "exists": False, "in_manifest": True}  # listed, never stored
+             for rel in sorted(set(entries or {}) - set(objects))]
     frame = pd.DataFrame(rows, columns=COLUMNS)
     frame["manifest_status"] = status
     frame["manifest_content_sha256"] = _content_status(manifest) if manifest is not None else None
