@@ -19,6 +19,8 @@ import torch
 from .losses import LossWeights, contrastive_loss
 from .network import Network
 
+_MAX_GRAD_NORM = 5.0  # one odd batch of a handful of images must not throw the weights far
+
 
 @dataclass(frozen=True)
 class FinetuneConfig:
@@ -61,9 +63,6 @@ def _sample_batch(rng: np.random.Generator, view_source: torch.Tensor, n_negativ
     neg_idx = rng.choice(n_negatives_cached, size=min(config.negatives_per_batch, n_negatives_cached),
                          replace=False) if n_negatives_cached else np.zeros(0, int)
     return np.asarray(normal_idx), neg_idx
-
-
-_MAX_GRAD_NORM = 5.0  # one odd batch of a handful of images must not throw the weights far
 
 
 @dataclass
