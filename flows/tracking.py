@@ -156,43 +156,76 @@ def roc_png(labels: Sequence[int], scores: Sequence[float], title: str) -> bytes
     return buf.getvalue()
 
 
+def _run_tags(record: TrainingRecord) -> dict[str, str]:
+    """The tags a training run is found again by (product, upload, what it was trained on and how)."""
+    return {"fsad.product": record.product, "fsad.upload_id": record.upload_id, "fsad.status": "trained",
+            "content_sha256": record.content_sha256, "config_sha256": record.config_sha256,
+            "eval_set": record.eval_set}
+
+
+def _log_loss_curve(run_id: str, history: TrainingHistory | None) -> None:
+    """The loss and its terms as step metrics, in batches MLflow accepts."""
+    from mlflow import MlflowClient
+
+    loss = _loss_metrics(history)
+    client = MlflowClient()
+    for i in range(0, len(loss), _BATCH):
+        client.log_batch(run_id, metrics=loss[i:i + _BATCH])
+
+
+def _log_documents(record: TrainingRecord) -> None:
+    """The validation report, the threshold and the fit report, each as its own JSON file of the run."""
+    import mlflow
+
+    mlflow.log_text(record.validation_json, "validation.json")
+    mlflow.log_dict(record.threshold.to_dict(), "threshold.json")
+    mlflow.log_dict(record.fit_report, "fit_report.json")
+
+
+def _overlay_filename(item: GalleryItem) -> str:
+    """A flat PNG name from the item's role and image name (no spaces, no folders, no extension of its own)."""
+    name = f"{item.role}_{item.name}".replace(" ", "_").replace("/", "_").rsplit(".", 1)[0]
+    return f"overlay_{name}.png"
+
+
+def _write_plots(plots: Path, record: TrainingRecord, detector: Detector) -> Path:
+    """The folder ``plots``, made, with the ROC curve (when both classes were scored) and the anomaly-map
+    overlays as PNGs."""
+    plots.mkdir()
+    if len(set(record.roc_labels)) == 2:  # a ROC curve needs both classes
+        (plots / "roc.png").write_bytes(roc_png(record.roc_labels, record.roc_scores,
+                                                f"{record.product}: {record.eval_set} benchmark"))
+    for item in record.overlays:
+        picture = overlay(item.image, item.amap, detector.map_anchor())
+        Image.fromarray(picture).save(plots / _overlay_filename(item))
+    return plots
+
+
+def _save_model(folder: Path, record: TrainingRecord, detector: Detector) -> Path:
+    """The detector's model folder, its configuration extended with where and how it was trained."""
+    return detector.save(folder, extra_config={
+        "product": record.product, "upload_id": record.upload_id, "method": record.method,
+        "k": record.k, "seed": record.config.seed, "content_sha256": record.content_sha256,
+        "config_sha256": record.config_sha256, "eval_set": record.eval_set,
+        "fit_report": record.fit_report})
+
+
 def log_training_run(record: TrainingRecord, detector: Detector, settings: Settings) -> LoggedRun:
     """Log one training run and its pyfunc model; the model folder is written from ``detector``."""
     import mlflow
-    from mlflow import MlflowClient
 
     experiment_id = ensure_experiment(record.product, settings)
-    tags = {"fsad.product": record.product, "fsad.upload_id": record.upload_id, "fsad.status": "trained",
-            "content_sha256": record.content_sha256, "config_sha256": record.config_sha256,
-            "eval_set": record.eval_set}
     run_name = f"{record.upload_id}-{record.method}-s{record.config.seed}"
-    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags) as run:
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=_run_tags(record)) as run:
         run_id = run.info.run_id
         mlflow.log_params(training_params(record))
         mlflow.log_metrics(record.metrics)
-        loss = _loss_metrics(record.history)
-        client = MlflowClient()
-        for i in range(0, len(loss), _BATCH):
-            client.log_batch(run_id, metrics=loss[i:i + _BATCH])
-        mlflow.log_text(record.validation_json, "validation.json")
-        mlflow.log_dict(record.threshold.to_dict(), "threshold.json")
-        mlflow.log_dict(record.fit_report, "fit_report.json")
+        _log_loss_curve(run_id, record.history)
+        _log_documents(record)
         with tempfile.TemporaryDirectory(prefix="fsad-run-") as tmp:
-            plots = Path(tmp) / "plots"
-            plots.mkdir()
-            if len(set(record.roc_labels)) == 2:  # a ROC curve needs both classes
-                (plots / "roc.png").write_bytes(roc_png(record.roc_labels, record.roc_scores,
-                                                        f"{record.product}: {record.eval_set} benchmark"))
-            for item in record.overlays:
-                name = f"{item.role}_{item.name}".replace(" ", "_").replace("/", "_").rsplit(".", 1)[0]
-                picture = overlay(item.image, item.amap, detector.map_anchor())
-                Image.fromarray(picture).save(plots / f"overlay_{name}.png")
+            plots = _write_plots(Path(tmp) / "plots", record, detector)
             mlflow.log_artifacts(str(plots), "plots")
-            model_dir = detector.save(Path(tmp) / DATA_DIRNAME, extra_config={
-                "product": record.product, "upload_id": record.upload_id, "method": record.method,
-                "k": record.k, "seed": record.config.seed, "content_sha256": record.content_sha256,
-                "config_sha256": record.config_sha256, "eval_set": record.eval_set,
-                "fit_report": record.fit_report})
+            model_dir = _save_model(Path(tmp) / DATA_DIRNAME, record, detector)
             info = log_pyfunc_model(model_dir, record.example_image, model_name(record.product))
     return LoggedRun(run_id, experiment_id, info.model_uri)
 

@@ -118,99 +118,154 @@ def _content_status(manifest: dict[str, Any]) -> str:
     return "ok" if declared == actual else f"mismatch (declared {declared[:16]}..., its files give {actual[:16]}...)"
 
 
+def _upload_objects(store: Store, prefix: str) -> dict[str, int]:
+    """Size of each object of the upload by its path in it; the manifest and the report are not data."""
+    objects = {o.key[len(prefix):]: o.size for o in store.list_info(prefix)}
+    return {rel: size for rel, size in objects.items() if rel not in (MANIFEST_NAME, VALIDATION_NAME)}
+
+
+def _load_manifest(store: Store, product: str, upload_id: str) -> tuple[dict[str, Any] | None, str]:
+    """The manifest (None unless readable) and its status: "ok", "missing" (an incomplete upload) or "invalid"."""
+    if not store.exists(manifest_key(product, upload_id)):
+        return None, "missing"
+    try:
+        return read_manifest(store, product, upload_id), "ok"
+    except ManifestError:
+        return None, "invalid"
+
+
+def _location(rel: str) -> dict[str, Any]:
+    """The key and where it sits: the layout is what the suite checks, split and label what it counts."""
+    split, label, layout = _split_label(rel)
+    return {"key": rel, "split": split, "label": label, "layout": layout}
+
+
+def _manifest_match(row: dict[str, Any], entry: dict[str, Any] | None) -> dict[str, Any]:
+    """How an object's recomputed facts compare with its manifest entry (None: it has none)."""
+    match: dict[str, Any] = {"in_manifest": entry is not None}
+    if entry is not None and row["exists"]:
+        match["manifest_size_matches"] = entry.get("size") == row["bytes"]
+        if "sha256" in row:  # an object too large to read is refused by its size alone
+            match["manifest_sha256_matches"] = entry.get("sha256") == row["sha256"]
+    return match
+
+
+def _frame_row(store: Store, prefix: str, rel: str, size: int, entries: dict[str, dict[str, Any]] | None,
+               limits: ImageLimits) -> dict[str, Any]:
+    """The row of one object; ``entries`` are the manifest's by key, None when there is no manifest to match."""
+    row = {**_location(rel), **_object_row(store, prefix + rel, rel, size, limits)}
+    if entries is not None:
+        row.update(_manifest_match(row, entries.get(rel)))
+    return row
+
+
 def build_upload_frame(store: Store, product: str, upload_id: str,
                        limits: ImageLimits | None = None) -> pd.DataFrame:
     """One row per object of the upload (manifest.json / validation.json excluded), recomputed from
     the bytes and cross-checked against the manifest, plus a row per manifest entry with no object."""
     limits = limits or image_limits()
     prefix = upload_prefix(product, upload_id)
-    objects = {o.key[len(prefix):]: o.size for o in store.list_info(prefix)}
-    objects = {rel: size for rel, size in objects.items() if rel not in (MANIFEST_NAME, VALIDATION_NAME)}
-    manifest: dict[str, Any] | None = None
-    if not store.exists(manifest_key(product, upload_id)):
-        status = "missing"
-    else:
-        try:
-            manifest, status = read_manifest(store, product, upload_id), "ok"
-        except ManifestError:
-            status = "invalid"
+    objects = _upload_objects(store, prefix)
+    manifest, status = _load_manifest(store, product, upload_id)
     if not objects and status == "missing":
         raise UploadNotFound(f"no upload {upload_id} of product {product} at {store.uri(prefix)}")
-    entries = {f["key"]: f for f in manifest["files"]} if manifest else {}
-
-    rows: list[dict[str, Any]] = []
-    for rel, size in objects.items():
-        split, label, layout = _split_label(rel)
-        row: dict[str, Any] = {"key": rel, "split": split, "label": label, "layout": layout}
-        row.update(_object_row(store, prefix + rel, rel, size, limits))
-        if manifest is not None:
-            entry = entries.get(rel)
-            row["in_manifest"] = entry is not None
-            if entry is not None and row["exists"]:
-                row["manifest_size_matches"] = entry.get("size") == row["bytes"]
-                if "sha256" in row:  # an object too large to read is refused by its size alone
-                    row["manifest_sha256_matches"] = entry.get("sha256") == row["sha256"]
-        rows.append(row)
-    for rel in sorted(set(entries) - set(objects)):
-        split, label, layout = _split_label(rel)
-        rows.append({"key": rel, "split": split, "label": label, "layout": layout, "exists": False,
-                     "in_manifest": True})
+    entries = {f["key"]: f for f in manifest["files"]} if manifest is not None else None
+    rows = [_frame_row(store, prefix, rel, size, entries, limits) for rel, size in objects.items()]
+    rows += [{**_location(rel), "exists": False, "in_manifest": True}  # listed, never stored
+             for rel in sorted(set(entries or {}) - set(objects))]
     frame = pd.DataFrame(rows, columns=COLUMNS)
     frame["manifest_status"] = status
     frame["manifest_content_sha256"] = _content_status(manifest) if manifest is not None else None
     return frame
 
 
-def _suite(frame: pd.DataFrame, limits: ValidationLimits) -> list[Any]:
+def _named(expectation: Any, name: str) -> Any:
+    """The expectation with the name its failure is reported under."""
+    expectation.meta = {"name": name}
+    return expectation
+
+
+def _in_set(column: str, value_set: list[Any], name: str) -> Any:
     import great_expectations.expectations as gxe
+
+    return _named(gxe.ExpectColumnValuesToBeInSet(column=column, value_set=value_set), name)
+
+
+def _existing(column: str, value: str) -> Any:
+    """Row condition: the rows whose ``column`` is ``value``, of objects that exist (not missing entries)."""
     from great_expectations.expectations.row_conditions import Column
 
-    def named(exp: Any, name: str) -> Any:
-        exp.meta = {"name": name}
-        return exp
+    return (Column(column) == value) & (Column("exists") == True)  # noqa: E712
 
-    L = limits
-    exps = [
-        named(gxe.ExpectColumnValuesToBeInSet(column="manifest_status", value_set=["ok"]),
-              "manifest.json present and valid (upload complete)"),
-        named(gxe.ExpectColumnValuesToBeInSet(column="manifest_content_sha256", value_set=["ok"]),
-              "manifest content_sha256 is the one its files give"),
-        named(gxe.ExpectColumnValuesToBeInSet(column="exists", value_set=[True]),
-              "every manifest entry exists in storage"),
-        named(gxe.ExpectColumnValuesToBeInSet(column="in_manifest", value_set=[True]),
-              "no object outside the manifest"),
-        named(gxe.ExpectColumnValuesToBeInSet(column="manifest_sha256_matches", value_set=[True]),
-              "sha256 matches the manifest"),
-        named(gxe.ExpectColumnValuesToBeInSet(column="manifest_size_matches", value_set=[True]),
-              "size matches the manifest"),
-        named(gxe.ExpectColumnValuesToBeInSet(column="layout", value_set=LAYOUTS),
-              "files are under train/good, eval/good or eval/defect"),
-        named(gxe.ExpectColumnValuesToBeInSet(column="decodes", value_set=[True]),
-              "every file decodes as an image"),
-        named(gxe.ExpectTableRowCountToBeBetween(
-                  min_value=L.min_train, max_value=L.max_train,
-                  row_condition=(Column("layout") == "train/good") & (Column("exists") == True)),  # noqa: E712
-              f"train/good image count within [{L.min_train}, {L.max_train}]"),
-        named(gxe.ExpectColumnSumToBeBetween(column="pixels", min_value=0, max_value=L.image.max_set_pixels),
-              f"decoded pixels of the upload within {L.image.max_set_pixels} (FSAD_MAX_SET_PIXELS)"),
-        named(gxe.ExpectColumnValuesToBeBetween(column="width", max_value=L.max_side),
-              f"width at most {L.max_side}"),
-        named(gxe.ExpectColumnValuesToBeBetween(column="height", max_value=L.max_side),
-              f"height at most {L.max_side}"),
-        named(gxe.ExpectColumnValuesToBeUnique(column="sha256"),
-              "no duplicate images (sha256 unique)"),
-        named(gxe.ExpectColumnValuesToBeBetween(column="std_brightness", min_value=L.min_std_brightness),
-              f"not blank (grey std >= {L.min_std_brightness})"),
-        named(gxe.ExpectColumnValuesToBeBetween(column="mean_brightness", min_value=L.min_mean_brightness,
-                                                max_value=L.max_mean_brightness),
-              f"not saturated (grey mean within [{L.min_mean_brightness}, {L.max_mean_brightness}])"),
+
+def _integrity_expectations() -> list[Any]:
+    """The upload is complete and each object is the one its manifest names, no more, no less."""
+    return [
+        _in_set("manifest_status", ["ok"], "manifest.json present and valid (upload complete)"),
+        _in_set("manifest_content_sha256", ["ok"], "manifest content_sha256 is the one its files give"),
+        _in_set("exists", [True], "every manifest entry exists in storage"),
+        _in_set("in_manifest", [True], "no object outside the manifest"),
+        _in_set("manifest_sha256_matches", [True], "sha256 matches the manifest"),
+        _in_set("manifest_size_matches", [True], "size matches the manifest"),
     ]
-    if bool(((frame["split"] == "eval") & (frame["exists"] == True)).any()):  # noqa: E712
-        exps.append(named(gxe.ExpectColumnDistinctValuesToContainSet(
-                              column="label", value_set=["good", "defect"],
-                              row_condition=(Column("split") == "eval") & (Column("exists") == True)),  # noqa: E712
-                          "eval set has both good and defect images"))
-    return exps
+
+
+def _layout_expectations(limits: ValidationLimits) -> list[Any]:
+    """Every file is an image where training looks for one, and the normals are few enough to be few-shot."""
+    import great_expectations.expectations as gxe
+
+    return [
+        _in_set("layout", LAYOUTS, "files are under train/good, eval/good or eval/defect"),
+        _in_set("decodes", [True], "every file decodes as an image"),
+        _named(gxe.ExpectTableRowCountToBeBetween(min_value=limits.min_train, max_value=limits.max_train,
+                                                  row_condition=_existing("layout", "train/good")),
+               f"train/good image count within [{limits.min_train}, {limits.max_train}]"),
+    ]
+
+
+def _size_expectations(limits: ValidationLimits) -> list[Any]:
+    """The upload fits the pixel budget and no image is too large to feature-extract."""
+    import great_expectations.expectations as gxe
+
+    max_pixels, max_side = limits.image.max_set_pixels, limits.max_side
+    return [
+        _named(gxe.ExpectColumnSumToBeBetween(column="pixels", min_value=0, max_value=max_pixels),
+               f"decoded pixels of the upload within {max_pixels} (FSAD_MAX_SET_PIXELS)"),
+        _named(gxe.ExpectColumnValuesToBeBetween(column="width", max_value=max_side), f"width at most {max_side}"),
+        _named(gxe.ExpectColumnValuesToBeBetween(column="height", max_value=max_side),
+               f"height at most {max_side}"),
+    ]
+
+
+def _content_expectations(limits: ValidationLimits) -> list[Any]:
+    """No image that teaches nothing: a duplicate, a blank frame or a black or white (saturated) one."""
+    import great_expectations.expectations as gxe
+
+    low, high = limits.min_mean_brightness, limits.max_mean_brightness
+    return [
+        _named(gxe.ExpectColumnValuesToBeUnique(column="sha256"), "no duplicate images (sha256 unique)"),
+        _named(gxe.ExpectColumnValuesToBeBetween(column="std_brightness", min_value=limits.min_std_brightness),
+               f"not blank (grey std >= {limits.min_std_brightness})"),
+        _named(gxe.ExpectColumnValuesToBeBetween(column="mean_brightness", min_value=low, max_value=high),
+               f"not saturated (grey mean within [{low}, {high}])"),
+    ]
+
+
+def _eval_expectations(frame: pd.DataFrame) -> list[Any]:
+    """An eval set, when there is one, measures nothing without both classes."""
+    import great_expectations.expectations as gxe
+
+    if not bool(((frame["split"] == "eval") & (frame["exists"] == True)).any()):  # noqa: E712
+        return []
+    return [_named(gxe.ExpectColumnDistinctValuesToContainSet(column="label", value_set=["good", "defect"],
+                                                              row_condition=_existing("split", "eval")),
+                   "eval set has both good and defect images")]
+
+
+def _suite(frame: pd.DataFrame, limits: ValidationLimits) -> list[Any]:
+    """The expectations over ``frame``, in the order their failures are reported."""
+    return [*_integrity_expectations(), *_layout_expectations(limits), *_size_expectations(limits),
+            *_content_expectations(limits), *_eval_expectations(frame)]
 
 
 def _describe_failure(res: dict[str, Any], frame: pd.DataFrame) -> str:

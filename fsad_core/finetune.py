@@ -19,6 +19,8 @@ import torch
 from .losses import LossWeights, contrastive_loss
 from .network import Network
 
+_MAX_GRAD_NORM = 5.0  # one odd batch of a handful of images must not throw the weights far
+
 
 @dataclass(frozen=True)
 class FinetuneConfig:
@@ -63,6 +65,84 @@ def _sample_batch(rng: np.random.Generator, view_source: torch.Tensor, n_negativ
     return np.asarray(normal_idx), neg_idx
 
 
+@dataclass
+class _EarlyStop:
+    """Patience on an exponential moving average of the loss, so that one lucky batch does not reset it."""
+
+    patience: int
+    min_improvement: float  # relative: the average must fall below best * (1 - min_improvement)
+    best: float = math.inf
+    since_best: int = 0
+    average: float | None = None
+
+    def update(self, loss: float) -> bool:
+        """Take one step's loss; True once ``patience`` steps have passed without improvement."""
+        self.average = loss if self.average is None else 0.9 * self.average + 0.1 * loss
+        if self.average < self.best * (1 - self.min_improvement):
+            self.best, self.since_best = self.average, 0
+        else:
+            self.since_best += 1
+        return self.since_best >= self.patience
+
+
+def _optimizer(net: Network, config: FinetuneConfig
+               ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW over the suffix and the head at their own rates (the head starts from scratch, the suffix
+    is pretrained), its rates annealed to zero over the planned steps."""
+    groups = [
+        {"params": list(net.suffix_parameters()), "lr": config.lr_backbone},
+        {"params": list(net.head.parameters()), "lr": config.lr_head},
+    ]
+    optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+    return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, config.steps))
+
+
+def _autocast(device: torch.device) -> torch.autocast:
+    """bfloat16 on a GPU for speed (float32's range, so no loss scaling); full precision elsewhere."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def _draw_batch(rng: np.random.Generator, normal_cache: torch.Tensor, view_source: torch.Tensor,
+                negative_cache: torch.Tensor, config: FinetuneConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cached prefix outputs of one batch and the image each view came from (-1: a synthetic negative)."""
+    normal_idx, negative_idx = _sample_batch(rng, view_source, negative_cache.shape[0], config)
+    features, source = normal_cache[normal_idx], view_source[normal_idx]
+    if len(negative_idx):
+        features = torch.cat([features, negative_cache[negative_idx]])
+        source = torch.cat([source, torch.full((len(negative_idx),), -1, dtype=source.dtype)])
+    return features, source
+
+
+def _batch_loss(net: Network, features: torch.Tensor, source: torch.Tensor, autocast: torch.autocast,
+                weights: LossWeights) -> tuple[torch.Tensor, dict[str, float]]:
+    """The contrastive loss of one batch through the trained suffix and head, and its terms."""
+    with autocast:
+        _, pooled = net.forward_suffix(features)
+        z = net.project(net.embedding(pooled))
+    return contrastive_loss(z, source, source >= 0, weights)
+
+
+def _update(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+            loss: torch.Tensor) -> None:
+    """One clipped optimiser step and one scheduler step."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]],
+                                   _MAX_GRAD_NORM)
+    optimizer.step()
+    scheduler.step()
+
+
+def _finite_value(loss: torch.Tensor, step: int) -> float:
+    """The loss as a float; a NaN or infinite one stops the run, since every later step would build on it."""
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise FloatingPointError(f"fine-tuning diverged at step {step} (loss {value})")
+    return value
+
+
 def finetune(net: Network, normal_cache: torch.Tensor, view_source: torch.Tensor, negative_cache: torch.Tensor,
              config: FinetuneConfig, seed: int, device: torch.device,
              progress: Callable[[int, int, float], None] | None = None) -> TrainingHistory:
@@ -70,49 +150,23 @@ def finetune(net: Network, normal_cache: torch.Tensor, view_source: torch.Tensor
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     net.to(device).eval()
-    params = [
-        {"params": [p for p in net.suffix_parameters()], "lr": config.lr_backbone},
-        {"params": list(net.head.parameters()), "lr": config.lr_head},
-    ]
-    optimizer = torch.optim.AdamW(params, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, config.steps))
-    use_negatives = config.loss.uses_negatives and negative_cache.shape[0] > 0
+    optimizer, scheduler = _optimizer(net, config)
+    negatives = negative_cache if config.loss.uses_negatives else negative_cache[:0]  # no weight: none drawn
+    autocast = _autocast(device)
+    early_stop = _EarlyStop(config.patience, config.min_improvement)
     history = TrainingHistory()
-    best, since_best = math.inf, 0
-    ema: float | None = None
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
-        "cpu", enabled=False)
     start = time.perf_counter()
     for step in range(config.steps):
-        n_idx, g_idx = _sample_batch(rng, view_source, negative_cache.shape[0] if use_negatives else 0, config)
-        h = normal_cache[n_idx]
-        source = view_source[n_idx]
-        if len(g_idx):
-            h = torch.cat([h, negative_cache[g_idx]])
-            source = torch.cat([source, torch.full((len(g_idx),), -1, dtype=source.dtype)])
-        is_normal = source >= 0
-        with autocast:
-            _, pooled = net.forward_suffix(h.to(device))
-            z = net.project(net.embedding(pooled))
-        loss, terms = contrastive_loss(z, source.to(device), is_normal.to(device), config.loss)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for g in params for p in g["params"]], 5.0)
-        optimizer.step()
-        scheduler.step()
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise FloatingPointError(f"fine-tuning diverged at step {step} (loss {value})")
+        features, source = _draw_batch(rng, normal_cache, view_source, negatives, config)
+        loss, terms = _batch_loss(net, features.to(device), source.to(device), autocast, config.loss)
+        _update(optimizer, scheduler, loss)
+        value = _finite_value(loss, step)
         history.loss.append(value)
         history.terms.append(terms)
-        ema = value if ema is None else 0.9 * ema + 0.1 * value
-        if ema < best * (1 - config.min_improvement):
-            best, since_best = ema, 0
-        else:
-            since_best += 1
+        stopping = early_stop.update(value)
         if progress is not None:
             progress(step + 1, config.steps, value)
-        if since_best >= config.patience:
+        if stopping:
             history.stopped_early = True
             break
     history.seconds = time.perf_counter() - start

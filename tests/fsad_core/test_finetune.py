@@ -9,7 +9,7 @@ import torch
 
 from fsad_core.backbone import create_backbone
 from fsad_core.detector import DetectorConfig, build_network
-from fsad_core.finetune import FinetuneConfig, _sample_batch, finetune
+from fsad_core.finetune import FinetuneConfig, _EarlyStop, _sample_batch, finetune
 from fsad_core.network import Network
 
 
@@ -42,6 +42,13 @@ def test_it_stops_after_patience_steps_without_improvement(caches) -> None:
     history = finetune(net, normal, source, negative, config, seed=0, device=torch.device("cpu"))
     assert history.stopped_early and len(history.loss) == 1 + config.patience  # the first step sets the best
     assert all(np.isfinite(history.loss)) and len(history.terms) == len(history.loss)
+
+
+def test_one_lucky_batch_does_not_reset_the_patience() -> None:
+    early_stop = _EarlyStop(patience=3, min_improvement=0.1)
+    assert [early_stop.update(loss) for loss in (1.0, 1.0, 0.5, 1.0)] == [False, False, False, True]
+    steady = _EarlyStop(patience=3, min_improvement=0.1)
+    assert not any(steady.update(loss) for loss in (1.0, 0.5, 0.25, 0.125, 0.0625))
 
 
 def test_it_runs_every_step_while_it_improves_and_is_repeatable(caches) -> None:
