@@ -18,7 +18,7 @@ BENCH_OUT ?= results
 # The anomalib peer (PatchCore) runs in a venv of its own; see the harness's docstring for its install.
 PEER_PYTHON ?= ../anomalib-venv/bin/python
 PEER_HARNESS ?= ../shared/tools/peers/anomalib_fewshot.py
-PEER_K ?= 4
+PEER_K ?= 1 4 8
 # The harness uses a scratch folder TMP it never defines (a NameError before any fit): given here.
 PEER_RUN = $(PEER_PYTHON) -c "import pathlib, runpy, sys, tempfile; sys.argv = sys.argv[1:]; \
 	runpy.run_path(sys.argv[0], {'TMP': pathlib.Path(tempfile.mkdtemp())}, '__main__')" $(PEER_HARNESS)
@@ -72,13 +72,13 @@ bench-sweep: $(STAMP)
 bench-serve: $(STAMP)
 	$(BIN)/python -m infra.serve_latency $(SERVE_MODEL) $(SERVE_IMAGES) $(BENCH_OUT)/serve
 
-# Speed side by side: the peer's PatchCore, then fsad's default and fast, on the same sets, k and
+# Side by side: the peer's PatchCore, then fsad's pretrained, default and fast, on the same sets, k and
 # seed, one thread each, one after the other in one run; compare the records' ratios, not seconds.
 bench-peer: $(STAMP)
 	for k in $(PEER_K); do \
 		OMP_NUM_THREADS=1 $(PEER_RUN) --k $$k --seeds 0 --models patchcore --threads 1 \
 			--out $(BENCH_OUT)/peer_k$$k.jsonl && \
-		OMP_NUM_THREADS=1 $(BIN)/fsad bench --data $(BENCH_DATA) --k $$k --seeds 0 --methods default fast \
+		OMP_NUM_THREADS=1 $(BIN)/fsad bench --data $(BENCH_DATA) --k $$k --seeds 0 --methods pretrained default fast \
 			--device cpu --out $(BENCH_OUT)/side_by_side_k$$k.json || exit 1; \
 	done
 
