@@ -64,7 +64,8 @@ bench-ablation: $(STAMP)
 		--out $(BENCH_OUT)/ablation.json --report $(BENCH_OUT)/ablation.md
 
 # The nightly sweep on the real stack: four products with one worker of the pool, then two (one run
-# at a time each); prints both wall times and their ratio.
+# at a time each, one thread a run, so two workers on one machine stand for two machines); prints
+# both wall times and their ratio.
 bench-sweep: $(STAMP)
 	OMP_NUM_THREADS=1 FSAD_WORKER_LIMIT=1 $(BIN)/python -m pytest -s -k sweep_on_two_workers_against_one tests/integration/test_deployments.py
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import math
 import os
 import sys
@@ -198,17 +199,20 @@ def _add_dask(parser: argparse.ArgumentParser, what: str) -> None:
                              "address (tcp://HOST:8786), or local for a cluster of one single-threaded worker a core")
 
 
+def _add_setting(parser: argparse.ArgumentParser, bench: bool, flag: str, help_: str, label: str = "it",
+                 **kwargs: Any) -> None:
+    """One DetectorConfig setting, left unset by default (the method's value); bench's help says how rows show it."""
+    in_rows = f"; for every method, the row is labelled with {label}" if bench else ""
+    parser.add_argument(flag, default=None, help=help_ + in_rows, **kwargs)
+
+
 def _add_detector_options(parser: argparse.ArgumentParser, bench: bool) -> None:
     """The DetectorConfig settings `fsad train` sets for its model and `fsad bench` for every method
     (flows.commands reads them as overrides), added in one place so that both take the same.
 
     `bench` labels its rows with each setting given, and takes only backbones with bundled weights,
     as it has no --weights."""
-
-    def add(flag: str, help_: str, label: str = "it", **kwargs: Any) -> None:
-        in_rows = f"; for every method, the row is labelled with {label}" if bench else ""
-        parser.add_argument(flag, default=None, help=help_ + in_rows, **kwargs)
-
+    add = functools.partial(_add_setting, parser, bench)
     if bench:
         add("--backbone", f"a backbone with bundled weights {BACKBONE_DEFAULT}", choices=BUNDLED_BACKBONES)
     else:

@@ -209,7 +209,7 @@ def score(args: argparse.Namespace) -> int:
     threshold = _decision_threshold(detector, args.threshold)
     maps = MapWriter(Path(args.maps), map_of, detector.map_anchor(threshold), args.raw_maps) if args.maps else None
     out = open(args.out, "w", newline="") if args.out else sys.stdout
-    write = _json_lines(out, source) if args.json else _csv_rows(out, source)
+    write = JsonLines(out, source) if args.json else CsvRows(out, source)
     try:
         failed = _score_files(detector, files, limits, threshold, write, maps)
     finally:
@@ -270,23 +270,28 @@ def _score_files(detector: Detector, files: list[Path], limits: ImageLimits, thr
     return failed
 
 
-def _csv_rows(out: TextIO, source: ModelSource) -> Writer:
-    writer = csv.writer(out)
-    writer.writerow(["image", "score", "is_anomaly", "threshold", "model"])
-    model = source.label()
+class CsvRows:
+    """`fsad score`'s default output: a header, then a CSV row an image."""
 
-    def write(path: Path, score: float, threshold: float) -> None:
-        writer.writerow([str(path), f"{score:.6g}", int(score > threshold), f"{threshold:.6g}", model])
-    return write
+    def __init__(self, out: TextIO, source: ModelSource):
+        self.writer = csv.writer(out)
+        self.writer.writerow(["image", "score", "is_anomaly", "threshold", "model"])
+        self.model = source.label()
+
+    def __call__(self, path: Path, score: float, threshold: float) -> None:
+        self.writer.writerow([str(path), f"{score:.6g}", int(score > threshold), f"{threshold:.6g}", self.model])
 
 
-def _json_lines(out: TextIO, source: ModelSource) -> Writer:
-    model = source.to_dict()
+class JsonLines:
+    """`fsad score --json`: a JSON object a line, with the model it resolved to."""
 
-    def write(path: Path, score: float, threshold: float) -> None:
-        out.write(json.dumps({"image": str(path), "score": score, "is_anomaly": score > threshold,
-                              "threshold": threshold, "model": model}) + "\n")
-    return write
+    def __init__(self, out: TextIO, source: ModelSource):
+        self.out = out
+        self.model = source.to_dict()
+
+    def __call__(self, path: Path, score: float, threshold: float) -> None:
+        self.out.write(json.dumps({"image": str(path), "score": score, "is_anomaly": score > threshold,
+                                   "threshold": threshold, "model": self.model}) + "\n")
 
 
 def bench(args: argparse.Namespace) -> int:

@@ -79,7 +79,7 @@ class DetectorModel:
             result = self.detector.score(list(images.values()), with_maps=with_maps)
             rows = list(images)
             scores[rows] = result.scores
-            flags[rows] = np.asarray(result.is_anomaly, dtype=bool)
+            flags[rows] = result.is_anomaly
             if with_maps:
                 for row, image, amap in zip(rows, images.values(), result.maps):
                     pictures[row] = _overlay_png(image, amap, self.detector.map_anchor())

@@ -1,7 +1,8 @@
 """The anomaly detector: fit on k normal images, score images, save and load as a model folder.
 
 Fit, in stages: a pool of augmented views (`view_pool`) -> the frozen prefix once, and the optional
-contrastive fine-tuning against synthetic negatives -> one patch coreset per image (`_Normals`) ->
+contrastive fine-tuning against synthetic negatives -> one patch coreset per memory unit (an image;
+with one image, half its views: `_Normals`) ->
 held-out folds (`held_out_folds`), each scored by a `Scoring` (per-level Gaussians and a patch
 memory) fitted without it, on its normal parts and on synthetic anomalies -> fusion statistics
 and the threshold (`_calibrate`) -> the detector, built once with the scoring of all the views.
@@ -12,8 +13,8 @@ Scores (higher = more anomalous):
 - `patch`: maximum of the anomaly map (nearest-neighbour patch distance, upsampled, smoothed);
 - `fused`: z(mahalanobis) + z(patch), each standardised by its leave-one-out normal scores. With
   one image there is no part-to-part spread to standardise by: the held-out views measure only
-  augmentation noise, which fine-tuning removes on purpose (on ELPV their Mahalanobis spread was a
-  fifth of the normal test images'), so z-scores would hand the fusion to that component. At k = 1
+  augmentation noise, which fine-tuning removes on purpose (they spread far less than normal test
+  images do: docs/measurements.md, section 3), so z-scores would hand the fusion to that component. At k = 1
   each component is instead put in units of the gap from the normal views to the median synthetic
   anomaly: 0 = the normal image, 1 = a typical synthetic defect, for both components alike;
 - `either`: max(z(mahalanobis), z(patch)) in the same units: a part is as anomalous as the branch
@@ -82,10 +83,10 @@ class DetectorConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     finetune: FinetuneConfig | None = field(default_factory=FinetuneConfig)
     pooling: str = "mean+std+max" # statistics over positions of each pooled level (options.POOLINGS)
-    pool_views: int = 64          # augmented views in the pool, spread over the k images (>= 8 each)
+    pool_views: int = 64          # augmented views in the pool, spread over the tiles of the k images (>= 8 each)
     negatives: int = 48           # synthetic anomalies in the pool
     calibration_negatives: int = 32  # synthetic anomalies scored to calibrate the threshold
-    memory_views: int = 3         # views per image in the patch memory (the original first)
+    memory_views: int = 3         # views per tile in the patch memory (the tile itself first)
     memory_max: int = 10000
     coreset_candidates: int = 40000  # random subsample of patches the coreset is chosen from (0: all of them)
     map_sigma: float = 4.0        # blur of the anomaly map, pixels at 224 (scaled with the patch side); 0: none
@@ -126,9 +127,14 @@ class DetectorConfig:
         return max(self.size, self.patch_side)
 
     def to_dict(self) -> dict:
+        """The fields, with the backbone's cut and the negatives' kinds beside them: model folders
+        and configuration hashes stay those of fsad versions where they were settings."""
         d = asdict(self)
         d["augment"] = self.augment.to_dict()
         d["finetune"] = self.finetune.to_dict() if self.finetune else None
+        spec = get_spec(self.backbone)
+        d.update(split=spec.split, patch_blocks=spec.patch_blocks, first_level=spec.first_level,
+                 negative_kinds=NEGATIVE_KINDS)
         return d
 
     @classmethod
@@ -148,15 +154,16 @@ class DetectorConfig:
 
 
 def _check_saved_cut(d: dict) -> None:
-    """Models saved when the cut of the network was a detector setting carry it: it must be the
-    backbone's (`BackboneSpec`), which no configuration ever changed; the negatives' kinds only
+    """A saved configuration names the backbone's cut (`to_dict`): a model cut elsewhere (older fsad
+    versions took it as a setting) cannot be rebuilt by this one; the negatives' kinds only
     mattered to the fit."""
     spec = get_spec(d["backbone"])
     for name in ("split", "patch_blocks", "first_level"):
         saved = d.pop(name, None)
         wanted = getattr(spec, name)
         if saved is not None and (tuple(saved) if isinstance(saved, list) else saved) != wanted:
-            raise ValueError(f"the model cuts its backbone at {name}={saved}, this fsad at {wanted} (BackboneSpec)")
+            raise ValueError(f"the model cuts its backbone at {name}={saved}, this fsad only at {wanted}: "
+                             "retrain it")
     d.pop("negative_kinds", None)
 
 
@@ -238,7 +245,7 @@ class Detector:
         calibration = _calibrate(normal, synthetic, config, pool.n_images, folds.rule)
         meta = {"k": pool.n_images, "tiles": pool.n_tiles, "fitted_on": cpu_description(),
                 **({"fusion_rule": calibration.fusion_rule} if config.image_branch else {})}
-        detector = cls(config, net, normals.scoring(torch.ones(len(pool.views), dtype=torch.bool)),
+        detector = cls(config, net, normals.scoring_on(torch.ones(len(pool.views), dtype=torch.bool)),
                        calibration.fusion, calibration.threshold, meta, device=dev)
         report = FitReport(history, _as_lists(calibration.normal_scores), _as_lists(calibration.synthetic_scores),
                            folds.rule, time.perf_counter() - start)
@@ -246,7 +253,7 @@ class Detector:
 
     def with_threshold(self, threshold: Threshold) -> Detector:
         """The same model deciding at another threshold (a labelled set's, say)."""
-        return Detector(self.config, self.net, self.scoring, self.fusion, threshold, self.meta, self.device)
+        return type(self)(self.config, self.net, self.scoring, self.fusion, threshold, self.meta, self.device)
 
     # ----------------------------------------------------------------------------- scoring
     def anomaly_maps(self, feats: Features) -> torch.Tensor:
@@ -275,7 +282,7 @@ class Detector:
         for first in range(0, len(images), batch):
             chunk = images[first:first + batch]
             views = [prepare(img, self.input_spec) for img in chunk]
-            feats = self._extractor.features(torch.cat(views), self.config.image_branch)
+            feats = self._extractor.features(torch.cat(views))
             amap = self.anomaly_maps(feats)
             part_of_view = torch.cat([torch.full((v.shape[0],), i) for i, v in enumerate(views)])
             parts.append(_worst_tile(self.scoring.components(feats, self.config, amap), part_of_view))
@@ -324,14 +331,14 @@ class Detector:
         config_json = json.loads(cfg_path.read_text())
         if config_json.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{folder}: unsupported model format {config_json.get('format_version')}")
+        if not config_json.get("threshold"):
+            raise ValueError(f"{folder}: the model has no threshold")
         config = DetectorConfig.from_dict(config_json["detector"])
         net = build_network(config, create_backbone(config.backbone, pretrained=False))
         net.load_state_dict(load_file(str(folder / NETWORK_FILE)), strict=True)
         tensors = load_file(str(folder / SCORING_FILE))
         gaussians = [Gaussian.from_state(tensors, f"gaussian.{i}") for i in range(config_json["levels"])]
         fusion = {k: (float(v[0]), float(v[1])) for k, v in config_json["fusion"].items()}
-        if not config_json.get("threshold"):
-            raise ValueError(f"{folder}: the model has no threshold")
         dev = resolve_device(device)
         fitted = Scoring(gaussians, tensors["level_scale"].double(), PatchMemory(tensors["memory"]))
         return cls(config, net.to(dev), fitted, fusion, Threshold.from_dict(config_json["threshold"]),
@@ -365,10 +372,9 @@ def view_pool(images: list[np.ndarray], config: DetectorConfig, spec: InputSpec)
                     per_tile, len(images), len(bases))
 
 
-def _synthetic_anomalies(rng: np.random.Generator, views: torch.Tensor, picks: np.ndarray,
-                         kinds: tuple[str, ...]) -> torch.Tensor:
+def _synthetic_anomalies(rng: np.random.Generator, views: torch.Tensor, picks: np.ndarray) -> torch.Tensor:
     """One synthetic anomaly from each picked view, with material from another view of the pool."""
-    return torch.stack([synthesize(rng, views[int(j)], kinds, source=views[int(rng.integers(len(views)))])[0]
+    return torch.stack([synthesize(rng, views[int(j)], NEGATIVE_KINDS, source=views[int(rng.integers(len(views)))])[0]
                         for j in picks])
 
 
@@ -380,8 +386,7 @@ def _adapted_features(extractor: _Extractor, pool: ViewPool, rng: np.random.Gene
     normal_pre = extractor.prefixes(pool.views, config.image_branch or config.finetune is not None)
     history = None
     if config.finetune is not None:
-        negatives = _synthetic_anomalies(rng, pool.views, rng.integers(len(pool.views), size=config.negatives),
-                                         NEGATIVE_KINDS)
+        negatives = _synthetic_anomalies(rng, pool.views, rng.integers(len(pool.views), size=config.negatives))
         neg_h = _prefix(net, _resized(negatives, config.size), extractor.spec, extractor.device).h
         report = (lambda step, total, loss: progress("fine-tune", step, total)) if progress else None
         # Tiles of one part are views of one instance: the instance term must not learn to tell
@@ -423,7 +428,6 @@ class _Normals:
     subset of the views is fitted without choosing a coreset again (`patch_memory.group_coresets`)."""
 
     features: Features
-    config: DetectorConfig
     banks: dict[int, torch.Tensor]
     unit_of_view: torch.Tensor  # an image; with one image, a half of the views
     in_memory: torch.Tensor     # the first `memory_views` views of each tile
@@ -434,9 +438,9 @@ class _Normals:
         unit = pool.image_of_view if pool.n_images >= 2 else (pool.view_in_tile >= pool.per_tile // 2).long()
         banks = group_coresets(features.patches[in_memory], unit[in_memory], config.memory_max, config.seed,
                                config.coreset_candidates or None)
-        return cls(features, config, banks, unit, in_memory)
+        return cls(features, banks, unit, in_memory)
 
-    def scoring(self, keep: torch.Tensor) -> Scoring:
+    def scoring_on(self, keep: torch.Tensor) -> Scoring:
         """The scoring fitted on the views ``keep`` marks."""
         gaussians = [Gaussian.fit(level[keep]) for level in self.features.pooled]
         scale = torch.tensor([float(g.distance(level[keep]).mean())
@@ -447,7 +451,7 @@ class _Normals:
 
 @dataclass(frozen=True)
 class Fold:
-    fits: torch.Tensor       # views its scoring is fitted on
+    fit_views: torch.Tensor  # views its scoring is fitted on
     held_out: torch.Tensor   # views scored as its normal parts
     anomalies_from: torch.Tensor  # views its synthetic anomalies are made from
 
@@ -487,14 +491,14 @@ def _held_out_scores(extractor: _Extractor, normals: _Normals, pool: ViewPool, f
     per_fold = max(2, wanted // len(folds.folds)) if wanted > 0 else 0
     normal_parts, synthetic_parts = [], []
     for fold in folds.folds:
-        scoring = normals.scoring(fold.fits)
+        scoring = normals.scoring_on(fold.fit_views)
         held = normals.features.select(fold.held_out)
         normal_parts.append(_worst_tile(scoring.components(held, config), folds.part_of_view[fold.held_out]))
         if per_fold:
             candidates = torch.nonzero(fold.anomalies_from).flatten().numpy()
             picks = rng.choice(candidates, size=per_fold, replace=len(candidates) < per_fold)
-            anomalies = _synthetic_anomalies(rng, pool.views, picks, NEGATIVE_KINDS)
-            synthetic_parts.append(scoring.components(extractor.features(anomalies, config.image_branch), config))
+            anomalies = _synthetic_anomalies(rng, pool.views, picks)
+            synthetic_parts.append(scoring.components(extractor.features(anomalies), config))
     return _concat(normal_parts), (_concat(synthetic_parts) if synthetic_parts else None)
 
 
@@ -538,7 +542,8 @@ def with_combined(components: dict[str, np.ndarray], fusion: dict[str, tuple[flo
 
 
 def _as_lists(scores: dict[str, np.ndarray]) -> dict[str, list[float]]:
-    return {name: values.tolist() for name, values in scores.items()}
+    """JSON-ready scores, in the order of SCORE_KINDS."""
+    return {name: scores[name].tolist() for name in SCORE_KINDS if name in scores}
 
 
 # ----------------------------------------------------------------------------- features
@@ -555,9 +560,10 @@ class _Extractor:
     def prefixes(self, views: torch.Tensor, image_branch: bool) -> _Prefixes:
         return _Prefixes.of(self.net, views, self.config, self.spec, self.device, image_branch)
 
-    def features(self, views: torch.Tensor, image_branch: bool) -> Features:
-        """Patch features of the views, and their pooled levels with the image branch."""
-        return self.prefixes(views, image_branch).features(self.net, self.device, image_branch)
+    def features(self, views: torch.Tensor) -> Features:
+        """Patch features of the views, and their pooled levels when the configuration has the image branch."""
+        branch = self.config.image_branch
+        return self.prefixes(views, branch).features(self.net, self.device, branch)
 
 
 @dataclass

@@ -139,12 +139,12 @@ def build_services(cfg: StackConfig, info: StackInfo) -> list[Service]:
 
 
 def threads_per_run(limit: int, env: dict[str, str]) -> dict[str, str]:
-    """OMP_NUM_THREADS for a worker's runs: its share of the cores when it runs ``limit`` at once
-    (each torch run otherwise takes every core, and runs side by side oversubscribe them); nothing
-    when the environment already says, or without a limit."""
-    if not limit or "OMP_NUM_THREADS" in env:
+    """OMP_NUM_THREADS for a worker's runs: its share of the CPUs it may use when it runs ``limit``
+    at once (each torch run otherwise takes every core, and runs side by side oversubscribe them);
+    nothing when the environment already says, or for one run at a time (torch's own default)."""
+    if limit <= 1 or "OMP_NUM_THREADS" in env:
         return {}
-    return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // limit))}
+    return {"OMP_NUM_THREADS": str(max(1, len(os.sched_getaffinity(0)) // limit))}
 
 
 def _worker_online(cfg: StackConfig, worker_name: str) -> bool:

@@ -8,6 +8,7 @@ import pytest
 from flows.settings import (
     DEFAULT_IO_RETRY_DELAYS,
     SettingsError,
+    config_sha256,
     io_retry_delays,
     load_settings,
     merge_overrides,
@@ -80,3 +81,14 @@ def test_product_settings_are_read_from_storage_and_refused_when_malformed(tmp_p
     store.put_json(training_key("washer"), [8])
     with pytest.raises(SettingsError, match="training.json: must be a JSON object"):
         read_product_training(store, "washer")
+
+
+@pytest.mark.parametrize("method, digest", [
+    ("default", "401b4864ecc93b1485a02d17cf3e22bc91a5250e8480599a66ca111a4466dcef"),
+    ("fast", "122250797f891a5f49a075f4beaf8dd2c998e2c3d53179ecdcf20f92c06b396f"),
+    ("pretrained", "d1b7c66fe04a474cf1ffc795bf46804b28169768084b98367376d0eeaaa88fd8"),
+])
+def test_a_configurations_hash_stays_what_earlier_versions_registered(method, digest):
+    # Champions carry this hash: a refactor that changed it would retrain every product once and
+    # register duplicates of versions already trained.
+    assert config_sha256(method_config(method, seed=0)) == digest

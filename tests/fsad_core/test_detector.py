@@ -112,7 +112,11 @@ def test_a_model_saved_with_the_cut_of_its_backbone_loads_when_it_is_the_backbon
                                detector.score(images).scores, rtol=1e-5)
     config["detector"]["patch_blocks"] = [1, 3]
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"patch_blocks=\[1, 3\], this fsad at \(2, 4\)"):
+    with pytest.raises(ValueError, match=r"patch_blocks=\[1, 3\], this fsad only at \(2, 4\): retrain it"):
+        Detector.load(folder, device="cpu")
+    del config["threshold"]
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="the model has no threshold"):
         Detector.load(folder, device="cpu")
 
 
@@ -389,17 +393,17 @@ def test_each_part_is_held_out_once_whole_and_scored_by_a_fold_that_never_saw_it
     for fold, parts in zip(folds.folds, held_parts):
         assert (pool.view_in_tile[fold.held_out] == 0).all()  # its tiles as they are, every one of them
         assert fold.held_out.sum() == len(parts) == tiles * len(set(parts))
-        seen = set(pool.image_of_view[fold.fits].tolist())
+        seen = set(pool.image_of_view[fold.fit_views].tolist())
         assert not seen & set(parts) and seen | set(parts) == set(range(n_images))
-        assert torch.equal(fold.anomalies_from, ~fold.fits)  # anomalies from the held-out images only
+        assert torch.equal(fold.anomalies_from, ~fold.fit_views)  # anomalies from the held-out images only
     assert folds.rule.startswith("leave-one-out" if n_images <= MAX_FOLDS else f"{MAX_FOLDS}-fold")
 
 
 def test_with_one_image_half_its_views_fit_and_the_other_half_is_held_out():
     pool = _pool(1, tiles_per_image=2, per_tile=8)
     [fold] = held_out_folds(pool).folds
-    assert pool.view_in_tile[fold.fits].unique().tolist() == [0, 1, 2, 3]
-    assert torch.equal(fold.held_out, ~fold.fits) and torch.equal(fold.anomalies_from, ~fold.fits)
+    assert pool.view_in_tile[fold.fit_views].unique().tolist() == [0, 1, 2, 3]
+    assert torch.equal(fold.held_out, ~fold.fit_views) and torch.equal(fold.anomalies_from, ~fold.fit_views)
     assert held_out_folds(pool).rule == "held-out augmented views of the single normal image"
 
 

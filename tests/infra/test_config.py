@@ -100,8 +100,8 @@ def test_each_stack_draws_its_own_secret_and_keeps_it_private(tmp_path: Path, mo
 
 
 def test_a_limited_worker_gives_each_run_its_share_of_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))  # the CPUs this process may use
     assert threads_per_run(4, {}) == {"OMP_NUM_THREADS": "2"}
     assert threads_per_run(16, {}) == {"OMP_NUM_THREADS": "1"}
-    assert threads_per_run(0, {}) == {}  # no limit: runs take what torch gives them
+    assert threads_per_run(0, {}) == threads_per_run(1, {}) == {}  # one run at a time: torch's default
     assert threads_per_run(4, {"OMP_NUM_THREADS": "3"}) == {}  # the environment's word stands

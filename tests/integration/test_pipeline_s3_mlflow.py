@@ -117,6 +117,11 @@ def test_good_upload_to_s3_is_validated_trained_and_promoted(stack, sets):
     assert not [k for k in artifacts if k.endswith((".pkl", ".pickle"))]
     assert mlflow.get_tracking_uri().startswith("http://127.0.0.1")
     assert mlflow.MlflowClient().get_model_version(model_name(P), "1").run_id == summary["run_id"]
+    # The upload has a labelled eval set: the registered model decides at its F1-optimal threshold.
+    from flows.registry import download_model
+    saved = json.loads((download_model(f"models:/{model_name(P)}/1") / "config.json").read_text())["threshold"]
+    assert summary["threshold"]["rule"] == saved["rule"] == "supervised_f1"
+    assert saved["value"] == summary["threshold"]["value"] and "unsupervised" in saved["details"]
 
 
 def test_champion_scores_from_the_registry_through_the_cli(stack, sets, capsys):
