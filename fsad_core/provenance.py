@@ -1,9 +1,9 @@
 """What a model or a benchmark run was made with: library versions and the CPU.
 
 Fine-tuned weights depend on more than the code, the seed and torch's version: with all three the
-same, two installs gave `default` a mean image AUROC of 0.784 and 0.780 on Magnetic Tile at k = 1
-(`pretrained` equal record for record; docs/results.md), and nothing recorded could say which
-library or machine differed. So models and benchmark records name them.
+same, two installs gave `default` different records while `pretrained` was equal record for record
+(docs/measurements.md, sections 9 and 10), and nothing recorded could say which library or machine
+differed. So models and benchmark records name them.
 """
 
 from __future__ import annotations
