@@ -11,15 +11,7 @@ Scores (higher = more anomalous):
 - `mahalanobis`: sum over levels of the Mahalanobis distance of the pooled embedding, each level
   divided by its mean distance on the normal views, so levels count alike;
 - `patch`: maximum of the anomaly map (nearest-neighbour patch distance, upsampled, smoothed);
-- `fused`: z(mahalanobis) + z(patch), each standardised by its leave-one-out normal scores. With
-  one image there is no part-to-part spread to standardise by: the held-out views measure only
-  augmentation noise, which fine-tuning removes on purpose (they spread far less than normal test
-  images do: docs/measurements.md, section 3), so z-scores would hand the fusion to that component. At k = 1
-  each component is instead put in units of the gap from the normal views to the median synthetic
-  anomaly: 0 = the normal image, 1 = a typical synthetic defect, for both components alike;
-- `either`: max(z(mahalanobis), z(patch)) in the same units: a part is as anomalous as the branch
-  that finds it most so. A sum hands half the say to a branch that sees little on a product; the
-  larger of the two lets the weaker branch add only where it stands out.
+- `fused` and `either`: the two combined in common units (`fsad_core.fusion`).
 
 The two branches may see different input sides (`size` for the pooled embeddings, `patch_size`
 for the patch memory): small defects on a large part resolve better on a finer patch grid, while
@@ -43,6 +35,7 @@ from .augment import AugmentConfig, augment_views
 from .backbone import create_backbone, get_spec
 from .calibration import Threshold, calibrate_unsupervised, check_false_alarm_target
 from .finetune import FinetuneConfig, TrainingHistory, finetune
+from .fusion import COMBINED, fused_spread_floor, fusion_scales, with_combined
 from .gaussian import Gaussian
 from .losses import LossWeights
 from .negatives import NEGATIVE_KINDS, synthesize
@@ -64,7 +57,6 @@ FORMAT_VERSION = 1
 CONFIG_FILE, NETWORK_FILE, SCORING_FILE = "config.json", "network.safetensors", "scoring.safetensors"
 MODEL_FILES = (CONFIG_FILE, NETWORK_FILE, SCORING_FILE)  # a model folder: JSON and safetensors, nothing else
 MAX_FOLDS = 8  # held-out folds of the normal images for calibration (one image each up to k = 8)
-COMBINED = ("fused", "either")  # scores made of the two components
 Progress = Callable[[str, int, int], None]
 
 
@@ -514,7 +506,7 @@ class _Calibration:
 def _calibrate(normal: dict[str, np.ndarray], synthetic: dict[str, np.ndarray] | None, config: DetectorConfig,
                n_images: int, normal_rule: str) -> _Calibration:
     """Fusion statistics from the held-out scores, then the threshold on the configured score."""
-    fusion, fusion_rule = (_fusion_scales(normal, synthetic, single_image=n_images == 1) if config.image_branch
+    fusion, fusion_rule = (fusion_scales(normal, synthetic, single_image=n_images == 1) if config.image_branch
                            else ({}, None))
     normal_scores = with_combined(normal, fusion)
     synthetic_scores = (with_combined(synthetic, fusion) if synthetic is not None
@@ -527,18 +519,6 @@ def _calibrate(normal: dict[str, np.ndarray], synthetic: dict[str, np.ndarray] |
         config.target_false_alarm_rate, min_spread=min_spread,
         views_of_one_image=n_images == 1).with_details(normal_rule=normal_rule)
     return _Calibration(fusion, fusion_rule, threshold, normal_scores, synthetic_scores)
-
-
-def with_combined(components: dict[str, np.ndarray], fusion: dict[str, tuple[float, float]]) -> dict[str, np.ndarray]:
-    """The component scores (float64), with the combined ones added when there are two: `fused`,
-    the sum of the components in the fusion's units, and `either`, the larger of them."""
-    scores = {name: np.asarray(values, dtype=np.float64) for name, values in components.items()}
-    if "mahalanobis" in scores:
-        (mm, ms), (pm, ps) = fusion["mahalanobis"], fusion["patch"]
-        z_maha, z_patch = (scores["mahalanobis"] - mm) / ms, (scores["patch"] - pm) / ps
-        scores["fused"] = z_maha + z_patch
-        scores["either"] = np.maximum(z_maha, z_patch)
-    return scores
 
 
 def _as_lists(scores: dict[str, np.ndarray]) -> dict[str, list[float]]:
@@ -675,47 +655,3 @@ def _worst_tile(components: dict[str, np.ndarray], part: torch.Tensor) -> dict[s
 def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """Per-fold component scores joined into one array each."""
     return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
-
-
-FUSION_LOO = "z-scores over the leave-one-out normal scores"
-FUSION_SYNTHETIC_GAP = "single image: units of the gap from the held-out views to the median synthetic anomaly"
-
-
-def _fusion_scales(normal: dict[str, np.ndarray], synthetic: dict[str, np.ndarray] | None,
-                   single_image: bool) -> tuple[dict[str, tuple[float, float]], str]:
-    """(centre, scale) per component for the fused score, and the rule that chose them."""
-    scales = {name: _mean_std(v) for name, v in normal.items()}
-    if not single_image or synthetic is None:
-        return scales, FUSION_LOO
-    gaps = {name: float(np.median(synthetic[name])) - scales[name][0] for name in normal}
-    # A component whose synthetic anomalies do not score above the normal views gives no unit.
-    if min(gaps.values()) <= 0:
-        return scales, FUSION_LOO
-    return {name: (scales[name][0], max(gaps[name], scales[name][1])) for name in normal}, FUSION_SYNTHETIC_GAP
-
-
-def fused_spread_floor(normal: dict[str, np.ndarray], fusion: dict[str, tuple[float, float]],
-                       score: str = "fused") -> float:
-    """The spread the fused leave-one-out scores would have if their components were uncorrelated.
-
-    The fused score adds the components in units of their own leave-one-out spread, so the fused
-    leave-one-out scores have spread sqrt(2 + 2 r), r the components' correlation over the same k
-    images. From a few images r is a coin toss (at k = 2 it is +1 or -1: the two fused scores are
-    then equal, the spread 0 and the threshold their mean, or the spread 2): a bound on those
-    scores flags several times the target of new normal images (simulated in
-    `tests/fsad_core/test_detector.py`). Two measures of one departure from normal do not cancel
-    each other (their correlation was positive on the test normals of every measured run,
-    docs/measurements.md), so the spread is taken as at least the uncorrelated one. `either`, the
-    larger of the two, spreads about as the wider of them: that one's spread is its floor.
-    """
-    spreads = [float(np.std(normal[name], ddof=1)) / fusion[name][1] for name in normal]
-    return max(spreads) if score == "either" else math.sqrt(sum(s ** 2 for s in spreads))
-
-
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    arr = np.asarray(values, dtype=np.float64)
-    mean = float(arr.mean())
-    std = float(arr.std(ddof=1)) if arr.size > 1 else 0.0
-    return mean, max(std, 0.05 * abs(mean), 1e-6)  # floor: with k = 1..3 the spread is barely known
-
-
