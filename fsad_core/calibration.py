@@ -261,7 +261,7 @@ def calibrate_unsupervised(normal_scores: np.ndarray | list[float],
       1. Treat the k normal scores as a sample from a Gaussian: centre = their mean, spread = their
          standard deviation (ddof = 1), floored at ``min_relative_spread`` * |mean| so that
          identical scores still leave a margin, and at ``min_spread``, a spread the caller knows
-         the score has from how it is built (the fused score: `detector.fused_spread_floor`).
+         the score has from how it is built (the fused score: `fusion.fused_spread_floor`).
       2. tail = the upper 1 - target prediction bound for one new normal image:
          centre + t(1 - target; k - 1 degrees of freedom) * spread * sqrt(1 + 1/k). Over draws of
          the k scores it flags a fraction ``target`` of new normal images on average. A normal

@@ -1,8 +1,8 @@
 """The anomaly detector: fit on k normal images, score images, save and load as a model folder.
 
-Fit, in stages: a pool of augmented views (`view_pool`) -> the frozen prefix once, and the optional
-contrastive fine-tuning against synthetic negatives -> one patch coreset per memory unit (an image;
-with one image, half its views: `_Normals`) ->
+Fit, in stages: a pool of augmented views (`view_pool`) -> the frozen prefix once (`fsad_core.features`),
+and the optional contrastive fine-tuning against synthetic negatives -> one patch coreset per memory
+unit (an image; with one image, half its views: `_Normals`) ->
 held-out folds (`held_out_folds`), each scored by a `Scoring` (per-level Gaussians and a patch
 memory) fitted without it, on its normal parts and on synthetic anomalies -> fusion statistics
 and the threshold (`_calibrate`) -> the detector, built once with the scoring of all the views.
@@ -11,15 +11,7 @@ Scores (higher = more anomalous):
 - `mahalanobis`: sum over levels of the Mahalanobis distance of the pooled embedding, each level
   divided by its mean distance on the normal views, so levels count alike;
 - `patch`: maximum of the anomaly map (nearest-neighbour patch distance, upsampled, smoothed);
-- `fused`: z(mahalanobis) + z(patch), each standardised by its leave-one-out normal scores. With
-  one image there is no part-to-part spread to standardise by: the held-out views measure only
-  augmentation noise, which fine-tuning removes on purpose (they spread far less than normal test
-  images do: docs/measurements.md, section 3), so z-scores would hand the fusion to that component. At k = 1
-  each component is instead put in units of the gap from the normal views to the median synthetic
-  anomaly: 0 = the normal image, 1 = a typical synthetic defect, for both components alike;
-- `either`: max(z(mahalanobis), z(patch)) in the same units: a part is as anomalous as the branch
-  that finds it most so. A sum hands half the say to a branch that sees little on a product; the
-  larger of the two lets the weaker branch add only where it stands out.
+- `fused` and `either`: the two combined in common units (`fsad_core.fusion`).
 
 The two branches may see different input sides (`size` for the pooled embeddings, `patch_size`
 for the patch memory): small defects on a large part resolve better on a finer patch grid, while
@@ -42,19 +34,20 @@ from safetensors.torch import load_file, save_file
 from .augment import AugmentConfig, augment_views
 from .backbone import create_backbone, get_spec
 from .calibration import Threshold, calibrate_unsupervised, check_false_alarm_target
+from .features import Extractor, Features, build_network, prefix_outputs, resized
 from .finetune import FinetuneConfig, TrainingHistory, finetune
+from .fusion import COMBINED, fused_spread_floor, fusion_scales, with_combined
 from .gaussian import Gaussian
 from .losses import LossWeights
 from .negatives import NEGATIVE_KINDS, synthesize
 from .network import Network, check_pooling
 from .options import SCORE_KINDS
-from .patch_memory import PatchMemory, group_coresets, patch_features, smooth_and_upsample
+from .patch_memory import PatchMemory, group_coresets, smooth_and_upsample
 from .preprocess import (
     DEFAULT_RESIZE_MODE,
     InputSpec,
     check_intensity_policy,
     map_to_image,
-    normalise,
     prepare,
     resolve_intensity,
 )
@@ -64,7 +57,6 @@ FORMAT_VERSION = 1
 CONFIG_FILE, NETWORK_FILE, SCORING_FILE = "config.json", "network.safetensors", "scoring.safetensors"
 MODEL_FILES = (CONFIG_FILE, NETWORK_FILE, SCORING_FILE)  # a model folder: JSON and safetensors, nothing else
 MAX_FOLDS = 8  # held-out folds of the normal images for calibration (one image each up to k = 8)
-COMBINED = ("fused", "either")  # scores made of the two components
 Progress = Callable[[str, int, int], None]
 
 
@@ -215,7 +207,7 @@ class Detector:
         spec = get_spec(config.backbone)
         self.input_spec = InputSpec(config.work_side, config.resize, spec.mean, spec.std, config.intensity)
         self.map_spec = InputSpec(config.patch_side, config.resize, spec.mean, spec.std, config.intensity)
-        self._extractor = _Extractor(self.net, config, self.input_spec, self.device)
+        self._extractor = Extractor(self.net, config, self.input_spec, self.device)
 
     # ----------------------------------------------------------------------------- fitting
     @classmethod
@@ -232,7 +224,7 @@ class Detector:
         spec = get_spec(config.backbone)
         input_spec = InputSpec(config.work_side, config.resize, spec.mean, spec.std, config.intensity)
         net = build_network(config, create_backbone(config.backbone, config.weights)).to(dev).eval()
-        extractor = _Extractor(net, config, input_spec, dev)
+        extractor = Extractor(net, config, input_spec, dev)
         pool = view_pool(images, config, input_spec)
         if progress:
             progress("features", 0, 1)
@@ -378,7 +370,7 @@ def _synthetic_anomalies(rng: np.random.Generator, views: torch.Tensor, picks: n
                         for j in picks])
 
 
-def _adapted_features(extractor: _Extractor, pool: ViewPool, rng: np.random.Generator,
+def _adapted_features(extractor: Extractor, pool: ViewPool, rng: np.random.Generator,
                       progress: Progress | None) -> tuple[Features, TrainingHistory | None]:
     """The pool's features after the optional contrastive fine-tuning, which trains the network's
     suffix on the frozen prefix's outputs, computed once."""
@@ -387,7 +379,7 @@ def _adapted_features(extractor: _Extractor, pool: ViewPool, rng: np.random.Gene
     history = None
     if config.finetune is not None:
         negatives = _synthetic_anomalies(rng, pool.views, rng.integers(len(pool.views), size=config.negatives))
-        neg_h = _prefix(net, _resized(negatives, config.size), extractor.spec, extractor.device).h
+        neg_h = prefix_outputs(net, resized(negatives, config.size), extractor.spec, extractor.device).h
         report = (lambda step, total, loss: progress("fine-tune", step, total)) if progress else None
         # Tiles of one part are views of one instance: the instance term must not learn to tell
         # them apart, and the cross-instance term pairs different parts.
@@ -482,7 +474,7 @@ def held_out_folds(pool: ViewPool) -> Folds:
     return Folds(rule, folds, pool.image_of_view)
 
 
-def _held_out_scores(extractor: _Extractor, normals: _Normals, pool: ViewPool, folds: Folds,
+def _held_out_scores(extractor: Extractor, normals: _Normals, pool: ViewPool, folds: Folds,
                      rng: np.random.Generator) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
     """Component scores of each fold's held-out parts (a part scores as its worst tile, as in
     `score`) and of synthetic anomalies made from them, by the fold's scoring."""
@@ -514,7 +506,7 @@ class _Calibration:
 def _calibrate(normal: dict[str, np.ndarray], synthetic: dict[str, np.ndarray] | None, config: DetectorConfig,
                n_images: int, normal_rule: str) -> _Calibration:
     """Fusion statistics from the held-out scores, then the threshold on the configured score."""
-    fusion, fusion_rule = (_fusion_scales(normal, synthetic, single_image=n_images == 1) if config.image_branch
+    fusion, fusion_rule = (fusion_scales(normal, synthetic, single_image=n_images == 1) if config.image_branch
                            else ({}, None))
     normal_scores = with_combined(normal, fusion)
     synthetic_scores = (with_combined(synthetic, fusion) if synthetic is not None
@@ -529,140 +521,9 @@ def _calibrate(normal: dict[str, np.ndarray], synthetic: dict[str, np.ndarray] |
     return _Calibration(fusion, fusion_rule, threshold, normal_scores, synthetic_scores)
 
 
-def with_combined(components: dict[str, np.ndarray], fusion: dict[str, tuple[float, float]]) -> dict[str, np.ndarray]:
-    """The component scores (float64), with the combined ones added when there are two: `fused`,
-    the sum of the components in the fusion's units, and `either`, the larger of them."""
-    scores = {name: np.asarray(values, dtype=np.float64) for name, values in components.items()}
-    if "mahalanobis" in scores:
-        (mm, ms), (pm, ps) = fusion["mahalanobis"], fusion["patch"]
-        z_maha, z_patch = (scores["mahalanobis"] - mm) / ms, (scores["patch"] - pm) / ps
-        scores["fused"] = z_maha + z_patch
-        scores["either"] = np.maximum(z_maha, z_patch)
-    return scores
-
-
 def _as_lists(scores: dict[str, np.ndarray]) -> dict[str, list[float]]:
     """JSON-ready scores, in the order of SCORE_KINDS."""
     return {name: scores[name].tolist() for name in SCORE_KINDS if name in scores}
-
-
-# ----------------------------------------------------------------------------- features
-@dataclass(frozen=True)
-class _Extractor:
-    """The network with what turns prepared views into features: the sides of the two branches,
-    the input normalisation and the device."""
-
-    net: Network
-    config: DetectorConfig
-    spec: InputSpec
-    device: torch.device
-
-    def prefixes(self, views: torch.Tensor, image_branch: bool) -> _Prefixes:
-        return _Prefixes.of(self.net, views, self.config, self.spec, self.device, image_branch)
-
-    def features(self, views: torch.Tensor) -> Features:
-        """Patch features of the views, and their pooled levels when the configuration has the image branch."""
-        branch = self.config.image_branch
-        return self.prefixes(views, branch).features(self.net, self.device, branch)
-
-
-@dataclass
-class _Prefix:
-    """Cached outputs of the frozen prefix for a batch of views."""
-
-    maps: dict[int, torch.Tensor]
-    pooled: list[torch.Tensor]
-    h: torch.Tensor
-
-
-@dataclass
-class Features:
-    """What the scorers need of a batch of views: pooled levels and patch features."""
-
-    pooled: list[torch.Tensor]
-    patches: torch.Tensor
-
-    def select(self, mask: torch.Tensor) -> Features:
-        return Features([p[mask] for p in self.pooled], self.patches[mask])
-
-
-def _resized(views: torch.Tensor, side: int) -> torch.Tensor:
-    """A batch of prepared views (Nx3xSxS) at another side; the same tensor when it already fits."""
-    if views.shape[-1] == side:
-        return views
-    return torch.nn.functional.interpolate(views, size=(side, side), mode="bilinear", align_corners=False,
-                                           antialias=True)
-
-
-@dataclass
-class _Prefixes:
-    """Frozen-prefix outputs of a batch of views for the image branch (at `size`) and for the patch
-    branch (at `patch_size`); one and the same when the two sides are equal."""
-
-    image: _Prefix | None  # None: the patch branch alone (`DetectorConfig.image_branch`)
-    patch: _Prefix
-
-    @classmethod
-    def of(cls, net: Network, views: torch.Tensor, config: DetectorConfig, spec: InputSpec,
-           device: torch.device, image_branch: bool = True) -> _Prefixes:
-        patch = _prefix(net, _resized(views, config.patch_side), spec, device)
-        if not image_branch:
-            return cls(None, patch)
-        if config.patch_side == config.size:
-            return cls(patch, patch)
-        return cls(_prefix(net, _resized(views, config.size), spec, device), patch)
-
-    def features(self, net: Network, device: torch.device, pooled_levels: bool = True) -> Features:
-        """Patch features, and the pooled levels when asked for (which needs the image branch)."""
-        if not pooled_levels:
-            return _features(net, self.patch, device, pooled_levels=False)
-        image = _features(net, self.image, device)
-        if self.patch is self.image:
-            return image
-        return Features(image.pooled, _features(net, self.patch, device, pooled_levels=False).patches)
-
-
-def build_network(config: DetectorConfig, backbone: torch.nn.Module) -> Network:
-    """The backbone cut where its spec says, pooled as the configuration says."""
-    spec = get_spec(config.backbone)
-    return Network(backbone, spec.split, spec.patch_blocks, spec.first_level, config.pooling)
-
-
-def views_per_forward(device: torch.device) -> int:
-    """Views one backbone forward takes at once: on a CPU a few views keep the activations in cache
-    (faster fits and scoring and a lower peak than large batches, docs/measurements.md section 20);
-    a GPU wants them many."""
-    return 64 if device.type == "cuda" else 2
-
-
-@torch.no_grad()
-def _prefix(net: Network, views: torch.Tensor, spec: InputSpec, device: torch.device) -> _Prefix:
-    batch = views_per_forward(device)
-    parts = []
-    for i in range(0, views.shape[0], batch):
-        maps, pooled, h = net.forward_prefix(normalise(views[i:i + batch].to(device), spec))
-        parts.append(({j: m.cpu() for j, m in maps.items()}, [p.cpu() for p in pooled], h.cpu()))
-    return _Prefix({j: torch.cat([p[0][j] for p in parts]) for j in parts[0][0]},
-                   [torch.cat([p[1][i] for p in parts]) for i in range(len(parts[0][1]))],
-                   torch.cat([p[2] for p in parts]))
-
-
-@torch.no_grad()
-def _features(net: Network, pre: _Prefix, device: torch.device, pooled_levels: bool = True) -> Features:
-    """Pooled levels and patch features of cached prefix outputs; without `pooled_levels` the patch
-    features alone (and only the blocks they need run). Patch features are made a batch at a time,
-    so the upsampled maps of all views never exist at once."""
-    batch = views_per_forward(device)
-    patch_parts, pooled_parts = [], []
-    for i in range(0, pre.h.shape[0], batch):
-        maps, pooled = net.forward_suffix(pre.h[i:i + batch].to(device), pooled_levels)
-        maps = {**{j: m[i:i + batch] for j, m in pre.maps.items()}, **{j: m.float().cpu() for j, m in maps.items()}}
-        patch_parts.append(patch_features([maps[j].float() for j in net.patch_blocks]))
-        pooled_parts.append([p.cpu() for p in pooled])
-    pooled = pre.pooled + [torch.cat([p[i] for p in pooled_parts]) for i in range(len(pooled_parts[0]))]
-    if not pooled_levels:
-        pooled = []
-    return Features([p.double() for p in pooled], torch.cat(patch_parts))
 
 
 def _worst_tile(components: dict[str, np.ndarray], part: torch.Tensor) -> dict[str, np.ndarray]:
@@ -675,47 +536,3 @@ def _worst_tile(components: dict[str, np.ndarray], part: torch.Tensor) -> dict[s
 def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """Per-fold component scores joined into one array each."""
     return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
-
-
-FUSION_LOO = "z-scores over the leave-one-out normal scores"
-FUSION_SYNTHETIC_GAP = "single image: units of the gap from the held-out views to the median synthetic anomaly"
-
-
-def _fusion_scales(normal: dict[str, np.ndarray], synthetic: dict[str, np.ndarray] | None,
-                   single_image: bool) -> tuple[dict[str, tuple[float, float]], str]:
-    """(centre, scale) per component for the fused score, and the rule that chose them."""
-    scales = {name: _mean_std(v) for name, v in normal.items()}
-    if not single_image or synthetic is None:
-        return scales, FUSION_LOO
-    gaps = {name: float(np.median(synthetic[name])) - scales[name][0] for name in normal}
-    # A component whose synthetic anomalies do not score above the normal views gives no unit.
-    if min(gaps.values()) <= 0:
-        return scales, FUSION_LOO
-    return {name: (scales[name][0], max(gaps[name], scales[name][1])) for name in normal}, FUSION_SYNTHETIC_GAP
-
-
-def fused_spread_floor(normal: dict[str, np.ndarray], fusion: dict[str, tuple[float, float]],
-                       score: str = "fused") -> float:
-    """The spread the fused leave-one-out scores would have if their components were uncorrelated.
-
-    The fused score adds the components in units of their own leave-one-out spread, so the fused
-    leave-one-out scores have spread sqrt(2 + 2 r), r the components' correlation over the same k
-    images. From a few images r is a coin toss (at k = 2 it is +1 or -1: the two fused scores are
-    then equal, the spread 0 and the threshold their mean, or the spread 2): a bound on those
-    scores flags several times the target of new normal images (simulated in
-    `tests/fsad_core/test_detector.py`). Two measures of one departure from normal do not cancel
-    each other (their correlation was positive on the test normals of every measured run,
-    docs/measurements.md), so the spread is taken as at least the uncorrelated one. `either`, the
-    larger of the two, spreads about as the wider of them: that one's spread is its floor.
-    """
-    spreads = [float(np.std(normal[name], ddof=1)) / fusion[name][1] for name in normal]
-    return max(spreads) if score == "either" else math.sqrt(sum(s ** 2 for s in spreads))
-
-
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    arr = np.asarray(values, dtype=np.float64)
-    mean = float(arr.mean())
-    std = float(arr.std(ddof=1)) if arr.size > 1 else 0.0
-    return mean, max(std, 0.05 * abs(mean), 1e-6)  # floor: with k = 1..3 the spread is barely known
-
-

@@ -13,20 +13,16 @@ from fsad_core.benchmark import method_label
 from fsad_core.calibration import calibrate_unsupervised
 from fsad_core.data import load_category
 from fsad_core.detector import (
-    FUSION_LOO,
-    FUSION_SYNTHETIC_GAP,
     MAX_FOLDS,
     Detector,
     DetectorConfig,
     ViewPool,
     _calibrate,
-    _fusion_scales,
-    fused_spread_floor,
     held_out_folds,
     view_pool,
-    with_combined,
 )
 from fsad_core.finetune import FinetuneConfig
+from fsad_core.fusion import FUSION_LOO, FUSION_SYNTHETIC_GAP, fused_spread_floor, fusion_scales, with_combined
 from fsad_core.methods import list_methods, method_config
 from fsad_core.metrics import image_auroc, pixel_auroc
 from fsad_core.preprocess import InputSpec, prepare
@@ -255,12 +251,12 @@ def test_beyond_max_folds_images_share_folds_and_each_is_still_scored_once(washe
 def test_fusion_scales_single_image_use_the_synthetic_gap():
     normal = {"mahalanobis": np.array([10.0, 11, 12]), "patch": np.array([1.0, 1.1, 1.2])}
     synthetic = {"mahalanobis": np.array([50.0, 60, 70]), "patch": np.array([2.0, 2.1, 2.2])}
-    scales, rule = _fusion_scales(normal, synthetic, single_image=True)
+    scales, rule = fusion_scales(normal, synthetic, single_image=True)
     assert rule == FUSION_SYNTHETIC_GAP
     assert scales["mahalanobis"] == pytest.approx((11.0, 49.0)) and scales["patch"] == pytest.approx((1.1, 1.0))
     # k >= 2, no synthetic anomalies, or a component they do not raise: z-scores of the normal scores.
     for args in ((synthetic, False), (None, True), ({**synthetic, "patch": np.array([1.0, 1.0, 1.0])}, True)):
-        scales, rule = _fusion_scales(normal, *args)
+        scales, rule = fusion_scales(normal, *args)
         assert rule == FUSION_LOO and scales["mahalanobis"] == pytest.approx((11.0, 1.0))
 
 
@@ -275,7 +271,7 @@ def test_the_fused_bound_flags_the_target_share_of_new_normals_on_average(k, rho
     for _ in range(2000):
         x = rng.multivariate_normal([0.0, 0.0], [[1.0, rho], [rho, 1.0]], size=k)
         normal = {"mahalanobis": x[:, 0], "patch": x[:, 1]}
-        scales, _ = _fusion_scales(normal, None, single_image=False)
+        scales, _ = fusion_scales(normal, None, single_image=False)
         (mm, ms), (pm, ps) = scales["mahalanobis"], scales["patch"]
         fused = (x[:, 0] - mm) / ms + (x[:, 1] - pm) / ps
         t = calibrate_unsupervised(fused, min_spread=fused_spread_floor(normal, scales))
