@@ -25,7 +25,7 @@ from flows.retrain import IO_RETRIES
 from flows.runners import task_runner
 from flows.storage import ObjectNotFound, open_store
 from fsad_core.detector import Detector
-from fsad_core.imageio import ImageLimits, ImageReadError, image_limits, is_image_name, read_image
+from fsad_core.imageio import ImageLimits, ImageReadError, image_header_size, image_limits, is_image_name, read_image
 
 DECISIONS_DIR = "fsad-decisions"
 BATCH = 16  # images a task: enough to batch the backbone, few enough that a stop loses little
@@ -83,21 +83,21 @@ def score_batch(url: str, objects: list[tuple[str, int]], ref: str, model: dict[
 def _read(store: Any, objects: list[tuple[str, int]], limits: ImageLimits
           ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """key -> image for what can be judged, key -> reason for the rest: sizes checked before a
-    read, the batch's decoded pixels kept within the set budget."""
+    read, the batch's decoded pixels kept within the set budget from each header before decoding."""
     images: dict[str, np.ndarray] = {}
     errors: dict[str, str] = {}
     pixels = 0
     for key, size in objects:
         try:
             limits.check_bytes(size, key)
-            image = read_image(store.get_bytes(key), name=key, limits=limits)
-            area = image.shape[0] * image.shape[1]
-            limits.check_set(pixels + area, len(images) + 1, f"the batch up to {key}")
+            data = store.get_bytes(key)
+            width, height = image_header_size(data, key, limits)
+            limits.check_set(pixels + width * height, len(images) + 1, f"the batch up to {key}")
+            images[key] = read_image(data, name=key, limits=limits)
         except (ImageReadError, ObjectNotFound) as exc:  # storage down: the task fails and is retried
             errors[key] = str(exc)
             continue
-        images[key] = image
-        pixels += area
+        pixels += width * height
     return images, errors
 
 
