@@ -63,6 +63,11 @@ class TrainingRecord:
     overlays: list[GalleryItem]
     example_image: np.ndarray
 
+    @property
+    def has_roc(self) -> bool:
+        """Whether both classes were scored: a ROC curve needs them."""
+        return len(set(self.roc_labels)) == 2
+
 
 def configure(settings: Settings) -> None:
     """Point MLflow's tracking and registry at the configured backend (idempotent)."""
@@ -192,7 +197,7 @@ def _write_plots(plots: Path, record: TrainingRecord, detector: Detector) -> Pat
     """The folder ``plots``, made, with the ROC curve (when both classes were scored) and the anomaly-map
     overlays as PNGs."""
     plots.mkdir()
-    if len(set(record.roc_labels)) == 2:  # a ROC curve needs both classes
+    if record.has_roc:
         (plots / "roc.png").write_bytes(roc_png(record.roc_labels, record.roc_scores,
                                                 f"{record.product}: {record.eval_set} benchmark"))
     for item in record.overlays:
@@ -257,8 +262,7 @@ def log_report(run_id: str, record: TrainingRecord, detector: Detector, verdict:
     """The run's HTML report as ``report.html`` of the run."""
     from mlflow import MlflowClient
 
-    both = len(set(record.roc_labels)) == 2
-    roc = roc_png(record.roc_labels, record.roc_scores, record.eval_set) if both else None
+    roc = roc_png(record.roc_labels, record.roc_scores, record.eval_set) if record.has_roc else None
     rates = {name: record.metrics[name] for name in ("benchmark_auroc", "false_alarm_rate", "miss_rate", "f1",
                                                       "threshold") if name in record.metrics}
     page = build_report(f"{record.product}: upload {record.upload_id}", verdict, reason, rates, record.eval_set,
