@@ -118,6 +118,12 @@ class DetectorConfig:
         """The side images are prepared, augmented and given defects at: the larger of the two."""
         return max(self.size, self.patch_side)
 
+    def input_spec(self, side: int) -> InputSpec:
+        """How images are prepared at ``side``: the resize mode, the backbone's normalisation and the
+        intensity mode."""
+        spec = get_spec(self.backbone)
+        return InputSpec(side, self.resize, spec.mean, spec.std, self.intensity)
+
     def to_dict(self) -> dict:
         """The fields, with the backbone's cut and the negatives' kinds beside them: model folders
         and configuration hashes stay those of fsad versions where they were settings."""
@@ -204,9 +210,8 @@ class Detector:
         self.threshold = threshold
         self.meta = meta or {}
         self.device = device or torch.device("cpu")
-        spec = get_spec(config.backbone)
-        self.input_spec = InputSpec(config.work_side, config.resize, spec.mean, spec.std, config.intensity)
-        self.map_spec = InputSpec(config.patch_side, config.resize, spec.mean, spec.std, config.intensity)
+        self.input_spec = config.input_spec(config.work_side)
+        self.map_spec = config.input_spec(config.patch_side)
         self._extractor = Extractor(self.net, config, self.input_spec, self.device)
 
     # ----------------------------------------------------------------------------- fitting
@@ -221,8 +226,7 @@ class Detector:
         config = replace(config, intensity=resolve_intensity(config.intensity, images))
         torch.manual_seed(config.seed)
         rng = np.random.default_rng(config.seed)
-        spec = get_spec(config.backbone)
-        input_spec = InputSpec(config.work_side, config.resize, spec.mean, spec.std, config.intensity)
+        input_spec = config.input_spec(config.work_side)
         net = build_network(config, create_backbone(config.backbone, config.weights)).to(dev).eval()
         extractor = Extractor(net, config, input_spec, dev)
         pool = view_pool(images, config, input_spec)
