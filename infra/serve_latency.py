@@ -19,6 +19,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from infra.probes import http_ok
+
 
 def serve(model_uri: str, log: Path, python: Path = Path(sys.executable), env: dict[str, str] | None = None,
           cwd: Path | None = None) -> tuple[subprocess.Popen, int]:
@@ -33,15 +35,12 @@ def serve(model_uri: str, log: Path, python: Path = Path(sys.executable), env: d
                                "local", "-h", "127.0.0.1", "-p", str(port)], env=env, cwd=cwd,
                               stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 300
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5):
-                return server, port
-        except OSError:
-            if server.poll() is not None or time.monotonic() > deadline:
-                stop(server)
-                raise RuntimeError(f"model server did not start: {log.read_text(errors='replace')[-3000:]}") from None
-            time.sleep(1)
+    while not http_ok(f"http://127.0.0.1:{port}/ping", timeout_s=5):
+        if server.poll() is not None or time.monotonic() > deadline:
+            stop(server)
+            raise RuntimeError(f"model server did not start: {log.read_text(errors='replace')[-3000:]}")
+        time.sleep(1)
+    return server, port
 
 
 def stop(server: subprocess.Popen) -> None:
