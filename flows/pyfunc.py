@@ -15,6 +15,7 @@ from __future__ import annotations
 import ast
 import base64
 import binascii
+import hashlib
 import io
 import logging
 import os
@@ -270,6 +271,12 @@ def artifact_problem(pyfunc_dir: str | Path, own_code: bool = True) -> str | Non
                                  if not (root / rel).is_file() or (root / rel).read_bytes() != data]):
         return f"bundled code is not this fsad's own: {', '.join(altered[:10])}"
     return None
+
+
+def model_file_digests(folder: str | Path) -> dict[str, str]:
+    """name -> sha256 of each model file in a model folder: what verification compares byte for byte."""
+    return {name: hashlib.sha256((Path(folder) / name).read_bytes()).hexdigest() for name in MODEL_FILES
+            if (Path(folder) / name).is_file()}
 
 
 def model_folder(pyfunc_dir: str | Path) -> Path:

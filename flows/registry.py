@@ -4,7 +4,8 @@ Registered model ``fsad-PRODUCT``. A new version gets alias ``candidate``. The g
 benchmark AUROC is at least the minimum and not worse than the current champion's AUROC on the
 same labelled evaluation set (the champion is downloaded and scores that set itself). Its inputs
 and verdict are tags on the version. Only a version whose artifact was downloaded back, loaded and
-found to reproduce the in-memory score (tag ``verified=true``) can become ``champion``; the former
+found to be the one written (the same model files byte for byte, the same score and decision on a
+smoke image; tag ``verified=true``) can become ``champion``; the former
 champion then becomes ``previous``.
 """
 
@@ -20,7 +21,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from flows.pyfunc import INPUT_COLUMN, artifact_problem, encode_png, load_served_model, model_folder
+from flows.pyfunc import (
+    INPUT_COLUMN,
+    artifact_problem,
+    encode_png,
+    load_served_model,
+    model_file_digests,
+    model_folder,
+)
 from flows.settings import Settings, load_settings
 from flows.tracking import configure, model_name
 from fsad_core.detector import Detector
@@ -53,6 +61,24 @@ class GateDecision:
                 "gate.min_auroc": num(self.min_auroc), "gate.candidate_auroc": num(self.candidate_auroc),
                 "gate.eval_set": self.eval_set, "gate.champion_version": self.champion_version or "none",
                 "gate.champion_auroc": num(self.champion_auroc)}
+
+
+@dataclass(frozen=True)
+class WrittenModel:
+    """What the pipeline wrote and decided in memory, which a downloaded version must match: the
+    model folder's files (name -> sha256, as logged) and the smoke image's score and decision."""
+
+    files: dict[str, str]
+    smoke_image: np.ndarray
+    score: float
+    is_anomaly: bool
+    threshold: float
+
+    @classmethod
+    def of(cls, detector: Detector, smoke_image: np.ndarray, files: dict[str, str]) -> WrittenModel:
+        result = detector.score([smoke_image])
+        return cls(dict(files), smoke_image, float(result.scores[0]), bool(result.is_anomaly[0]),
+                   detector.threshold.value)
 
 
 @dataclass(frozen=True)
@@ -156,38 +182,59 @@ def record_gate(product: str, version: str, decision: GateDecision) -> None:
         client.set_model_version_tag(name, version, key, value)
 
 
-def verify(product: str, version: str, smoke_image: np.ndarray, expected_score: float) -> Verification:
-    """Download the version from the registry into a fresh folder, check it is an artifact this
-    pipeline wrote (its own loader, bundled code byte for byte its own, no file it never writes), load it with the
-    pipeline's own loader, score the smoke image and compare with the in-memory score; tag the outcome."""
+def verify(product: str, version: str, written: WrittenModel) -> Verification:
+    """Download the version from the registry into a fresh folder and check everything that decides:
+    it is an artifact this pipeline wrote (its own loader, bundled code byte for byte its own, no
+    file it never writes), its model files (configuration and threshold included) are byte for byte
+    the ones logged, and, loaded by the pipeline's own loader, it gives the smoke image the score,
+    threshold and decision it had in memory; tag the outcome."""
     import mlflow
 
     name = model_name(product)
     with tempfile.TemporaryDirectory(prefix="fsad-verify-") as tmp:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=tmp))
-        result = _check_and_score(local, smoke_image, expected_score)
+        result = _check_and_score(local, written)
     client = _client()
     client.set_model_version_tag(name, version, "verified", "true" if result.ok else "false")
     client.set_model_version_tag(name, version, "verified.reason", result.reason)
     return result
 
 
-def _check_and_score(local: Path, smoke_image: np.ndarray, expected_score: float) -> Verification:
-    problem = artifact_problem(local)
+def _check_and_score(local: Path, written: WrittenModel) -> Verification:
+    def refused(reason: str, loaded: float = math.nan) -> Verification:
+        return Verification(False, written.score, loaded, reason)
+
+    problem = artifact_problem(local) or _files_problem(model_folder(local), written.files)
     if problem is not None:
-        return Verification(False, expected_score, math.nan, problem)
+        return refused(problem)
     try:  # a damaged artifact is a verdict (not verified), not a crash that leaves no tag
-        out = load_served_model(model_folder(local)).predict(pd.DataFrame({INPUT_COLUMN: [encode_png(smoke_image)]}))
-        loaded = float(out["score"].iloc[0])
+        out = load_served_model(model_folder(local)).predict(
+            pd.DataFrame({INPUT_COLUMN: [encode_png(written.smoke_image)]}))
         if out["error"].iloc[0]:
             raise ValueError(out["error"].iloc[0])
     except Exception as exc:
-        return Verification(False, expected_score, math.nan, f"downloaded model does not load or score: "
-                            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
-    ok = math.isclose(loaded, expected_score, rel_tol=_SCORE_RTOL, abs_tol=_SCORE_ATOL)
-    reason = "downloaded model reproduces the in-memory score" if ok else \
-        f"downloaded model scores {loaded:.6g}, in memory {expected_score:.6g}"
-    return Verification(ok, expected_score, loaded, reason)
+        return refused(f"downloaded model does not load or score: "
+                       f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+    loaded, threshold = float(out["score"].iloc[0]), float(out["threshold"].iloc[0])
+    if not math.isclose(loaded, written.score, rel_tol=_SCORE_RTOL, abs_tol=_SCORE_ATOL):
+        return refused(f"downloaded model scores {loaded:.6g}, in memory {written.score:.6g}", loaded)
+    if threshold != written.threshold or bool(out["is_anomaly"].iloc[0]) != written.is_anomaly:
+        return refused(f"downloaded model decides the smoke image {_decision(bool(out['is_anomaly'].iloc[0]))} "
+                       f"at threshold {threshold:.6g}, in memory {_decision(written.is_anomaly)} at "
+                       f"{written.threshold:.6g}", loaded)
+    return Verification(True, written.score, loaded, "downloaded model is the one written: same files, score and "
+                                                     "decision")
+
+
+def _files_problem(folder: Path, expected: dict[str, str]) -> str | None:
+    """Which model files differ from the digests the pipeline logged, or None when all match."""
+    found = model_file_digests(folder)
+    changed = sorted(name for name in expected.keys() | found.keys() if found.get(name) != expected.get(name))
+    return f"model files differ from the ones the pipeline wrote: {', '.join(changed)}" if changed else None
+
+
+def _decision(is_anomaly: bool) -> str:
+    return "anomalous" if is_anomaly else "normal"
 
 
 def promote(product: str, version: str) -> dict[str, str]:
@@ -270,7 +317,6 @@ def _move_aside_remains(target: Path) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
-__all__ = ["CANDIDATE", "CHAMPION", "PREVIOUS", "GateDecision", "RegistryError", "Verification", "alias_version",
-           "aliases", "champion_auroc", "download_model", "gate_decision", "find_trained_version", "model_name",
-           "resolve_model",
-           "promote", "record_gate", "register", "verify", "version_tags"]
+__all__ = ["CANDIDATE", "CHAMPION", "PREVIOUS", "GateDecision", "RegistryError", "Verification", "WrittenModel",
+           "alias_version", "aliases", "champion_auroc", "download_model", "gate_decision", "find_trained_version",
+           "model_name", "resolve_model", "promote", "record_gate", "register", "verify", "version_tags"]

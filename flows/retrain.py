@@ -380,11 +380,11 @@ def gate(settings: Settings, product: str, version: str, auroc: float | None, be
 
 @task(**IO_RETRIES, persist_result=False)
 def verify_and_promote(settings: Settings, product: str, version: str, detector: Detector,
-                       smoke_image: np.ndarray) -> dict[str, str]:
-    """Only a version whose downloaded artifact reproduces the in-memory score becomes champion."""
+                       smoke_image: np.ndarray, model_files: dict[str, str]) -> dict[str, str]:
+    """Only a version whose downloaded artifact is the one written (its files, and its score and
+    decision on the smoke image) becomes champion."""
     tracking.configure(settings)
-    expected = float(detector.score([smoke_image]).scores[0])
-    check = registry.verify(product, version, smoke_image, expected)
+    check = registry.verify(product, version, registry.WrittenModel.of(detector, smoke_image, model_files))
     if not check.ok:
         raise RegistryError(f"{registry.model_name(product)} v{version} failed verification: {check.reason}")
     aliases = registry.promote(product, version)
@@ -537,7 +537,8 @@ def _publish(settings: Settings, job: RetrainJob, trained: Trained) -> Published
     decision = gate(settings, job.product, version, record.metrics.get("benchmark_auroc"), record.eval_set,
                     trained.data, job.device)
     if decision.passed:
-        aliases = verify_and_promote(settings, job.product, version, detector, record.example_image)
+        aliases = verify_and_promote(settings, job.product, version, detector, record.example_image,
+                                     logged.model_files)
         message = f"version {version} passed the gate and is now {registry.CHAMPION}"
     else:
         aliases = current_aliases(settings, job.product)

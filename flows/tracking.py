@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from flows.pyfunc import DATA_DIRNAME, log_pyfunc_model
+from flows.pyfunc import DATA_DIRNAME, log_pyfunc_model, model_file_digests
 from flows.run_report import GalleryItem, build_report
 from flows.settings import Settings
 from fsad_core.calibration import Threshold
@@ -39,6 +39,7 @@ class LoggedRun:
     run_id: str
     experiment_id: str
     model_uri: str  # models:/m-... of the logged pyfunc model, what the registry version points at
+    model_files: dict[str, str]  # name -> sha256 of the model folder's files as logged (what verification expects)
 
 
 @dataclass(frozen=True)
@@ -232,7 +233,8 @@ def log_training_run(record: TrainingRecord, detector: Detector, settings: Setti
             mlflow.log_artifacts(str(plots), "plots")
             model_dir = _save_model(Path(tmp) / DATA_DIRNAME, record, detector)
             info = log_pyfunc_model(model_dir, record.example_image, model_name(record.product))
-    return LoggedRun(run_id, experiment_id, info.model_uri)
+            files = model_file_digests(model_dir)
+    return LoggedRun(run_id, experiment_id, info.model_uri, files)
 
 
 def log_rejected_upload(product: str, upload_id: str, validation_json: str, failed: list[str],

@@ -8,7 +8,9 @@ so two versions exist without a second fit.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
+import json
 from pathlib import Path
 
 import mlflow
@@ -21,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from flows import registry, tracking
 from flows.pyfunc import LOADER_MODULE, artifact_problem, encode_png, requirements, served_code
-from flows.registry import CANDIDATE, CHAMPION, PREVIOUS, RegistryError, gate_decision
+from flows.registry import CANDIDATE, CHAMPION, PREVIOUS, RegistryError, WrittenModel, gate_decision
 from flows.run_report import GalleryItem
 from flows.settings import config_sha256, load_settings, training_config
 from fsad_core.data import load_category
@@ -137,9 +139,9 @@ def test_register_verify_promote_moves_champion_and_previous(settings, fitted, v
     assert registry.aliases(PRODUCT)[CANDIDATE] == v2
     with pytest.raises(RegistryError, match="not verified"):
         registry.promote(PRODUCT, v1)
-    for version in (v1, v2):
+    for logged, version in versions:
         registry.record_gate(PRODUCT, version, gate_decision(1.0, 0.9, "labelled"))
-        check = registry.verify(PRODUCT, version, images[0], float(detector.score(images[:1]).scores[0]))
+        check = registry.verify(PRODUCT, version, WrittenModel.of(detector, images[0], logged.model_files))
         assert check.ok, check.reason
         assert registry.version_tags(PRODUCT, version)["verified"] == "true"
     assert registry.promote(PRODUCT, v1) == {CANDIDATE: v2, CHAMPION: v1}
@@ -148,13 +150,20 @@ def test_register_verify_promote_moves_champion_and_previous(settings, fitted, v
     assert registry.promote(PRODUCT, v2) == {CANDIDATE: v2, CHAMPION: v2, PREVIOUS: v1}
 
 
-def test_a_version_that_does_not_reproduce_its_score_is_never_champion(settings, fitted, versions):
-    _, _, _, images, _, _ = fitted
+@pytest.mark.parametrize("differs, reason", [
+    ({"score": 1e6}, "scores"), ({"is_anomaly": None}, "decides the smoke image"), ({"threshold": 1e308}, "decides"),
+])
+def test_a_version_that_does_not_reproduce_its_score_or_decision_is_never_champion(settings, fitted, versions,
+                                                                                 differs, reason):
+    detector, _, _, images, _, _ = fitted
     logged = log(settings, fitted, "20260101T000009Z-bad000", "c" * 64)
     version = str(registry.register(PRODUCT, logged.model_uri, logged.run_id, {}).version)
     registry.record_gate(PRODUCT, version, gate_decision(1.0, 0.9, "labelled"))
-    check = registry.verify(PRODUCT, version, images[0], expected_score=1e6)
-    assert not check.ok and "in memory" in check.reason
+    written = WrittenModel.of(detector, images[0], logged.model_files)
+    if differs.get("is_anomaly", 0) is None:
+        differs = {"is_anomaly": not written.is_anomaly}
+    check = registry.verify(PRODUCT, version, dataclasses.replace(written, **differs))
+    assert not check.ok and reason in check.reason and "in memory" in check.reason, check.reason
     assert registry.version_tags(PRODUCT, version)["verified"] == "false"
     before = registry.alias_version(PRODUCT, CHAMPION)
     with pytest.raises(RegistryError, match="not verified"):
@@ -232,7 +241,17 @@ def _truncate(weights: Path) -> None:
     weights.write_bytes(weights.read_bytes()[:1000])
 
 
-@pytest.mark.parametrize("damage, reason", [(_perturb_weights, "in memory"), (_truncate, "does not load or score")])
+def _raise_threshold(weights: Path) -> None:
+    """The attack of a threshold no defect reaches: config.json edited beside the weights."""
+    config = weights.parent / "config.json"
+    text = json.loads(config.read_text())
+    text["threshold"]["value"] = 1e308
+    config.write_text(json.dumps(text, indent=2, sort_keys=True))
+
+
+@pytest.mark.parametrize("damage, reason", [(_perturb_weights, "differ from the ones the pipeline wrote: network"),
+                                            (_truncate, "differ from the ones the pipeline wrote: network"),
+                                            (_raise_threshold, "differ from the ones the pipeline wrote: config.json")])
 def test_an_artifact_changed_after_logging_fails_verification_and_is_never_champion(settings, fitted, versions,
                                                                                    damage, reason):
     detector, _, _, images, _, _ = fitted
@@ -244,7 +263,7 @@ def test_an_artifact_changed_after_logging_fails_verification_and_is_never_champ
     damage(weights)  # changed in the store after logging, before verification
 
     before = registry.aliases(PRODUCT)
-    check = registry.verify(PRODUCT, version, images[0], float(detector.score(images[:1]).scores[0]))
+    check = registry.verify(PRODUCT, version, WrittenModel.of(detector, images[0], logged.model_files))
     assert not check.ok and reason in check.reason, check.reason
     assert registry.version_tags(PRODUCT, version)["verified"] == "false"
     with pytest.raises(RegistryError, match="not verified"):

@@ -121,7 +121,7 @@ def _assert_refused(version: str, reason: str, marker: Path, scored: bool = Fals
     """Never verified nor promoted; never loaded to score either, unless ``scored``: bundled code
     under the pipeline's own file names is never imported, so such a model may score."""
     champion = registry.alias_version(P, registry.CHAMPION)
-    check = registry.verify(P, version, noise_rgb(1), 0.0)
+    check = registry.verify(P, version, registry.WrittenModel({}, noise_rgb(1), 0.0, False, 0.0))
     assert not check.ok and reason in check.reason, check.reason
     tags = registry.version_tags(P, version)
     assert tags["verified"] == "false" and reason in tags["verified.reason"]
