@@ -11,8 +11,10 @@ import contextlib
 import functools
 import math
 import os
+import signal
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from fsad_core.options import (
@@ -29,6 +31,7 @@ from fsad_core.options import (
 TELEMETRY_OFF = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
                  "GX_ANALYTICS_ENABLED": "false"}
 
+INTERRUPT_GRACE_S = 3.0  # an interrupted command's clean shutdown may take this long before it is cut short
 # Without PREFECT_API_URL, flows run on Prefect's ephemeral API, whose 20 s start-up limit is too
 # short on small busy machines (read when prefect is first imported, after `main` sets it).
 _EPHEMERAL_API = {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}
@@ -155,8 +158,9 @@ def _cmd_upload(args: argparse.Namespace) -> int:
 def _cmd_retrain(args: argparse.Namespace) -> int:
     from flows.retrain import format_summary, retrain_flow
     from flows.runlog import logged_to, run_log_path
+    from flows.runners import prefect_api
     from flows.settings import load_settings
-    with logged_to(run_log_path(load_settings().home, "retrain", args.product)) as log:
+    with prefect_api(), logged_to(run_log_path(load_settings().home, "retrain", args.product)) as log:
         try:
             summary = retrain_flow(args.product, upload_id=args.upload)
         except Exception as exc:
@@ -170,9 +174,9 @@ def _cmd_retrain(args: argparse.Namespace) -> int:
 
 
 def _cmd_score_prefix(args: argparse.Namespace) -> int:
-    from flows.runners import api_for_workers
+    from flows.runners import prefect_api
     from flows.score_prefix import score_prefix_flow
-    with api_for_workers() if args.dask else contextlib.nullcontext():
+    with prefect_api():
         summary = score_prefix_flow(args.product, args.url, batch=args.batch, dask=args.dask)
     print(f"{summary['images']} images under {args.url}: {summary['already']} already decided, {summary['scored']} "
           f"scored now ({summary['anomalies']} flagged, {summary['unreadable']} unreadable) by {summary['model']}; "
@@ -375,17 +379,50 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ.setdefault(key, value)
     args = build_parser().parse_args(argv)
     try:
-        return int(args.handler(args) or 0)
+        with _sigterm_as_interrupt():
+            return int(args.handler(args) or 0)
     except SystemExit:
         raise
-    except KeyboardInterrupt:
-        print("fsad: interrupted", file=sys.stderr)
-        return 130
     except Exception as exc:  # one-line reason for users; full trace on request
         if os.environ.get("FSAD_DEBUG"):
             raise
         print(f"fsad {args.command}: {one_line(exc)}", file=sys.stderr)
         return 1
+    except BaseException:  # Ctrl-C, SIGTERM, or the exception a library raised for either
+        print("fsad: interrupted", file=sys.stderr)
+        _exit_within(INTERRUPT_GRACE_S, 130)
+        return 130
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM ends a command as Ctrl-C does (in the main thread, where signals are handled)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def _exit_within(seconds: float, code: int) -> None:
+    """Exit with ``code`` after ``seconds`` should the interpreter's shutdown still be waiting by
+    then (on a library's thread or exit handler that reports to a server): an interrupted command
+    must end, and the temporary Prefect server dies with it."""
+    def force() -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+    timer = threading.Timer(seconds, force)
+    timer.daemon = True
+    timer.start()
 
 
 def one_line(exc: BaseException) -> str:

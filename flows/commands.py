@@ -298,8 +298,8 @@ def bench(args: argparse.Namespace) -> int:
     from fsad_core.benchmark import environment, format_table, grid, run_cell, table, write_records
     if args.dask:
         from flows.bench_flow import benchmark_flow
-        from flows.runners import api_for_workers
-        with api_for_workers():
+        from flows.runners import prefect_api
+        with prefect_api():
             records = benchmark_flow(data=args.data, k=args.k, seeds=args.seeds, methods=args.methods, out=args.out,
                                      max_test=args.max_test, device=args.device, overrides=_config_options(args),
                                      dask=args.dask)["records"]

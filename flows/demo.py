@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from flows.cli import TELEMETRY_OFF
+from flows.runners import prefect_api
 from flows.settings import Settings, load_settings
 from flows.upload import upload_folder, write_upload_folder
 from fsad_core.benchmark import stratified_subset
@@ -127,7 +128,7 @@ def run_demo(workdir: str | None = None, data: str | None = None) -> int:
     }
     prefect_home = home / "prefect"
     home.mkdir(parents=True, exist_ok=True)
-    with _environment(embedded), _ephemeral_prefect(prefect_home):
+    with _environment(embedded), _ephemeral_prefect(prefect_home), prefect_api():
         from flows.retrain import retrain_flow
         from flows.storage import open_store
 

@@ -5,8 +5,9 @@
     -> benchmark scores -> calibrate -> evaluate -> log to MLflow -> register (alias candidate)
     -> gate -> verify + promote (aliases champion / previous)
 
-From the idempotency check to the alias moves, one run per product holds a lease-based Prefect
-global concurrency slot (``fsad-retrain-PRODUCT``), so two runs of the same upload train once.
+From the idempotency check to the alias moves, one run per product holds its product's lock (a
+Prefect server's leased concurrency slot ``fsad-retrain-PRODUCT``, or a file lock where flows
+report to a temporary server of the process), so two runs of the same upload train once.
 Storage reads and MLflow calls are tasks with retries; a permanent error (bad input, missing
 object) is not retried. Light, JSON-able task results are persisted so a retried flow run does not
 repeat them; images, models and scores stay in memory. Fine-tuning on CUDA is tagged ``gpu`` and
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import numpy as np
+from filelock import FileLock
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.concurrency.sync import concurrency
@@ -30,6 +32,7 @@ from prefect.concurrency.sync import concurrency
 from flows import registry, tracking
 from flows.registry import RegistryError
 from flows.run_report import PER_ROLE, GalleryItem, gallery_picks
+from flows.runners import api_is_temporary
 from flows.settings import (
     Settings,
     SettingsError,
@@ -236,11 +239,29 @@ def training_slot(device_type: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def product_lock(product: str) -> Iterator[None]:
+def product_lock(settings: Settings, product: str) -> Iterator[None]:
     """One retraining per product at a time: the idempotency check, training, registration and the
-    alias moves are one critical section. A Prefect global concurrency limit of 1 named
-    ``fsad-retrain-PRODUCT`` (created on first use) is the lock; its slot is a lease that Prefect
-    renews while the run lives, so a killed run blocks the next one for at most the lease."""
+    alias moves are one critical section. Where flows report to a Prefect server, the lock is its
+    leased concurrency slot; where they report to a temporary server of this process, which other
+    processes cannot see and whose leases die with it, it is a file lock under FSAD_HOME, which the
+    kernel releases when the process dies."""
+    with (_file_lock(settings, product) if api_is_temporary() else _server_lock(product)):
+        yield
+
+
+@contextlib.contextmanager
+def _file_lock(settings: Settings, product: str) -> Iterator[None]:
+    path = settings.home / "locks" / f"{PRODUCT_LOCK_PREFIX}{product}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(path):
+        yield
+
+
+@contextlib.contextmanager
+def _server_lock(product: str) -> Iterator[None]:
+    """A Prefect global concurrency limit of 1 named ``fsad-retrain-PRODUCT`` (created on first
+    use); its slot is a lease that the server renews while the run lives, so a killed run blocks
+    the next one for at most the lease."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
     from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
@@ -422,7 +443,7 @@ def retrain_flow(product: str, upload_id: str | None = None, method: str = "defa
     if not validation["success"] or manifest is None:
         _reject(settings, product, upload_id, validation)
     get_run_logger().info("waiting for the retraining slot of %s (one retraining per product at a time)", product)
-    with product_lock(product):
+    with product_lock(settings, product):
         return _train_and_promote(settings, product, upload_id, manifest, validation, method, seed, config)
 
 

@@ -306,11 +306,15 @@ def test_gpu_slot_neither_blocks_nor_fails_without_a_limit_and_is_held_with_one(
             client.delete_global_concurrency_limit_by_name(GPU_LIMIT)
 
 
-def test_product_lock_admits_one_retraining_per_product_at_a_time(env):
-    events: list[str] = []
+@pytest.mark.parametrize("temporary_api", [False, True], ids=["server-lease", "file-lock"])
+def test_product_lock_admits_one_retraining_per_product_at_a_time(env, temporary_api):
+    """On a Prefect server the lock is its leased slot; on a temporary server of this process, a
+    file lock under FSAD_HOME (the kernel frees it when the process dies)."""
+    env.setattr("flows.retrain.api_is_temporary", lambda: temporary_api)
+    settings, events = load_settings(), []
 
     def first() -> None:
-        with product_lock("locked"):
+        with product_lock(settings, "locked"):
             events.append("first in")
             time.sleep(3)
             events.append("first out")
@@ -319,12 +323,13 @@ def test_product_lock_admits_one_retraining_per_product_at_a_time(env):
     holder.start()
     while not events:
         time.sleep(0.1)
-    with product_lock("another"):  # other products are not held up
+    with product_lock(settings, "another"):  # other products are not held up
         events.append("another in")
-    with product_lock("locked"):
+    with product_lock(settings, "locked"):
         events.append("second in")
     holder.join()
     assert events == ["first in", "another in", "first out", "second in"]
+    assert (settings.home / "locks" / "fsad-retrain-locked.lock").exists() is temporary_api
 
 
 def test_settings_come_from_the_environment(env):

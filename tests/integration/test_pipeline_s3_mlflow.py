@@ -213,7 +213,7 @@ def test_a_prefix_is_decided_on_dask_written_back_and_resumed(stack, sets, capsy
     as fsad score decides it; a second run scores only what no part file holds."""
     from flows.cli import main
     from flows.registry import model_name
-    from flows.runners import api_for_workers
+    from flows.runners import prefect_api
     from flows.score_prefix import score_prefix_flow
     from flows.storage import open_store
 
@@ -222,7 +222,7 @@ def test_a_prefix_is_decided_on_dask_written_back_and_resumed(stack, sets, capsy
     for f in files[:-1]:
         line.put_bytes(f"{f.parent.name}/{f.name}", f.read_bytes())
     line.put_bytes("defect/broken.png", b"not a png")
-    with api_for_workers():
+    with prefect_api():
         first = score_prefix_flow(P, f"s3://{stack.bucket}/lines/day-1", batch=2, dask="local")
     assert (first["images"], first["already"], first["scored"], first["unreadable"]) == (len(files), 0, len(files), 1)
     parts = [k for k in bucket_keys(stack, "lines/day-1/fsad-decisions/") if k.endswith(".jsonl")]

@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import queue
+import signal
 import struct
+import subprocess
+import sys
+import threading
+import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -71,3 +78,67 @@ def bomb_png(width: int = 30000, height: int = 30000) -> bytes:
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     idat = zlib.compress(b"\x00" * (width + 1) * 4)
     return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
+
+
+# ---- fsad as a user runs it ------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[2]
+FLOW_TIMEOUT_S = 420
+
+
+class Fsad:
+    """An ``fsad`` command in a subprocess of its own session, its output collected by a thread
+    (bounded waits only)."""
+
+    def __init__(self, env: dict[str, str | None], *args: str, runs: list[Fsad] | None = None):
+        """``env`` over this process's environment; a variable set to None is removed."""
+        self.lines: list[str] = []
+        self._q: queue.Queue[str] = queue.Queue()
+        full = {name: value for name, value in {**os.environ, **env}.items() if value is not None}
+        self.proc = subprocess.Popen([sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=full,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     start_new_session=True)
+        threading.Thread(target=self._read, daemon=True).start()
+        if runs is not None:
+            runs.append(self)
+
+    @classmethod
+    def retrain(cls, env: dict[str, str], product: str, upload_id: str, runs: list[Fsad] | None = None) -> Fsad:
+        return cls(env, "retrain", "--product", product, "--upload", upload_id, runs=runs)
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            self._q.put(line)
+
+    def wait_for(self, text: str, timeout_s: float = FLOW_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if any(text in ln for ln in self.lines):
+                return
+            if self.proc.poll() is not None and self._q.empty():
+                time.sleep(0.5)
+                if any(text in ln for ln in self.lines):
+                    return
+                raise AssertionError(f"exited before {text!r}:\n{self.output[-4000:]}")
+            time.sleep(0.2)
+        self.kill()
+        raise AssertionError(f"no {text!r} within {timeout_s} s:\n{self.output[-4000:]}")
+
+    def finish(self, timeout_s: float = FLOW_TIMEOUT_S) -> int:
+        try:
+            return self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"fsad did not finish within {timeout_s} s:\n{self.output[-4000:]}") from None
+        finally:
+            time.sleep(0.3)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # its own session: the flow and its children
+            self.proc.wait(timeout=30)
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)

@@ -9,14 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import queue
 import re
-import signal
-import subprocess
-import sys
-import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -25,7 +18,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import requests as requests_lib
-from conftest import CLEARED, noise_rgb, png_bytes
+from conftest import CLEARED, Fsad, noise_rgb, png_bytes
 
 from flows import registry
 from flows.cli import main as cli_main
@@ -40,10 +33,8 @@ from infra.stack import StackInfo, listening_addresses, running, up
 from tests.tiny_training import TINY_TRAINING
 
 pytestmark = pytest.mark.integration
-REPO = Path(__file__).resolve().parents[2]
-FLOW_TIMEOUT_S = 420
 UPLOADED: dict[str, bytes] = {}  # every object key this module uploaded -> its bytes
-RUNS: list[Retrain] = []  # every fsad retrain this module ran (their console output is checked)
+RUNS: list[Fsad] = []  # every fsad retrain this module ran (their console output is checked)
 TOKEN = "fsadCanaryToken-3hT8sQ"  # sent to the MLflow server with every request of the module
 
 
@@ -81,57 +72,6 @@ def _upload(info: StackInfo, product: str, upload_id: str, seeds: range, tmp: Pa
     prefix = upload_prefix(product, upload_id)
     for f in result.manifest["files"]:
         UPLOADED[prefix + f["key"]] = (folder / f["key"].rsplit("/", 1)[1]).read_bytes()
-
-
-class Retrain:
-    """``fsad retrain`` in a subprocess, its output collected by a thread (bounded waits only)."""
-
-    def __init__(self, env: dict[str, str], product: str, upload_id: str):
-        self.lines: list[str] = []
-        self._q: queue.Queue[str] = queue.Queue()
-        full = {**os.environ, **env}
-        self.proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "retrain", "--product", product,
-                                      "--upload", upload_id], cwd=REPO, env=full, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        threading.Thread(target=self._read, daemon=True).start()
-        RUNS.append(self)
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.append(line)
-            self._q.put(line)
-
-    def wait_for(self, text: str, timeout_s: float = FLOW_TIMEOUT_S) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if any(text in ln for ln in self.lines):
-                return
-            if self.proc.poll() is not None and self._q.empty():
-                time.sleep(0.5)
-                if any(text in ln for ln in self.lines):
-                    return
-                raise AssertionError(f"exited before {text!r}:\n{self.output[-4000:]}")
-            time.sleep(0.2)
-        self.kill()
-        raise AssertionError(f"no {text!r} within {timeout_s} s:\n{self.output[-4000:]}")
-
-    def finish(self, timeout_s: float = FLOW_TIMEOUT_S) -> int:
-        try:
-            return self.proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise AssertionError(f"fsad retrain did not finish within {timeout_s} s:\n{self.output[-4000:]}") from None
-        finally:
-            time.sleep(0.3)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # its own session: the flow and its children
-            self.proc.wait(timeout=30)
-
-    @property
-    def output(self) -> str:
-        return "".join(self.lines)
 
 
 def versions_of(product: str) -> list[mlflow.entities.model_registry.ModelVersion]:
@@ -197,7 +137,7 @@ def test_unsafe_keys_never_reach_the_bucket(stack, key):
 
 def test_good_upload_is_promoted_on_the_real_stack(stack):
     info, _, env = stack
-    run = Retrain(env, "seal", "20260101T000001Z-good01")
+    run = Fsad.retrain(env, "seal", "20260101T000001Z-good01", RUNS)
     assert run.finish() == 0, run.output[-4000:]
     assert "passed the gate and is now champion" in run.output
     (mv,) = versions_of("seal")
@@ -210,7 +150,7 @@ def test_mlflow_down_at_logging_time_fails_cleanly_and_a_rerun_succeeds(stack, t
     _upload(info, product, uid, range(10, 12), tmp_path)
     before = sorted(v.version for v in versions_of(product))
     aliases_before = registry.aliases(product)
-    run = Retrain(env, product, uid)
+    run = Fsad.retrain(env, product, uid, RUNS)
     run.wait_for("fine-tuning on")  # the last MLflow call before logging is behind us
     assert procs.stop(_run_dir(home), "mlflow")
     code = run.finish()
@@ -219,7 +159,7 @@ def test_mlflow_down_at_logging_time_fails_cleanly_and_a_rerun_succeeds(stack, t
     up(home)  # restarts only what is down: mlflow
     assert sorted(v.version for v in versions_of(product)) == before  # registry untouched
     assert registry.aliases(product) == aliases_before
-    rerun = Retrain(env, product, uid)
+    rerun = Fsad.retrain(env, product, uid, RUNS)
     assert rerun.finish() == 0, rerun.output[-4000:]
     mine = [v for v in versions_of(product) if v.tags.get("upload_id") == uid]
     assert len(mine) == 1 and mine[0].tags.get("verified") == "true"
@@ -229,7 +169,7 @@ def test_s3_down_during_download_retries_then_fails_and_a_rerun_completes(stack,
     info, home, env = stack
     product, uid = "ring", "20260101T000001Z-s3down"
     _upload(info, product, uid, range(20, 22), tmp_path)
-    run = Retrain(env, product, uid)
+    run = Fsad.retrain(env, product, uid, RUNS)
     run.wait_for(f"validation of {uid}: passed")
     assert procs.stop(_run_dir(home), "swift-proxy")
     code = run.finish()
@@ -237,7 +177,7 @@ def test_s3_down_during_download_retries_then_fails_and_a_rerun_completes(stack,
     assert "Retry 1/3" in run.output and "Retry 3/3" in run.output, run.output[-4000:]  # retried, then failed
     assert versions_of(product) == []
     up(home)
-    rerun = Retrain(env, product, uid)
+    rerun = Fsad.retrain(env, product, uid, RUNS)
     assert rerun.finish() == 0, rerun.output[-4000:]
     assert [v.tags.get("upload_id") for v in versions_of(product)] == [uid]
 
@@ -289,13 +229,13 @@ def test_killed_mid_fine_tuning_then_rerun_registers_exactly_one_version(stack, 
     info, _, env = stack
     product, uid = "ring", "20260101T000002Z-killed"
     _upload(info, product, uid, range(30, 32), tmp_path)
-    run = Retrain(env, product, uid)
+    run = Fsad.retrain(env, product, uid, RUNS)
     run.wait_for("fine-tuning on")
     run.kill()
     assert not [v for v in versions_of(product) if v.tags.get("upload_id") == uid]
-    rerun = Retrain(env, product, uid)
+    rerun = Fsad.retrain(env, product, uid, RUNS)
     assert rerun.finish() == 0, rerun.output[-4000:]
-    again = Retrain(env, product, uid)  # and once more: already trained, nothing new
+    again = Fsad.retrain(env, product, uid, RUNS)  # and once more: already trained, nothing new
     assert again.finish() == 0 and "already trained" in again.output
     assert len([v for v in versions_of(product) if v.tags.get("upload_id") == uid]) == 1
 
@@ -304,7 +244,7 @@ def test_two_runs_of_the_same_upload_at_once_make_one_version(stack, tmp_path):
     info, _, env = stack
     product, uid = "shim", "20260101T000001Z-twice1"
     _upload(info, product, uid, range(40, 42), tmp_path)
-    runs = [Retrain(env, product, uid), Retrain(env, product, uid)]
+    runs = [Fsad.retrain(env, product, uid, RUNS), Fsad.retrain(env, product, uid, RUNS)]
     codes = [r.finish() for r in runs]
     assert codes == [0, 0], [r.output[-2000:] for r in runs]
     assert len(versions_of(product)) == 1, f"{len(versions_of(product))} versions for one upload"
@@ -318,14 +258,14 @@ def test_rejected_upload_is_quarantined_in_the_bucket(stack, tmp_path):
     key = f"{upload_prefix(product, uid)}train/good/50.png"
     _store(info).put_bytes(key, b"<html>gone</html>")  # replaced after upload: fails sha256 and decode
     UPLOADED[key] = b"<html>gone</html>"
-    run = Retrain(env, product, uid)
+    run = Fsad.retrain(env, product, uid, RUNS)
     assert run.finish() != 0
     assert _store(info).exists(quarantine_prefix(product, uid) + "validation.json")
     log = _one_failure_line(run, "UploadRejected", "every file decodes as an image: train/good/50.png")
     assert "Traceback (most recent call last)" in log and "UploadRejected" in log
 
 
-def _one_failure_line(run: Retrain, *phrases: str) -> str:
+def _one_failure_line(run: Fsad, *phrases: str) -> str:
     """The console of a failed ``fsad retrain``: no traceback, one ``fsad retrain:`` line with the
     reason and the log file, which keeps the traceback; returns the log's text."""
     assert "Traceback" not in run.output, run.output[-4000:]
