@@ -18,9 +18,11 @@ import binascii
 import hashlib
 import io
 import logging
+import math
 import os
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -30,8 +32,16 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from fsad_core.budget import MemoryBudget
 from fsad_core.detector import MODEL_FILES, Detector
-from fsad_core.imageio import ImageLimits, image_header_size, image_limits, read_image
+from fsad_core.imageio import (
+    DECODED_BYTES_PER_PIXEL,
+    ImageLimits,
+    image_header_size,
+    image_limits,
+    read_image,
+    work_factor,
+)
 
 LOADER_MODULE = "flows.pyfunc"
 DATA_DIRNAME = "detector"  # the model folder's name inside the artifact's data/ folder
@@ -43,6 +53,20 @@ CODE_DIRNAME = "code"  # where MLflow puts ``code_paths`` inside the artifact
 SERVED_PACKAGES = ("fsad_core", "flows")  # the packages whose files the artifact carries
 _SERVED_FLOWS_FILES = ("__init__.py", "pyfunc.py")  # of ``flows``, only the loader: no Prefect in serving
 MAPS_PARAM = "maps"  # request parameter: answer with each image's overlay as base64 PNG
+MAP_SIDE = 1024  # the longest side of an overlay in an answer
+SERVE_MEMORY_ENV = "FSAD_SERVE_MEMORY_MB"
+DEFAULT_SERVE_MEMORY_MB = 1536  # what the requests of a served model may take above its idle size
+MEMORY_WAIT_S = 40.0  # how long a request waits for its share before it is refused (MLflow's timeout is 60 s)
+# The memory of one row beyond the decoder's (`DECODED_BYTES_PER_PIXEL` of the header's pixels),
+# a pixel of its working image: its float copies while read and scored; its map while kept; and
+# an overlay's working copies (at most `MAP_SIDE` a side). tests/reliability/test_serve_memory.py holds them.
+WORK_BYTES_PER_PIXEL = 64
+MAP_BYTES_PER_PIXEL = 8
+OVERLAY_BYTES = MAP_SIDE * MAP_SIDE * 96
+INFERENCE_BYTES = 384 * 2**20  # one model pass over a batch, held back from the rows' budget
+_INFERENCE = threading.Lock()
+_BUDGET_LOCK = threading.Lock()
+_BUDGET: dict[int, MemoryBudget] = {}  # the process's budget, under the megabytes it was made for
 log = logging.getLogger(__name__)
 
 
@@ -64,41 +88,91 @@ class DetectorModel:
     def predict(self, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         """``image`` column: base64 of PNG/JPEG/... bytes -> ``score``, ``is_anomaly``, ``threshold``,
         ``model_name``, ``model_version``, ``error``, and ``map_png`` (base64 of the overlay on the
-        model's colour scale, with ``params={"maps": True}``; "" otherwise).
+        model's colour scale, at most `MAP_SIDE` pixels a side, with ``params={"maps": True}``; ""
+        otherwise).
 
         A row that cannot be used gets its reason in ``error``, a NaN score and ``is_anomaly`` true
-        (a part whose image cannot be judged is not passed); the other rows are scored as usual."""
+        (a part whose image cannot be judged is not passed); the other rows are scored as usual.
+        The rows' memory is reckoned from their headers and held against the process's budget
+        (`serving_budget`) before anything is decoded: rows that cannot fit are refused, and a
+        request that finds the budget taken waits its turn, or is refused once `MEMORY_WAIT_S` pass."""
         if INPUT_COLUMN not in model_input.columns:
             raise ValueError(f"input needs a column {INPUT_COLUMN!r}; got {list(model_input.columns)}")
         with_maps = bool((params or {}).get(MAPS_PARAM, False))
         cells = model_input[INPUT_COLUMN].tolist()
-        images, errors = _decoded_rows(cells, image_limits())
+        budget = serving_budget()
+        admitted, errors = _admitted_rows(cells, image_limits(), budget.total, with_maps)
         scores = np.full(len(cells), np.nan)
         flags = np.ones(len(cells), dtype=bool)
         pictures = [""] * len(cells)
-        if images:
-            result = self.detector.score(list(images.values()), with_maps=with_maps)
-            rows = list(images)
-            scores[rows] = result.scores
-            flags[rows] = result.is_anomaly
-            if with_maps:
-                for row, image, amap in zip(rows, images.values(), result.maps):
-                    pictures[row] = _overlay_png(image, amap, self.detector.map_anchor())
+        with budget.share(_request_cost(admitted.values(), with_maps), MEMORY_WAIT_S) as granted:
+            images = _decoded(admitted, errors) if granted else _refused_busy(admitted, errors)
+            if images:
+                with _INFERENCE:  # one model pass at a time: its activations are not in the rows' reckoning
+                    result = self.detector.score(list(images.values()), with_maps=with_maps)
+                rows = list(images)
+                scores[rows] = result.scores
+                flags[rows] = result.is_anomaly
+                if with_maps:
+                    for row, image, amap in zip(rows, images.values(), result.maps):
+                        pictures[row] = _overlay_png(image, amap, self.detector.map_anchor())
         return pd.DataFrame({"score": scores, "is_anomaly": flags, "threshold": self.detector.threshold.value,
                              "model_name": self.identity.name, "model_version": self.identity.version,
                              "error": errors, "map_png": pictures})
 
 
-def _overlay_png(image: np.ndarray, amap: np.ndarray, anchor: float) -> str:
-    from fsad_core.overlay import overlay
+@dataclass(frozen=True)
+class _Row:
+    """A request row admitted from its header: its bytes and the memory it will take."""
 
-    return encode_png(overlay(image, amap, anchor))
+    data: bytes
+    while_scored: int  # bytes while it is decoded, reduced and scored (one row at a time)
+    kept: int  # bytes it holds until the answer goes (its working image, map and overlay)
 
 
-def _decoded_rows(cells: list[Any], limits: ImageLimits) -> tuple[dict[int, np.ndarray], list[str]]:
-    """row -> image for the usable rows, and each row's error ("" when usable); a request's images
-    together stay within the set budget, checked from each header before it is decoded."""
-    images: dict[int, np.ndarray] = {}
+def serving_budget() -> MemoryBudget:
+    """The memory the requests of this process may hold together above its idle size, less the
+    model pass's own (`FSAD_SERVE_MEMORY_MB`, default `DEFAULT_SERVE_MEMORY_MB`; with ``--workers
+    N`` each process has its own, so give each the N-th part)."""
+    with _BUDGET_LOCK:
+        megabytes = _serve_memory_mb()
+        if _BUDGET.get(megabytes) is None:
+            _BUDGET.clear()
+            _BUDGET[megabytes] = MemoryBudget(megabytes * 2**20 - INFERENCE_BYTES)
+        return _BUDGET[megabytes]
+
+
+def _serve_memory_mb() -> int:
+    text = os.environ.get(SERVE_MEMORY_ENV) or str(DEFAULT_SERVE_MEMORY_MB)
+    try:
+        megabytes = int(text)
+    except ValueError:
+        raise ValueError(f"{SERVE_MEMORY_ENV}={text!r}: not a whole number of megabytes") from None
+    if megabytes * 2**20 <= 2 * INFERENCE_BYTES:
+        raise ValueError(f"{SERVE_MEMORY_ENV}={text!r}: at least {2 * INFERENCE_BYTES // 2**20 + 1} MB")
+    return megabytes
+
+
+def _row_memory(width: int, height: int, with_maps: bool) -> tuple[int, int]:
+    """(bytes while scored, bytes kept) of an image of this header size (`_Row`)."""
+    factor = work_factor(width, height)
+    work = math.ceil(width / factor) * math.ceil(height / factor)
+    while_scored = DECODED_BYTES_PER_PIXEL * width * height + WORK_BYTES_PER_PIXEL * work
+    kept = 3 * work + ((MAP_BYTES_PER_PIXEL * work + OVERLAY_BYTES) if with_maps else 0)
+    return while_scored, kept
+
+
+def _request_cost(rows: Any, with_maps: bool) -> int:
+    rows = list(rows)
+    return max((r.while_scored for r in rows), default=0) + sum(r.kept for r in rows)
+
+
+def _admitted_rows(cells: list[Any], limits: ImageLimits, memory: int,
+                   with_maps: bool) -> tuple[dict[int, _Row], list[str]]:
+    """row -> its bytes and memory for the rows that can be scored, and each row's error ("" when
+    admitted); from the headers alone, in order, while the request's images stay within the set
+    budget of decoded pixels and its memory within ``memory``."""
+    admitted: dict[int, _Row] = {}
     errors = [""] * len(cells)
     pixels = 0
     for row, cell in enumerate(cells):
@@ -108,11 +182,44 @@ def _decoded_rows(cells: list[Any], limits: ImageLimits) -> tuple[dict[int, np.n
             if pixels + width * height > limits.max_set_pixels:
                 raise ValueError(f"row {row}: refused, the request's images exceed the budget of "
                                  f"{limits.max_set_pixels} decoded pixels (FSAD_MAX_SET_PIXELS); send fewer at once")
-            images[row] = read_image(data, name=f"row {row}", limits=limits)
+            candidate = _Row(data, *_row_memory(width, height, with_maps))
+            if _request_cost([*admitted.values(), candidate], with_maps) > memory:
+                raise ValueError(f"row {row}: refused, the request's images need more memory than the server's "
+                                 f"budget ({SERVE_MEMORY_ENV}); send fewer at once")
+            admitted[row] = candidate
             pixels += width * height
         except ValueError as exc:
             errors[row] = str(exc)
-    return images, errors
+    return admitted, errors
+
+
+def _decoded(admitted: dict[int, _Row], errors: list[str]) -> dict[int, np.ndarray]:
+    """row -> image for the admitted rows that decode; the others get their reason."""
+    images: dict[int, np.ndarray] = {}
+    for row, entry in admitted.items():
+        try:
+            images[row] = read_image(entry.data, name=f"row {row}")
+        except ValueError as exc:
+            errors[row] = str(exc)
+    return images
+
+
+def _refused_busy(admitted: dict[int, _Row], errors: list[str]) -> dict[int, np.ndarray]:
+    for row in admitted:
+        errors[row] = (f"row {row}: refused, the server's memory budget stayed taken by other requests for "
+                       f"{MEMORY_WAIT_S:g} s; try again")
+    return {}
+
+
+def _overlay_png(image: np.ndarray, amap: np.ndarray, anchor: float) -> str:
+    """The overlay as base64 PNG, the image and its map first reduced to at most `MAP_SIDE` a side."""
+    from fsad_core.overlay import overlay
+
+    factor = math.ceil(max(image.shape[:2]) / MAP_SIDE)
+    if factor > 1:
+        image = np.asarray(Image.fromarray(image).reduce(factor))
+        amap = np.asarray(Image.fromarray(np.asarray(amap, dtype=np.float32), mode="F").reduce(factor))
+    return encode_png(overlay(image, amap, anchor))
 
 
 def image_bytes(value: Any, row: int, limits: ImageLimits) -> bytes:

@@ -38,6 +38,7 @@ from .features import Extractor, Features, build_network, prefix_outputs, resize
 from .finetune import FinetuneConfig, TrainingHistory, finetune
 from .fusion import COMBINED, fused_spread_floor, fusion_scales, with_combined
 from .gaussian import Gaussian
+from .imageio import array_at_work_size
 from .losses import LossWeights
 from .negatives import NEGATIVE_KINDS, synthesize
 from .network import Network, check_pooling
@@ -270,13 +271,14 @@ class Detector:
 
     @torch.no_grad()
     def score(self, images: list[np.ndarray], with_maps: bool = False, batch: int = 16) -> ScoreResult:
-        """Score images in batches; in tile mode each score is the worst tile's."""
+        """Score images in batches; in tile mode each score is the worst tile's. An image above
+        `WORK_PIXELS` is scored as `read_image` would have read it, and its map is of that size."""
         if not images:
             raise ValueError("no images to score")
         parts: list[dict[str, np.ndarray]] = []
         maps: list[np.ndarray] = []
         for first in range(0, len(images), batch):
-            chunk = images[first:first + batch]
+            chunk = [array_at_work_size(img) for img in images[first:first + batch]]
             views = [prepare(img, self.input_spec) for img in chunk]
             feats = self._extractor.features(torch.cat(views))
             amap = self.anomaly_maps(feats)
@@ -357,7 +359,7 @@ class ViewPool:
 
 def view_pool(images: list[np.ndarray], config: DetectorConfig, spec: InputSpec) -> ViewPool:
     """`pool_views` augmented views spread over the tiles (at least 8 each), each tile's own first."""
-    tiles = [prepare(img, spec) for img in images]
+    tiles = [prepare(array_at_work_size(img), spec) for img in images]
     bases = [t for image_tiles in tiles for t in image_tiles]
     image_of_tile = torch.cat([torch.full((len(t),), i) for i, t in enumerate(tiles)])
     per_tile = max(8, math.ceil(config.pool_views / len(bases)))

@@ -3,11 +3,17 @@
 Bad files (zero bytes, too many bytes, truncated, not an image, decompression bombs, shapes the
 model cannot use) raise ImageReadError naming the file and the limit; every limit is checked
 before a pixel is decoded (bytes from the file's size, pixels and shape from the header).
+
+An image of more than `WORK_PIXELS` is reduced once decoded, by the smallest whole factor that
+brings it within (a box filter, on the decoded bytes): the model sees a few hundred pixels a tile,
+so nothing it uses is lost, and no copy of an image, float or otherwise, is ever made at full size
+beyond the decoder's own.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import os
 import warnings
 from collections.abc import Mapping
@@ -18,6 +24,10 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+WORK_PIXELS = 2048 * 2048  # the most pixels an image keeps once read
+DECODED_BYTES_PER_PIXEL = 8  # the decoder's image and one conversion of it, at most, a pixel of the header
+# Modes whose pixels cannot be averaged as they are, and the mode each is reduced in.
+_REDUCE_AS = {"1": "L", "P": "RGB", "PA": "RGBA", "I;16": "I", "I;16B": "I", "I;16L": "I"}
 
 
 class ImageReadError(ValueError):
@@ -146,16 +156,43 @@ def read_image(source: str | Path | bytes, name: str | None = None,
     limits.check_shape(*img.size, label)
     try:
         img.load()
-        img = ImageOps.exif_transpose(img)
-        return to_rgb_array(img)
+        sixteen_bit = img.mode.startswith("I;16")
+        img = ImageOps.exif_transpose(at_work_size(img))
+        return to_rgb_array(img, sixteen_bit)
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageReadError(f"{label}: corrupt or truncated image ({exc})") from None
 
 
-def to_rgb_array(img: Image.Image) -> np.ndarray:
+def work_factor(width: int, height: int) -> int:
+    """The whole factor an image of this size is reduced by when read (1: kept as it is)."""
+    return max(1, math.ceil(math.sqrt(width * height / WORK_PIXELS)))
+
+
+def at_work_size(img: Image.Image) -> Image.Image:
+    """A decoded image reduced by its `work_factor`; the image itself when within `WORK_PIXELS`."""
+    factor = work_factor(*img.size)
+    if factor == 1:
+        return img
+    if img.mode in _REDUCE_AS:
+        img = img.convert("RGBA" if img.mode == "P" and "transparency" in img.info else _REDUCE_AS[img.mode])
+    return img.reduce(factor)
+
+
+def array_at_work_size(image: np.ndarray) -> np.ndarray:
+    """An HxWx3 uint8 array reduced as `read_image` reduces what it reads (for arrays handed to the
+    library directly: they are scored as the same file read from disk would be)."""
+    if work_factor(image.shape[1], image.shape[0]) == 1:
+        return image
+    return np.asarray(at_work_size(Image.fromarray(image)))
+
+
+def to_rgb_array(img: Image.Image, sixteen_bit: bool | None = None) -> np.ndarray:
+    """HxWx3 uint8 of a decoded image; ``sixteen_bit`` says the file held 16-bit levels (default:
+    from the image's mode), which scale to 8 bits whatever their range."""
+    sixteen_bit = img.mode.startswith("I;16") if sixteen_bit is None else sixteen_bit
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
-        hi = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        hi = 65535.0 if sixteen_bit or arr.max() > 255 else 255.0
         arr = np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return np.repeat(arr[..., None], 3, axis=2)
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):

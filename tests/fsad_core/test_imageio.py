@@ -8,10 +8,12 @@ from fsad_core.imageio import (
     ImageLimits,
     ImageReadError,
     LimitSettingError,
+    array_at_work_size,
     image_header_size,
     image_limits,
     read_image,
     read_mask,
+    work_factor,
 )
 
 
@@ -132,3 +134,38 @@ def test_limits_come_from_the_environment_and_a_bad_value_is_named():
             image_limits({variable: "lots"})
         with pytest.raises(LimitSettingError, match=f"^{variable}='0': must be at least 1$"):
             image_limits({variable: "0"})
+
+
+def _blocks(height: int, width: int, block: int) -> np.ndarray:
+    """RGB whose every block x block square is of one colour: a whole-factor reduction of it by
+    `block` is exact, whatever the mode it is reduced in."""
+    rng = np.random.default_rng(3)
+    small = rng.integers(0, 256, (height // block, width // block, 3), dtype=np.uint8)
+    return small.repeat(block, axis=0).repeat(block, axis=1)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "P", "P+transparency", "I;16", "1"])
+def test_an_image_above_the_working_size_is_reduced_by_a_whole_factor_in_every_mode(mode, monkeypatch):
+    rgb = _blocks(128, 192, 2)
+    image = {"RGB": Image.fromarray(rgb), "L": Image.fromarray(rgb[..., 0]),
+             "RGBA": Image.fromarray(np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])),
+             "P": Image.fromarray(rgb).quantize(16), "P+transparency": Image.fromarray(rgb).quantize(16),
+             "I;16": Image.fromarray(rgb[..., 0].astype(np.uint16) * 257),
+             "1": Image.fromarray(rgb[..., 0] > 127)}[mode]
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", **({"transparency": 0} if mode == "P+transparency" else {}))
+    full = read_image(buf.getvalue())
+    monkeypatch.setattr("fsad_core.imageio.WORK_PIXELS", 64 * 96)  # a quarter of its pixels: reduced by 2
+    out = read_image(buf.getvalue())
+    assert full.shape == (128, 192, 3) and out.shape == (64, 96, 3) and out.dtype == np.uint8
+    assert np.abs(out.astype(int) - full[::2, ::2]).max() <= 1  # the colours of the blocks, not of indices
+
+
+def test_an_array_is_reduced_as_its_file_would_be_and_a_small_one_is_kept(monkeypatch):
+    monkeypatch.setattr("fsad_core.imageio.WORK_PIXELS", 40 * 60)
+    rgb = np.random.default_rng(4).integers(0, 256, (121, 181, 3), dtype=np.uint8)  # reduced by 4, edges partial
+    assert work_factor(181, 121) == 4
+    assert np.array_equal(array_at_work_size(rgb), read_image(_png(rgb)))
+    assert array_at_work_size(rgb).shape == (31, 46, 3)
+    small = rgb[:40, :60]
+    assert array_at_work_size(small) is small

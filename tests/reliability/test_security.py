@@ -24,6 +24,7 @@ from flows.pyfunc import DATA_DIRNAME, encode_png, log_pyfunc_model, model_folde
 from flows.retrain import retrain_flow
 from flows.storage import open_store
 from flows.upload import upload_folder
+from fsad_core.budget import MemoryBudget
 from fsad_core.detector import Detector
 
 P = "gasket"
@@ -196,6 +197,29 @@ def test_a_request_over_the_pixel_budget_is_refused_row_by_row_before_decoding(t
     assert out["error"].tolist()[:2] == ["", ""] and np.isfinite(out["score"].iloc[:2]).all()
     assert out["error"].iloc[2] == ("row 2: refused, the request's images exceed the budget of 8192 decoded pixels "
                                     "(FSAD_MAX_SET_PIXELS); send fewer at once")
+
+
+def test_rows_beyond_the_memory_budget_are_refused_and_a_request_that_waits_too_long_is_refused(trained, tmp_path,
+                                                                                                 monkeypatch):
+    """The rows' memory is reckoned from their headers: those that would take the request past the
+    process's budget are refused, the others scored; a request whose share stays taken by others
+    past the wait is refused whole, with a reason to try again."""
+    import flows.pyfunc
+
+    model = mlflow.pyfunc.load_model(str(_downloaded(tmp_path)))
+    budget = MemoryBudget(330_000)  # two 64 x 64 rows: decoded, scored and kept (flows.pyfunc's reckoning)
+    monkeypatch.setattr(flows.pyfunc, "serving_budget", lambda: budget)
+    monkeypatch.setattr(flows.pyfunc, "MEMORY_WAIT_S", 0.2)
+    cells = [encode_png(noise_rgb(i)) for i in range(3)]
+    out = model.predict(pd.DataFrame({"image": cells}))
+    assert out["error"].tolist()[:2] == ["", ""] and np.isfinite(out["score"].iloc[:2]).all()
+    assert out["error"].iloc[2] == ("row 2: refused, the request's images need more memory than the server's budget "
+                                    "(FSAD_SERVE_MEMORY_MB); send fewer at once")
+    with budget.share(300_000, wait_s=0):  # another request's
+        busy = model.predict(pd.DataFrame({"image": cells[:1]}))
+    assert busy["error"].iloc[0] == ("row 0: refused, the server's memory budget stayed taken by other requests for "
+                                     "0.2 s; try again") and bool(busy["is_anomaly"].iloc[0])
+    assert budget.held == 0 and model.predict(pd.DataFrame({"image": cells[:1]}))["error"].iloc[0] == ""
 
 
 def test_the_served_model_refuses_a_thin_image_and_scores_the_rest(trained, tmp_path):
