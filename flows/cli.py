@@ -160,6 +160,10 @@ def _cmd_retrain(args: argparse.Namespace) -> int:
     from flows.runlog import logged_to, run_log_path
     from flows.runners import prefect_api
     from flows.settings import load_settings
+    from flows.storage import validate_name
+    validate_name(args.product, "product name")  # before its name makes a log file's or a flow run's
+    if args.upload is not None:
+        validate_name(args.upload, "upload id")
     with prefect_api(), logged_to(run_log_path(load_settings().home, "retrain", args.product)) as log:
         try:
             summary = retrain_flow(args.product, upload_id=args.upload)

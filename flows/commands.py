@@ -119,6 +119,25 @@ def map_files(inputs: list[tuple[Path, Path]]) -> dict[Path, Path]:
     return {path: map_name(mirror) for path, mirror in inputs}
 
 
+def _map_outputs(args: argparse.Namespace, map_of: dict[Path, Path]) -> list[Path]:
+    """Every file --maps (and --raw-maps) would write."""
+    if not args.maps:
+        return []
+    overlays = [Path(args.maps) / rel for rel in map_of.values()]
+    return overlays + ([p.with_suffix(".npy") for p in overlays] if args.raw_maps else [])
+
+
+def check_outputs_spare_inputs(files: list[Path], out: str | None, maps: list[Path]) -> None:
+    """ValueError, before anything is written, when an output file is one of the images to score:
+    it would be overwritten before it is read (--out) or replace an input (--maps)."""
+    inputs = {path.resolve(): path for path in files}
+    for option, targets in (("--out", [Path(out)] if out else []), ("--maps", maps)):
+        for target in targets:
+            if target.resolve() in inputs:
+                raise ValueError(f"{option} would write {target}, which is one of the images to score "
+                                 f"({inputs[target.resolve()]}); write elsewhere")
+
+
 def map_name(mirror: Path) -> Path:
     """The overlay's path under --maps for an input's mirrored relative path."""
     return mirror.with_name(f"{mirror.stem}_map.png")
@@ -152,6 +171,7 @@ def load_model(ref: str, device: str) -> tuple[Detector, ModelSource]:
     return Detector.load(source.folder, device=device), source
 
 
+CSV_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 SCORE_BATCH = 8  # images scored together; meanwhile a thread decodes the next batch
 
 
@@ -203,6 +223,7 @@ def score(args: argparse.Namespace) -> int:
     inputs = collect_images(args.images)  # a missing input is named before the model loads
     files = [path for path, _ in inputs]
     map_of = map_files(inputs) if args.maps else {}
+    check_outputs_spare_inputs(files, args.out, _map_outputs(args, map_of))
     limits = image_limits()
     detector, source = load_model(args.model, args.device)
     print(f"fsad score: model {source.label()}", file=sys.stderr)
@@ -279,7 +300,14 @@ class CsvRows:
         self.model = source.label()
 
     def __call__(self, path: Path, score: float, threshold: float) -> None:
-        self.writer.writerow([str(path), f"{score:.6g}", int(score > threshold), f"{threshold:.6g}", self.model])
+        self.writer.writerow([csv_text(str(path)), f"{score:.6g}", int(score > threshold), f"{threshold:.6g}",
+                              csv_text(self.model)])
+
+
+def csv_text(text: str) -> str:
+    """A text cell a spreadsheet shows as text: one that begins like a formula (``=``, ``+``, ``-``,
+    ``@``, a tab or a carriage return) gets a leading apostrophe, as OWASP advises for CSV exports."""
+    return f"'{text}" if text[:1] in CSV_FORMULA_STARTS else text
 
 
 class JsonLines:

@@ -303,3 +303,39 @@ def test_a_coreset_candidate_count_that_is_not_a_number_is_refused_before_any_fi
               "--coreset-candidates", "many")
     assert out.returncode == 2 and "--coreset-candidates" in out.stderr and "'many'" in out.stderr
     assert not (tmp_path / "m").exists()
+
+
+def test_outputs_that_would_overwrite_an_input_are_refused_before_anything_is_written(tmp_path, capsys):
+    Image.fromarray(np.full((40, 40, 3), 90, np.uint8)).save(tmp_path / "part.png")
+    Image.fromarray(np.full((40, 40, 3), 20, np.uint8)).save(tmp_path / "part_map.png")  # named like an overlay
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    no_model = str(tmp_path / "no-model")  # refused before the model is looked for
+    assert cli_main(["score", "--model", no_model, str(tmp_path / "part.png"), "--out",
+                     str(tmp_path / "." / "part.png")]) == 1
+    assert cli_main(["score", "--model", no_model, str(tmp_path), "--maps", str(tmp_path)]) == 1
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 2 and "--out would write" in errors[0] and "--maps would write" in errors[1]
+    assert all("which is one of the images to score" in e for e in errors)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_a_csv_cell_that_begins_like_a_formula_is_written_as_text(tmp_path):
+    from flows.commands import CsvRows, ModelSource, csv_text
+
+    assert csv_text("=cmd|' -C calc'!A0.png") == "'=cmd|' -C calc'!A0.png"
+    assert [csv_text(t) for t in ("+1.png", "-x.png", "@sum.png", "\tx.png", "part.png")] == [
+        "'+1.png", "'-x.png", "'@sum.png", "'\tx.png", "part.png"]
+    with (tmp_path / "scores.csv").open("w", newline="") as out:
+        CsvRows(out, ModelSource(Path("m")))(Path("=cmd|' -C calc'!A0.png"), 0.5, 0.4)
+    rows = list(csv.reader((tmp_path / "scores.csv").open()))
+    assert rows[1][0] == "'=cmd|' -C calc'!A0.png"
+
+
+@pytest.mark.parametrize("argv", [["--product", "../../../../outside/evil"],
+                                  ["--product", "washer", "--upload", "../up"]])
+def test_retrain_refuses_an_unsafe_product_or_upload_before_it_writes_anything(tmp_path, monkeypatch, capsys, argv):
+    monkeypatch.setenv("FSAD_HOME", str(tmp_path / "home" / "a" / "b" / "c"))
+    assert cli_main(["retrain", *argv]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "StorageKeyError: invalid" in err
+    assert not list(tmp_path.rglob("*"))  # no log file, inside FSAD_HOME or out of it
