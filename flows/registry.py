@@ -11,6 +11,7 @@ champion then becomes ``previous``.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import shutil
 import tempfile
@@ -282,14 +283,15 @@ def resolve_model(ref: str, settings: Settings | None = None) -> tuple[str, str]
 
 def download_model(ref: str, dst: str | Path | None = None, settings: Settings | None = None) -> Path:
     """The model folder (config.json + safetensors) of a registry reference, downloaded once into
-    ``dst`` (default ``FSAD_HOME/models/NAME/VERSION``; versions are immutable, so it is reused);
+    ``dst`` (default ``FSAD_HOME/models/REGISTRY/NAME/VERSION``, REGISTRY a digest of the registry's
+    URI: a version is immutable within one registry, not across them, so it is reused from there);
     RegistryError for an artifact the pipeline did not write."""
     import mlflow
 
     settings = settings or load_settings()
     configure(settings)
     name, version = _resolve(ref)
-    target = Path(dst) if dst is not None else settings.home / "models" / name / version
+    target = Path(dst) if dst is not None else settings.home / "models" / registry_key() / name / version
     if not (target / "MLmodel").is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
@@ -306,6 +308,13 @@ def download_model(ref: str, dst: str | Path | None = None, settings: Settings |
     if problem is not None:
         raise RegistryError(f"{ref} (v{version}): {problem}; not loading it")
     return model_folder(target)
+
+
+def registry_key() -> str:
+    """A short digest of the registry's URI, which names its downloads (credentials in it stay out of paths)."""
+    import mlflow
+
+    return hashlib.sha256(mlflow.get_registry_uri().encode()).hexdigest()[:16]
 
 
 def _move_aside_remains(target: Path) -> None:

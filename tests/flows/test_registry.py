@@ -22,7 +22,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from flows import registry, tracking
-from flows.pyfunc import LOADER_MODULE, artifact_problem, encode_png, requirements, served_code
+from flows.pyfunc import LOADER_MODULE, artifact_problem, encode_png, log_pyfunc_model, requirements, served_code
 from flows.registry import CANDIDATE, CHAMPION, PREVIOUS, RegistryError, WrittenModel, gate_decision
 from flows.run_report import GalleryItem
 from flows.settings import config_sha256, load_settings, training_config
@@ -219,7 +219,8 @@ def test_download_model_resolves_aliases_and_versions_into_a_loadable_folder(set
     detector, _, _, images, _, _ = fitted
     folder = registry.download_model(f"models:/{registry.model_name(PRODUCT)}@{CHAMPION}", settings=settings)
     assert folder.name == "detector" and (folder / "config.json").is_file()
-    assert folder.parent.parent == settings.home / "models" / registry.model_name(PRODUCT) / versions[1][1]
+    assert folder.parent.parent == (settings.home / "models" / registry.registry_key() / registry.model_name(PRODUCT)
+                                    / versions[1][1])
     np.testing.assert_allclose(Detector.load(folder, device="cpu").score(images[:2]).scores,
                                detector.score(images[:2]).scores, rtol=1e-5, atol=1e-5)
     again = registry.download_model(f"models:/{registry.model_name(PRODUCT)}/{versions[1][1]}", settings=settings)
@@ -227,6 +228,27 @@ def test_download_model_resolves_aliases_and_versions_into_a_loadable_folder(set
     for bad in ("fsad-regtest@champion", f"models:/{registry.model_name(PRODUCT)}@nope", "models:/fsad-none/1"):
         with pytest.raises(RegistryError):
             registry.download_model(bad, settings=settings)
+
+
+def test_downloads_from_two_registries_with_the_same_name_and_version_are_kept_apart(settings, fitted, tmp_path):
+    """Scoring against another registry whose version has the same name and number uses its own model."""
+    detector = fitted[0]
+    folders = []
+    try:
+        for i, raised in enumerate((detector.threshold.value, detector.threshold.value + 1.0)):
+            other = dataclasses.replace(settings, tracking_uri=f"sqlite:///{tmp_path}/other{i}.db",
+                                        artifact_root=tmp_path / f"artifacts{i}")
+            tracking.configure(other)
+            with mlflow.start_run(experiment_id=tracking.ensure_experiment("twin", other)):
+                model = detector.with_threshold(dataclasses.replace(detector.threshold, value=raised))
+                info = log_pyfunc_model(model.save(tmp_path / f"m{i}" / "detector"), fitted[3][0], "fsad-twin")
+            mlflow.register_model(info.model_uri, "fsad-twin")
+            folders.append(registry.download_model("models:/fsad-twin/1", settings=other))
+    finally:
+        tracking.configure(settings)
+    assert folders[0] != folders[1]
+    assert [Detector.load(f, device="cpu").threshold.value for f in folders] == [
+        detector.threshold.value, detector.threshold.value + 1.0]
 
 
 # ---- faults around promotion (last: they leave extra versions behind) ----------------------------
