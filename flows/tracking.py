@@ -9,6 +9,7 @@ judged it, an HTML report (flows.run_report).
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import tempfile
@@ -32,6 +33,7 @@ from fsad_core.overlay import overlay
 EXPERIMENT_PREFIX = "fsad/"
 MODEL_PREFIX = "fsad-"  # registered model of a product
 _BATCH = 1000  # MLflow's limit of metrics per log_batch call
+_OVERLAY_NAME_BYTES = 100  # of an overlay's file name, before "overlay_" and ".png"
 
 
 @dataclass(frozen=True)
@@ -188,9 +190,14 @@ def _log_documents(record: TrainingRecord) -> None:
     mlflow.log_dict(record.fit_report, "fit_report.json")
 
 
-def _overlay_filename(item: GalleryItem) -> str:
-    """A flat PNG name from the item's role and image name (no spaces, no folders, no extension of its own)."""
+def overlay_filename(item: GalleryItem) -> str:
+    """A flat PNG name from the item's role and image name (no spaces, no folders, no extension of
+    its own); a long one is cut and told apart by a digest of the whole, so that any name a store
+    accepts (255 bytes) gives a file name every file system and artifact store does."""
     name = f"{item.role}_{item.name}".replace(" ", "_").replace("/", "_").rsplit(".", 1)[0]
+    if len(name.encode()) > _OVERLAY_NAME_BYTES:
+        digest = hashlib.sha256(name.encode()).hexdigest()[:12]
+        name = f"{name.encode()[:_OVERLAY_NAME_BYTES - 13].decode(errors='ignore')}-{digest}"
     return f"overlay_{name}.png"
 
 
@@ -203,7 +210,7 @@ def _write_plots(plots: Path, record: TrainingRecord, detector: Detector) -> Pat
                                                 f"{record.product}: {record.eval_set} benchmark"))
     for item in record.overlays:
         picture = overlay(item.image, item.amap, detector.map_anchor())
-        Image.fromarray(picture).save(plots / _overlay_filename(item))
+        Image.fromarray(picture).save(plots / overlay_filename(item))
     return plots
 
 

@@ -60,7 +60,8 @@ def fitted(tmp_path_factory):
     return detector, report, config, images, labels, [s.path for s in cat.test]
 
 
-def log(settings, fitted, upload_id: str, content: str) -> tracking.LoggedRun:
+def log(settings, fitted, upload_id: str, content: str, overlays: list[GalleryItem] | None = None
+        ) -> tracking.LoggedRun:
     detector, report, config, images, labels, _ = fitted
     scores = detector.score(images).scores
     record = tracking.TrainingRecord(
@@ -69,7 +70,7 @@ def log(settings, fitted, upload_id: str, content: str) -> tracking.LoggedRun:
         metrics={"benchmark_auroc": image_auroc(labels, scores)}, history=report.history,
         threshold=detector.threshold, validation_json='{"success": true}\n', fit_report=report.to_dict(),
         roc_labels=labels, roc_scores=scores.tolist(),
-        overlays=[GalleryItem("training image", "first", 0.0, images[0], np.zeros(images[0].shape[:2]))],
+        overlays=overlays or [GalleryItem("training image", "first", 0.0, images[0], np.zeros(images[0].shape[:2]))],
         example_image=images[0])
     return tracking.log_training_run(record, detector, settings)
 
@@ -129,6 +130,19 @@ def test_logged_model_is_a_no_pickle_pyfunc_that_scores_like_the_detector(settin
     assert bad["error"].tolist() == ["row 0: not base64 image bytes"] and bool(bad["is_anomaly"].iloc[0])
     run_artifacts = {f.path for f in mlflow.MlflowClient().list_artifacts(logged.run_id)}
     assert {"validation.json", "threshold.json", "fit_report.json", "plots"} <= run_artifacts
+
+
+def test_eval_images_with_names_as_long_as_a_store_allows_are_logged_with_short_overlay_names(settings, fitted):
+    """An eval image named with 237 bytes (an upload accepts up to 255) is logged, its overlay under
+    a name cut short and told apart from its neighbour's by a digest."""
+    detector, _, _, images, _, _ = fitted
+    long_names = ["d" * 233 + ".png", "d" * 232 + "e.png"]
+    items = [GalleryItem("worst defect", name, 1.0, images[0], np.zeros(images[0].shape[:2])) for name in long_names]
+    files = [tracking.overlay_filename(item) for item in items]
+    assert len(set(files)) == 2 and all(len(f.encode()) <= 120 for f in files)
+    logged = log(settings, fitted, "20260101T000011Z-long00", "e" * 64, overlays=items)
+    shown = {f.path for f in mlflow.MlflowClient().list_artifacts(logged.run_id, "plots")}
+    assert {f"plots/{f}" for f in files} <= shown
 
 
 # ---- versions, verification, promotion ----------------------------------------------------------
