@@ -321,6 +321,11 @@ def read_manifest(store: Store, product: str, upload_id: str) -> dict[str, Any]:
             or not all(isinstance(f, dict) and isinstance(f.get("key"), str) and isinstance(f.get("sha256"), str)
                        for f in manifest["files"]):
         raise ManifestError(f"{store.uri(key)}: not a format-{MANIFEST_FORMAT} fsad manifest")
+    listed = Counter(f["key"] for f in manifest["files"])
+    if repeated := sorted(k for k, n in listed.items() if n > 1):
+        raise ManifestError(f"{store.uri(key)}: lists {repeated[0]} {listed[repeated[0]]} times"
+                            + (f" (and {len(repeated) - 1} more files more than once)" if len(repeated) > 1 else "")
+                            + ": each file is listed once")
     return manifest
 
 

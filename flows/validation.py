@@ -125,13 +125,14 @@ def _upload_objects(store: Store, prefix: str) -> dict[str, int]:
 
 
 def _load_manifest(store: Store, product: str, upload_id: str) -> tuple[dict[str, Any] | None, str]:
-    """The manifest (None unless readable) and its status: "ok", "missing" (an incomplete upload) or "invalid"."""
+    """The manifest (None unless readable) and its status: "ok", "missing" (an incomplete upload) or
+    "invalid: " and why."""
     if not store.exists(manifest_key(product, upload_id)):
         return None, "missing"
     try:
         return read_manifest(store, product, upload_id), "ok"
-    except ManifestError:
-        return None, "invalid"
+    except ManifestError as exc:
+        return None, f"invalid: {exc}"
 
 
 def _location(rel: str) -> dict[str, Any]:

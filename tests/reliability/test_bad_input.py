@@ -38,7 +38,7 @@ from flows.storage import (
     stale_incomplete_uploads,
     upload_prefix,
 )
-from flows.upload import ManifestError, UploadError, upload_folder
+from flows.upload import ManifestError, UploadError, content_sha256, upload_folder
 from fsad_core.imageio import read_image
 
 REPO = Path(__file__).resolve().parents[2]
@@ -326,6 +326,20 @@ def test_manifest_that_lies_about_hash_and_size_is_quarantined(home, tmp_path):
     store.put_json(manifest_key(product, uid), manifest)
     _assert_rejected(product, uid, "sha256 matches the manifest: train/good/good_0.png",
                      "size matches the manifest: train/good/good_1.png")
+
+
+def test_a_manifest_listing_one_image_many_times_is_quarantined_before_any_training(home, tmp_path):
+    """Validation counts objects while training reads manifest entries: an entry repeated 70 times
+    (its content hash recomputed to match) would train at k = 70 on one image."""
+    product, uid = "shim", "20260101T000002Z-repeat"
+    store = open_store()
+    upload_folder(store, product, good_folder(tmp_path / "set", n=1), upload_id=uid)
+    manifest = store.get_json(manifest_key(product, uid))
+    manifest["files"] = manifest["files"] * 70
+    manifest["content_sha256"] = content_sha256(manifest["files"])
+    store.put_json(manifest_key(product, uid), manifest)
+    _assert_rejected(product, uid, "manifest.json present and valid (upload complete): invalid:",
+                     "lists train/good/good_0.png 70 times: each file is listed once")
 
 
 def test_a_manifest_carrying_another_uploads_content_hash_is_quarantined_not_taken_as_trained(home, tmp_path):
