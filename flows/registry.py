@@ -129,6 +129,14 @@ def find_trained_version(product: str, content_sha256: str, config_sha256: str) 
     return min(versions, key=lambda mv: int(mv.version)) if versions else None
 
 
+def find_upload_version(product: str, upload_id: str, config_sha256: str) -> Any | None:
+    """The earliest version the pipeline trained on this upload with this configuration, if any
+    (from the tags it wrote at registration)."""
+    versions = _client().search_model_versions(
+        f"name = '{model_name(product)}' and tags.upload_id = '{upload_id}' and tags.config_sha256 = '{config_sha256}'")
+    return min(versions, key=lambda mv: int(mv.version)) if versions else None
+
+
 def register(product: str, model_uri: str, run_id: str, tags: dict[str, str]) -> Any:
     """A version of ``fsad-PRODUCT`` for the run's model with alias ``candidate``.
 
@@ -328,4 +336,5 @@ def _move_aside_remains(target: Path) -> None:
 
 __all__ = ["CANDIDATE", "CHAMPION", "PREVIOUS", "GateDecision", "RegistryError", "Verification", "WrittenModel",
            "alias_version", "aliases", "champion_auroc", "download_model", "gate_decision", "find_trained_version",
-           "model_name", "resolve_model", "promote", "record_gate", "register", "verify", "version_tags"]
+           "find_upload_version", "model_name", "resolve_model", "promote", "record_gate", "register", "verify",
+           "version_tags"]

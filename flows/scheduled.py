@@ -30,7 +30,6 @@ from flows.storage import (
     stale_incomplete_uploads,
     validation_key,
 )
-from flows.upload import ManifestError, read_manifest
 
 STALE_UPLOAD_S = 24 * 3600  # an upload without its manifest this long is reported (never deleted)
 
@@ -43,12 +42,14 @@ class Plan:
     stale_uploads: tuple[str, ...] = ()  # uploads interrupted before their manifest, long ago
 
 
-def plan_for(product: str, latest_upload: str | None, latest_content: str | None, rejected: bool,
-           trained_version: str | None, champion: str | None, champion_upload: str | None,
-           champion_config: str | None = None, config_hash: str | None = None) -> Plan:
+def plan_for(product: str, latest_upload: str | None, rejected: bool, trained_version: str | None,
+             champion: str | None, champion_upload: str | None, champion_config: str | None = None,
+             config_hash: str | None = None) -> Plan:
     """Whether ``product`` is due (no I/O). Upload ids sort by time, so a larger id is a newer upload.
-    A champion fitted under another configuration (the product's settings or a default changed) is
-    retrained once on its upload; the gate then decides between the two."""
+    ``trained_version`` is a version the pipeline trained on that very upload under this
+    configuration (its own tags say so, never a manifest: a manifest may name another upload's
+    content). A champion fitted under another configuration (the product's settings or a default
+    changed) is retrained once on its upload; the gate then decides between the two."""
     def skip(reason: str) -> Plan:
         return Plan(product, None, reason)
 
@@ -58,7 +59,7 @@ def plan_for(product: str, latest_upload: str | None, latest_content: str | None
         return skip(f"latest upload {latest_upload} was rejected by validation (quarantined)")
     if trained_version is not None:
         return skip(f"latest upload {latest_upload} already trained as version {trained_version} "
-                    f"(content {str(latest_content)[:12]}, same configuration)")
+                    f"(same configuration)")
     if champion is None:
         return Plan(product, latest_upload, "no champion yet")
     if champion_upload is None or latest_upload > champion_upload:
@@ -79,21 +80,17 @@ def plan_product(settings: Settings, product: str, method: str, seed: int) -> Pl
     stale = tuple(u.upload_id for u in stale_incomplete_uploads(store, product, STALE_UPLOAD_S))
     latest = latest_complete_upload(store, product)
     if latest is None:
-        return replace(plan_for(product, None, None, False, None, None, None), stale_uploads=stale)
-    try:
-        content = read_manifest(store, product, latest.upload_id).get("content_sha256")
-    except ManifestError:
-        content = None  # malformed: retraining validates and quarantines it
+        return replace(plan_for(product, None, False, None, None, None), stale_uploads=stale)
     try:
         rejected = store.get_json(validation_key(product, latest.upload_id)).get("success") is False
     except ObjectNotFound:
         rejected = False
     tracking.configure(settings)
-    trained = registry.find_trained_version(product, content, config_hash) if content else None
+    trained = registry.find_upload_version(product, latest.upload_id, config_hash)
     champion = registry.alias_version(product, registry.CHAMPION)
     tags = registry.version_tags(product, champion) if champion else {}
-    plan = plan_for(product, latest.upload_id, content, rejected, str(trained.version) if trained is not None else None,
-                  champion, tags.get("upload_id"), tags.get("config_sha256"), config_hash)
+    plan = plan_for(product, latest.upload_id, rejected, str(trained.version) if trained is not None else None,
+                    champion, tags.get("upload_id"), tags.get("config_sha256"), config_hash)
     return replace(plan, stale_uploads=stale)
 
 

@@ -9,14 +9,14 @@ OLD, NEW = "a" * 64, "b" * 64
 
 
 @pytest.mark.parametrize(("args", "due", "reason"), [
-    ((None, None, False, None, None, None), None, "no complete upload"),
-    ((U2, "c", True, None, "1", U1), None, "rejected by validation"),
-    ((U2, "c", False, "3", "1", U1, OLD, NEW), None, "already trained as version 3"),
-    ((U1, "c", False, None, None, None), U1, "no champion yet"),
-    ((U2, "c", False, None, "1", U1, NEW, NEW), U2, "newer than champion v1"),
-    ((U1, "c", False, None, "1", U1, NEW, NEW), None, "trained on the latest upload"),
-    ((U1, "c", False, None, "1", U1, OLD, NEW), U1, "configuration changed since champion v1"),
-    ((U1, "c", False, None, "1", U1, None, NEW), None, "trained on the latest upload"),  # a champion without the tag
+    ((None, False, None, None, None), None, "no complete upload"),
+    ((U2, True, None, "1", U1), None, "rejected by validation"),
+    ((U2, False, "3", "1", U1, OLD, NEW), None, "already trained as version 3"),
+    ((U1, False, None, None, None), U1, "no champion yet"),
+    ((U2, False, None, "1", U1, NEW, NEW), U2, "newer than champion v1"),
+    ((U1, False, None, "1", U1, NEW, NEW), None, "trained on the latest upload"),
+    ((U1, False, None, "1", U1, OLD, NEW), U1, "configuration changed since champion v1"),
+    ((U1, False, None, "1", U1, None, NEW), None, "trained on the latest upload"),  # a champion without the tag
 ])
 def test_decide(args, due, reason):
     plan = plan_for("washer", *args)

@@ -351,6 +351,8 @@ def test_a_manifest_carrying_another_uploads_content_hash_is_quarantined_not_tak
     manifest = store.get_json(manifest_key(product, uid))
     manifest["content_sha256"] = first.content_sha256  # new images, named as the trained ones
     store.put_json(manifest_key(product, uid), manifest)
+    plan = plan_product.fn(load_settings(), product, "default", 0)  # the nightly sweep: due, never "trained"
+    assert plan.upload_id == uid and "newer than champion v1" in plan.reason, plan
     state = retrain_flow(product, upload_id=uid, return_state=True)
     assert state.is_failed() and "manifest content_sha256 is the one its files give: mismatch" in state.message
     assert store.exists(quarantine_prefix(product, uid) + "validation.json")
