@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import re
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from typing import Any
@@ -23,12 +25,14 @@ from prefect import flow, get_run_logger, task
 from flows import registry
 from flows.retrain import IO_RETRIES
 from flows.runners import task_runner
-from flows.storage import ObjectNotFound, open_store
+from flows.storage import ObjectNotFound, StorageKeyError, open_store
 from fsad_core.detector import Detector
 from fsad_core.imageio import ImageLimits, ImageReadError, image_header_size, image_limits, is_image_name, read_image
 
 DECISIONS_DIR = "fsad-decisions"
 BATCH = 16  # images a task: enough to batch the backbone, few enough that a stop loses little
+PART_NAME = re.compile(r"part-[0-9a-f]{16}\.jsonl")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -49,14 +53,22 @@ def decisions_prefix(name: str, version: str) -> str:
 def part_key(prefix: str, keys: list[str]) -> str:
     """A batch's part file, named by its images: a batch run again replaces its own part."""
     digest = hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
-    return f"{prefix}part-{digest}.jsonl"
+    return f"{prefix}part-{digest}.jsonl"  # as PART_NAME reads it
 
 
 def decided(store: Any, prefix: str) -> set[str]:
-    """The images the part files under ``prefix`` already hold a decision for."""
+    """The images the part files under ``prefix`` already hold a decision for. Other objects there
+    are not ours and are passed over; a part file that cannot be read is named in a warning and its
+    images are decided again (its batch writes it anew)."""
     done: set[str] = set()
     for key in store.list(prefix):
-        done |= {json.loads(line)["image"] for line in store.get_bytes(key).decode().splitlines() if line}
+        if not PART_NAME.fullmatch(key[len(prefix):]):
+            continue
+        try:
+            done |= {json.loads(line)["image"] for line in store.get_bytes(key).decode().splitlines() if line}
+        except (UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+            log.warning("%s: not a part file of decisions (%s: %s); its images are decided again",
+                        store.uri(key), type(exc).__name__, exc)
     return done
 
 
@@ -94,7 +106,7 @@ def _read(store: Any, objects: list[tuple[str, int]], limits: ImageLimits
             width, height = image_header_size(data, key, limits)
             limits.check_set(pixels + width * height, len(images) + 1, f"the batch up to {key}")
             images[key] = read_image(data, name=key, limits=limits)
-        except (ImageReadError, ObjectNotFound) as exc:  # storage down: the task fails and is retried
+        except (ImageReadError, ObjectNotFound, StorageKeyError) as exc:  # storage down: the task fails, is retried
             errors[key] = str(exc)
             continue
         pixels += width * height

@@ -40,3 +40,31 @@ def test_a_batch_is_kept_within_the_pixel_budget_from_the_headers_before_decodin
     assert set(errors) == {"bad.png", "c.png"}
     assert "the batch up to c.png: refused" in errors["c.png"]
     assert decoded == ["a.png", "b.png"]  # neither the unreadable nor the refused image was decoded
+
+
+def test_keys_storage_refuses_and_links_leaving_the_prefix_get_their_reason_and_the_rest_is_read(
+        tmp_path: Path) -> None:
+    root, outside = tmp_path / "prefix", tmp_path / "outside.png"
+    root.mkdir()
+    outside.write_bytes(png(40))
+    (root / "escape.png").symlink_to(outside)
+    (root / "a\\b.png").write_bytes(png(40))  # legal in S3, refused as a key here
+    (root / "good.png").write_bytes(png(40))
+    store = LocalStore(root)
+    objects = sorted((info.key, info.size) for info in store.list_info())
+    assert [key for key, _ in objects] == ["a\\b.png", "escape.png", "good.png"]
+    images, errors = score_prefix._read(store, objects, ImageLimits())
+    assert list(images) == ["good.png"]
+    assert "backslash" in errors["a\\b.png"] and "outside the store root" in errors["escape.png"]
+
+
+def test_objects_under_the_decisions_that_are_not_part_files_are_passed_over(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    store, prefix = LocalStore(tmp_path), score_prefix.decisions_prefix("fsad-washer", "1")
+    store.put_bytes(score_prefix.part_key(prefix, ["a.png"]), b'{"image": "a.png", "score": 0.1}\n')
+    store.put_bytes(prefix + "README.txt", b"notes of an operator")
+    broken = score_prefix.part_key(prefix, ["b.png"])
+    store.put_bytes(broken, b"{not json")
+    assert score_prefix.decided(store, prefix) == {"a.png"}
+    [warning] = caplog.records  # the broken part, named; README.txt is not ours and says nothing
+    assert warning.getMessage().startswith(f"{store.uri(broken)}: not a part file of decisions")
