@@ -2,7 +2,8 @@
 
     FSAD_HOME               ~/.fsad: embedded store, MLflow database and artifacts, model cache
     FSAD_STORAGE            $FSAD_HOME/store, or s3://BUCKET (boto3's standard AWS_* settings)
-    MLFLOW_TRACKING_URI     sqlite:///$FSAD_HOME/mlflow.db (artifacts in $FSAD_HOME/mlartifacts)
+    MLFLOW_TRACKING_URI     sqlite:///$FSAD_HOME/mlflow.db (artifacts in $FSAD_HOME/mlartifacts); a user
+                            and password in it are moved to MLFLOW_TRACKING_USERNAME/_PASSWORD
     FSAD_GATE_MIN_AUROC     0.9: minimum benchmark AUROC for a version to become champion
     FSAD_TRAIN_OVERRIDES    JSON of DetectorConfig fields for small or fast runs, e.g.
                             {"size": 96, "pool_views": 16, "finetune": {"steps": 10}};
@@ -24,6 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from flows.storage import ObjectNotFound, Store, training_key
 from fsad_core.detector import DetectorConfig
@@ -55,12 +57,33 @@ class Settings:
         return self.tracking_uri.startswith("sqlite:")
 
 
+@dataclass(frozen=True)
+class UriCredentials:
+    """A URI without the user and password it may carry, and those apart."""
+
+    uri: str
+    username: str | None = None
+    password: str | None = None
+
+
+def uri_credentials(uri: str) -> UriCredentials:
+    """``http://user:pass@host/...`` as ``http://host/...`` and its (percent-decoded) user and
+    password: the pipeline hands credentials to MLflow in its own variables, never in a URI that
+    its error messages, the logs and Prefect's records repeat."""
+    parts = urlsplit(uri)
+    if parts.username is None and parts.password is None:
+        return UriCredentials(uri)
+    netloc = parts.netloc.rpartition("@")[2]
+    return UriCredentials(urlunsplit(parts._replace(netloc=netloc)), unquote(parts.username or ""),
+                          None if parts.password is None else unquote(parts.password))
+
+
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     """Read the settings once from ``env`` (default: os.environ); SettingsError on bad values."""
     env = os.environ if env is None else env
     home = Path(env.get("FSAD_HOME") or "~/.fsad").expanduser().absolute()
     storage = env.get("FSAD_STORAGE") or str(home / "store")
-    tracking = env.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow.db'}"
+    tracking = uri_credentials(env.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow.db'}").uri
     try:
         min_auroc = float(env.get("FSAD_GATE_MIN_AUROC") or DEFAULT_MIN_AUROC)
     except ValueError:

@@ -24,7 +24,7 @@ from PIL import Image
 
 from flows.pyfunc import DATA_DIRNAME, log_pyfunc_model, model_file_digests
 from flows.run_report import GalleryItem, build_report
-from flows.settings import Settings
+from flows.settings import Settings, uri_credentials
 from fsad_core.calibration import Threshold
 from fsad_core.detector import Detector, DetectorConfig
 from fsad_core.finetune import TrainingHistory
@@ -77,10 +77,23 @@ def configure(settings: Settings) -> None:
     import mlflow
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one-line logs, no bars
+    _credentials_apart()
     if settings.embedded_tracking:
         settings.home.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(settings.tracking_uri)
     mlflow.set_registry_uri(settings.tracking_uri)
+
+
+def _credentials_apart() -> None:
+    """A user and password in MLFLOW_TRACKING_URI moved to MLflow's own variables (unless those are
+    set), so that this process and those it starts reach the server by a URI without them."""
+    found = uri_credentials(os.environ.get("MLFLOW_TRACKING_URI", ""))
+    if found.username is None:
+        return
+    os.environ.setdefault("MLFLOW_TRACKING_USERNAME", found.username)
+    if found.password is not None:
+        os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", found.password)
+    os.environ["MLFLOW_TRACKING_URI"] = found.uri
 
 
 def experiment_name(product: str) -> str:

@@ -15,6 +15,7 @@ from flows.settings import (
     product_overrides,
     read_product_training,
     training_config,
+    uri_credentials,
 )
 from flows.storage import LocalStore, training_key
 from fsad_core.methods import method_config
@@ -92,3 +93,16 @@ def test_a_configurations_hash_stays_what_earlier_versions_registered(method, di
     # Champions carry this hash: a refactor that changed it would retrain every product once and
     # register duplicates of versions already trained.
     assert config_sha256(method_config(method, seed=0)) == digest
+
+
+@pytest.mark.parametrize("uri, clean, user, password", [
+    ("http://user:s3cret@host:5000/path", "http://host:5000/path", "user", "s3cret"),
+    ("https://us%40er:p%3Ass@host", "https://host", "us@er", "p:ss"),
+    ("http://token@host", "http://host", "token", None),
+    ("http://host:5000", "http://host:5000", None, None),
+    ("sqlite:////tmp/fsad/mlflow.db", "sqlite:////tmp/fsad/mlflow.db", None, None),
+])
+def test_credentials_in_the_tracking_uri_are_kept_apart_from_it(uri, clean, user, password):
+    found = uri_credentials(uri)
+    assert (found.uri, found.username, found.password) == (clean, user, password)
+    assert load_settings({"MLFLOW_TRACKING_URI": uri, "FSAD_HOME": "/tmp/fsad"}).tracking_uri == clean

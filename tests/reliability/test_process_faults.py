@@ -98,3 +98,14 @@ def test_a_killed_retraining_frees_its_product_at_once_and_a_waiting_one_can_be_
     finally:
         for run in (first, *waiting):
             run.kill()
+
+
+def test_a_password_in_the_tracking_uri_reaches_no_console_log_or_prefect_record(env, tmp_path):
+    """MLflow's messages repeat its URI: the password is moved out of it before MLflow sees it."""
+    password = "s3cretPW-4kq"
+    run = _retrain(env, MLFLOW_TRACKING_URI=f"http://fsad:{password}@127.0.0.1:1", FSAD_IO_RETRY_DELAYS="0",
+                   MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", FSAD_TRAIN_OVERRIDES=json.dumps(TINY_TRAINING))
+    assert run.finish() == 1
+    assert "fsad retrain: MlflowException: API request to http://127.0.0.1:1/" in run.output, run.output[-2000:]
+    leaks = [path for path in tmp_path.rglob("*") if path.is_file() and password.encode() in path.read_bytes()]
+    assert password not in run.output and not leaks, leaks  # FSAD_HOME (run logs) and PREFECT_HOME (its records)
