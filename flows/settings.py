@@ -17,7 +17,6 @@ are never copied into settings, logs, parameters or tags.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -30,12 +29,12 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 from flows.storage import ObjectNotFound, Store, training_key
 from fsad_core.detector import DetectorConfig
 from fsad_core.methods import method_config
+from fsad_core.overrides import OverrideError, apply_overrides
 
 DEFAULT_MIN_AUROC = 0.9
 DEFAULT_IO_RETRY_DELAYS = (2.0, 10.0, 30.0)  # a restarted service is usually back within them
 MAX_IO_RETRIES = 10
 DEVICES = ("auto", "cpu", "cuda")
-NESTED_OVERRIDES = ("finetune", "augment")  # overrides that are objects of their own config's fields
 
 
 class SettingsError(ValueError):
@@ -123,45 +122,23 @@ def io_retry_delays(env: Mapping[str, str] | None = None) -> list[float]:
 
 def training_config(method: str, seed: int, overrides: Mapping[str, Any],
                     source: str = "FSAD_TRAIN_OVERRIDES") -> DetectorConfig:
-    """The method's DetectorConfig with ``seed`` and the overrides (``finetune`` and ``augment`` may be
-    nested dicts: changes to the method's own). ``source`` names where they came from in errors."""
-    config = method_config(method, seed=seed)
-    top = {k: v for k, v in overrides.items() if k != "finetune"}
-    known = {f.name for f in dataclasses.fields(DetectorConfig)}
-    unknown = sorted(set(top) - known)
-    if unknown:
-        raise SettingsError(f"{source}: unknown DetectorConfig field(s) {', '.join(unknown)}")
-    if "seed" in top:
-        raise SettingsError(f"{source}: the seed is a flow parameter, not an override")
-    nested = sorted(k for k, v in top.items() if isinstance(v, dict) and k not in NESTED_OVERRIDES)
-    if nested:
-        raise SettingsError(f"{source}: only 'finetune' and 'augment' may be objects, not "
-                            + ", ".join(nested))
-    ft = overrides.get("finetune")
-    if ft is not None and not isinstance(ft, dict):
-        raise SettingsError(f"{source}: finetune must be an object of FinetuneConfig fields")
-    if "augment" in top and not isinstance(top["augment"], dict):
-        raise SettingsError(f"{source}: augment must be an object of AugmentConfig fields")
-    top = {k: tuple(v) if isinstance(v, list) else v for k, v in top.items()}
+    """The method's DetectorConfig with ``seed`` and the overrides, checked whole
+    (`fsad_core.overrides`: nested objects change the method's own field by field). ``source``
+    names where they came from in errors."""
     try:
-        if "augment" in top:  # changes to the method's own augmentations, e.g. {"hflip": false}
-            top["augment"] = config.augment.updated(top["augment"])
-        config = dataclasses.replace(config, **top)
-        if ft and config.finetune is not None:  # `pretrained` has nothing to fine-tune
-            config = dataclasses.replace(config, finetune=dataclasses.replace(config.finetune, **ft))
-    except (TypeError, ValueError) as exc:
-        raise SettingsError(f"{source}: {exc}") from None
-    return config
+        return apply_overrides(method_config(method, seed=seed), overrides, source)
+    except OverrideError as exc:
+        raise SettingsError(str(exc)) from None
 
 
 def merge_overrides(base: Mapping[str, Any], product: Mapping[str, Any]) -> dict[str, Any]:
-    """A product's training settings over FSAD_TRAIN_OVERRIDES: its fields win, and ``finetune`` and
-    ``augment`` merge field by field (a product that sets only ``{"augment": {"hflip": false}}``
-    keeps the rotation set for every product)."""
+    """A product's training settings over FSAD_TRAIN_OVERRIDES: its fields win, and objects
+    (``finetune``, ``finetune.loss``, ``augment``) merge field by field (a product that sets only
+    ``{"augment": {"hflip": false}}`` keeps the rotation set for every product)."""
     merged = dict(base)
     for key, value in product.items():
-        if key in NESTED_OVERRIDES and isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = {**merged[key], **value}
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = merge_overrides(merged[key], value)
         else:
             merged[key] = value
     return merged

@@ -38,14 +38,27 @@ def test_augment_overrides_change_the_methods_own_augmentations():
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
-    ({"augment": {"mirror": True}}, "unknown augmentation field"),
+    ({"augment": {"mirror": True}}, "unknown setting augment.mirror"),
     ({"augment": {"rotation_deg": 400}}, "rotation_deg"),
-    ({"augment": "none"}, "augment must be an object"),
-    ({"finetune": "fast"}, "finetune must be an object"),
-    ({"intensity": {"mode": "raw"}}, "only 'finetune' and 'augment' may be objects, not intensity"),
-    ({"colour": "red"}, "unknown DetectorConfig field"),
-    ({"seed": 4}, "the seed is a flow parameter"),
+    ({"augment": "none"}, "augment: an object of AugmentConfig fields, got 'none'"),
+    ({"finetune": "fast"}, "finetune: an object of FinetuneConfig fields"),
+    ({"intensity": {"mode": "raw"}}, "intensity: a name, got {'mode': 'raw'}"),
+    ({"colour": "red"}, "unknown setting colour"),
+    ({"seed": 4}, "seed: not a setting: the seed is a flow parameter"),
     ({"map_sigma": -1}, "map_sigma"),
+    ({"finetune": {"loss": {"negativ": 1}}}, r"unknown setting finetune\.loss\.negativ \(the settings there: instance"),
+    ({"weights": "/etc/passwd"}, r"weights: not a setting: .*\(a file path is never a setting\)"),
+    ({"finetune": {"steps": "10"}}, "finetune.steps: a whole number, got '10'"),
+    ({"finetune": {"steps": 10**9}}, "finetune.steps: from 1 to 100000, got 1000000000"),
+    ({"size": -5}, "input size -5 outside"),
+    ({"size": 224.5}, "size: a whole number, got 224.5"),
+    ({"patch_size": 0}, "patch_size: from 32 to 2048, got 0"),
+    ({"pool_views": 10**7}, "pool_views: from 8 to 4096"),
+    ({"finetune": {"lr_head": float("nan")}}, "finetune.lr_head: a finite number, got nan"),
+    ({"finetune": {"lr_backbone": float("inf")}}, "finetune.lr_backbone: a finite number, got inf"),
+    ({"backbone": "resnet50"}, "backbone: one of tf_efficientnet_lite0"),
+    ({"backbone": "vit_giant_patch14_dinov2"}, "backbone: one of"),
+    ({"augment": {"hflip": "no"}}, "augment.hflip: true or false"),
 ])
 def test_bad_overrides_are_refused_naming_the_variable_and_the_field(overrides, message):
     with pytest.raises(SettingsError, match=message) as error:
@@ -56,8 +69,21 @@ def test_bad_overrides_are_refused_naming_the_variable_and_the_field(overrides, 
 def test_settings_refuse_bad_overrides_when_read():
     with pytest.raises(SettingsError, match="not valid JSON"):
         load_settings({"FSAD_TRAIN_OVERRIDES": "{hflip: false}"})
-    with pytest.raises(SettingsError, match="unknown augmentation field"):
+    with pytest.raises(SettingsError, match="unknown setting augment.flip"):
         load_settings({"FSAD_TRAIN_OVERRIDES": json.dumps({"augment": {"flip": False}})})
+
+
+def test_nested_settings_become_their_configurations_and_merge_field_by_field():
+    """``finetune.loss`` (a documented setting) changes the method's loss weights, and a product's
+    own loss weights merge over the global ones."""
+    merged = merge_overrides({"finetune": {"steps": 10, "loss": {"instance": 2}}},
+                             {"finetune": {"loss": {"cross": 0.5}}})
+    config = training_config("default", 0, merged)
+    assert config.finetune.steps == 10
+    assert (config.finetune.loss.instance, config.finetune.loss.cross, config.finetune.loss.negative) == (2, 0.5, 1)
+    assert training_config("pretrained", 0, merged).finetune is None  # nothing to fine-tune: checked, not applied
+    with pytest.raises(SettingsError, match="finetune.loss.cross: from 0 to 100"):
+        training_config("pretrained", 0, {"finetune": {"loss": {"cross": -1}}})
 
 
 def test_a_products_settings_merge_over_the_global_ones_field_by_field():
