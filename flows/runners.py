@@ -66,10 +66,14 @@ def prefect_api() -> Iterator[None]:
     if prefect_api_configured():
         yield
         return
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from filelock import FileLock
+    from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
 
     server = _tied_server()
-    server.start()
+    home = get_current_settings().home
+    home.mkdir(parents=True, exist_ok=True)
+    with FileLock(home / "fsad-server-start.lock"):  # one at a time migrates a new database
+        server.start()
     _TEMPORARY_APIS.append(server.api_url)
     os.environ["PREFECT_API_URL"] = server.api_url
     try:

@@ -109,3 +109,12 @@ def test_a_password_in_the_tracking_uri_reaches_no_console_log_or_prefect_record
     assert "fsad retrain: MlflowException: API request to http://127.0.0.1:1/" in run.output, run.output[-2000:]
     leaks = [path for path in tmp_path.rglob("*") if path.is_file() and password.encode() in path.read_bytes()]
     assert password not in run.output and not leaks, leaks  # FSAD_HOME (run logs) and PREFECT_HOME (its records)
+
+
+def test_two_retrainings_started_at_once_on_a_new_prefect_home_train_once_and_print_no_traceback(env):
+    """Their temporary servers start one at a time (the first migrates the new database), and the
+    product's lock lets one train while the other waits, then finds it trained."""
+    runs = [_retrain(env, FSAD_TRAIN_OVERRIDES=json.dumps(TINY_TRAINING)) for _ in range(2)]
+    assert [run.finish() for run in runs] == [0, 0], [run.output[-2000:] for run in runs]
+    assert not [run.output for run in runs if "Traceback" in run.output]
+    assert sorted("already trained" in run.output for run in runs) == [False, True]
