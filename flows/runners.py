@@ -80,9 +80,20 @@ def prefect_api() -> Iterator[None]:
         with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
             yield
     finally:
+        _drain_reports()
         os.environ.pop("PREFECT_API_URL", None)
         _TEMPORARY_APIS.remove(server.api_url)
         server.stop()
+
+
+def _drain_reports(timeout_s: float = 10.0) -> None:
+    """Send the logs and events still queued for the server while it is there: queued for a
+    stopped one, they keep the process from exiting for a minute of retries."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        worker.drain_all(timeout=timeout_s, at_exit=False)
 
 
 def _tied_server() -> Any:

@@ -118,3 +118,23 @@ def test_two_retrainings_started_at_once_on_a_new_prefect_home_train_once_and_pr
     assert [run.finish() for run in runs] == [0, 0], [run.output[-2000:] for run in runs]
     assert not [run.output for run in runs if "Traceback" in run.output]
     assert sorted("already trained" in run.output for run in runs) == [False, True]
+
+
+@pytest.mark.parametrize("phase", ["validation of", "benchmark (", "logged run"])
+def test_a_retraining_killed_at_any_stage_leaves_its_product_free_and_no_server(env, phase):
+    """Killed after validation, while it logs to MLflow, or registering: whatever it held is freed
+    with it (the stage it was in when the line came out is as good as any)."""
+    tiny = json.dumps(TINY_TRAINING)
+    first = _retrain(env, FSAD_TRAIN_OVERRIDES=tiny)
+    try:
+        first.wait_for(phase)
+        server = psutil.Process(first.proc.pid).children(recursive=True)
+        os.kill(first.proc.pid, signal.SIGKILL)
+        first.proc.wait(timeout=30)
+        assert _gone_within(server, 10), "the killed run's temporary Prefect server outlived it"
+        after = _retrain(env, FSAD_TRAIN_OVERRIDES=tiny)
+        assert after.finish(timeout_s=NEXT_RUN_WITHIN_S + 60) == 0, after.output[-3000:]
+        assert "is now champion" in after.output or "already trained" in after.output
+        assert "Error logging to API" not in after.output  # its reports sent before its server stopped
+    finally:
+        first.kill()
