@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
 import typing
 from collections.abc import Mapping
 from typing import Any
@@ -47,6 +48,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "finetune.loss.negative": (0, 100), "finetune.loss.temperature": (1e-3, 10),
 }
 _CHOICES: dict[str, tuple[str, ...]] = {"backbone": BUNDLED_BACKBONES}
+_NESTED = (AugmentConfig, FinetuneConfig, LossWeights)  # the configurations inside DetectorConfig
 
 
 def apply_overrides(config: DetectorConfig, overrides: Mapping[str, Any], source: str) -> DetectorConfig:
@@ -54,9 +56,7 @@ def apply_overrides(config: DetectorConfig, overrides: Mapping[str, Any], source
     naming ``source`` and the setting, for anything that cannot be used."""
     try:
         return _changed(config, overrides, "")
-    except OverrideError as exc:
-        raise OverrideError(f"{source}: {exc}") from None
-    except (TypeError, ValueError) as exc:  # a check of the configuration itself (two fields together)
+    except (TypeError, ValueError) as exc:  # ours, or a check of the configuration itself (fields together)
         raise OverrideError(f"{source}: {exc}") from None
 
 
@@ -78,12 +78,9 @@ def _changed(current: Any, changes: Any, path: str) -> Any:
     return dataclasses.replace(current, **updates)
 
 
-_NESTED = (AugmentConfig, FinetuneConfig, LossWeights)
-
-
 def _value(current: Any, hint: Any, value: Any, path: str) -> Any:
     """One field's new value, checked against its type hint and range."""
-    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, _union_type()) else (hint,)
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
     if value is None:
         if type(None) in options:
             return None
@@ -136,9 +133,3 @@ def _in_range(value: float, path: str) -> Any:
 def _shown(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _union_type() -> Any:
-    import types
-
-    return types.UnionType
