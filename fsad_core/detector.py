@@ -181,7 +181,7 @@ class ScoreResult:
     scores: np.ndarray                       # the configured score, one per image
     components: dict[str, np.ndarray]        # every score kind, one per image
     is_anomaly: np.ndarray                   # scores above the model's threshold
-    maps: list[np.ndarray] | None = None     # HxW anomaly maps at each image's own size, when asked for
+    maps: list[np.ndarray] | None = None     # HxW maps at each image's size (as read: see WORK_PIXELS), when asked for
 
 
 @dataclass
