@@ -53,7 +53,8 @@ from flows.storage import (
 from flows.upload import ManifestError, content_sha256, read_manifest, sha256_hex
 from flows.validation import UploadNotFound, ValidationReport, quarantine_upload, validate_upload, write_report
 from fsad_core.calibration import Threshold, calibrate_supervised
-from fsad_core.detector import Detector, DetectorConfig, FitReport, resolve_device
+from fsad_core.config import DetectorConfig
+from fsad_core.detector import Detector, FitReport, resolve_device
 from fsad_core.imageio import image_header_size, image_limits, read_image
 from fsad_core.metrics import image_auroc, rates_at_threshold
 from fsad_core.preprocess import stretch_warning

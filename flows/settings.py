@@ -27,7 +27,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from flows.storage import ObjectNotFound, Store, training_key
-from fsad_core.detector import DetectorConfig
+from fsad_core.config import DetectorConfig
 from fsad_core.methods import method_config
 from fsad_core.overrides import OverrideError, apply_overrides
 

@@ -26,7 +26,8 @@ from flows.pyfunc import DATA_DIRNAME, log_pyfunc_model, model_file_digests
 from flows.run_report import GalleryItem, build_report
 from flows.settings import Settings, uri_credentials
 from fsad_core.calibration import Threshold
-from fsad_core.detector import Detector, DetectorConfig
+from fsad_core.config import DetectorConfig
+from fsad_core.detector import Detector
 from fsad_core.finetune import TrainingHistory
 from fsad_core.overlay import overlay
 

@@ -8,17 +8,14 @@ runs the prefix once; views go through the backbone a few at a time (`views_per_
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
 from .backbone import get_spec
+from .config import DetectorConfig
 from .network import Network
 from .patch_memory import patch_features
 from .preprocess import InputSpec, normalise
-
-if TYPE_CHECKING:
-    from .detector import DetectorConfig
 
 
 @dataclass(frozen=True)

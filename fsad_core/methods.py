@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 
-from .detector import DetectorConfig
+from .config import DetectorConfig
 from .finetune import FinetuneConfig
 from .losses import LossWeights
 from .options import METHOD_NAMES, check_registered

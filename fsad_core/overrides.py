@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .augment import AugmentConfig
-from .detector import DetectorConfig
+from .config import DetectorConfig
 from .finetune import FinetuneConfig
 from .losses import LossWeights
 from .options import BUNDLED_BACKBONES

@@ -24,7 +24,8 @@ from flows.cli import (
 from flows.cli import main as cli_main
 from flows.commands import collect_images, decoded_batches, map_files
 from fsad_core.augment import AugmentConfig
-from fsad_core.detector import Detector, DetectorConfig
+from fsad_core.config import DetectorConfig
+from fsad_core.detector import Detector
 from fsad_core.imageio import ImageLimits, ImageReadError, read_image
 from fsad_core.methods import method_config
 from fsad_core.synthetic import make_category

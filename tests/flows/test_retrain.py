@@ -43,8 +43,8 @@ from flows.settings import SettingsError, load_settings
 from flows.storage import open_store, quarantine_prefix, training_key, upload_prefix, validation_key
 from flows.upload import ManifestError, content_sha256, describe_image, sha256_hex, upload_folder, write_upload_folder
 from fsad_core.calibration import Threshold
+from fsad_core.config import DetectorConfig
 from fsad_core.data import load_category
-from fsad_core.detector import DetectorConfig
 from fsad_core.imageio import ImageReadError, read_image
 from fsad_core.synthetic import make_category
 from tests.html_pictures import pictures_of

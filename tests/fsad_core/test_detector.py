@@ -11,11 +11,11 @@ from scipy import stats
 
 from fsad_core.benchmark import method_label
 from fsad_core.calibration import calibrate_unsupervised
+from fsad_core.config import DetectorConfig
 from fsad_core.data import load_category
 from fsad_core.detector import (
     MAX_FOLDS,
     Detector,
-    DetectorConfig,
     ViewPool,
     _calibrate,
     held_out_folds,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fsad_core.backbone import create_backbone
-from fsad_core.detector import DetectorConfig
+from fsad_core.config import DetectorConfig
 from fsad_core.features import build_network
 from fsad_core.finetune import FinetuneConfig, _EarlyStop, _sample_batch, finetune
 from fsad_core.network import Network

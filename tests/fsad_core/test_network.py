@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from fsad_core.detector import DetectorConfig
+from fsad_core.config import DetectorConfig
 from fsad_core.network import pool
 from fsad_core.options import POOLINGS
 

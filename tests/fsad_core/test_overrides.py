@@ -1,6 +1,6 @@
 import pytest
 
-from fsad_core.detector import DetectorConfig
+from fsad_core.config import DetectorConfig
 from fsad_core.finetune import FinetuneConfig
 from fsad_core.losses import LossWeights
 from fsad_core.overrides import OverrideError, apply_overrides
