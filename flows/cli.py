@@ -26,10 +26,7 @@ from fsad_core.options import (
     RESIZE_MODES,
     SCORE_KINDS,
 )
-
-# Telemetry of the libraries fsad drives is off unless the caller's environment says otherwise.
-TELEMETRY_OFF = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
-                 "GX_ANALYTICS_ENABLED": "false"}
+from infra.config import TELEMETRY_OFF
 
 INTERRUPT_GRACE_S = 3.0  # an interrupted command's clean shutdown may take this long before it is cut short
 # Without PREFECT_API_URL, flows run on Prefect's ephemeral API, whose 20 s start-up limit is too
@@ -379,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    for key, value in {**TELEMETRY_OFF, **_EPHEMERAL_API}.items():  # a caller's own choice stands
+    for key, value in {**TELEMETRY_OFF, **_EPHEMERAL_API}.items():  # off unless the caller's environment says otherwise
         os.environ.setdefault(key, value)
     args = build_parser().parse_args(argv)
     try:

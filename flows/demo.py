@@ -21,13 +21,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from flows.cli import TELEMETRY_OFF
 from flows.runners import prefect_api
 from flows.settings import Settings, load_settings
 from flows.upload import upload_folder, write_upload_folder
 from fsad_core.benchmark import stratified_subset
 from fsad_core.data import load_category
 from fsad_core.synthetic import make_category
+from infra.config import TELEMETRY_OFF
 
 DEMO_PRODUCT = "demo-washer"
 DEMO_K = 6

@@ -22,6 +22,9 @@ SWIFT_USER = "tester"
 REGION = "us-east-1"
 WORK_POOL = "fsad-process"
 HOST = "127.0.0.1"
+# Telemetry of the libraries fsad drives (its commands, the stack's services, the tests) is off.
+TELEMETRY_OFF = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
+                 "GX_ANALYTICS_ENABLED": "false"}
 
 # env var -> default port
 PORT_ENV = {

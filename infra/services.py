@@ -15,19 +15,14 @@ from functools import partial
 from pathlib import Path
 
 from infra import swift
-from infra.config import HOST, WORK_POOL, StackConfig, StackError
+from infra.config import HOST, TELEMETRY_OFF, WORK_POOL, StackConfig, StackError
 from infra.info import StackInfo
 from infra.probes import http_ok, http_post_json, tcp_ok
 
 # Never inherited by the services, so a caller's settings cannot point them elsewhere.
 _SCRUBBED_PREFIXES = ("PREFECT_", "MLFLOW_", "AWS_")
 _SHIM_DIR = Path(__file__).resolve().parent / "botocore_shim"
-QUIET_ENV = {
-    "DO_NOT_TRACK": "1",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "PYTHONUNBUFFERED": "1",
-}
+QUIET_ENV = {**TELEMETRY_OFF, "PYTHONUNBUFFERED": "1"}
 
 
 @dataclass(frozen=True)

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("DO_NOT_TRACK", "1")
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+from infra.config import TELEMETRY_OFF
+
+for _name, _value in TELEMETRY_OFF.items():
+    os.environ.setdefault(_name, _value)
 # Prefect's ephemeral API keeps its SQLite database under PREFECT_HOME: one home per test process,
 # so parallel workers (pytest-xdist) never share a database file and ~/.prefect is left alone.
 PREFECT_HOME = tempfile.mkdtemp(prefix="fsad-test-prefect-")

@@ -9,17 +9,15 @@ from collections.abc import Iterator
 
 import pytest
 
-from infra.config import free_port_env
+from infra.config import TELEMETRY_OFF, free_port_env
 from infra.stack import StackInfo, running
 
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackInfo]:
     home = tmp_path_factory.mktemp("fsad-home")
-    quiet = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-             "MLFLOW_DISABLE_TELEMETRY": "true"}
     with pytest.MonkeyPatch.context() as mp:
-        for key, value in {**free_port_env(), **quiet}.items():
+        for key, value in {**free_port_env(), **TELEMETRY_OFF}.items():
             mp.setenv(key, value)
         with running(home) as info:
             yield info

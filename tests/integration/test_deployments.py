@@ -35,7 +35,7 @@ from flows.storage import open_store
 from flows.upload import upload_folder, write_upload_folder
 from fsad_core.data import load_category
 from fsad_core.synthetic import make_category
-from infra.config import WORK_POOL, free_port_env
+from infra.config import TELEMETRY_OFF, WORK_POOL, free_port_env
 from infra.stack import StackInfo, running
 from tests.tiny_training import TINY_TRAINING
 
@@ -43,7 +43,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(1500)]
 
 ROOT = Path(__file__).resolve().parents[2]
 PRODUCT = "washer"
-QUIET = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
 NAMES = {"retrain-scheduled": "retrain-due/retrain-scheduled", "retrain-on-upload": "retrain/retrain-on-upload",
          "upload-sensor": "upload-sensor/upload-sensor", "benchmark": "benchmark/benchmark",
          "score-prefix": "score-prefix/score-prefix"}
@@ -56,7 +55,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackInfo]:
     small training settings and a gate minimum of 0 (a tiny model must still become champion) are
     set before it starts; this process then uses the stack as a client."""
     home = tmp_path_factory.mktemp("fsad-home")
-    env = {**free_port_env(), **QUIET, "FSAD_HOME": str(home), "FSAD_TRAIN_OVERRIDES": json.dumps(TINY_TRAINING),
+    env = {**free_port_env(), **TELEMETRY_OFF, "FSAD_HOME": str(home),
+           "FSAD_TRAIN_OVERRIDES": json.dumps(TINY_TRAINING),
            "FSAD_GATE_MIN_AUROC": "0",
            # The stack's worker takes two runs at once (a sweep and one training), so that another
            # worker must take the rest of a fan-out; make bench-sweep sets 1.
@@ -82,7 +82,7 @@ def client(stack: StackInfo) -> Iterator[SyncPrefectClient]:
 def deployments(stack: StackInfo, client: SyncPrefectClient,
                 tmp_path_factory: pytest.TempPathFactory) -> dict[str, Deployment]:
     """What a user runs: `prefect --no-prompt deploy --all` in the repository root."""
-    env = {**os.environ, **stack.env(), **QUIET,
+    env = {**os.environ, **stack.env(), **TELEMETRY_OFF,
            "PREFECT_HOME": str(tmp_path_factory.mktemp("prefect-cli"))}
     done = subprocess.run([str(Path(sys.executable).parent / "prefect"), "--no-prompt", "deploy", "--all"],
                           check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -183,7 +183,7 @@ def extra_worker(stack: StackInfo, tmp: Path, *limit: str) -> Iterator[str]:
     """Another process worker of the pool, as a second machine would run one."""
     name = f"fsad-worker-{tmp.name}"
     tmp.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, **stack.env(), **QUIET, "PREFECT_HOME": str(tmp / "prefect-worker")}
+    env = {**os.environ, **stack.env(), **TELEMETRY_OFF, "PREFECT_HOME": str(tmp / "prefect-worker")}
     with (tmp / "worker.log").open("wb") as log:
         worker = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "worker", "start", "--pool",
                                    WORK_POOL, "--type", "process", "--name", name, *limit], cwd=ROOT, env=env,

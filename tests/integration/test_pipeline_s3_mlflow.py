@@ -32,7 +32,6 @@ pytestmark = pytest.mark.integration
 
 P = "bolt"
 U_GOOD, U_SAME, U_WORSE, U_CORRUPT = (f"20260201T00000{i}Z-def00{i}" for i in range(1, 5))
-QUIET = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
 
 
 @pytest.fixture(scope="module")
@@ -40,12 +39,12 @@ def stack(tmp_path_factory) -> Iterator[object]:
     """A private stack on free ports; the process environment and Prefect's settings point at it."""
     from prefect.settings import temporary_settings
 
-    from infra.config import free_port_env
+    from infra.config import TELEMETRY_OFF, free_port_env
     from infra.stack import running
 
     home = tmp_path_factory.mktemp("fsad-home")
     with pytest.MonkeyPatch.context() as mp:
-        for key, value in {**free_port_env(), **QUIET}.items():
+        for key, value in {**free_port_env(), **TELEMETRY_OFF}.items():
             mp.setenv(key, value)
         with running(home) as info:
             for key, value in {**info.env(), "FSAD_HOME": str(home), "FSAD_TRAIN_OVERRIDES": json.dumps(TINY_TRAINING),

@@ -25,7 +25,7 @@ from flows.cli import main as cli_main
 from flows.storage import S3Store, StorageKeyError, manifest_key, quarantine_prefix, upload_prefix
 from flows.upload import upload_folder
 from infra import procs, swift
-from infra.config import StackConfig, free_port_env
+from infra.config import TELEMETRY_OFF, StackConfig, free_port_env
 from infra.netcheck import non_loopback
 from infra.probes import http_status
 from infra.s3client import make_s3_client
@@ -41,11 +41,10 @@ TOKEN = "fsadCanaryToken-3hT8sQ"  # sent to the MLflow server with every request
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory) -> Iterator[tuple[StackInfo, Path, dict[str, str]]]:
     home = tmp_path_factory.mktemp("fsad-stack-home")
-    quiet = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
     with pytest.MonkeyPatch.context() as mp:
         for name in CLEARED:
             mp.delenv(name, raising=False)
-        for key, value in {**free_port_env(), **quiet}.items():
+        for key, value in {**free_port_env(), **TELEMETRY_OFF}.items():
             mp.setenv(key, value)
         with running(home) as info:
             env = {**info.env(), "FSAD_HOME": str(home / "client"), "FSAD_TRAIN_OVERRIDES": json.dumps(TINY_TRAINING),
