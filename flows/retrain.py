@@ -31,27 +31,24 @@ from prefect.concurrency.sync import concurrency
 
 from flows import registry, tracking
 from flows.registry import RegistryError
+from flows.retries import IO_RETRIES, PermanentError
 from flows.run_report import PER_ROLE, GalleryItem, gallery_picks
 from flows.runners import api_is_temporary
 from flows.settings import (
     Settings,
-    SettingsError,
     config_sha256,
-    io_retry_delays,
     load_settings,
     product_overrides,
     training_config,
 )
 from flows.storage import (
-    ObjectNotFound,
-    StorageKeyError,
     latest_complete_upload,
     manifest_key,
     open_store,
     upload_prefix,
 )
 from flows.upload import ManifestError, content_sha256, read_manifest, sha256_hex
-from flows.validation import UploadNotFound, ValidationReport, quarantine_upload, validate_upload, write_report
+from flows.validation import ValidationReport, quarantine_upload, validate_upload, write_report
 from fsad_core.calibration import Threshold, calibrate_supervised
 from fsad_core.config import DetectorConfig
 from fsad_core.detector import Detector, FitReport, resolve_device
@@ -70,28 +67,8 @@ class UploadRejected(RuntimeError):
     """The upload failed validation; it was quarantined and its report logged."""
 
 
-class NoUpload(RuntimeError):
+class NoUpload(PermanentError):
     """No (complete) upload to train on."""
-
-
-_PERMANENT = (NoUpload, ManifestError, ObjectNotFound, StorageKeyError, UploadNotFound, RegistryError, SettingsError,
-              ValueError, TypeError)
-
-
-def _transient(task_: Any, task_run: Any, state: Any) -> bool:
-    """Retry only what may succeed on a second try (network, services), not bad input."""
-    try:
-        state.result()
-    except _PERMANENT:
-        return False
-    except Exception:
-        return True
-    return False
-
-
-# The retry policy of every task that reads or writes storage or the registry, here and in the sweep.
-_DELAYS = io_retry_delays()
-IO_RETRIES = dict(retries=len(_DELAYS), retry_delay_seconds=_DELAYS, retry_condition_fn=_transient)
 
 
 @dataclass

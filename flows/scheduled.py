@@ -19,7 +19,8 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 
 from flows import registry, tracking
-from flows.retrain import IO_RETRIES, retrain_flow
+from flows.retrain import retrain_flow
+from flows.retries import IO_RETRIES
 from flows.runners import prefect_api_configured
 from flows.settings import Settings, config_sha256, load_settings, product_overrides, training_config
 from flows.storage import (

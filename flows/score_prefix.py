@@ -23,7 +23,7 @@ import numpy as np
 from prefect import flow, get_run_logger, task
 
 from flows import registry
-from flows.retrain import IO_RETRIES
+from flows.retries import IO_RETRIES
 from flows.runners import task_runner
 from flows.storage import ObjectNotFound, StorageKeyError, open_store
 from fsad_core.detector import Detector
