@@ -28,7 +28,9 @@ from fsad_core.options import (
 )
 from infra.config import TELEMETRY_OFF
 
-INTERRUPT_GRACE_S = 3.0  # an interrupted command's clean shutdown may take this long before it is cut short
+INTERRUPT_GRACE_S = 2.0  # from the signal, an interrupted command's clean-up may take this long
+EXIT_AFTER_INTERRUPT_S = 0.5  # once the command has unwound, the interpreter's shutdown this long
+INTERRUPTED = 130  # the exit status of a command ended by Ctrl-C or SIGTERM
 # Without PREFECT_API_URL, flows run on Prefect's ephemeral API, whose 20 s start-up limit is too
 # short on small busy machines (read when prefect is first imported, after `main` sets it).
 _EPHEMERAL_API = {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}
@@ -380,7 +382,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ.setdefault(key, value)
     args = build_parser().parse_args(argv)
     try:
-        with _sigterm_as_interrupt():
+        with _signals_end_the_command():
             return int(args.handler(args) or 0)
     except SystemExit:
         raise
@@ -390,36 +392,51 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fsad {args.command}: {one_line(exc)}", file=sys.stderr)
         return 1
     except BaseException:  # Ctrl-C, SIGTERM, or the exception a library raised for either
-        print("fsad: interrupted", file=sys.stderr)
-        _exit_within(INTERRUPT_GRACE_S, 130)
-        return 130
+        _say_interrupted()
+        _exit_within(EXIT_AFTER_INTERRUPT_S)  # what is left would only report to servers
+        return INTERRUPTED
 
 
 @contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM ends a command as Ctrl-C does (in the main thread, where signals are handled)."""
+def _signals_end_the_command() -> Iterator[None]:
+    """Ctrl-C and SIGTERM end a command within `INTERRUPT_GRACE_S` (signals are handled in the
+    main thread): the signal raises KeyboardInterrupt there, and from that moment the process
+    exits when the grace runs out, whatever the libraries' clean-up is still waiting on (reports
+    to a server, retries)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _interrupt(signum: int, frame: Any) -> None:
+    _exit_within(INTERRUPT_GRACE_S)
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
-def _exit_within(seconds: float, code: int) -> None:
-    """Exit with ``code`` after ``seconds`` should the interpreter's shutdown still be waiting by
-    then (on a library's thread or exit handler that reports to a server): an interrupted command
-    must end, and the temporary Prefect server dies with it."""
+_SAID: list[bool] = []  # whether "interrupted" was printed
+
+
+def _say_interrupted() -> None:
+    if not _SAID:
+        _SAID.append(True)
+        print("fsad: interrupted", file=sys.stderr, flush=True)
+
+
+def _exit_within(seconds: float) -> None:
+    """Exit (`INTERRUPTED`) after ``seconds`` should the command or the interpreter's shutdown
+    still be going by then: an interrupted command must end, and its temporary Prefect server dies
+    with it."""
     def force() -> None:
+        _say_interrupted()
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(code)
+        os._exit(INTERRUPTED)
 
     timer = threading.Timer(seconds, force)
     timer.daemon = True

@@ -79,11 +79,22 @@ def prefect_api() -> Iterator[None]:
     try:
         with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
             yield
-    finally:
-        _drain_reports()
-        os.environ.pop("PREFECT_API_URL", None)
+    except (Exception, GeneratorExit):
+        _leave(server)
+        raise
+    except BaseException:  # interrupted: the process is ending, and the server dies with it
         _TEMPORARY_APIS.remove(server.api_url)
-        server.stop()
+        raise
+    else:
+        _leave(server)
+
+
+def _leave(server: Any) -> None:
+    """The server stopped once the logs and events queued for it are sent."""
+    _drain_reports()
+    os.environ.pop("PREFECT_API_URL", None)
+    _TEMPORARY_APIS.remove(server.api_url)
+    server.stop()
 
 
 def _drain_reports(timeout_s: float = 10.0) -> None:
