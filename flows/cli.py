@@ -15,7 +15,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from fsad_core.options import (
     BUNDLED_BACKBONES,
@@ -29,7 +29,6 @@ from fsad_core.options import (
 from infra.config import TELEMETRY_OFF
 
 INTERRUPT_GRACE_S = 2.0  # from the signal, an interrupted command's clean-up may take this long
-EXIT_AFTER_INTERRUPT_S = 0.5  # once the command has unwound, the interpreter's shutdown this long
 INTERRUPTED = 130  # the exit status of a command ended by Ctrl-C or SIGTERM
 # Without PREFECT_API_URL, flows run on Prefect's ephemeral API, whose 20 s start-up limit is too
 # short on small busy machines (read when prefect is first imported, after `main` sets it).
@@ -392,9 +391,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fsad {args.command}: {one_line(exc)}", file=sys.stderr)
         return 1
     except BaseException:  # Ctrl-C, SIGTERM, or the exception a library raised for either
-        _say_interrupted()
-        _exit_within(EXIT_AFTER_INTERRUPT_S)  # what is left would only report to servers
-        return INTERRUPTED
+        _force_exit()  # what shutdown would still do is report to servers: the command ends here
 
 
 @contextlib.contextmanager
@@ -431,16 +428,21 @@ def _say_interrupted() -> None:
 def _exit_within(seconds: float) -> None:
     """Exit (`INTERRUPTED`) after ``seconds`` should the command or the interpreter's shutdown
     still be going by then: an interrupted command must end, and its temporary Prefect server dies
-    with it."""
-    def force() -> None:
-        _say_interrupted()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(INTERRUPTED)
-
-    timer = threading.Timer(seconds, force)
+    with it. An alarm does it in the main thread (between two steps of whatever it waits on) and
+    a timer thread where the main thread waits in a call the alarm cannot break."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGALRM, _force_exit)
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+    timer = threading.Timer(seconds + 0.5, _force_exit)
     timer.daemon = True
     timer.start()
+
+
+def _force_exit(*_: Any) -> NoReturn:
+    _say_interrupted()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(INTERRUPTED)
 
 
 def one_line(exc: BaseException) -> str:

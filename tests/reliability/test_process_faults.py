@@ -21,8 +21,7 @@ from tests.tiny_training import TINY_TRAINING
 PRODUCT = "gasket"
 LONG_TRAINING = {**TINY_TRAINING, "finetune": {**TINY_TRAINING["finetune"], "steps": 100000, "patience": 100000}}
 NEXT_RUN_WITHIN_S = 120  # the bound on a product freed from a killed run
-INTERRUPTED_WITHIN_S = 5  # Ctrl-C
-TERMINATED_WITHIN_S = 15  # SIGTERM: Prefect's own handler takes it during a flow run and reports the crash first
+INTERRUPTED_WITHIN_S = 5
 
 
 @pytest.fixture
@@ -73,7 +72,7 @@ def test_a_killed_retraining_frees_its_product_at_once_and_a_waiting_one_can_be_
         first.wait_for("fine-tuning on")
         server = psutil.Process(first.proc.pid).children(recursive=True)
         assert server, "the run has no temporary Prefect server"
-        for sent, within_s in ((signal.SIGINT, INTERRUPTED_WITHIN_S), (signal.SIGTERM, TERMINATED_WITHIN_S)):
+        for sent in (signal.SIGINT, signal.SIGTERM):  # a run waiting for the product ends at once
             run = _retrain(env)
             waiting.append(run)
             run.wait_for("waiting for the retraining slot")
@@ -81,7 +80,7 @@ def test_a_killed_retraining_frees_its_product_at_once_and_a_waiting_one_can_be_
             assert "fine-tuning on" not in run.output  # the product is held
             helpers = psutil.Process(run.proc.pid).children(recursive=True)
             os.kill(run.proc.pid, sent)
-            _ended_within(run, within_s)
+            _ended_within(run, INTERRUPTED_WITHIN_S)
             assert run.proc.returncode == 130 and "fsad: interrupted" in run.output, run.output[-3000:]
             assert _gone_within(helpers, 10), f"{sent.name}: its temporary server outlived it"
 
