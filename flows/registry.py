@@ -123,17 +123,19 @@ def version_tags(product: str, version: str) -> dict[str, str]:
 
 def find_trained_version(product: str, content_sha256: str, config_sha256: str) -> Any | None:
     """The earliest version trained on the same content with the same configuration, if any."""
-    versions = _client().search_model_versions(
-        f"name = '{model_name(product)}' and tags.content_sha256 = '{content_sha256}' "
-        f"and tags.config_sha256 = '{config_sha256}'")
-    return min(versions, key=lambda mv: int(mv.version)) if versions else None
+    return _earliest_version(product, content_sha256=content_sha256, config_sha256=config_sha256)
 
 
 def find_upload_version(product: str, upload_id: str, config_sha256: str) -> Any | None:
     """The earliest version the pipeline trained on this upload with this configuration, if any
     (from the tags it wrote at registration)."""
-    versions = _client().search_model_versions(
-        f"name = '{model_name(product)}' and tags.upload_id = '{upload_id}' and tags.config_sha256 = '{config_sha256}'")
+    return _earliest_version(product, upload_id=upload_id, config_sha256=config_sha256)
+
+
+def _earliest_version(product: str, **tags: str) -> Any | None:
+    """The earliest version of ``fsad-PRODUCT`` carrying every one of ``tags``, if any."""
+    where = " and ".join([f"name = '{model_name(product)}'", *(f"tags.{k} = '{v}'" for k, v in tags.items())])
+    versions = _client().search_model_versions(where)
     return min(versions, key=lambda mv: int(mv.version)) if versions else None
 
 
@@ -213,11 +215,14 @@ def _check_and_score(local: Path, written: WrittenModel) -> Verification:
     def refused(reason: str, loaded: float = math.nan) -> Verification:
         return Verification(False, written.score, loaded, reason)
 
-    problem = artifact_problem(local) or _files_problem(model_folder(local), written.files)
+    problem = artifact_problem(local)
+    if problem is None:  # an artifact the pipeline wrote: its model folder is where MLmodel says
+        folder = model_folder(local)
+        problem = _files_problem(folder, written.files)
     if problem is not None:
         return refused(problem)
     try:  # a damaged artifact is a verdict (not verified), not a crash that leaves no tag
-        out = load_served_model(model_folder(local)).predict(
+        out = load_served_model(folder).predict(
             pd.DataFrame({INPUT_COLUMN: [encode_png(written.smoke_image)]}))
         if out["error"].iloc[0]:
             raise ValueError(out["error"].iloc[0])
