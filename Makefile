@@ -7,11 +7,6 @@ BIN := $(VENV)/bin
 KEY := $(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)
 STAMP := $(VENV)/.installed-$(KEY)
 
-export DO_NOT_TRACK := 1
-export PREFECT_SERVER_ANALYTICS_ENABLED := false
-export MLFLOW_DISABLE_TELEMETRY := true
-export GX_ANALYTICS_ENABLED := false
-
 BENCH_DATA ?= ../shared/data/mvtec_ad/bottle ../shared/data/magnetic_tile/magnetic_tile ../shared/data/elpv/poly \
 	../shared/data/bsdata/ballscrew
 BENCH_OUT ?= results

@@ -26,7 +26,7 @@ from fsad_core.options import (
     RESIZE_MODES,
     SCORE_KINDS,
 )
-from infra.config import TELEMETRY_OFF
+from infra.config import telemetry_off
 
 INTERRUPT_GRACE_S = 2.0  # from the signal, an interrupted command's clean-up may take this long
 INTERRUPTED = 130  # the exit status of a command ended by Ctrl-C or SIGTERM
@@ -377,7 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    for key, value in {**TELEMETRY_OFF, **_EPHEMERAL_API}.items():  # off unless the caller's environment says otherwise
+    telemetry_off()
+    for key, value in _EPHEMERAL_API.items():  # unless the caller's environment says otherwise
         os.environ.setdefault(key, value)
     args = build_parser().parse_args(argv)
     try:

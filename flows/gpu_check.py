@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 
 from fsad_core.benchmark import CategoryCache
-from fsad_core.detector import Detector, resolve_device
+from fsad_core.detector import Detector
+from fsad_core.devices import resolve_device
 from fsad_core.methods import method_config
 from fsad_core.metrics import image_auroc
 

@@ -34,6 +34,7 @@ from PIL import Image
 
 from fsad_core.budget import MemoryBudget
 from fsad_core.detector import MODEL_FILES, Detector
+from fsad_core.devices import configured_device
 from fsad_core.imageio import (
     DECODED_BYTES_PER_PIXEL,
     ImageLimits,
@@ -252,7 +253,7 @@ def encode_png(image: np.ndarray) -> str:
 
 def load_served_model(data_path: str | Path, identity: ModelIdentity = ModelIdentity()) -> DetectorModel:
     """The model folder as served: on FSAD_DEVICE, behind `DetectorModel.predict`."""
-    return DetectorModel(Detector.load(data_path, device=os.environ.get("FSAD_DEVICE", "auto")), identity)
+    return DetectorModel(Detector.load(data_path, device=configured_device()), identity)
 
 
 def _load_pyfunc(data_path: str, model_config: dict[str, Any] | None = None) -> DetectorModel:

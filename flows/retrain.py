@@ -51,7 +51,9 @@ from flows.upload import ManifestError, content_sha256, read_manifest, sha256_he
 from flows.validation import ValidationReport, quarantine_upload, validate_upload, write_report
 from fsad_core.calibration import Threshold, calibrate_supervised
 from fsad_core.config import DetectorConfig
-from fsad_core.detector import Detector, FitReport, resolve_device
+from fsad_core.detector import Detector
+from fsad_core.devices import resolve_device
+from fsad_core.fitting import FitReport
 from fsad_core.imageio import image_header_size, image_limits, read_image
 from fsad_core.metrics import image_auroc, rates_at_threshold
 from fsad_core.preprocess import stretch_warning

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -27,6 +26,7 @@ from flows.retries import IO_RETRIES
 from flows.runners import task_runner
 from flows.storage import ObjectNotFound, StorageKeyError, open_store
 from fsad_core.detector import Detector
+from fsad_core.devices import configured_device
 from fsad_core.imageio import ImageLimits, ImageReadError, image_header_size, image_limits, is_image_name, read_image
 
 DECISIONS_DIR = "fsad-decisions"
@@ -75,7 +75,7 @@ def decided(store: Any, prefix: str) -> set[str]:
 @lru_cache(maxsize=2)
 def _champion(ref: str) -> Detector:
     """One load a process: a Dask worker's batches share it."""
-    return Detector.load(registry.download_model(ref), device=os.environ.get("FSAD_DEVICE", "auto"))
+    return Detector.load(registry.download_model(ref), device=configured_device())
 
 
 @task(**IO_RETRIES)

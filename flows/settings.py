@@ -26,15 +26,16 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-from flows.storage import ObjectNotFound, Store, training_key
+from flows.storage import ObjectNotFound, Store, default_storage_url, training_key
 from fsad_core.config import DetectorConfig
+from fsad_core.devices import configured_device
 from fsad_core.methods import method_config
 from fsad_core.overrides import OverrideError, apply_overrides
+from infra.config import fsad_home
 
 DEFAULT_MIN_AUROC = 0.9
 DEFAULT_IO_RETRY_DELAYS = (2.0, 10.0, 30.0)  # a restarted service is usually back within them
 MAX_IO_RETRIES = 10
-DEVICES = ("auto", "cpu", "cuda")
 
 
 class SettingsError(ValueError):
@@ -80,8 +81,8 @@ def uri_credentials(uri: str) -> UriCredentials:
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     """Read the settings once from ``env`` (default: os.environ); SettingsError on bad values."""
     env = os.environ if env is None else env
-    home = Path(env.get("FSAD_HOME") or "~/.fsad").expanduser().absolute()
-    storage = env.get("FSAD_STORAGE") or str(home / "store")
+    home = fsad_home(env=env)
+    storage = default_storage_url(env)
     tracking = uri_credentials(env.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow.db'}").uri
     try:
         min_auroc = float(env.get("FSAD_GATE_MIN_AUROC") or DEFAULT_MIN_AUROC)
@@ -95,9 +96,10 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         raise SettingsError(f"FSAD_TRAIN_OVERRIDES: not valid JSON ({exc})") from None
     if not isinstance(overrides, dict):
         raise SettingsError("FSAD_TRAIN_OVERRIDES: must be a JSON object of DetectorConfig fields")
-    device = env.get("FSAD_DEVICE") or "auto"
-    if device not in DEVICES:
-        raise SettingsError(f"FSAD_DEVICE={device!r}: one of {', '.join(DEVICES)}")
+    try:
+        device = configured_device(env)
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from None
     settings = Settings(home, storage, tracking, home / "mlartifacts" if tracking.startswith("sqlite:") else None,
                         min_auroc, overrides, device)
     training_config("default", 0, settings.train_overrides)  # fail now, not after validation

@@ -15,10 +15,13 @@ import shutil
 import tempfile
 import unicodedata
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from infra.config import fsad_home
 
 UPLOADS = "uploads"
 PRODUCTS = "products"
@@ -348,13 +351,9 @@ def make_s3_client() -> Any:
     return _make(None, None, None, region)
 
 
-def default_storage_url() -> str:
-    """``FSAD_STORAGE``, else ``$FSAD_HOME/store`` (``FSAD_HOME`` defaults to ``~/.fsad``)."""
-    url = os.environ.get("FSAD_STORAGE")
-    if url:
-        return url
-    home = os.environ.get("FSAD_HOME") or "~/.fsad"
-    return str(Path(home).expanduser() / "store")
+def default_storage_url(env: Mapping[str, str] = os.environ) -> str:
+    """``FSAD_STORAGE``, else the fsad home's ``store`` folder."""
+    return env.get("FSAD_STORAGE") or str(fsad_home(env=env) / "store")
 
 
 def open_store(url: str | None = None) -> Store:

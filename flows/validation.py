@@ -8,10 +8,6 @@ reported and copied to quarantine; the original is never deleted.
 
 from __future__ import annotations
 
-import os
-
-os.environ["GX_ANALYTICS_ENABLED"] = "false"  # before any GX import: never phone home
-
 import json
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -33,6 +29,7 @@ from flows.storage import (
 )
 from flows.upload import ManifestError, content_sha256, describe_image, read_manifest, sha256_hex
 from fsad_core.imageio import ImageLimits, ImageReadError, image_limits
+from infra.config import telemetry_off
 
 COLUMNS = ["key", "split", "label", "layout", "exists", "bytes", "sha256", "decodes", "decode_error",
            "width", "height", "pixels", "channels", "mode", "mean_brightness", "std_brightness",
@@ -292,7 +289,9 @@ def _describe_failure(res: dict[str, Any], frame: pd.DataFrame) -> str:
 
 
 def run_expectations(frame: pd.DataFrame, limits: ValidationLimits) -> tuple[bool, list[str], dict[str, Any], str]:
-    """Run the suite over ``frame`` in an ephemeral GX context: (success, failed, result dict, gx version)."""
+    """Run the suite over ``frame`` in an ephemeral GX context: (success, failed, result dict, gx version).
+    GX reads its analytics switch when first imported, so telemetry is switched off before that."""
+    telemetry_off()
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
 

@@ -29,7 +29,8 @@ import torch
 
 from .backbone import create_backbone
 from .data import Category, Sample, load_category
-from .detector import Detector, resolve_device
+from .detector import Detector
+from .devices import resolve_device
 from .imageio import check_set_files
 from .methods import method_config
 from .metrics import (

@@ -11,6 +11,7 @@ import json
 import os
 import secrets
 import socket
+from collections.abc import Mapping, MutableMapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -25,6 +26,12 @@ HOST = "127.0.0.1"
 # Telemetry of the libraries fsad drives (its commands, the stack's services, the tests) is off.
 TELEMETRY_OFF = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
                  "GX_ANALYTICS_ENABLED": "false"}
+
+
+def telemetry_off(env: MutableMapping[str, str] = os.environ) -> None:
+    """Every service's telemetry off, unless the environment already says otherwise."""
+    for key, value in TELEMETRY_OFF.items():
+        env.setdefault(key, value)
 
 # env var -> default port
 PORT_ENV = {
@@ -50,11 +57,9 @@ def write_private(path: Path, text: str) -> None:
         f.write(text)
 
 
-def fsad_home(home: Path | None = None) -> Path:
-    """The fsad home: the argument, else ``$FSAD_HOME``, else ``~/.fsad``."""
-    if home is not None:
-        return Path(home).expanduser().resolve()
-    return Path(os.environ.get("FSAD_HOME") or "~/.fsad").expanduser().resolve()
+def fsad_home(home: Path | None = None, env: Mapping[str, str] = os.environ) -> Path:
+    """The fsad home: the argument, else ``$FSAD_HOME``, else ``~/.fsad``; the one place it is defaulted."""
+    return Path(home or env.get("FSAD_HOME") or "~/.fsad").expanduser().resolve()
 
 
 def _whole(var: str, default: int) -> int:

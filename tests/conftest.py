@@ -15,10 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from infra.config import TELEMETRY_OFF
+from infra.config import telemetry_off
 
-for _name, _value in TELEMETRY_OFF.items():
-    os.environ.setdefault(_name, _value)
+telemetry_off()
 # Prefect's ephemeral API keeps its SQLite database under PREFECT_HOME: one home per test process,
 # so parallel workers (pytest-xdist) never share a database file and ~/.prefect is left alone.
 PREFECT_HOME = tempfile.mkdtemp(prefix="fsad-test-prefect-")
