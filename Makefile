@@ -66,7 +66,7 @@ bench-sweep: $(STAMP)
 
 # Latency of the served model, one image a request: make bench-serve SERVE_MODEL=DIR SERVE_IMAGES=DIR
 bench-serve: $(STAMP)
-	$(BIN)/python -m infra.serve_latency $(SERVE_MODEL) $(SERVE_IMAGES) $(BENCH_OUT)/serve
+	$(BIN)/python -m flows.mlops.serve_latency $(SERVE_MODEL) $(SERVE_IMAGES) $(BENCH_OUT)/serve
 
 # Side by side: the peer's PatchCore, then fsad's pretrained, default and fast, on the same sets, k and
 # seed, one thread each, one after the other in one run; compare the records' ratios, not seconds.
@@ -81,7 +81,7 @@ bench-peer: $(STAMP)
 # On a CUDA machine: fit and score bottle and Magnetic Tile at k = 4 there, beside the CPU records of
 # `make bench-peer` (image AUROC equal within 0.005); fit seconds, ms at batch 1, images/s at batch 64.
 gpu-check: $(STAMP)
-	$(BIN)/python -m flows.gpu_check ../shared/data/mvtec_ad/bottle ../shared/data/magnetic_tile/magnetic_tile \
+	$(BIN)/python -m flows.cli.gpu_check ../shared/data/mvtec_ad/bottle ../shared/data/magnetic_tile/magnetic_tile \
 		--cpu-record $(BENCH_OUT)/side_by_side_k4.json
 
 stack-up: $(STAMP)

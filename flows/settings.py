@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-from flows.storage import ObjectNotFound, Store, default_storage_url, training_key
+from flows.store.storage import ObjectNotFound, Store, default_storage_url, training_key
 from fsad_core.config import DetectorConfig
 from fsad_core.devices import configured_device
 from fsad_core.methods import method_config

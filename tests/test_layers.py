@@ -30,14 +30,15 @@ def test_importing_any_module_leaves_the_environment_as_it_was(tmp_path):
     assert json.loads(out.stdout.splitlines()[-1]) == []
 
 
-def _imported(path: Path) -> set[str]:
+def _imported(path: Path, whole: bool = False) -> set[str]:
+    """The modules ``path`` imports, as top-level packages or, ``whole``, as written."""
     names = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
-            names |= {alias.name.split(".")[0] for alias in node.names}
+            names |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names.add(node.module.split(".")[0])
-    return names
+            names |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+    return names if whole else {name.split(".")[0] for name in names}
 
 
 @pytest.mark.parametrize("package, below", [("fsad_core", set()), ("infra", set()), ("flows", {"fsad_core", "infra"})])
@@ -45,3 +46,10 @@ def test_each_layer_imports_only_the_layers_below_it(package, below):
     upward = {str(p.relative_to(ROOT)): sorted((_imported(p) & set(PACKAGES)) - below - {package})
               for p in (ROOT / package).rglob("*.py")}
     assert {path: names for path, names in upward.items() if names} == {}
+
+
+def test_nothing_below_the_command_line_imports_it():
+    importers = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "flows").rglob("*.py")
+                       if "cli" not in p.relative_to(ROOT / "flows").parts[:1]
+                       and any(name.startswith("flows.cli") for name in _imported(p, whole=True)))
+    assert importers == []

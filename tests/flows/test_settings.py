@@ -17,7 +17,7 @@ from flows.settings import (
     training_config,
     uri_credentials,
 )
-from flows.storage import LocalStore, training_key
+from flows.store.storage import LocalStore, training_key
 from fsad_core.methods import method_config
 
 

@@ -29,10 +29,10 @@ from prefect.client.schemas.objects import Deployment, FlowRun
 from prefect.deployments import run_deployment
 from prefect.settings import PREFECT_API_URL, PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
 
-from flows.scheduled import retrain_due_flow
-from flows.sensor import EVENT, announced_key, upload_sensor_flow
-from flows.storage import open_store
-from flows.upload import upload_folder, write_upload_folder
+from flows.pipeline.scheduled import retrain_due_flow
+from flows.pipeline.sensor import EVENT, announced_key, upload_sensor_flow
+from flows.store.storage import open_store
+from flows.store.upload import upload_folder, write_upload_folder
 from fsad_core.data import load_category
 from fsad_core.synthetic import make_category
 from infra.config import TELEMETRY_OFF, WORK_POOL, free_port_env
@@ -128,7 +128,7 @@ def test_deployments_from_prefect_yaml(deployments: dict[str, Deployment], clien
     assert sensor.active and sensor.schedule.interval == timedelta(seconds=60)
     assert deployments["retrain-on-upload"].schedules == [] and deployments["benchmark"].schedules == []
     assert deployments["benchmark"].parameters["methods"] == ["pretrained", "default"]
-    assert deployments["score-prefix"].entrypoint == "flows/score_prefix.py:score_prefix_flow"
+    assert deployments["score-prefix"].entrypoint == "flows/pipeline/score_prefix.py:score_prefix_flow"
 
     on_upload = deployments["retrain-on-upload"]
     [automation] = client.read_resource_related_automations(f"prefect.deployment.{on_upload.id}")

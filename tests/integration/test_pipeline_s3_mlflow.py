@@ -58,7 +58,7 @@ def stack(tmp_path_factory) -> Iterator[object]:
 
 @pytest.fixture(scope="module")
 def sets(tmp_path_factory) -> dict[str, Path]:
-    from flows.upload import write_upload_folder
+    from flows.store.upload import write_upload_folder
     from fsad_core.data import load_category
     from fsad_core.synthetic import make_category
 
@@ -85,16 +85,16 @@ def bucket_keys(info, prefix: str = "") -> list[str]:
 
 
 def versions() -> list[str]:
-    from flows.registry import model_name
+    from flows.mlops.registry import model_name
 
     return sorted(str(v.version) for v in mlflow.MlflowClient().search_model_versions(f"name = '{model_name(P)}'"))
 
 
 def test_good_upload_to_s3_is_validated_trained_and_promoted(stack, sets):
-    from flows.registry import CANDIDATE, CHAMPION, aliases, model_name, version_tags
-    from flows.retrain import retrain_flow
-    from flows.storage import S3Store, open_store
-    from flows.upload import upload_folder
+    from flows.mlops.registry import CANDIDATE, CHAMPION, aliases, model_name, version_tags
+    from flows.pipeline.retrain import retrain_flow
+    from flows.store.storage import S3Store, open_store
+    from flows.store.upload import upload_folder
 
     store = open_store()
     assert isinstance(store, S3Store)
@@ -117,15 +117,15 @@ def test_good_upload_to_s3_is_validated_trained_and_promoted(stack, sets):
     assert mlflow.get_tracking_uri().startswith("http://127.0.0.1")
     assert mlflow.MlflowClient().get_model_version(model_name(P), "1").run_id == summary["run_id"]
     # The upload has a labelled eval set: the registered model decides at its F1-optimal threshold.
-    from flows.registry import download_model
+    from flows.mlops.registry import download_model
     saved = json.loads((download_model(f"models:/{model_name(P)}/1") / "config.json").read_text())["threshold"]
     assert summary["threshold"]["rule"] == saved["rule"] == "supervised_f1"
     assert saved["value"] == summary["threshold"]["value"] and "unsupervised" in saved["details"]
 
 
 def test_champion_scores_from_the_registry_through_the_cli(stack, sets, capsys):
-    from flows.cli import main
-    from flows.registry import model_name
+    from flows.cli.main import main
+    from flows.mlops.registry import model_name
 
     defect = sorted((sets["good"] / "eval" / "defect").iterdir())[0]
     good = sorted((sets["good"] / "eval" / "good").iterdir())[0]
@@ -166,8 +166,8 @@ def invoke(port: int, images: list[Path], maps: bool = False) -> list[dict]:
 @pytest.fixture(scope="module")
 def served(stack, tmp_path_factory) -> Iterator[int]:
     """``mlflow models serve -m models:/fsad-bolt@champion`` in the third-party environment; its port."""
-    from flows.registry import model_name
-    from infra.serve_latency import serve, stop
+    from flows.mlops.registry import model_name
+    from flows.mlops.serve_latency import serve, stop
 
     tmp = tmp_path_factory.mktemp("serving")
     env_dir = third_party_env(tmp)
@@ -182,8 +182,8 @@ def served(stack, tmp_path_factory) -> Iterator[int]:
 
 
 def test_the_champion_serves_where_fsad_is_not_installed_and_answers_as_fsad_score(served, sets, capsys):
-    from flows.cli import main
-    from flows.registry import model_name
+    from flows.cli.main import main
+    from flows.mlops.registry import model_name
 
     evaluation = sets["good"] / "eval"
     files = sorted((evaluation / "good").iterdir())[:2] + sorted((evaluation / "defect").iterdir())[:2]
@@ -210,11 +210,11 @@ def test_the_champion_serves_where_fsad_is_not_installed_and_answers_as_fsad_sco
 def test_a_prefix_is_decided_on_dask_written_back_and_resumed(stack, sets, capsys):
     """Every image under a prefix of the bucket decided by the champion (on a local Dask cluster),
     as fsad score decides it; a second run scores only what no part file holds."""
-    from flows.cli import main
-    from flows.registry import model_name
-    from flows.runners import prefect_api
-    from flows.score_prefix import score_prefix_flow
-    from flows.storage import open_store
+    from flows.cli.main import main
+    from flows.mlops.registry import model_name
+    from flows.pipeline.runners import prefect_api
+    from flows.pipeline.score_prefix import score_prefix_flow
+    from flows.store.storage import open_store
 
     line = open_store(f"s3://{stack.bucket}/lines/day-1")
     files = sorted((sets["good"] / "eval").rglob("*.png"))
@@ -245,9 +245,9 @@ def test_a_prefix_is_decided_on_dask_written_back_and_resumed(stack, sets, capsy
 
 
 def test_same_content_is_not_trained_again(stack, sets):
-    from flows.retrain import retrain_flow
-    from flows.storage import open_store
-    from flows.upload import upload_folder
+    from flows.pipeline.retrain import retrain_flow
+    from flows.store.storage import open_store
+    from flows.store.upload import upload_folder
 
     upload_folder(open_store(), P, sets["good"], upload_id=U_SAME)
     summary = retrain_flow(P)
@@ -256,10 +256,10 @@ def test_same_content_is_not_trained_again(stack, sets):
 
 
 def test_worse_upload_fails_the_gate_and_aliases_stay(stack, sets, monkeypatch):
-    from flows.registry import CANDIDATE, CHAMPION, aliases, version_tags
-    from flows.retrain import retrain_flow
-    from flows.storage import open_store
-    from flows.upload import upload_folder
+    from flows.mlops.registry import CANDIDATE, CHAMPION, aliases, version_tags
+    from flows.pipeline.retrain import retrain_flow
+    from flows.store.storage import open_store
+    from flows.store.upload import upload_folder
 
     monkeypatch.setenv("FSAD_GATE_MIN_AUROC", "0")  # the comparison with the champion decides
     upload_folder(open_store(), P, sets["worse"], upload_id=U_WORSE)
@@ -270,9 +270,9 @@ def test_worse_upload_fails_the_gate_and_aliases_stay(stack, sets, monkeypatch):
 
 
 def test_corrupt_upload_is_quarantined_in_s3_with_its_report(stack, sets):
-    from flows.retrain import UploadRejected, retrain_flow
-    from flows.storage import open_store
-    from flows.upload import content_sha256, describe_image, sha256_hex
+    from flows.pipeline.retrain import UploadRejected, retrain_flow
+    from flows.store.storage import open_store
+    from flows.store.upload import content_sha256, describe_image, sha256_hex
 
     store = open_store()
     prefix = f"products/{P}/uploads/{U_CORRUPT}/"

@@ -95,7 +95,7 @@ class Fsad:
         self.lines: list[str] = []
         self._q: queue.Queue[str] = queue.Queue()
         full = {name: value for name, value in {**os.environ, **env}.items() if value is not None}
-        self.proc = subprocess.Popen([sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=full,
+        self.proc = subprocess.Popen([sys.executable, "-m", "flows.cli.main", *args], cwd=REPO, env=full,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      start_new_session=True)
         threading.Thread(target=self._read, daemon=True).start()

@@ -23,12 +23,12 @@ import pytest
 from conftest import bomb_png, embedded_env, noise_rgb, png_bytes
 from PIL import Image
 
-from flows import registry
-from flows.cli import main as cli_main
-from flows.retrain import NoUpload, retrain_flow
-from flows.scheduled import STALE_UPLOAD_S, plan_product
+from flows.cli.main import main as cli_main
+from flows.mlops import registry
+from flows.pipeline.retrain import NoUpload, retrain_flow
+from flows.pipeline.scheduled import STALE_UPLOAD_S, plan_product
 from flows.settings import load_settings
-from flows.storage import (
+from flows.store.storage import (
     LocalStore,
     StorageKeyError,
     list_uploads,
@@ -38,7 +38,7 @@ from flows.storage import (
     stale_incomplete_uploads,
     upload_prefix,
 )
-from flows.upload import ManifestError, UploadError, content_sha256, upload_folder
+from flows.store.upload import ManifestError, UploadError, content_sha256, upload_folder
 from fsad_core.imageio import read_image
 
 REPO = Path(__file__).resolve().parents[2]
@@ -121,14 +121,14 @@ def test_pixel_limit_is_configurable_and_checked_before_decoding(tmp_path):
     (folder / "big.png").write_bytes(png_bytes(noise_rgb(3, w=100, h=50)))  # 5000 pixels
     env = {k: v for k, v in os.environ.items() if k not in ("FSAD_STORAGE",)}
     env.update(FSAD_MAX_PIXELS="4500", FSAD_STORAGE=str(tmp_path / "store"))
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", "upload", "--product", P, str(folder)],
+    proc = subprocess.run([sys.executable, "-m", "flows.cli.main", "upload", "--product", P, str(folder)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stderr
     assert "big.png: refused, 100x50 = 5000 pixels exceeds the limit of 4500" in proc.stderr
     assert not (tmp_path / "store").exists() or LocalStore(tmp_path / "store").list() == []
     # 64x64 = 4096 pixels is under the limit: the same folder without big.png uploads
     (folder / "big.png").unlink()
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", "upload", "--product", P, str(folder)],
+    proc = subprocess.run([sys.executable, "-m", "flows.cli.main", "upload", "--product", P, str(folder)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
 

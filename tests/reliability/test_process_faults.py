@@ -14,8 +14,8 @@ import psutil
 import pytest
 from conftest import CLEARED, Fsad, noise_rgb, png_bytes
 
-from flows.storage import LocalStore
-from flows.upload import upload_folder
+from flows.store.storage import LocalStore
+from flows.store.upload import upload_folder
 from tests.tiny_training import TINY_TRAINING
 
 PRODUCT = "gasket"

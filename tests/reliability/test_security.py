@@ -18,12 +18,12 @@ import pytest
 from conftest import embedded_env, noise_rgb, png_bytes
 from safetensors import SafetensorError
 
-from flows import registry
-from flows.cli import main as cli_main
+from flows.cli.main import main as cli_main
+from flows.mlops import registry
+from flows.pipeline.retrain import retrain_flow
 from flows.pyfunc import DATA_DIRNAME, encode_png, log_pyfunc_model, model_folder
-from flows.retrain import retrain_flow
-from flows.storage import open_store
-from flows.upload import upload_folder
+from flows.store.storage import open_store
+from flows.store.upload import upload_folder
 from fsad_core.budget import MemoryBudget
 from fsad_core.detector import Detector
 

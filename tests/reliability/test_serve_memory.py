@@ -23,10 +23,10 @@ import pytest
 from conftest import noise_rgb, png_bytes
 from PIL import Image
 
+from flows.mlops.serve_latency import serve, stop
 from flows.pyfunc import DATA_DIRNAME, DEFAULT_SERVE_MEMORY_MB, MAP_SIDE, log_pyfunc_model
 from flows.settings import training_config
 from fsad_core.detector import Detector
-from infra.serve_latency import serve, stop
 from tests.tiny_training import TINY_TRAINING
 
 SIDE = 8000

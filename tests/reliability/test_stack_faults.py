@@ -20,10 +20,10 @@ import pytest
 import requests as requests_lib
 from conftest import CLEARED, Fsad, noise_rgb, png_bytes
 
-from flows import registry
-from flows.cli import main as cli_main
-from flows.storage import S3Store, StorageKeyError, manifest_key, quarantine_prefix, upload_prefix
-from flows.upload import upload_folder
+from flows.cli.main import main as cli_main
+from flows.mlops import registry
+from flows.store.storage import S3Store, StorageKeyError, manifest_key, quarantine_prefix, upload_prefix
+from flows.store.upload import upload_folder
 from infra import procs, swift
 from infra.config import TELEMETRY_OFF, StackConfig, free_port_env
 from infra.netcheck import non_loopback
@@ -201,7 +201,7 @@ def test_s3_down_during_an_upload_retries_fails_clearly_and_resume_stores_each_o
                 assert procs.stop(_run_dir(home), "swift-proxy")
             super().put_bytes(key, data, content_type)
 
-    monkeypatch.setattr("flows.upload.open_store", lambda: ServerStopsAfterTwoPuts(info.bucket, client=client))
+    monkeypatch.setattr("flows.store.upload.open_store", lambda: ServerStopsAfterTwoPuts(info.bucket, client=client))
     assert cli_main(["upload", "--product", product, str(folder)]) == 1
     (line,) = capsys.readouterr().err.strip().splitlines()
     found = re.search(r"upload (\S+) left incomplete \(no manifest\); finish it with --resume (\S+)$", line)
@@ -212,7 +212,7 @@ def test_s3_down_during_an_upload_retries_fails_clearly_and_resume_stores_each_o
     store, prefix = _store(info), upload_prefix(product, uid)
     assert len(store.list(prefix)) == 2 and not store.exists(manifest_key(product, uid))
 
-    monkeypatch.setattr("flows.upload.open_store", lambda: store)
+    monkeypatch.setattr("flows.store.upload.open_store", lambda: store)
     assert cli_main(["upload", "--product", product, "--resume", uid, str(folder)]) == 0
     assert f"uploaded {product} {uid}: 6 train/good" in capsys.readouterr().out
     manifest = store.get_json(manifest_key(product, uid))

@@ -21,10 +21,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from flows import registry, tracking
+from flows.mlops import registry, tracking
+from flows.mlops.registry import CANDIDATE, CHAMPION, PREVIOUS, RegistryError, WrittenModel, gate_decision
+from flows.mlops.run_report import GalleryItem
 from flows.pyfunc import LOADER_MODULE, artifact_problem, encode_png, log_pyfunc_model, requirements, served_code
-from flows.registry import CANDIDATE, CHAMPION, PREVIOUS, RegistryError, WrittenModel, gate_decision
-from flows.run_report import GalleryItem
 from flows.settings import config_sha256, load_settings, training_config
 from fsad_core.data import load_category
 from fsad_core.detector import Detector

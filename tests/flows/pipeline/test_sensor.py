@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flows.sensor import EVENT, announced_key, mark_announced, unannounced_uploads, upload_event
-from flows.storage import LocalStore, manifest_key, train_key
-from flows.upload import upload_folder
-from flows.validation import validate_upload
+from flows.pipeline.sensor import EVENT, announced_key, mark_announced, unannounced_uploads, upload_event
+from flows.store.storage import LocalStore, manifest_key, train_key
+from flows.store.upload import upload_folder
+from flows.store.validation import validate_upload
 
 
 def png(seed: int) -> bytes:

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flows.cli import (
+from flows.cli.commands import collect_images, decoded_batches, map_files
+from flows.cli.main import (
     BACKBONE_DEFAULT,
     CORESET_HELP,
     FLIPS_HELP,
@@ -21,8 +22,7 @@ from flows.cli import (
     SIZE_HELP,
     build_parser,
 )
-from flows.cli import main as cli_main
-from flows.commands import collect_images, decoded_batches, map_files
+from flows.cli.main import main as cli_main
 from fsad_core.augment import AugmentConfig
 from fsad_core.config import DetectorConfig
 from fsad_core.detector import Detector
@@ -30,12 +30,12 @@ from fsad_core.imageio import ImageLimits, ImageReadError, read_image
 from fsad_core.methods import method_config
 from fsad_core.synthetic import make_category
 
-FSAD = [sys.executable, "-m", "flows.cli"]
+FSAD = [sys.executable, "-m", "flows.cli.main"]
 
 
 def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([*FSAD, *args], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, **(env or {})}, cwd=Path(__file__).resolve().parents[2])
+                          env={**os.environ, **(env or {})}, cwd=Path(__file__).resolve().parents[3])
 
 
 @pytest.fixture(scope="module")
@@ -227,10 +227,10 @@ def test_bench_writes_the_json_contract(category, tmp_path):
 
 def test_building_the_parser_imports_no_torch():
     # `fsad --help` and a mistyped option answer at once: the choices come from fsad_core.options
-    code = ("import sys; from flows.cli import build_parser; build_parser().format_help(); "
+    code = ("import sys; from flows.cli.main import build_parser; build_parser().format_help(); "
             "print(sorted({'torch', 'torchvision', 'timm'} & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         cwd=Path(__file__).resolve().parents[2])
+                         cwd=Path(__file__).resolve().parents[3])
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
 
@@ -321,7 +321,7 @@ def test_outputs_that_would_overwrite_an_input_are_refused_before_anything_is_wr
 
 
 def test_a_csv_cell_that_begins_like_a_formula_is_written_as_text(tmp_path):
-    from flows.commands import CsvRows, ModelSource, csv_text
+    from flows.cli.commands import CsvRows, ModelSource, csv_text
 
     assert csv_text("=cmd|' -C calc'!A0.png") == "'=cmd|' -C calc'!A0.png"
     assert [csv_text(t) for t in ("+1.png", "-x.png", "@sum.png", "\tx.png", "part.png")] == [

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from flows.registry import RegistryError
+from flows.mlops.registry import RegistryError
 from flows.settings import SettingsError, io_retry_delays
-from flows.storage import ObjectNotFound, StorageKeyError
-from flows.upload import ManifestError
-from flows.validation import UploadNotFound
+from flows.store.storage import ObjectNotFound, StorageKeyError
+from flows.store.upload import ManifestError
+from flows.store.validation import UploadNotFound
 
 
 class PermanentError(RuntimeError):

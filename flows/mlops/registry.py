@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from flows.mlops.tracking import configure, model_name
 from flows.pyfunc import (
     INPUT_COLUMN,
     artifact_problem,
@@ -31,7 +32,6 @@ from flows.pyfunc import (
     model_folder,
 )
 from flows.settings import Settings, load_settings
-from flows.tracking import configure, model_name
 from fsad_core.detector import Detector
 from fsad_core.metrics import image_auroc
 

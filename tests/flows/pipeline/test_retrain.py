@@ -22,10 +22,9 @@ import pytest
 from PIL import Image
 from prefect.testing.utilities import prefect_test_harness
 
-from flows import registry, tracking
-from flows.pyfunc import encode_png
-from flows.registry import CANDIDATE, CHAMPION, PREVIOUS
-from flows.retrain import (
+from flows.mlops import registry, tracking
+from flows.mlops.registry import CANDIDATE, CHAMPION, PREVIOUS
+from flows.pipeline.retrain import (
     GPU_LIMIT,
     Published,
     RetrainJob,
@@ -39,9 +38,17 @@ from flows.retrain import (
     training_slot,
     version_tags,
 )
+from flows.pyfunc import encode_png
 from flows.settings import SettingsError, load_settings
-from flows.storage import open_store, quarantine_prefix, training_key, upload_prefix, validation_key
-from flows.upload import ManifestError, content_sha256, describe_image, sha256_hex, upload_folder, write_upload_folder
+from flows.store.storage import open_store, quarantine_prefix, training_key, upload_prefix, validation_key
+from flows.store.upload import (
+    ManifestError,
+    content_sha256,
+    describe_image,
+    sha256_hex,
+    upload_folder,
+    write_upload_folder,
+)
 from fsad_core.calibration import Threshold
 from fsad_core.config import DetectorConfig
 from fsad_core.data import load_category
@@ -149,7 +156,7 @@ def test_already_trained_is_read_anew_each_time_a_run_asks(env):
     run registered meanwhile), so that task's answer must never come from Prefect's result cache."""
     from prefect import flow
 
-    from flows.retrain import find_existing
+    from flows.pipeline.retrain import find_existing
 
     settings = load_settings()
     source = mlflow.MlflowClient().get_model_version(registry.model_name(P), versions()[0]).source
@@ -202,7 +209,7 @@ def test_upload_without_eval_set_is_judged_on_leave_one_out_and_synthetic_anomal
 def test_a_products_own_settings_are_checked_used_and_retrain_it_once(env):
     """products/P/training.json over FSAD_TRAIN_OVERRIDES: a bad one fails the run before any work; a
     good one changes the configuration, so the nightly sweep plans one retraining on the same upload."""
-    from flows.scheduled import plan_product
+    from flows.pipeline.scheduled import plan_product
 
     store, settings = open_store(), load_settings()
     store.put_json(training_key("noeval"), ["not", "an", "object"])
@@ -310,7 +317,7 @@ def test_gpu_slot_neither_blocks_nor_fails_without_a_limit_and_is_held_with_one(
 def test_product_lock_admits_one_retraining_per_product_at_a_time(env, temporary_api):
     """On a Prefect server the lock is its leased slot; on a temporary server of this process, a
     file lock under FSAD_HOME (the kernel frees it when the process dies)."""
-    env.setattr("flows.retrain.api_is_temporary", lambda: temporary_api)
+    env.setattr("flows.pipeline.retrain.api_is_temporary", lambda: temporary_api)
     settings, events = load_settings(), []
 
     def first() -> None:

@@ -2,7 +2,7 @@
 prefix scored by a product's champion, the decisions written back beside them as JSON Lines.
 
 The champion's alias is read once: the whole run scores with the version it stood for then. Each
-batch of images is a task (on Dask when given one, see `flows.runners`) that writes its decisions
+batch of images is a task (on Dask when given one, see `flows.pipeline.runners`) that writes its decisions
 as one part file under ``PREFIX/fsad-decisions/MODEL/vVERSION/`` once the batch is scored. A run
 that stops keeps its finished parts; the next run of the same version scores only the images no
 part holds yet (new images included). An image that cannot be read gets a line with its reason.
@@ -21,10 +21,10 @@ from typing import Any
 import numpy as np
 from prefect import flow, get_run_logger, task
 
-from flows import registry
-from flows.retries import IO_RETRIES
-from flows.runners import task_runner
-from flows.storage import ObjectNotFound, StorageKeyError, open_store
+from flows.mlops import registry
+from flows.pipeline.retries import IO_RETRIES
+from flows.pipeline.runners import task_runner
+from flows.store.storage import ObjectNotFound, StorageKeyError, open_store
 from fsad_core.detector import Detector
 from fsad_core.devices import configured_device
 from fsad_core.imageio import ImageLimits, ImageReadError, image_header_size, image_limits, is_image_name, read_image

@@ -4,7 +4,7 @@ A training run holds everything needed to judge it later without the training ma
 (method, k, seed, backbone, input size, loss weights, data identity; never credentials), metrics,
 the loss curve as step metrics, the validation report, the threshold, a ROC plot, a few anomaly-map
 overlays, the model itself as a no-pickle pyfunc model (see flows.pyfunc) and, once the gate has
-judged it, an HTML report (flows.run_report).
+judged it, an HTML report (flows.mlops.run_report).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from flows.mlops.run_report import GalleryItem, build_report
 from flows.pyfunc import DATA_DIRNAME, log_pyfunc_model, model_file_digests
-from flows.run_report import GalleryItem, build_report
 from flows.settings import Settings, uri_credentials
 from fsad_core.calibration import Threshold
 from fsad_core.config import DetectorConfig

@@ -163,7 +163,7 @@ class ModelSource:
 
 def load_model(ref: str, device: str) -> tuple[Detector, ModelSource]:
     if ref.startswith("models:/"):
-        from flows.registry import download_model, resolve_model
+        from flows.mlops.registry import download_model, resolve_model
         name, version = resolve_model(ref)
         source = ModelSource(download_model(f"models:/{name}/{version}"), name, version, ref.partition("@")[2] or None)
     else:
@@ -325,8 +325,8 @@ class JsonLines:
 def bench(args: argparse.Namespace) -> int:
     from fsad_core.benchmark import environment, format_table, grid, run_cell, table, write_records
     if args.dask:
-        from flows.bench_flow import benchmark_flow
-        from flows.runners import prefect_api
+        from flows.pipeline.bench_flow import benchmark_flow
+        from flows.pipeline.runners import prefect_api
         with prefect_api():
             records = benchmark_flow(data=args.data, k=args.k, seeds=args.seeds, methods=args.methods, out=args.out,
                                      max_test=args.max_test, device=args.device, overrides=_config_options(args),
@@ -390,7 +390,7 @@ def product_settings(args: argparse.Namespace) -> int:
     """Show, set (from a JSON file, checked before it is stored) or clear a product's own training
     settings: ``products/P/training.json``, merged over FSAD_TRAIN_OVERRIDES by the retraining flows."""
     from flows.settings import SettingsError, load_settings, merge_overrides, read_product_training, training_config
-    from flows.storage import open_store, training_key
+    from flows.store.storage import open_store, training_key
 
     settings = load_settings()
     store = open_store(settings.storage_url)

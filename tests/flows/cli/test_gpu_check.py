@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from flows.gpu_check import main
+from flows.cli.gpu_check import main
 from fsad_core.synthetic import make_category
 
 

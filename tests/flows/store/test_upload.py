@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flows.storage import LocalStore, StorageError, StorageKeyError, list_uploads, manifest_key, upload_prefix
-from flows.upload import (
+from flows.store.storage import LocalStore, StorageError, StorageKeyError, list_uploads, manifest_key, upload_prefix
+from flows.store.upload import (
     ManifestError,
     UploadError,
     cli_upload,

@@ -25,8 +25,8 @@ from prefect import flow, get_run_logger
 from prefect.events import Event
 from prefect.events.clients import get_events_client
 
-from flows.storage import Store, UploadInfo, list_products, list_uploads, manifest_key, open_store, validate_name
-from flows.upload import ManifestError, read_manifest
+from flows.store.storage import Store, UploadInfo, list_products, list_uploads, manifest_key, open_store, validate_name
+from flows.store.upload import ManifestError, read_manifest
 
 EVENT = "fsad.upload.completed"
 ANNOUNCED_PREFIX = "sensor/announced/"

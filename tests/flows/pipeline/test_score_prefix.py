@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import flows.score_prefix as score_prefix
-from flows.storage import LocalStore
+import flows.pipeline.score_prefix as score_prefix
+from flows.store.storage import LocalStore
 from fsad_core.imageio import ImageLimits
 
 

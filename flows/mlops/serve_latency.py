@@ -1,7 +1,7 @@
 """How long a line waits for a decision: a model folder logged as the pipeline logs it, served by
 ``mlflow models serve`` on 127.0.0.1, and one-image requests timed (``make bench-serve``).
 
-    python -m infra.serve_latency MODEL_DIR IMAGE_DIR WORKDIR [--requests N]
+    python -m flows.mlops.serve_latency MODEL_DIR IMAGE_DIR WORKDIR [--requests N]
 """
 
 from __future__ import annotations

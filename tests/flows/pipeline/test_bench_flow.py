@@ -20,8 +20,8 @@ OPTIONS = ["--k", "1", "2", "--seeds", "0", "--methods", "pretrained", "fast", "
 
 
 def bench(*args: str, out: Path) -> list[dict]:
-    done = subprocess.run([sys.executable, "-m", "flows.cli", "bench", *args, *OPTIONS, "--out", str(out)],
-                          capture_output=True, text=True, timeout=900, cwd=Path(__file__).resolve().parents[2],
+    done = subprocess.run([sys.executable, "-m", "flows.cli.main", "bench", *args, *OPTIONS, "--out", str(out)],
+                          capture_output=True, text=True, timeout=900, cwd=Path(__file__).resolve().parents[3],
                           env={**os.environ, "OMP_NUM_THREADS": "1"})  # as each Dask worker runs
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(out.read_text())["records"]

@@ -2,7 +2,7 @@
 
 import pytest
 
-from flows.scheduled import plan_for
+from flows.pipeline.scheduled import plan_for
 
 U1, U2 = "20260101T000001Z-a", "20260102T000001Z-b"
 OLD, NEW = "a" * 64, "b" * 64

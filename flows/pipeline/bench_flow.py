@@ -3,7 +3,7 @@ and JSON of ``fsad bench``.
 
 Run on the work pool, a benchmark is one click (or one ``prefect deployment run``) away, keeps its
 logs with the flow run, and shows its table of means and standard deviations as a Markdown artifact.
-One task a run: given a Dask scheduler (``dask``, see `flows.runners`) the runs are spread over its
+One task a run: given a Dask scheduler (``dask``, see `flows.pipeline.runners`) the runs are spread over its
 workers; without one they run one after another, as ``fsad bench`` runs them.
 """
 
@@ -16,7 +16,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.futures import as_completed
 
-from flows.runners import task_runner
+from flows.pipeline.runners import task_runner
 from fsad_core.benchmark import Cell, environment, format_table, grid, run_cell, table, write_records
 from fsad_core.data import find_all_categories
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from PIL import Image
 
-from flows.storage import (
+from flows.store.storage import (
     MANIFEST_NAME,
     SPLITS_LABELS,
     ObjectNotFound,

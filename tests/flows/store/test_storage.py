@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from flows import storage
-from flows.storage import (
+from flows.store import storage
+from flows.store.storage import (
     LocalStore,
     ObjectNotFound,
     S3Store,

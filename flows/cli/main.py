@@ -119,46 +119,46 @@ def _candidates(text: str) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from flows.demo import run_demo
+    from flows.cli.demo import run_demo
     return run_demo(workdir=args.workdir, data=args.data)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from flows.commands import train
+    from flows.cli.commands import train
     return train(args)
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
-    from flows.commands import score
+    from flows.cli.commands import score
     return score(args)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from flows.commands import bench
+    from flows.cli.commands import bench
     return bench(args)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from flows.commands import report
+    from flows.cli.commands import report
     return report(args)
 
 
 def _cmd_settings(args: argparse.Namespace) -> int:
-    from flows.commands import product_settings
+    from flows.cli.commands import product_settings
     return product_settings(args)
 
 
 def _cmd_upload(args: argparse.Namespace) -> int:
-    from flows.upload import cli_upload
+    from flows.store.upload import cli_upload
     return cli_upload(args.product, args.dir, args.resume)
 
 
 def _cmd_retrain(args: argparse.Namespace) -> int:
-    from flows.retrain import format_summary, retrain_flow
-    from flows.runlog import logged_to, run_log_path
-    from flows.runners import prefect_api
+    from flows.pipeline.retrain import format_summary, retrain_flow
+    from flows.pipeline.runlog import logged_to, run_log_path
+    from flows.pipeline.runners import prefect_api
     from flows.settings import load_settings
-    from flows.storage import validate_name
+    from flows.store.storage import validate_name
     validate_name(args.product, "product name")  # before its name makes a log file's or a flow run's
     if args.upload is not None:
         validate_name(args.upload, "upload id")
@@ -176,8 +176,8 @@ def _cmd_retrain(args: argparse.Namespace) -> int:
 
 
 def _cmd_score_prefix(args: argparse.Namespace) -> int:
-    from flows.runners import prefect_api
-    from flows.score_prefix import score_prefix_flow
+    from flows.pipeline.runners import prefect_api
+    from flows.pipeline.score_prefix import score_prefix_flow
     with prefect_api():
         summary = score_prefix_flow(args.product, args.url, batch=args.batch, dask=args.dask)
     print(f"{summary['images']} images under {args.url}: {summary['already']} already decided, {summary['scored']} "
@@ -214,7 +214,7 @@ def _add_setting(parser: argparse.ArgumentParser, bench: bool, flag: str, help_:
 
 def _add_detector_options(parser: argparse.ArgumentParser, bench: bool) -> None:
     """The DetectorConfig settings `fsad train` sets for its model and `fsad bench` for every method
-    (flows.commands reads them as overrides), added in one place so that both take the same.
+    (flows.cli.commands reads them as overrides), added in one place so that both take the same.
 
     `bench` labels its rows with each setting given, and takes only backbones with bundled weights,
     as it has no --weights."""

@@ -5,7 +5,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from flows.run_report import GalleryItem, build_report, gallery_picks
+from flows.mlops.run_report import GalleryItem, build_report, gallery_picks
 from tests.html_pictures import pictures_of
 
 

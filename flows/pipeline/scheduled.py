@@ -18,12 +18,12 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 
-from flows import registry, tracking
-from flows.retrain import retrain_flow
-from flows.retries import IO_RETRIES
-from flows.runners import prefect_api_configured
+from flows.mlops import registry, tracking
+from flows.pipeline.retrain import retrain_flow
+from flows.pipeline.retries import IO_RETRIES
+from flows.pipeline.runners import prefect_api_configured
 from flows.settings import Settings, config_sha256, load_settings, product_overrides, training_config
-from flows.storage import (
+from flows.store.storage import (
     ObjectNotFound,
     latest_complete_upload,
     list_products,

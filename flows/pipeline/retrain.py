@@ -29,11 +29,11 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.concurrency.sync import concurrency
 
-from flows import registry, tracking
-from flows.registry import RegistryError
-from flows.retries import IO_RETRIES, PermanentError
-from flows.run_report import PER_ROLE, GalleryItem, gallery_picks
-from flows.runners import api_is_temporary
+from flows.mlops import registry, tracking
+from flows.mlops.registry import RegistryError
+from flows.mlops.run_report import PER_ROLE, GalleryItem, gallery_picks
+from flows.pipeline.retries import IO_RETRIES, PermanentError
+from flows.pipeline.runners import api_is_temporary
 from flows.settings import (
     Settings,
     config_sha256,
@@ -41,14 +41,14 @@ from flows.settings import (
     product_overrides,
     training_config,
 )
-from flows.storage import (
+from flows.store.storage import (
     latest_complete_upload,
     manifest_key,
     open_store,
     upload_prefix,
 )
-from flows.upload import ManifestError, content_sha256, read_manifest, sha256_hex
-from flows.validation import ValidationReport, quarantine_upload, validate_upload, write_report
+from flows.store.upload import ManifestError, content_sha256, read_manifest, sha256_hex
+from flows.store.validation import ValidationReport, quarantine_upload, validate_upload, write_report
 from fsad_core.calibration import Threshold, calibrate_supervised
 from fsad_core.config import DetectorConfig
 from fsad_core.detector import Detector

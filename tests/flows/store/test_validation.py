@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flows.storage import LocalStore, manifest_key, quarantine_prefix, upload_prefix, validation_key
-from flows.upload import content_sha256, describe_image, sha256_hex
-from flows.validation import (
+from flows.store.storage import LocalStore, manifest_key, quarantine_prefix, upload_prefix, validation_key
+from flows.store.upload import content_sha256, describe_image, sha256_hex
+from flows.store.validation import (
     COLUMNS,
     UploadNotFound,
     ValidationLimits,

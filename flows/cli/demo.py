@@ -21,9 +21,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from flows.runners import prefect_api
+from flows.pipeline.runners import prefect_api
 from flows.settings import Settings, load_settings
-from flows.upload import upload_folder, write_upload_folder
+from flows.store.upload import upload_folder, write_upload_folder
 from fsad_core.benchmark import stratified_subset
 from fsad_core.data import load_category
 from fsad_core.synthetic import make_category
@@ -96,7 +96,7 @@ def prepare_upload_set(out: Path, data: str | None) -> tuple[str, Path, str]:
 
 def _print_summary(summary: dict[str, Any], settings: Settings, product: str, folder: Path, prefect_home: Path,
                    seconds: float) -> None:
-    from flows.retrain import format_summary
+    from flows.pipeline.retrain import format_summary
 
     q, home = shlex.quote, settings.home
     print(f"\n== fsad demo done in {seconds:.0f} s")
@@ -129,8 +129,8 @@ def run_demo(workdir: str | None = None, data: str | None = None) -> int:
     prefect_home = home / "prefect"
     home.mkdir(parents=True, exist_ok=True)
     with _environment(embedded), _ephemeral_prefect(prefect_home), prefect_api():
-        from flows.retrain import retrain_flow
-        from flows.storage import open_store
+        from flows.pipeline.retrain import retrain_flow
+        from flows.store.storage import open_store
 
         settings = load_settings()
         product, folder, what = prepare_upload_set(home / "demo" / "upload-set", data)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from flows.storage import (
+from flows.store.storage import (
     MANIFEST_NAME,
     VALIDATION_NAME,
     ObjectNotFound,
@@ -27,7 +27,7 @@ from flows.storage import (
     upload_prefix,
     validation_key,
 )
-from flows.upload import ManifestError, content_sha256, describe_image, read_manifest, sha256_hex
+from flows.store.upload import ManifestError, content_sha256, describe_image, read_manifest, sha256_hex
 from fsad_core.imageio import ImageLimits, ImageReadError, image_limits
 from infra.config import telemetry_off
 

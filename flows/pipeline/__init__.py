@@ -1,0 +1,1 @@
+"""The Prefect flows and what they share: a temporary API server, product locks, retry policies, run logs."""
