@@ -33,13 +33,15 @@ import pandas as pd
 from PIL import Image
 
 from fsad_core.budget import MemoryBudget
+from fsad_core.decision import decided, undecided
 from fsad_core.detector import MODEL_FILES, Detector
 from fsad_core.devices import configured_device
 from fsad_core.imageio import (
     DECODED_BYTES_PER_PIXEL,
     ImageLimits,
-    image_header_size,
+    PixelBudget,
     image_limits,
+    read_header,
     read_image,
     work_factor,
 )
@@ -103,23 +105,24 @@ class DetectorModel:
         cells = model_input[INPUT_COLUMN].tolist()
         budget = serving_budget()
         admitted, errors = _admitted_rows(cells, image_limits(), budget.total, with_maps)
-        scores = np.full(len(cells), np.nan)
-        flags = np.ones(len(cells), dtype=bool)
+        threshold = self.detector.threshold
         pictures = [""] * len(cells)
         with budget.share(_request_cost(admitted.values(), with_maps), MEMORY_WAIT_S) as granted:
             images = _decoded(admitted, errors) if granted else _refused_busy(admitted, errors)
+            scores: Any = []
             if images:
                 with _INFERENCE:  # one model pass at a time: its activations are not in the rows' reckoning
                     result = self.detector.score(list(images.values()), with_maps=with_maps)
-                rows = list(images)
-                scores[rows] = result.scores
-                flags[rows] = result.is_anomaly
+                scores = result.scores
                 if with_maps:
-                    for row, image, amap in zip(rows, images.values(), result.maps):
+                    for row, image, amap in zip(images, images.values(), result.maps):
                         pictures[row] = _overlay_png(image, amap, self.detector.map_anchor())
-        return pd.DataFrame({"score": scores, "is_anomaly": flags, "threshold": self.detector.threshold.value,
+        by_row = dict(zip(images, decided([f"row {row}" for row in images], scores, threshold)))
+        decisions = [by_row.get(row) or undecided(f"row {row}", errors[row], threshold) for row in range(len(cells))]
+        return pd.DataFrame({"score": [np.nan if d.score is None else d.score for d in decisions],
+                             "is_anomaly": [d.is_anomaly for d in decisions], "threshold": threshold.value,
                              "model_name": self.identity.name, "model_version": self.identity.version,
-                             "error": errors, "map_png": pictures})
+                             "error": [d.error for d in decisions], "map_png": pictures})
 
 
 @dataclass(frozen=True)
@@ -175,20 +178,17 @@ def _admitted_rows(cells: list[Any], limits: ImageLimits, memory: int,
     budget of decoded pixels and its memory within ``memory``."""
     admitted: dict[int, _Row] = {}
     errors = [""] * len(cells)
-    pixels = 0
+    pixels = PixelBudget(limits, "the request up to {label}", advice="send fewer at once")
     for row, cell in enumerate(cells):
         try:
-            data = image_bytes(cell, row, limits)
-            width, height = image_header_size(data, f"row {row}", limits)
-            if pixels + width * height > limits.max_set_pixels:
-                raise ValueError(f"row {row}: refused, the request's images exceed the budget of "
-                                 f"{limits.max_set_pixels} decoded pixels (FSAD_MAX_SET_PIXELS); send fewer at once")
-            candidate = _Row(data, *_row_memory(width, height, with_maps))
+            header = read_header(image_bytes(cell, row, limits), f"row {row}", limits)
+            pixels.check(header)
+            candidate = _Row(header.source, *_row_memory(header.width, header.height, with_maps))
             if _request_cost([*admitted.values(), candidate], with_maps) > memory:
                 raise ValueError(f"row {row}: refused, the request's images need more memory than the server's "
                                  f"budget ({SERVE_MEMORY_ENV}); send fewer at once")
             admitted[row] = candidate
-            pixels += width * height
+            pixels.add(header)
         except ValueError as exc:
             errors[row] = str(exc)
     return admitted, errors

@@ -7,8 +7,7 @@ Built from torchvision.transforms.v2 on float tensors in [0, 1], before normalis
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import torch
 from torchvision.transforms import v2
@@ -48,13 +47,6 @@ class AugmentConfig:
     def flips(self) -> str:
         """The flip setting by name (a key of FLIPS)."""
         return next(name for name, pair in FLIPS.items() if pair == (self.hflip, self.vflip))
-
-    def updated(self, changes: Mapping[str, object]) -> AugmentConfig:
-        """This config with some fields changed (JSON lists read as tuples); unknown names refused."""
-        unknown = sorted(set(changes) - set(asdict(self)))
-        if unknown:
-            raise ValueError(f"unknown augmentation field(s) {', '.join(unknown)}; known: {', '.join(asdict(self))}")
-        return replace(self, **{k: tuple(v) if isinstance(v, list) else v for k, v in changes.items()})
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -24,7 +24,7 @@ RULE_SINGLE_IMAGE = "single_image_midpoint"
 
 # Fewer leave-one-out scores than this give no spread one can put a tail on (two scores: their
 # half-difference), so their threshold is provisional; at k = 2 the bound missed its target badly
-# in both directions (docs/measurements.md, section 10).
+# in both directions (measured: docs/measurements.md).
 MIN_NORMALS_FOR_TAIL = 4
 # Below MIN_NORMALS_FOR_TAIL the synthetic-gap refinement may trade false alarms for recall only
 # down to the prediction bound at this many times the target false-alarm rate.

@@ -101,7 +101,7 @@ def build_network(config: DetectorConfig, backbone: torch.nn.Module) -> Network:
 
 def views_per_forward(device: torch.device) -> int:
     """Views one backbone forward takes at once: on a CPU a few views keep the activations in cache
-    (faster fits and scoring and a lower peak than large batches, docs/measurements.md section 20);
+    (faster fits and scoring and a lower peak than large batches, as docs/measurements.md shows);
     a GPU wants them many."""
     return 64 if device.type == "cuda" else 2
 

@@ -4,7 +4,7 @@
 - `fused`: z(mahalanobis) + z(patch), each standardised by its leave-one-out normal scores. With
   one image there is no part-to-part spread to standardise by: the held-out views measure only
   augmentation noise, which fine-tuning removes on purpose (they spread far less than normal test
-  images do: docs/measurements.md, section 3), so z-scores would hand the fusion to that component. At k = 1
+  images do, as measured in docs/measurements.md), so z-scores would hand the fusion to that component. At k = 1
   each component is instead put in units of the gap from the normal views to the median synthetic
   anomaly: 0 = the normal image, 1 = a typical synthetic defect, for both components alike;
 - `either`: max(z(mahalanobis), z(patch)) in the same units: a part is as anomalous as the branch

@@ -73,11 +73,13 @@ class ImageLimits:
             raise ImageReadError(f"{label}: refused, {size} bytes exceeds the per-file limit of "
                                  f"{self.max_file_bytes} (FSAD_MAX_FILE_BYTES)")
 
-    def check_set(self, pixels: int, count: int, what: str) -> None:
-        """ImageReadError when a set's decoded pixels exceed the budget (they are held at once)."""
-        if pixels > self.max_set_pixels:
+    def check_set(self, pixels: int, count: int, what: str, budget: int | None = None) -> None:
+        """ImageReadError when a set's decoded pixels exceed the budget (they are held at once):
+        ``budget``, a share of the set budget, or the whole."""
+        budget = self.max_set_pixels if budget is None else budget
+        if pixels > budget:
             raise ImageReadError(f"{what}: refused, its {count} images hold {pixels} decoded pixels, above the "
-                                 f"budget of {self.max_set_pixels} (FSAD_MAX_SET_PIXELS)")
+                                 f"budget of {budget} (FSAD_MAX_SET_PIXELS)")
 
 
 _ENV_LIMITS = {"FSAD_MAX_PIXELS": "max_pixels", "FSAD_MAX_FILE_BYTES": "max_file_bytes",
@@ -131,13 +133,67 @@ def _label(source: str | Path | bytes, name: str | None) -> str:
     return name or (str(source) if not isinstance(source, (bytes, bytearray)) else "<bytes>")
 
 
-def image_header_size(source: str | Path | bytes, name: str | None = None,
-                      limits: ImageLimits | None = None) -> tuple[int, int]:
-    """(width, height) from the header only, checked against the limits: what decoding would hold."""
+@dataclass(frozen=True)
+class Header:
+    """An image known from its header, checked against the limits: what decoding it will hold."""
+
+    source: str | Path | bytes
+    label: str
+    width: int
+    height: int
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+    def decode(self, limits: ImageLimits | None = None) -> np.ndarray:
+        return read_image(self.source, self.label, limits)
+
+
+def read_header(source: str | Path | bytes, name: str | None = None, limits: ImageLimits | None = None) -> Header:
+    """The image's header, its file size and shape checked; nothing decoded."""
     label, limits = _label(source, name), limits or image_limits()
     with _open(source, label, limits) as img:
         limits.check_shape(*img.size, label)
-        return img.size
+        return Header(source, label, *img.size)
+
+
+def image_header_size(source: str | Path | bytes, name: str | None = None,
+                      limits: ImageLimits | None = None) -> tuple[int, int]:
+    """(width, height) from the header only, checked against the limits: what decoding would hold."""
+    header = read_header(source, name, limits)
+    return header.width, header.height
+
+
+class PixelBudget:
+    """The decoded pixels of images held at once, each admitted from its header before it is
+    decoded: every reader of several images holds them against one of these."""
+
+    def __init__(self, limits: ImageLimits, what: str, share: int = 1, advice: str = ""):
+        self.limits, self.what, self.advice = limits, what, advice  # ``what`` may name the image: {label}
+        self.total = limits.max_set_pixels // share  # a reader holding ``share`` sets at once
+        self.held = self.count = 0
+
+    def fits(self, header: Header) -> bool:
+        return self.held + header.pixels <= self.total
+
+    def check(self, header: Header) -> None:
+        """ImageReadError naming the set (and what to do) when the image would overrun the budget."""
+        try:
+            self.limits.check_set(self.held + header.pixels, self.count + 1, self.what.format(label=header.label),
+                                  self.total)
+        except ImageReadError as exc:
+            raise ImageReadError(f"{exc}; {self.advice}" if self.advice else str(exc)) from None
+
+    def add(self, header: Header) -> Header:
+        self.held += header.pixels
+        self.count += 1
+        return header
+
+    def admit(self, header: Header) -> Header:
+        """The header, checked and counted."""
+        self.check(header)
+        return self.add(header)
 
 
 def check_set_files(paths: list[Path], what: str, limits: ImageLimits | None = None) -> None:

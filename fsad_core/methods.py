@@ -7,13 +7,14 @@ too, for the command line, and this module refuses to import if the two differ.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import replace
 
 from .config import DetectorConfig
 from .finetune import FinetuneConfig
 from .losses import LossWeights
 from .options import METHOD_NAMES, check_registered
+from .overrides import apply_overrides
 
 _METHODS: dict[str, Callable[[], DetectorConfig]] = {}
 _DESCRIPTIONS: dict[str, str] = {}
@@ -34,18 +35,15 @@ def list_methods() -> dict[str, str]:
     return dict(_DESCRIPTIONS)
 
 
-def method_config(name: str, **overrides: object) -> DetectorConfig:
-    """The DetectorConfig of a named method, with field overrides (e.g. seed, size, backbone).
-
-    `augment` may be a mapping of AugmentConfig fields: changes to the method's own augmentations
-    (`{"hflip": False}` keeps its crops and rotation)."""
+def method_config(name: str, seed: int = 0, weights: str | None = None, source: str = "the options given",
+                  **settings: object) -> DetectorConfig:
+    """The DetectorConfig of a named method for ``seed`` (and a weights file, for experiments on
+    this machine), with ``settings`` (None: the method's own) checked and applied by the one
+    loader, `apply_overrides`: `{"augment": {"hflip": False}}` keeps the method's crops and rotation."""
     if name not in _METHODS:
         raise ValueError(f"unknown method {name!r}; one of {sorted(_METHODS)}")
-    config = _METHODS[name]()
-    changes = {k: v for k, v in overrides.items() if v is not None}
-    if isinstance(changes.get("augment"), Mapping):  # changes to the method's own augmentations
-        changes["augment"] = config.augment.updated(changes["augment"])
-    return replace(config, **changes)
+    config = replace(_METHODS[name](), seed=seed, weights=weights)
+    return apply_overrides(config, {k: v for k, v in settings.items() if v is not None}, source)
 
 
 def _finetuned(instance: float, cross: float, negative: float) -> DetectorConfig:

@@ -2,7 +2,7 @@
 
 Fine-tuned weights depend on more than the code, the seed and torch's version: with all three the
 same, two installs gave `default` different records while `pretrained` was equal record for record
-(docs/measurements.md, sections 9 and 10), and nothing recorded could say which library or machine
+(docs/measurements.md), and nothing recorded could say which library or machine
 differed. So models and benchmark records name them.
 """
 

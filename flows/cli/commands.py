@@ -16,15 +16,19 @@ from typing import TextIO
 
 import numpy as np
 
+from fsad_core.calibration import Threshold
 from fsad_core.data import find_all_categories, load_category
+from fsad_core.decision import Decision, decided
 from fsad_core.detector import Detector
 from fsad_core.imageio import (
+    Header,
     ImageLimits,
     ImageReadError,
+    PixelBudget,
     check_set_files,
-    image_header_size,
     image_limits,
     is_image_name,
+    read_header,
     read_image,
 )
 from fsad_core.methods import method_config
@@ -74,8 +78,8 @@ def train(args: argparse.Namespace) -> int:
     samples = category.sample_k_shot(args.k, args.seed)
     check_set_files([s.path for s in samples], f"the {args.k} training images of {args.data}")
     images = [s.image() for s in samples]
-    config = method_config(args.method, seed=args.seed, weights=args.weights, score=args.score,
-                           **_config_options(args))
+    config = method_config(args.method, seed=args.seed, weights=args.weights, source="the command line",
+                           score=args.score, **_config_options(args))
     if note := stretch_warning([img.shape for img in images], config.resize):
         print(f"note: {note} (--resize tile)", file=sys.stderr)
     detector, report = Detector.fit(images, config, device=args.device, progress=Progress(f"train k={args.k}"))
@@ -189,17 +193,17 @@ def _chunks(paths: list[Path], limits: ImageLimits, size: int) -> list[list[Path
     """Batches of at most ``size`` files whose decoded pixels (from the headers) stay within half the
     set budget: two batches are held at once, the one scored and the one being decoded."""
     chunks: list[list[Path]] = [[]]
-    pixels = 0
+    budget = PixelBudget(limits, "a batch", share=2)
     for path in paths:
         try:
-            width, height = image_header_size(path, limits=limits)
+            header = read_header(path, limits=limits)
         except ImageReadError:  # refused again, with its reason, when its batch is read
-            width = height = 0
-        if chunks[-1] and (len(chunks[-1]) == size or pixels + width * height > limits.max_set_pixels // 2):
+            header = Header(path, str(path), 0, 0)
+        if chunks[-1] and (len(chunks[-1]) == size or not budget.fits(header)):
             chunks.append([])
-            pixels = 0
+            budget = PixelBudget(limits, "a batch", share=2)
         chunks[-1].append(path)
-        pixels += width * height
+        budget.add(header)  # an image above the share is a batch of its own
     return [chunk for chunk in chunks if chunk]
 
 
@@ -228,7 +232,8 @@ def score(args: argparse.Namespace) -> int:
     detector, source = load_model(args.model, args.device)
     print(f"fsad score: model {source.label()}", file=sys.stderr)
     threshold = _decision_threshold(detector, args.threshold)
-    maps = MapWriter(Path(args.maps), map_of, detector.map_anchor(threshold), args.raw_maps) if args.maps else None
+    anchor = detector.map_anchor(threshold.value)
+    maps = MapWriter(Path(args.maps), map_of, anchor, args.raw_maps) if args.maps else None
     out = open(args.out, "w", newline="") if args.out else sys.stdout
     write = JsonLines(out, source) if args.json else CsvRows(out, source)
     try:
@@ -240,17 +245,17 @@ def score(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _decision_threshold(detector: Detector, asked: float | None) -> float:
+def _decision_threshold(detector: Detector, asked: float | None) -> Threshold:
     """The threshold asked for, else the model's own (with a note when that one is provisional)."""
     if asked is not None:
-        return asked
+        return Threshold(asked, "given with --threshold", None, None)
     if detector.threshold.details.get("provisional"):
         print(f"note: the threshold is provisional ({detector.threshold.details['provisional_reason']})",
               file=sys.stderr)
-    return detector.threshold.value
+    return detector.threshold
 
 
-Writer = Callable[[Path, float, float], None]
+Writer = Callable[[Decision], None]
 
 
 @dataclass(frozen=True)
@@ -271,7 +276,7 @@ class MapWriter:
             np.save(target.with_suffix(".npy"), amap.astype(np.float32))
 
 
-def _score_files(detector: Detector, files: list[Path], limits: ImageLimits, threshold: float, write: Writer,
+def _score_files(detector: Detector, files: list[Path], limits: ImageLimits, threshold: Threshold, write: Writer,
                  maps: MapWriter | None) -> int:
     """Score the files batch by batch in their order, a row (and maps) for each; returns how many could not be read."""
     failed = 0
@@ -284,10 +289,11 @@ def _score_files(detector: Detector, files: list[Path], limits: ImageLimits, thr
         if not good:
             continue
         result = detector.score([image for _, image in good], with_maps=maps is not None)
-        for i, (path, image) in enumerate(good):
-            write(path, float(result.scores[i]), threshold)
-            if maps is not None:
-                maps.write(path, image, result.maps[i])
+        for decision in decided([str(path) for path, _ in good], result.scores, threshold):
+            write(decision)
+        if maps is not None:
+            for (path, image), amap in zip(good, result.maps):
+                maps.write(path, image, amap)
     return failed
 
 
@@ -299,9 +305,9 @@ class CsvRows:
         self.writer.writerow(["image", "score", "is_anomaly", "threshold", "model"])
         self.model = source.label()
 
-    def __call__(self, path: Path, score: float, threshold: float) -> None:
-        self.writer.writerow([csv_text(str(path)), f"{score:.6g}", int(score > threshold), f"{threshold:.6g}",
-                              csv_text(self.model)])
+    def __call__(self, decision: Decision) -> None:
+        self.writer.writerow([csv_text(decision.image), f"{decision.score:.6g}", int(decision.is_anomaly),
+                              f"{decision.threshold:.6g}", csv_text(self.model)])
 
 
 def csv_text(text: str) -> str:
@@ -317,9 +323,10 @@ class JsonLines:
         self.out = out
         self.model = source.to_dict()
 
-    def __call__(self, path: Path, score: float, threshold: float) -> None:
-        self.out.write(json.dumps({"image": str(path), "score": score, "is_anomaly": score > threshold,
-                                   "threshold": threshold, "model": self.model}) + "\n")
+    def __call__(self, decision: Decision) -> None:
+        self.out.write(json.dumps({"image": decision.image, "score": decision.score,
+                                   "is_anomaly": decision.is_anomaly, "threshold": decision.threshold,
+                                   "model": self.model}) + "\n")
 
 
 def bench(args: argparse.Namespace) -> int:

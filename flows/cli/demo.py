@@ -19,9 +19,9 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from flows.pipeline.runners import prefect_api
+from flows.pipeline.summary import RetrainSummary
 from flows.settings import Settings, load_settings
 from flows.store.upload import upload_folder, write_upload_folder
 from fsad_core.benchmark import stratified_subset
@@ -94,15 +94,13 @@ def prepare_upload_set(out: Path, data: str | None) -> tuple[str, Path, str]:
     return product, out, what
 
 
-def _print_summary(summary: dict[str, Any], settings: Settings, product: str, folder: Path, prefect_home: Path,
+def _print_summary(summary: RetrainSummary, settings: Settings, product: str, folder: Path, prefect_home: Path,
                    seconds: float) -> None:
-    from flows.pipeline.retrain import format_summary
-
     q, home = shlex.quote, settings.home
     print(f"\n== fsad demo done in {seconds:.0f} s")
-    print(format_summary(summary))
+    print(summary.text())
     print("\nwhere things are")
-    print(f"  storage   {settings.storage_url}/products/{product}/uploads/{summary['upload_id']}/ "
+    print(f"  storage   {settings.storage_url}/products/{product}/uploads/{summary.upload_id}/ "
           f"(validation.json beside the images)")
     print(f"  MLflow    {settings.tracking_uri}  artifacts {settings.artifact_root}")
     print(f"  Prefect   {prefect_home}/prefect.db")
@@ -119,11 +117,12 @@ def _print_summary(summary: dict[str, Any], settings: Settings, product: str, fo
 def run_demo(workdir: str | None = None, data: str | None = None) -> int:
     """Generate (or take) a product, upload it, run the retraining flow, print what happened."""
     start = time.monotonic()
-    home = Path(workdir).expanduser().absolute() if workdir else load_settings().home
+    caller = load_settings()
+    home = Path(workdir).expanduser().absolute() if workdir else caller.home
     embedded = {
         "FSAD_HOME": str(home), "FSAD_STORAGE": str(home / "store"),
         "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}",
-        "FSAD_TRAIN_OVERRIDES": os.environ.get("FSAD_TRAIN_OVERRIDES") or json.dumps(DEMO_TRAINING),
+        "FSAD_TRAIN_OVERRIDES": json.dumps(caller.train_overrides or DEMO_TRAINING),
         **TELEMETRY_OFF,
     }
     prefect_home = home / "prefect"
@@ -143,11 +142,10 @@ def run_demo(workdir: str | None = None, data: str | None = None) -> int:
         print(f"uploaded    {product} {result.upload_id}: "
               + ", ".join(f"{n} {split}" for split, n in result.counts.items()))
         print("retraining  (Prefect flow `retrain`; progress below)", flush=True)
-        summary = retrain_flow(product, upload_id=result.upload_id)
+        summary = RetrainSummary.from_dict(retrain_flow(product, upload_id=result.upload_id))
         _print_summary(summary, settings, product, folder, prefect_home, time.monotonic() - start)
-        champion = summary.get("aliases", {}).get("champion")
-        if champion is None:
-            print(f"fsad demo: no champion for {product}: {summary['message']}", file=sys.stderr)
+        if summary.champion is None:
+            print(f"fsad demo: no champion for {product}: {summary.message}", file=sys.stderr)
             return 1
     return 0
 

@@ -154,9 +154,10 @@ def _cmd_upload(args: argparse.Namespace) -> int:
 
 
 def _cmd_retrain(args: argparse.Namespace) -> int:
-    from flows.pipeline.retrain import format_summary, retrain_flow
+    from flows.pipeline.retrain import retrain_flow
     from flows.pipeline.runlog import logged_to, run_log_path
     from flows.pipeline.runners import prefect_api
+    from flows.pipeline.summary import GATE_FAILED, RetrainSummary
     from flows.settings import load_settings
     from flows.store.storage import validate_name
     validate_name(args.product, "product name")  # before its name makes a log file's or a flow run's
@@ -164,13 +165,13 @@ def _cmd_retrain(args: argparse.Namespace) -> int:
         validate_name(args.upload, "upload id")
     with prefect_api(), logged_to(run_log_path(load_settings().home, "retrain", args.product)) as log:
         try:
-            summary = retrain_flow(args.product, upload_id=args.upload)
+            summary = RetrainSummary.from_dict(retrain_flow(args.product, upload_id=args.upload))
         except Exception as exc:
             exc.add_note(f"full log: {log}")
             raise
-    print(format_summary(summary))
-    if summary["status"] == "gate_failed":  # no new champion: a failure for scripts that retrain
-        print(f"fsad retrain: {summary['message']}", file=sys.stderr)
+    print(summary.text())
+    if summary.status == GATE_FAILED:  # no new champion: a failure for scripts that retrain
+        print(f"fsad retrain: {summary.message}", file=sys.stderr)
         return 1
     return 0
 
@@ -370,8 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
                "MLFLOW_TRACKING_URI (default SQLite in FSAD_HOME).")
     parser.add_argument("--version", action="version", version=f"fsad {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add_subcommand in (_add_demo, _add_train, _add_score, _add_bench, _add_report, _add_upload, _add_settings,
-                           _add_retrain, _add_score_prefix, _add_stack):  # in the order `fsad --help` lists them
+    # in the order `fsad --help` lists them
+    for add_subcommand in (_add_demo, _add_train, _add_score, _add_bench, _add_report, _add_upload,
+                           _add_settings, _add_retrain, _add_score_prefix, _add_stack):
         add_subcommand(sub)
     return parser
 

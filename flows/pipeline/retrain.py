@@ -34,6 +34,16 @@ from flows.mlops.registry import RegistryError
 from flows.mlops.run_report import PER_ROLE, GalleryItem, gallery_picks
 from flows.pipeline.retries import IO_RETRIES, PermanentError
 from flows.pipeline.runners import api_is_temporary
+from flows.pipeline.summary import (
+    ALREADY_TRAINED,
+    GATE_FAILED,
+    PROMOTED,
+    GateSummary,
+    RetrainSummary,
+    ThresholdSummary,
+    TrainedSummary,
+    TrainingSummary,
+)
 from flows.settings import (
     Settings,
     config_sha256,
@@ -54,7 +64,7 @@ from fsad_core.config import DetectorConfig
 from fsad_core.detector import Detector
 from fsad_core.devices import resolve_device
 from fsad_core.fitting import FitReport
-from fsad_core.imageio import image_header_size, image_limits, read_image
+from fsad_core.imageio import PixelBudget, image_limits, read_header
 from fsad_core.metrics import image_auroc, rates_at_threshold
 from fsad_core.preprocess import stretch_warning
 
@@ -172,16 +182,14 @@ def load_images(settings: Settings, product: str, upload_id: str, manifest: dict
     """Decode the manifest's images, each checked against its manifest sha256 once more: what is
     trained on is exactly the content that was validated and that content_sha256 names."""
     store, prefix = open_store(settings.storage_url), upload_prefix(product, upload_id)
-    limits, pixels = image_limits(), 0
+    limits = image_limits()
+    budget = PixelBudget(limits, f"upload {upload_id} of {product}")
     data = UploadData([], [], [], [])
-    for n, entry in enumerate(sorted(manifest["files"], key=lambda f: f["key"]), start=1):
+    for entry in sorted(manifest["files"], key=lambda f: f["key"]):
         key, blob = entry["key"], store.get_bytes(prefix + entry["key"])
         if sha256_hex(blob) != entry["sha256"]:
             raise ValueError(f"{store.uri(prefix + key)} changed since validation (sha256 differs from the manifest)")
-        width, height = image_header_size(blob, key, limits)
-        pixels += width * height
-        limits.check_set(pixels, n, f"upload {upload_id} of {product}")  # before this image is decoded
-        image = read_image(blob, name=key, limits=limits)
+        image = budget.admit(read_header(blob, key, limits)).decode(limits)
         if key.startswith("train/good/"):
             data.train.append(image)
         elif key.startswith(("eval/good/", "eval/defect/")):
@@ -406,8 +414,8 @@ def current_aliases(settings: Settings, product: str) -> dict[str, str]:
 def retrain_flow(product: str, upload_id: str | None = None, method: str = "default", seed: int = 0) -> dict[str, Any]:
     """Train, gate and (if it passes) promote a model from one upload (default: the latest complete).
 
-    Returns a JSON-able summary: ``status`` (promoted | gate_failed | already_trained), ``message``,
-    ``upload_id``, ``version``, ``model``, ``gate``, ``aliases``, ``metrics``, ``threshold``...
+    Returns the `RetrainSummary` as JSON-able fields (``RetrainSummary.from_dict`` reads them back):
+    ``status`` (promoted | gate_failed | already_trained), ``message``, ``version``, ``gate``...
     A rejected upload raises UploadRejected (the flow run ends Failed) after quarantining it.
     """
     settings = load_settings()
@@ -424,7 +432,7 @@ def retrain_flow(product: str, upload_id: str | None = None, method: str = "defa
         _reject(settings, product, upload_id, validation)
     get_run_logger().info("waiting for the retraining slot of %s (one retraining per product at a time)", product)
     with product_lock(settings, product):
-        return _train_and_promote(settings, product, upload_id, manifest, validation, method, seed, config)
+        return _train_and_promote(settings, product, upload_id, manifest, validation, method, seed, config).to_dict()
 
 
 def _reject(settings: Settings, product: str, upload_id: str, validation: dict[str, Any]) -> NoReturn:
@@ -479,11 +487,11 @@ class Published:
 
     @property
     def status(self) -> str:
-        return "promoted" if self.decision.passed else "gate_failed"
+        return PROMOTED if self.decision.passed else GATE_FAILED
 
 
 def _train_and_promote(settings: Settings, product: str, upload_id: str, manifest: dict[str, Any],
-                       validation: dict[str, Any], method: str, seed: int, config: DetectorConfig) -> dict[str, Any]:
+                       validation: dict[str, Any], method: str, seed: int, config: DetectorConfig) -> RetrainSummary:
     """The flow's critical section (under the product lock): already trained? else train, log,
     register, gate, verify and promote."""
     # The identity of the files this run reads (validation found the declared hash equal to it; a
@@ -503,10 +511,10 @@ def _train_and_promote(settings: Settings, product: str, upload_id: str, manifes
     return trained_summary(job, trained.record, _publish(settings, job, trained))
 
 
-def _stop_already_trained(settings: Settings, job: RetrainJob, existing: dict[str, Any]) -> dict[str, Any]:
+def _stop_already_trained(settings: Settings, job: RetrainJob, existing: dict[str, Any]) -> RetrainSummary:
     """The summary of a run that finds its upload and configuration already trained, with today's aliases."""
     summary = already_trained_summary(job, existing, current_aliases(settings, job.product))
-    get_run_logger().info(summary["message"])
+    get_run_logger().info(summary.message)
     return summary
 
 
@@ -566,49 +574,31 @@ def _model_ref(product: str, version: str) -> str:
     return f"models:/{registry.model_name(product)}/{version}"
 
 
-def already_trained_summary(job: RetrainJob, existing: dict[str, Any], aliases: dict[str, str]) -> dict[str, Any]:
+def already_trained_summary(job: RetrainJob, existing: dict[str, Any], aliases: dict[str, str]) -> RetrainSummary:
     """The summary of a run that stops early: the gate verdict is the one recorded on the existing version."""
     version, tags = existing["version"], existing["tags"]
-    return {**job.identity(), "status": "already_trained", "version": version, "run_id": existing["run_id"],
-            "model": _model_ref(job.product, version),
-            "gate": {"passed": tags.get("gate.verdict") == "passed",
-                     "reason": tags.get("gate.reason", "no gate verdict recorded")},
-            "aliases": aliases,
-            "message": f"already trained as version {version} (same content_sha256 and configuration); "
-                       f"not training again"}
+    gate_ = GateSummary(tags.get("gate.verdict") == "passed", tags.get("gate.reason", "no gate verdict recorded"))
+    message = f"already trained as version {version} (same content_sha256 and configuration); not training again"
+    return RetrainSummary(**job.identity(), status=ALREADY_TRAINED, message=message, version=version,
+                          run_id=existing["run_id"], model=_model_ref(job.product, version), gate=gate_,
+                          aliases=aliases)
 
 
-def trained_summary(job: RetrainJob, record: tracking.TrainingRecord, published: Published) -> dict[str, Any]:
+def trained_summary(job: RetrainJob, record: tracking.TrainingRecord, published: Published) -> RetrainSummary:
     """The summary of a run that trained: what it measured, what the gate decided and where the aliases stand."""
     decision, threshold, config = published.decision, record.threshold, job.config
-    return {**job.identity(), "status": published.status, "message": published.message,
-            "version": published.version, "run_id": published.run_id,
-            "model": _model_ref(job.product, published.version), "eval_set": record.eval_set, "k": record.k,
-            "metrics": record.metrics, "aliases": published.aliases,
-            "gate": {"passed": decision.passed, "reason": decision.reason, "min_auroc": decision.min_auroc,
-                     "candidate_auroc": decision.candidate_auroc, "champion_version": decision.champion_version,
-                     "champion_auroc": decision.champion_auroc},
-            "threshold": {"value": threshold.value, "rule": threshold.rule,
-                          "expected_false_alarm_rate": threshold.expected_false_alarm_rate},
-            "training": {"size": config.size, "steps": config.finetune.steps if config.finetune else 0,
-                         "pool_views": config.pool_views, "backbone": config.backbone, "device": job.device}}
+    trained = TrainedSummary(
+        record.eval_set, record.k, record.metrics,
+        ThresholdSummary(threshold.value, threshold.rule, threshold.expected_false_alarm_rate),
+        TrainingSummary(config.size, config.finetune.steps if config.finetune else 0, config.pool_views,
+                        config.backbone, job.device))
+    gate_ = GateSummary(decision.passed, decision.reason, decision.min_auroc, decision.candidate_auroc,
+                        decision.champion_version, decision.champion_auroc)
+    return RetrainSummary(**job.identity(), status=published.status, message=published.message,
+                          version=published.version, run_id=published.run_id,
+                          model=_model_ref(job.product, published.version), gate=gate_, aliases=published.aliases,
+                          trained=trained)
 
 
-def format_summary(summary: dict[str, Any]) -> str:
-    """The flow's summary as a few human-readable lines (CLI and demo)."""
-    lines = [f"{summary['product']} upload {summary['upload_id']}: {summary['message']}",
-             f"model     {summary['model']}  aliases {json.dumps(summary.get('aliases', {}), sort_keys=True)}"]
-    gate_ = summary.get("gate") or {}
-    lines.append(f"gate      {'passed' if gate_.get('passed') else 'failed'}: {gate_.get('reason')}")
-    if "metrics" in summary:
-        m = summary["metrics"]
-        shown = ("benchmark_auroc", "f1", "false_alarm_rate", "miss_rate", "fit_seconds")
-        lines.append(f"metrics   ({summary['eval_set']} benchmark) "
-                     + ", ".join(f"{k} {m[k]:.4g}" for k in shown if k in m))
-        t = summary["threshold"]
-        lines.append(f"threshold {t['value']:.4g} ({t['rule']})")
-    return "\n".join(lines)
-
-
-__all__ = ["GPU_LIMIT", "NoUpload", "PRODUCT_LOCK_PREFIX", "UploadRejected", "format_summary", "product_lock",
+__all__ = ["GPU_LIMIT", "NoUpload", "PRODUCT_LOCK_PREFIX", "UploadRejected", "product_lock",
            "retrain_flow", "training_slot"]

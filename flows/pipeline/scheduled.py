@@ -22,6 +22,7 @@ from flows.mlops import registry, tracking
 from flows.pipeline.retrain import retrain_flow
 from flows.pipeline.retries import IO_RETRIES
 from flows.pipeline.runners import prefect_api_configured
+from flows.pipeline.summary import RetrainSummary
 from flows.settings import Settings, config_sha256, load_settings, product_overrides, training_config
 from flows.store.storage import (
     ObjectNotFound,
@@ -111,7 +112,7 @@ def retrain_here(plans: list[Plan], method: str, seed: int) -> dict[str, Outcome
     outcomes = {}
     for plan in plans:
         state = retrain_flow(plan.product, plan.upload_id, method, seed, return_state=True)
-        outcomes[plan.product] = (Outcome(state.result()["status"]) if state.is_completed()
+        outcomes[plan.product] = (Outcome(RetrainSummary.from_dict(state.result()).status) if state.is_completed()
                                   else Outcome("failed", f"upload {plan.upload_id}: {state.message}"))
     return outcomes
 
@@ -155,7 +156,7 @@ def _outcome(run: Any) -> Outcome:
     if not run.state.is_completed():
         return Outcome("failed", f"flow run {run.name}: {run.state.name}: {run.state.message}")
     try:
-        return Outcome(run.state.result()["status"])
+        return Outcome(RetrainSummary.from_dict(run.state.result()).status)
     except Exception:  # persisted on another machine's disk: the state still says it completed
         return Outcome("completed")
 

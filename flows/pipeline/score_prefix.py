@@ -25,9 +25,10 @@ from flows.mlops import registry
 from flows.pipeline.retries import IO_RETRIES
 from flows.pipeline.runners import task_runner
 from flows.store.storage import ObjectNotFound, StorageKeyError, open_store
+from fsad_core.decision import Decision, decided, undecided
 from fsad_core.detector import Detector
 from fsad_core.devices import configured_device
-from fsad_core.imageio import ImageLimits, ImageReadError, image_header_size, image_limits, is_image_name, read_image
+from fsad_core.imageio import ImageLimits, ImageReadError, PixelBudget, image_limits, is_image_name, read_header
 
 DECISIONS_DIR = "fsad-decisions"
 BATCH = 16  # images a task: enough to batch the backbone, few enough that a stop loses little
@@ -56,7 +57,7 @@ def part_key(prefix: str, keys: list[str]) -> str:
     return f"{prefix}part-{digest}.jsonl"  # as PART_NAME reads it
 
 
-def decided(store: Any, prefix: str) -> set[str]:
+def already_decided(store: Any, prefix: str) -> set[str]:
     """The images the part files under ``prefix`` already hold a decision for. Other objects there
     are not ours and are passed over; a part file that cannot be read is named in a warning and its
     images are decided again (its batch writes it anew)."""
@@ -84,12 +85,17 @@ def score_batch(url: str, objects: list[tuple[str, int]], ref: str, model: dict[
     """Score the (key, size) ``objects`` and write their decisions to ``part``; counts of what was decided."""
     store, detector = open_store(url), _champion(ref)
     images, errors = _read(store, objects, image_limits())
-    scores = dict(zip(images, detector.score(list(images.values())).scores.tolist())) if images else {}
-    threshold = detector.threshold.value
-    lines = [{"image": key, "score": scores.get(key), "is_anomaly": key in errors or scores[key] > threshold,
-              "threshold": threshold, "model": model, "error": errors.get(key, "")} for key, _ in objects]
-    store.put_bytes(part, "".join(json.dumps(line) + "\n" for line in lines).encode(), "application/x-ndjson")
-    return {"scored": len(lines), "anomalies": sum(line["is_anomaly"] for line in lines), "unreadable": len(errors)}
+    scores = detector.score(list(images.values())).scores if images else []
+    by_key = {d.image: d for d in decided(list(images), scores, detector.threshold)}
+    decisions = [by_key.get(key) or undecided(key, errors[key], detector.threshold) for key, _ in objects]
+    store.put_bytes(part, "".join(_line(d, model) for d in decisions).encode(), "application/x-ndjson")
+    return {"scored": len(decisions), "anomalies": sum(d.is_anomaly for d in decisions), "unreadable": len(errors)}
+
+
+def _line(decision: Decision, model: dict[str, str]) -> str:
+    """A decision as a line of a part file."""
+    return json.dumps({"image": decision.image, "score": decision.score, "is_anomaly": decision.is_anomaly,
+                       "threshold": decision.threshold, "model": model, "error": decision.error}) + "\n"
 
 
 def _read(store: Any, objects: list[tuple[str, int]], limits: ImageLimits
@@ -98,18 +104,13 @@ def _read(store: Any, objects: list[tuple[str, int]], limits: ImageLimits
     read, the batch's decoded pixels kept within the set budget from each header before decoding."""
     images: dict[str, np.ndarray] = {}
     errors: dict[str, str] = {}
-    pixels = 0
+    budget = PixelBudget(limits, "the batch up to {label}")
     for key, size in objects:
         try:
             limits.check_bytes(size, key)
-            data = store.get_bytes(key)
-            width, height = image_header_size(data, key, limits)
-            limits.check_set(pixels + width * height, len(images) + 1, f"the batch up to {key}")
-            images[key] = read_image(data, name=key, limits=limits)
+            images[key] = budget.admit(read_header(store.get_bytes(key), key, limits)).decode(limits)
         except (ImageReadError, ObjectNotFound, StorageKeyError) as exc:  # storage down: the task fails, is retried
             errors[key] = str(exc)
-            continue
-        pixels += width * height
     return images, errors
 
 
@@ -134,7 +135,7 @@ def score_prefix_flow(product: str, url: str, batch: int | None = None, dask: st
     store, prefix = open_store(url), decisions_prefix(name, version)
     images = sorted((i.key, i.size) for i in store.list_info()
                     if is_image_name(i.key) and not i.key.startswith(f"{DECISIONS_DIR}/"))
-    done = decided(store, prefix)
+    done = already_decided(store, prefix)
     todo = [(key, size) for key, size in images if key not in done]
     batches = [todo[i:i + batch] for i in range(0, len(todo), batch)]
     model = {"name": name, "version": version, "alias": registry.CHAMPION}

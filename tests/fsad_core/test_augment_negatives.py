@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from fsad_core.augment import AugmentConfig, augment_views
+from fsad_core.methods import method_config
 from fsad_core.negatives import NEGATIVE_KINDS, cutpaste, cutpaste_scar, noise_blob, synthesize, texture_blob
 from fsad_core.options import FLIPS
 
@@ -29,16 +30,9 @@ def test_augmentation_can_be_switched_off(image):
 
 def test_flips_by_name_set_both_flags_and_read_back():
     for name, (hflip, vflip) in FLIPS.items():
-        config = AugmentConfig().updated({"hflip": hflip, "vflip": vflip})  # as --flips NAME sets them
+        config = method_config("default", augment={"hflip": hflip, "vflip": vflip}).augment  # as --flips NAME
         assert (config.hflip, config.vflip, config.flips) == (hflip, vflip, name)
         assert config.rotation_deg == AugmentConfig().rotation_deg  # nothing else changes
-
-
-def test_updated_changes_named_fields_reads_json_lists_and_refuses_unknown_names():
-    config = AugmentConfig().updated({"hflip": False, "crop_scale": [0.9, 1.0]})
-    assert config == AugmentConfig(hflip=False, crop_scale=(0.9, 1.0))
-    with pytest.raises(ValueError, match="unknown augmentation field.*vertical_flip"):
-        AugmentConfig().updated({"vertical_flip": True})
 
 
 @pytest.mark.parametrize(("field", "value"), [

@@ -8,9 +8,11 @@ from fsad_core.imageio import (
     ImageLimits,
     ImageReadError,
     LimitSettingError,
+    PixelBudget,
     array_at_work_size,
     image_header_size,
     image_limits,
+    read_header,
     read_image,
     read_mask,
     work_factor,
@@ -123,6 +125,22 @@ def test_a_set_over_the_pixel_budget_is_refused_naming_the_setting():
                                              "budget of 2999 \\(FSAD_MAX_SET_PIXELS\\)"):
         ImageLimits(max_set_pixels=2999).check_set(3000, 3, "upload U")
     ImageLimits(max_set_pixels=3000).check_set(3000, 3, "upload U")
+
+
+def test_a_pixel_budget_admits_headers_until_the_next_would_overrun_it_and_names_the_set(tmp_path):
+    paths = []
+    for i, side in enumerate((40, 40, 50)):
+        paths.append(tmp_path / f"{i}.png")
+        Image.new("RGB", (side, side)).save(paths[-1])
+    budget = PixelBudget(ImageLimits(max_set_pixels=2 * 3200), "batch up to {label}", share=2, advice="fewer")
+    first = budget.admit(read_header(paths[0]))
+    assert (first.width, first.height, budget.held, budget.count) == (40, 40, 1600, 1)
+    assert budget.fits(read_header(paths[1])) and not budget.fits(read_header(paths[2]))
+    with pytest.raises(ImageReadError, match=f"batch up to {paths[2]}: refused, its 2 images hold 4100 decoded "
+                                             "pixels, above the budget of 3200 \\(FSAD_MAX_SET_PIXELS\\); fewer"):
+        budget.admit(read_header(paths[2]))
+    assert budget.held == 1600  # a refused image is not counted
+    assert first.decode().shape == (40, 40, 3)
 
 
 def test_limits_come_from_the_environment_and_a_bad_value_is_named():

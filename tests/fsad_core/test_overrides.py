@@ -1,3 +1,8 @@
+import dataclasses
+import functools
+import re
+from pathlib import Path
+
 import pytest
 
 from fsad_core.config import DetectorConfig
@@ -31,3 +36,47 @@ def test_fine_tuning_settings_of_a_method_without_fine_tuning_are_checked_and_no
     assert apply_overrides(DetectorConfig(finetune=None), {"finetune": {"steps": 5}}, "here").finetune is None
     with pytest.raises(OverrideError, match="finetune.steps: from 1 to 100000"):
         apply_overrides(DetectorConfig(finetune=None), {"finetune": {"steps": 0}}, "here")
+
+
+# A value other than the default for every setting: a field added to the configuration must be
+# added here and to docs/settings.md.
+EVERY_SETTING = {
+    "backbone": "tf_efficientnet_lite1", "size": 256, "resize": "letterbox", "intensity": "standardise",
+    "patch_size": 256, "pooling": "mean", "pool_views": 32, "negatives": 16, "calibration_negatives": 16,
+    "memory_views": 2, "memory_max": 5000, "coreset_candidates": 0, "map_sigma": 2.0, "score": "patch",
+    "target_false_alarm_rate": 0.05, "augment.crop_scale": (0.9, 1.0), "augment.hflip": False,
+    "augment.vflip": True, "augment.rotation_deg": 5.0, "augment.brightness": 0.1, "augment.contrast": 0.1,
+    "finetune.steps": 10, "finetune.lr_backbone": 1e-5, "finetune.lr_head": 1e-4, "finetune.weight_decay": 0.0,
+    "finetune.normals_per_batch": 8, "finetune.negatives_per_batch": 4, "finetune.patience": 5,
+    "finetune.min_improvement": 0.001, "finetune.loss.instance": 0.5, "finetune.loss.cross": 0.5,
+    "finetune.loss.negative": 0.5, "finetune.loss.temperature": 0.1,
+}
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "settings.md"
+
+
+def _leaf_paths(config: object, prefix: str = "") -> list[str]:
+    paths = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        paths += (_leaf_paths(value, f"{prefix}{f.name}.") if dataclasses.is_dataclass(value)
+                  else [f"{prefix}{f.name}"])
+    return paths
+
+
+def test_every_field_of_the_configuration_is_a_documented_setting_but_weights_and_seed():
+    fields = set(_leaf_paths(DetectorConfig())) - {"weights", "seed"}
+    documented = set(re.findall(r"^\| `([a-z_.]+)` \|", DOCS.read_text(), re.MULTILINE)) - {"finetune"}
+    assert fields == documented == set(EVERY_SETTING)
+
+
+@pytest.mark.parametrize("path", sorted(EVERY_SETTING))
+def test_each_setting_can_be_set_and_is_held_by_the_configuration(path):
+    value = EVERY_SETTING[path]
+    *parents, leaf = path.split(".")
+    nested: dict = {leaf: list(value) if isinstance(value, tuple) else value}
+    for parent in reversed(parents):
+        nested = {parent: nested}
+    config = apply_overrides(DetectorConfig(), nested, "here")
+    field_of = functools.partial(functools.reduce, getattr, path.split("."))
+    assert field_of(config) == value != field_of(DetectorConfig())
+    assert DetectorConfig.from_dict(config.to_dict()) == config

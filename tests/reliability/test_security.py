@@ -195,8 +195,8 @@ def test_a_request_over_the_pixel_budget_is_refused_row_by_row_before_decoding(t
     monkeypatch.setenv("FSAD_MAX_SET_PIXELS", str(64 * 64 * 2))
     out = model.predict(pd.DataFrame({"image": [encode_png(noise_rgb(i)) for i in range(3)]}))
     assert out["error"].tolist()[:2] == ["", ""] and np.isfinite(out["score"].iloc[:2]).all()
-    assert out["error"].iloc[2] == ("row 2: refused, the request's images exceed the budget of 8192 decoded pixels "
-                                    "(FSAD_MAX_SET_PIXELS); send fewer at once")
+    assert out["error"].iloc[2] == ("the request up to row 2: refused, its 3 images hold 12288 decoded pixels, above "
+                                    "the budget of 8192 (FSAD_MAX_SET_PIXELS); send fewer at once")
 
 
 def test_rows_beyond_the_memory_budget_are_refused_and_a_request_that_waits_too_long_is_refused(trained, tmp_path,

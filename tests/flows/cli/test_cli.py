@@ -322,12 +322,13 @@ def test_outputs_that_would_overwrite_an_input_are_refused_before_anything_is_wr
 
 def test_a_csv_cell_that_begins_like_a_formula_is_written_as_text(tmp_path):
     from flows.cli.commands import CsvRows, ModelSource, csv_text
+    from fsad_core.decision import Decision
 
     assert csv_text("=cmd|' -C calc'!A0.png") == "'=cmd|' -C calc'!A0.png"
     assert [csv_text(t) for t in ("+1.png", "-x.png", "@sum.png", "\tx.png", "part.png")] == [
         "'+1.png", "'-x.png", "'@sum.png", "'\tx.png", "part.png"]
     with (tmp_path / "scores.csv").open("w", newline="") as out:
-        CsvRows(out, ModelSource(Path("m")))(Path("=cmd|' -C calc'!A0.png"), 0.5, 0.4)
+        CsvRows(out, ModelSource(Path("m")))(Decision("=cmd|' -C calc'!A0.png", 0.5, True, 0.4))
     rows = list(csv.reader((tmp_path / "scores.csv").open()))
     assert rows[1][0] == "'=cmd|' -C calc'!A0.png"
 

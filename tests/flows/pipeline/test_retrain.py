@@ -38,6 +38,7 @@ from flows.pipeline.retrain import (
     training_slot,
     version_tags,
 )
+from flows.pipeline.summary import GateSummary
 from flows.pyfunc import encode_png
 from flows.settings import SettingsError, load_settings
 from flows.store.storage import open_store, quarantine_prefix, training_key, upload_prefix, validation_key
@@ -368,15 +369,14 @@ def _record(job: RetrainJob) -> tracking.TrainingRecord:
 def test_an_already_trained_summary_names_the_existing_version_and_its_recorded_verdict():
     existing = {"version": "4", "run_id": "r4", "tags": {"gate.verdict": "passed", "gate.reason": "AUROC 0.9"}}
     summary = already_trained_summary(_job(), existing, {CHAMPION: "4"})
-    assert list(summary) == [*IDENTITY, "status", "version", "run_id", "model", "gate", "aliases", "message"]
-    assert summary["seed"] == 3 and summary["validation"] == "file:///store/validation.json"
-    assert summary["status"] == "already_trained" and summary["run_id"] == "r4"
-    assert summary["model"] == f"models:/{registry.model_name('washer')}/4"
-    assert summary["gate"] == {"passed": True, "reason": "AUROC 0.9"} and summary["aliases"] == {CHAMPION: "4"}
-    assert summary["message"] == ("already trained as version 4 (same content_sha256 and configuration); "
-                                  "not training again")
+    assert summary.seed == 3 and summary.validation == "file:///store/validation.json"
+    assert summary.status == "already_trained" and summary.run_id == "r4" and summary.trained is None
+    assert summary.model == f"models:/{registry.model_name('washer')}/4"
+    assert summary.gate == GateSummary(True, "AUROC 0.9") and summary.aliases == {CHAMPION: "4"}
+    assert summary.message == "already trained as version 4 (same content_sha256 and configuration); not training again"
     untagged = already_trained_summary(_job(), {**existing, "tags": {}}, {})
-    assert untagged["gate"] == {"passed": False, "reason": "no gate verdict recorded"}
+    assert untagged.gate == GateSummary(False, "no gate verdict recorded")
+    assert list(summary.to_dict()) == [*IDENTITY, "status", "message", "version", "run_id", "model", "gate", "aliases"]
 
 
 @pytest.mark.parametrize("passed", [True, False])
@@ -384,9 +384,9 @@ def test_a_trained_summary_has_the_same_fields_whether_the_gate_passed_or_not(pa
     job = _job()
     record = _record(job)
     decision = registry.GateDecision(passed, "why", 0.8, 0.875, "labelled", "1", 0.9)
-    summary = trained_summary(job, record, Published("r5", "5", decision, {CHAMPION: "1"}, "what happened"))
-    assert list(summary) == [*IDENTITY, "status", "message", "version", "run_id", "model", "eval_set", "k",
-                             "metrics", "aliases", "gate", "threshold", "training"]
+    summary = trained_summary(job, record, Published("r5", "5", decision, {CHAMPION: "1"}, "what happened")).to_dict()
+    assert list(summary) == [*IDENTITY, "status", "message", "version", "run_id", "model", "gate", "aliases",
+                             "eval_set", "k", "metrics", "threshold", "training"]
     assert summary["status"] == ("promoted" if passed else "gate_failed") and summary["message"] == "what happened"
     assert (summary["version"], summary["run_id"], summary["k"]) == ("5", "r5", 2)
     assert summary["metrics"] == record.metrics and summary["eval_set"] == "labelled"

@@ -11,6 +11,7 @@ from PIL import Image
 
 import flows.pipeline.score_prefix as score_prefix
 from flows.store.storage import LocalStore
+from fsad_core import imageio
 from fsad_core.imageio import ImageLimits
 
 
@@ -27,13 +28,13 @@ def test_a_batch_is_kept_within_the_pixel_budget_from_the_headers_before_decodin
     for key, blob in blobs.items():
         store.put_bytes(key, blob)
     decoded = []
-    real_read = score_prefix.read_image
+    real_read = imageio.read_image
 
-    def counted_read(data: bytes, **kwargs: object) -> np.ndarray:
-        decoded.append(kwargs["name"])
-        return real_read(data, **kwargs)
+    def counted_read(data: bytes, name: str, limits: ImageLimits | None = None) -> np.ndarray:
+        decoded.append(name)
+        return real_read(data, name, limits)
 
-    monkeypatch.setattr(score_prefix, "read_image", counted_read)
+    monkeypatch.setattr(imageio, "read_image", counted_read)
     objects = [(key, len(blobs[key])) for key in ("a.png", "bad.png", "b.png", "c.png")]
     images, errors = score_prefix._read(store, objects, ImageLimits(max_set_pixels=2 * 40 * 40))
     assert list(images) == ["a.png", "b.png"] and all(i.shape == (40, 40, 3) for i in images.values())
@@ -65,6 +66,6 @@ def test_objects_under_the_decisions_that_are_not_part_files_are_passed_over(
     store.put_bytes(prefix + "README.txt", b"notes of an operator")
     broken = score_prefix.part_key(prefix, ["b.png"])
     store.put_bytes(broken, b"{not json")
-    assert score_prefix.decided(store, prefix) == {"a.png"}
+    assert score_prefix.already_decided(store, prefix) == {"a.png"}
     [warning] = caplog.records  # the broken part, named; README.txt is not ours and says nothing
     assert warning.getMessage().startswith(f"{store.uri(broken)}: not a part file of decisions")
