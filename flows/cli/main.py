@@ -148,6 +148,23 @@ def _cmd_settings(args: argparse.Namespace) -> int:
     return product_settings(args)
 
 
+def _cmd_label(args: argparse.Namespace) -> int:
+    from flows.settings import load_settings
+    from flows.store.labels import add_labels, current_labels, default_labeller, read_sources
+    from flows.store.storage import open_store, validate_name
+    validate_name(args.product, "product name")
+    store = open_store(load_settings().storage_url)
+    entries = add_labels(store, args.product, read_sources(store, args.images), args.label,
+                         args.by or default_labeller(), args.reason, args.type)
+    for entry in entries:
+        print(f"{entry.source}: {entry.label}{f' ({entry.defect_type})' if entry.defect_type else ''} "
+              f"by {entry.by} ({entry.image_sha256[:12]})")
+    labels = current_labels(store, args.product)
+    good = sum(entry.label == "good" for entry in labels.values())
+    print(f"{args.product}: {good} good and {len(labels) - good} defect images labelled")
+    return 0
+
+
 def _cmd_upload(args: argparse.Namespace) -> int:
     from flows.store.upload import cli_upload
     return cli_upload(args.product, args.dir, args.resume)
@@ -328,6 +345,22 @@ def _add_upload(sub: Subcommands) -> None:
     p.add_argument("dir", help="folder with train/good/* and optionally eval/good|defect/*, or just images")
 
 
+def _add_label(sub: Subcommands) -> None:
+    p = _subcommand(sub, "label", _cmd_label, "say whether images of a product are good or defective (or withdraw "
+                    "what was said); kept in the product's label store, the latest word on an image wins")
+    p.add_argument("--product", required=True)
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--good", dest="label", action="store_const", const="good")
+    which.add_argument("--defect", dest="label", action="store_const", const="defect")
+    which.add_argument("--retract", dest="label", action="store_const", const="retracted",
+                       help="withdraw the images' labels (their history stays)")
+    p.add_argument("--type", default="", metavar="T", help="the defect's type (with --defect), e.g. scratch")
+    p.add_argument("--by", default=None, help="who labels (default: the OS user)")
+    p.add_argument("--reason", default="command line", help="why the images were looked at (default: command line)")
+    p.add_argument("images", nargs="+", metavar="IMAGE_OR_KEY",
+                   help="image files, or keys of images in the storage (e.g. those score-prefix decided)")
+
+
 def _add_settings(sub: Subcommands) -> None:
     p = _subcommand(sub, "settings", _cmd_settings, "show, set or clear a product's own training settings "
                     "(merged over FSAD_TRAIN_OVERRIDES by retraining)")
@@ -372,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fsad {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # in the order `fsad --help` lists them
-    for add_subcommand in (_add_demo, _add_train, _add_score, _add_bench, _add_report, _add_upload,
+    for add_subcommand in (_add_demo, _add_train, _add_score, _add_bench, _add_report, _add_upload, _add_label,
                            _add_settings, _add_retrain, _add_score_prefix, _add_stack):
         add_subcommand(sub)
     return parser

@@ -1,0 +1,161 @@
+"""What people said about a product's images: an append-only label store in the object store.
+
+Each label is one object of its own (``products/P/labels/entries/TIME-RANDOM.json``), never
+rewritten, so that two operators labelling at once never lose each other's work and the history
+stays. An entry names its image by content hash; the image itself is copied once to
+``products/P/labels/images/SHA256.EXT``, so a label outlives the line's prefixes. The latest entry
+of an image wins; a retraction withdraws the image's label. An entry that cannot be read is
+skipped with a warning and costs no other. An image is checked as an upload's images are (format,
+bytes, pixels, shape) before anything is written.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import logging
+import secrets
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
+
+from flows.store.storage import PRODUCTS, ObjectNotFound, Store, validate_key, validate_name
+from flows.store.upload import sha256_hex
+from fsad_core.imageio import image_limits, read_image
+
+GOOD, DEFECT, RETRACTED = "good", "defect", "retracted"
+LABELS = (GOOD, DEFECT, RETRACTED)
+MAX_TEXT = 200  # characters of a name, a defect type or a reason
+log = logging.getLogger(__name__)
+
+
+class LabelError(ValueError):
+    """A label that cannot be stored; the message names the image or the field."""
+
+
+@dataclass(frozen=True)
+class LabelEntry:
+    """One statement about one image: its label, who gave it, when and why the image was looked at."""
+
+    image_sha256: str
+    image_key: str  # the store's copy of the image
+    label: str  # GOOD, DEFECT or RETRACTED
+    by: str
+    at: str  # UTC, ISO 8601 to the microsecond: the order of entries
+    reason: str  # why it was looked at: a queue's reason, "audit", "upload eval set", "command line"
+    source: str  # where the image came from (a file name or a store key)
+    defect_type: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> LabelEntry:
+        entry = cls(**json.loads(text))
+        if entry.label not in LABELS or len(entry.image_sha256) != 64:
+            raise ValueError(f"label {entry.label!r} of image {entry.image_sha256!r}")
+        return entry
+
+
+def labels_prefix(product: str) -> str:
+    return f"{PRODUCTS}/{validate_name(product, 'product name')}/labels/"
+
+
+def _entries_prefix(product: str) -> str:
+    return labels_prefix(product) + "entries/"
+
+
+def _text(value: str, what: str) -> str:
+    if not isinstance(value, str) or not value.strip() or len(value) > MAX_TEXT or not value.isprintable():
+        raise LabelError(f"{what} {value!r}: 1 to {MAX_TEXT} printable characters")
+    return value.strip()
+
+
+def default_labeller() -> str:
+    """The OS user: who labels when no name is given."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
+
+
+def add_labels(store: Store, product: str, images: Iterable[tuple[str, bytes]], label: str, by: str, reason: str,
+               defect_type: str = "") -> list[LabelEntry]:
+    """Label each (source name, bytes) image: every image is checked first, then each is copied
+    into the product's label images (once per content) and its entry written; nothing is written
+    when any image or field is refused."""
+    if label not in LABELS:
+        raise LabelError(f"label {label!r}: one of {', '.join(LABELS)}")
+    if defect_type and label != DEFECT:
+        raise LabelError("a defect type goes with a defect label only")
+    by, reason = _text(by, "labeller"), _text(reason, "reason")
+    defect_type = _text(defect_type, "defect type") if defect_type else ""
+    checked = [(source, data, _image_key(product, source, data)) for source, data in images]
+    entries = []
+    for source, data, key in checked:
+        if not store.exists(key):
+            store.put_bytes(key, data)
+        entry = LabelEntry(key.rsplit("/", 1)[1].split(".")[0], key, label, by, _now(), reason, source, defect_type)
+        store.put_bytes(f"{_entries_prefix(product)}{entry.at}-{secrets.token_hex(4)}.json", entry.to_json().encode(),
+                        "application/json")
+        entries.append(entry)
+    return entries
+
+
+def _image_key(product: str, source: str, data: bytes) -> str:
+    """The store key of the image's copy, after the checks an upload's images pass."""
+    suffix = PurePosixPath(source).suffix.lower()
+    try:
+        read_image(data, name=source, limits=image_limits())
+    except ValueError as exc:
+        raise LabelError(str(exc)) from None
+    return validate_key(f"{labels_prefix(product)}images/{sha256_hex(data)}{suffix}")
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+
+
+def label_history(store: Store, product: str) -> list[LabelEntry]:
+    """Every readable entry, oldest first; an unreadable one is named in a warning and skipped."""
+    entries = []
+    for key in sorted(store.list(_entries_prefix(product))):
+        try:
+            entries.append(LabelEntry.from_json(store.get_bytes(key)))
+        except ObjectNotFound:
+            continue
+        except (ValueError, TypeError) as exc:  # JSON, fields or values
+            log.warning("%s: not a label entry (%s: %s); skipped", store.uri(key), type(exc).__name__, exc)
+    return entries
+
+
+def current_labels(store: Store, product: str) -> dict[str, LabelEntry]:
+    """image sha256 -> its latest entry, for the images whose latest entry is not a retraction."""
+    latest: dict[str, LabelEntry] = {}
+    for entry in label_history(store, product):  # in order of their keys, which begin with the time
+        latest[entry.image_sha256] = entry
+    return {sha: entry for sha, entry in latest.items() if entry.label != RETRACTED}
+
+
+def read_sources(store: Store, sources: Iterable[str]) -> list[tuple[str, bytes]]:
+    """(name, bytes) of each local file, or else of each key of ``store``; a missing one is refused by name."""
+    found = []
+    for source in sources:
+        path = Path(source)
+        if path.is_file():
+            try:
+                image_limits().check_bytes(path.stat().st_size, source)  # before a byte is read
+            except ValueError as exc:
+                raise LabelError(str(exc)) from None
+            found.append((path.name, path.read_bytes()))
+            continue
+        try:
+            found.append((source, store.get_bytes(validate_key(source))))
+        except (ObjectNotFound, ValueError):
+            raise LabelError(f"{source}: neither a file nor an object of {store.uri()}") from None
+    return found
+
+
+__all__ = ["DEFECT", "GOOD", "LABELS", "RETRACTED", "LabelEntry", "LabelError", "add_labels", "current_labels",
+           "default_labeller", "label_history", "labels_prefix", "read_sources"]

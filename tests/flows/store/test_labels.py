@@ -1,0 +1,99 @@
+"""The label store: append-only entries, the latest word on an image wins, nothing lost to a
+concurrent writer or a corrupt entry, nothing written for a refused image."""
+
+import io
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from flows.cli.main import main as cli_main
+from flows.store.labels import (
+    DEFECT,
+    GOOD,
+    RETRACTED,
+    LabelError,
+    add_labels,
+    current_labels,
+    label_history,
+    labels_prefix,
+)
+from flows.store.storage import LocalStore
+
+P = "washer"
+
+
+def png(seed: int, side: int = 48) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def store(tmp_path):
+    return LocalStore(tmp_path / "store")
+
+
+def test_the_latest_word_on_an_image_wins_a_retraction_withdraws_it_and_the_history_stays(store):
+    a, b = png(1), png(2)
+    add_labels(store, P, [("a.png", a), ("b.png", b)], GOOD, "ann", "audit")
+    [defect] = add_labels(store, P, [("line/7/a.png", a)], DEFECT, "bob", "near the threshold", "scratch")
+    labels = current_labels(store, P)
+    assert {e.source: (e.label, e.by, e.defect_type) for e in labels.values()} == {
+        "line/7/a.png": (DEFECT, "bob", "scratch"), "b.png": (GOOD, "ann", "")}
+    assert store.get_bytes(defect.image_key) == a and defect.image_key.endswith(f"{defect.image_sha256}.png")
+    assert len(store.list(labels_prefix(P) + "images/")) == 2  # one copy of each content
+    add_labels(store, P, [("a.png", a)], RETRACTED, "bob", "undo")
+    assert [e.source for e in current_labels(store, P).values()] == ["b.png"]
+    assert [e.label for e in label_history(store, P)] == [GOOD, GOOD, DEFECT, RETRACTED]
+
+
+def test_labellers_writing_at_once_lose_nothing(store):
+    def label(worker: int) -> None:
+        for i in range(5):
+            add_labels(store, P, [(f"{worker}-{i}.png", png(100 * worker + i))], GOOD, f"op{worker}", "audit")
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(label, range(8)))
+    assert len(current_labels(store, P)) == 40 and len(label_history(store, P)) == 40
+
+
+def test_a_corrupt_entry_is_skipped_with_a_warning_and_costs_no_other(store, caplog):
+    add_labels(store, P, [("a.png", png(1))], GOOD, "ann", "audit")
+    store.put_bytes(labels_prefix(P) + "entries/00000000T000000.000000Z-bad.json", b'{"label": "good"')
+    store.put_bytes(labels_prefix(P) + "entries/00000000T000000.000001Z-odd.json", b'{"label": "maybe"}')
+    add_labels(store, P, [("b.png", png(2))], DEFECT, "ann", "audit")
+    with caplog.at_level(logging.WARNING):
+        labels = current_labels(store, P)
+    assert sorted(e.source for e in labels.values()) == ["a.png", "b.png"]
+    assert sum("not a label entry" in r.message for r in caplog.records) == 2
+
+
+@pytest.mark.parametrize("images, label, by, defect_type, reason", [
+    ([("a.png", png(1)), ("broken.png", b"not an image")], GOOD, "ann", "", "broken.png: not a recognised image"),
+    ([("a.png", png(1))], "maybe", "ann", "", "label 'maybe'"),
+    ([("a.png", png(1))], GOOD, "ann", "scratch", "a defect type goes with a defect label only"),
+    ([("a.png", png(1))], GOOD, " ", "", "labeller ' '"),
+    ([("thin.png", png(1, side=8))], DEFECT, "ann", "", "thin.png: refused"),
+])
+def test_a_refused_image_or_field_writes_nothing(store, images, label, by, defect_type, reason):
+    with pytest.raises(LabelError, match=reason):
+        add_labels(store, P, images, label, by, "audit", defect_type)
+    assert store.list(labels_prefix(P)) == []
+
+
+def test_fsad_label_labels_files_and_store_keys_and_names_what_it_refuses(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FSAD_STORAGE", str(tmp_path / "store"))
+    (tmp_path / "a.png").write_bytes(png(1))
+    LocalStore(tmp_path / "store").put_bytes("line/day1/b.png", png(2))
+    assert cli_main(["label", "--product", P, "--defect", "--type", "dent", "--by", "ann",
+                     str(tmp_path / "a.png"), "line/day1/b.png"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"{P}: 0 good and 2 defect images labelled"
+    assert cli_main(["label", "--product", P, "--retract", str(tmp_path / "a.png")]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"{P}: 0 good and 1 defect images labelled"
+    assert cli_main(["label", "--product", P, "--good", str(tmp_path / "missing.png")]) == 1
+    assert "missing.png: neither a file nor an object of" in capsys.readouterr().err
+    assert cli_main(["label", "--product", "../x", "--good", str(tmp_path / "a.png")]) == 1
