@@ -165,6 +165,26 @@ def _cmd_label(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_control(args: argparse.Namespace) -> int:
+    from flows.mlops import control, tracking
+    from flows.settings import load_settings
+    from flows.store.labels import default_labeller
+    from flows.store.storage import open_store, validate_name
+    validate_name(args.product, "product name")
+    settings = load_settings()
+    tracking.configure(settings)
+    store, by = open_store(settings.storage_url), args.by or default_labeller()
+    if args.command == "promote":
+        done = control.promote_by_hand(store, args.product, args.version, by, args.why)
+    elif args.command == "rollback":
+        done = control.rollback(store, args.product, by, args.why)
+    else:
+        done = control.pin(store, args.product, not args.off, by, args.why)
+    print(f"{args.product}: {done.action} by {done.by} ({done.why}); champion "
+          f"{('v' + done.version) if done.version else 'unset'}")
+    return 0
+
+
 def _cmd_upload(args: argparse.Namespace) -> int:
     from flows.store.upload import cli_upload
     return cli_upload(args.product, args.dir, args.resume)
@@ -361,6 +381,22 @@ def _add_label(sub: Subcommands) -> None:
                    help="image files, or keys of images in the storage (e.g. those score-prefix decided)")
 
 
+def _add_control(sub: Subcommands) -> None:
+    """promote, rollback and pin: a person's word over the gate, each recorded with who and why."""
+    helps = {"promote": "make a verified version the product's champion, whatever the gate said",
+             "rollback": "make the previous champion the champion again",
+             "pin": "turn automatic promotion off for a product (--off: on again); retraining still runs"}
+    for name, help_text in helps.items():
+        p = _subcommand(sub, name, _cmd_control, help_text)
+        p.add_argument("--product", required=True)
+        if name == "promote":
+            p.add_argument("--version", required=True)
+        if name == "pin":
+            p.add_argument("--off", action="store_true", help="automatic promotion on again")
+        p.add_argument("--why", required=True, help="the reason, kept in the product's action log")
+        p.add_argument("--by", default=None, help="who (default: the OS user)")
+
+
 def _add_settings(sub: Subcommands) -> None:
     p = _subcommand(sub, "settings", _cmd_settings, "show, set or clear a product's own training settings "
                     "(merged over FSAD_TRAIN_OVERRIDES by retraining)")
@@ -406,7 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # in the order `fsad --help` lists them
     for add_subcommand in (_add_demo, _add_train, _add_score, _add_bench, _add_report, _add_upload, _add_label,
-                           _add_settings, _add_retrain, _add_score_prefix, _add_stack):
+                           _add_settings, _add_retrain, _add_control, _add_score_prefix, _add_stack):
         add_subcommand(sub)
     return parser
 

@@ -188,9 +188,7 @@ def champion_auroc(product: str, images: list[np.ndarray] | None, labels: list[i
 
 
 def record_gate(product: str, version: str, decision: GateDecision) -> None:
-    client, name = _client(), model_name(product)
-    for key, value in decision.tags().items():
-        client.set_model_version_tag(name, version, key, value)
+    set_version_tags(product, version, decision.tags())
 
 
 def verify(product: str, version: str, written: WrittenModel) -> Verification:
@@ -260,11 +258,47 @@ def promote(product: str, version: str) -> dict[str, str]:
                             f"not promoting it to {CHAMPION}")
     if tags.get("gate.verdict") != "passed":
         raise RegistryError(f"{name} v{version} did not pass the gate; not promoting it to {CHAMPION}")
+    return move_champion(product, version)
+
+
+def move_champion(product: str, version: str) -> dict[str, str]:
+    """``previous`` to the champion, then ``champion`` to ``version``: a failure between the two
+    leaves the champion where it was."""
+    client, name = _client(), model_name(product)
     former = alias_version(product, CHAMPION)
     if former is not None and former != str(version):
         client.set_registered_model_alias(name, PREVIOUS, former)
     client.set_registered_model_alias(name, CHAMPION, str(version))
     return aliases(product)
+
+
+def set_version_tags(product: str, version: str, tags: dict[str, str]) -> None:
+    client, name = _client(), model_name(product)
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+
+
+def registered_model_tags(product: str) -> dict[str, str]:
+    """The product's registered model's own tags; {} before its first version."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return dict(_client().get_registered_model(model_name(product)).tags)
+    except MlflowException as exc:
+        if _is_missing(exc):
+            return {}
+        raise
+
+
+def set_registered_model_tag(product: str, key: str, value: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        _client().set_registered_model_tag(model_name(product), key, value)
+    except MlflowException as exc:
+        if _is_missing(exc):
+            raise RegistryError(f"{model_name(product)} has no registered version yet") from None
+        raise
 
 
 def _resolve(ref: str) -> tuple[str, str]:

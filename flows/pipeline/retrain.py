@@ -29,7 +29,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.concurrency.sync import concurrency
 
-from flows.mlops import registry, tracking
+from flows.mlops import control, registry, tracking
 from flows.mlops.registry import RegistryError
 from flows.mlops.run_report import PER_ROLE, GalleryItem, gallery_picks
 from flows.pipeline.retries import IO_RETRIES, PermanentError
@@ -37,6 +37,7 @@ from flows.pipeline.runners import api_is_temporary
 from flows.pipeline.summary import (
     ALREADY_TRAINED,
     GATE_FAILED,
+    PINNED,
     PROMOTED,
     GateSummary,
     RetrainSummary,
@@ -389,17 +390,27 @@ def gate(settings: Settings, product: str, version: str, auroc: float | None, be
 
 @task(**IO_RETRIES, persist_result=False)
 def verify_and_promote(settings: Settings, product: str, version: str, detector: Detector,
-                       smoke_image: np.ndarray, model_files: dict[str, str]) -> dict[str, str]:
+                       smoke_image: np.ndarray, model_files: dict[str, str], promote_it: bool = True
+                       ) -> dict[str, str]:
     """Only a version whose downloaded artifact is the one written (its files, and its score and
-    decision on the smoke image) becomes champion."""
+    decision on the smoke image) becomes champion; ``promote_it`` false verifies it only."""
     tracking.configure(settings)
     check = registry.verify(product, version, registry.WrittenModel.of(detector, smoke_image, model_files))
     if not check.ok:
         raise RegistryError(f"{registry.model_name(product)} v{version} failed verification: {check.reason}")
+    if not promote_it:
+        return registry.aliases(product)
     aliases = registry.promote(product, version)
     get_run_logger().info("promoted %s v%s to %s; aliases %s", registry.model_name(product), version,
                           registry.CHAMPION, aliases)
     return aliases
+
+
+@task(**IO_RETRIES, cache_policy=NO_CACHE)
+def pinned(settings: Settings, product: str) -> bool:
+    """Whether a person has turned automatic promotion off for the product (`fsad pin`)."""
+    tracking.configure(settings)
+    return control.is_pinned(product)
 
 
 @task(**IO_RETRIES, cache_policy=NO_CACHE)
@@ -487,7 +498,9 @@ class Published:
 
     @property
     def status(self) -> str:
-        return PROMOTED if self.decision.passed else GATE_FAILED
+        if not self.decision.passed:
+            return GATE_FAILED
+        return PROMOTED if self.aliases.get(registry.CHAMPION) == self.version else PINNED
 
 
 def _train_and_promote(settings: Settings, product: str, upload_id: str, manifest: dict[str, Any],
@@ -546,9 +559,12 @@ def _publish(settings: Settings, job: RetrainJob, trained: Trained) -> Published
     decision = gate(settings, job.product, version, record.metrics.get("benchmark_auroc"), record.eval_set,
                     trained.data, job.device)
     if decision.passed:
+        hold = pinned(settings, job.product)
         aliases = verify_and_promote(settings, job.product, version, detector, record.example_image,
-                                     logged.model_files)
-        message = f"version {version} passed the gate and is now {registry.CHAMPION}"
+                                     logged.model_files, promote_it=not hold)
+        message = (f"version {version} passed the gate and is verified; not promoted, as {job.product} is pinned "
+                   f"(fsad pin --off ends it; fsad promote makes it champion)" if hold else
+                   f"version {version} passed the gate and is now {registry.CHAMPION}")
     else:
         aliases = current_aliases(settings, job.product)
         message = gate_failed_message(version, decision, aliases)

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 PROMOTED, GATE_FAILED, ALREADY_TRAINED = "promoted", "gate_failed", "already_trained"
+PINNED = "passed_pinned"  # passed the gate, not promoted: the product is pinned
 METRICS_SHOWN = ("benchmark_auroc", "f1", "false_alarm_rate", "miss_rate", "fit_seconds")
 
 
@@ -57,7 +58,7 @@ class RetrainSummary:
     seed: int
     config_sha256: str
     validation: str  # the validation report's address
-    status: str  # PROMOTED, GATE_FAILED or ALREADY_TRAINED
+    status: str  # PROMOTED, GATE_FAILED, PINNED or ALREADY_TRAINED
     message: str
     version: str
     run_id: str

@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 from prefect.testing.utilities import prefect_test_harness
 
-from flows.mlops import registry, tracking
+from flows.mlops import control, registry, tracking
 from flows.mlops.registry import CANDIDATE, CHAMPION, PREVIOUS
 from flows.pipeline.retrain import (
     GPU_LIMIT,
@@ -38,7 +38,7 @@ from flows.pipeline.retrain import (
     training_slot,
     version_tags,
 )
-from flows.pipeline.summary import GateSummary
+from flows.pipeline.summary import PINNED, GateSummary, RetrainSummary
 from flows.pyfunc import encode_png
 from flows.settings import SettingsError, load_settings
 from flows.store.storage import open_store, quarantine_prefix, training_key, upload_prefix, validation_key
@@ -234,6 +234,19 @@ def test_a_products_own_settings_are_checked_used_and_retrain_it_once(env):
     params = mlflow.MlflowClient().get_run(summary["run_id"]).data.params
     assert params["augment_flips"] == "none" and params["size"] == str(TINY_TRAINING["size"])  # merged
     assert "already trained as version 2" in plan_product.fn(settings, "noeval", "default", 0).reason
+
+
+def test_a_pinned_product_is_gated_but_not_promoted(env, sets):
+    store = open_store()
+    upload_folder(store, "pinned", sets["good"], upload_id=U_GOOD)
+    assert retrain_flow("pinned")["status"] == "promoted"
+    control.pin(store, "pinned", True, "ann", "lot 7 under audit")
+    store.put_json(training_key("pinned"), {"augment": {"hflip": False}})  # a new configuration: trained again
+    summary = RetrainSummary.from_dict(retrain_flow("pinned"))
+    assert summary.gate.passed and summary.status == PINNED and "pinned" in summary.message
+    assert registry.aliases("pinned")[CHAMPION] == "1" and summary.version == "2"
+    control.promote_by_hand(store, "pinned", "2", "ann", "audit done")
+    assert registry.aliases("pinned")[CHAMPION] == "2"
 
 
 def test_corrupt_upload_is_quarantined_and_creates_no_version(env, sets):

@@ -1,0 +1,81 @@
+"""How much a benchmark can be believed: the AUROC of labelled images with a bootstrap interval and
+the counts behind it, and whether it is labelled evidence at all.
+
+A benchmark of few images says little, and the gate must know how little: the interval comes from
+resampling the normal and the defective images apart (each resample keeps both classes). Images
+may carry weights, the inverse of the chance they had to be picked for labelling, so that a
+benchmark of picked images estimates the AUROC of the line's own mix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+LABELLED, SYNTHETIC = "labelled", "synthetic"
+MIN_PER_CLASS = 5  # labelled evidence needs at least this many defects and this many normals
+INTERVAL_LEVEL = 0.9
+RESAMPLES = 2000
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """A benchmark's verdict on one model: its AUROC, the interval, and what it stands on."""
+
+    kind: str  # LABELLED or SYNTHETIC
+    auroc: float
+    low: float
+    high: float
+    n_normal: int
+    n_defect: int
+
+    def overlaps(self, other: Evidence) -> bool:
+        """Whether the two intervals overlap: the benchmark cannot tell the two models apart."""
+        return self.low <= other.high and other.low <= self.high
+
+
+def evidence_kind(n_normal: int, n_defect: int) -> str:
+    return LABELLED if min(n_normal, n_defect) >= MIN_PER_CLASS else SYNTHETIC
+
+
+def _wins(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Defect x normal: 1 where the defect scores higher, 0.5 on a tie."""
+    defects, normals = scores[labels == 1], scores[labels == 0]
+    return (defects[:, None] > normals[None, :]) + 0.5 * (defects[:, None] == normals[None, :])
+
+
+def weighted_auroc(labels: Sequence[int], scores: Sequence[float], weights: Sequence[float] | None = None) -> float:
+    """The AUROC with each image counted by its weight: the chance that a defect drawn by weight
+    scores above a normal drawn by weight."""
+    y, s = np.asarray(labels), np.asarray(scores, dtype=np.float64)
+    w = np.ones(len(y)) if weights is None else np.asarray(weights, dtype=np.float64)
+    if not (y == 1).any() or not (y == 0).any():
+        raise ValueError("the AUROC needs both normal and defective images")
+    wd, wn = w[y == 1], w[y == 0]
+    return float(wd @ _wins(y, s) @ wn / (wd.sum() * wn.sum()))
+
+
+def judge(labels: Sequence[int], scores: Sequence[float], weights: Sequence[float] | None = None,
+          kind: str | None = None, seed: int = 0) -> Evidence:
+    """The benchmark's AUROC with its `INTERVAL_LEVEL` bootstrap interval; ``kind`` defaults to
+    what the counts allow (`evidence_kind`)."""
+    y, s = np.asarray(labels), np.asarray(scores, dtype=np.float64)
+    w = np.ones(len(y)) if weights is None else np.asarray(weights, dtype=np.float64)
+    auroc = weighted_auroc(y, s, w)
+    wins, wd, wn = _wins(y, s), w[y == 1], w[y == 0]
+    rng = np.random.default_rng(seed)
+    draws_d = rng.multinomial(len(wd), np.full(len(wd), 1 / len(wd)), size=RESAMPLES) * wd
+    draws_n = rng.multinomial(len(wn), np.full(len(wn), 1 / len(wn)), size=RESAMPLES) * wn
+    resampled = np.einsum("bi,ij,bj->b", draws_d, wins, draws_n) / (draws_d.sum(1) * draws_n.sum(1))
+    tail = (1 - INTERVAL_LEVEL) / 2
+    low, high = np.quantile(resampled, [tail, 1 - tail])
+    n_normal, n_defect = int((y == 0).sum()), int((y == 1).sum())
+    return Evidence(kind or evidence_kind(n_normal, n_defect), auroc, float(low), float(high), n_normal, n_defect)
+
+
+def on_benchmark_side(sha256: str, share: float) -> bool:
+    """Whether a labelled image judges (True) or trains (False): fixed by its content hash, so an
+    image never changes sides as labels come and go, and no choice of anyone's decides it."""
+    return int(sha256[:8], 16) / 2**32 < share

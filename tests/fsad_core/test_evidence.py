@@ -1,0 +1,64 @@
+"""The benchmark's evidence: AUROC with a bootstrap interval, weights for how images were picked,
+the kind the counts allow, and the side of the split a content hash puts an image on."""
+
+import hashlib
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from fsad_core.evidence import LABELLED, SYNTHETIC, evidence_kind, judge, on_benchmark_side, weighted_auroc
+
+
+def _scores(n_normal: int, n_defect: int, gap: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    labels = np.array([0] * n_normal + [1] * n_defect)
+    return labels, rng.normal(0, 1, len(labels)) + gap * labels
+
+
+def test_unweighted_the_auroc_is_the_usual_one_ties_counting_half():
+    labels, scores = _scores(20, 10, 1.0)
+    scores[3] = scores[25]  # a tie between a normal and a defect
+    assert weighted_auroc(labels, scores) == pytest.approx(roc_auc_score(labels, scores))
+
+
+def test_weights_stand_for_how_images_were_picked():
+    # One defect picked because it scored high stands for itself; nine easy defects were seen once
+    # in ten (weight 10): weighted, the benchmark sees the line's mix, not the pick's.
+    labels = np.array([0, 0, 0, 0, 1, 1])
+    scores = np.array([0.0, 1.0, 2.0, 3.0, 2.5, 10.0])
+    assert weighted_auroc(labels, scores) == pytest.approx((3 / 4 + 1) / 2)
+    assert weighted_auroc(labels, scores, [1, 1, 1, 1, 1, 9]) == pytest.approx((3 / 4 + 9) / 10)
+    with pytest.raises(ValueError, match="both normal and defective"):
+        weighted_auroc([0, 0], [1.0, 2.0])
+
+
+def test_the_interval_holds_the_auroc_and_narrows_with_more_images():
+    small = judge(*_scores(6, 6, 1.0))
+    large = judge(*_scores(120, 120, 1.0))
+    for evidence in (small, large):
+        assert evidence.low <= evidence.auroc <= evidence.high and evidence.kind == LABELLED
+    assert large.high - large.low < (small.high - small.low) / 2
+    assert (large.n_normal, large.n_defect) == (120, 120)
+
+
+def test_the_interval_covers_the_truth_about_as_often_as_it_says():
+    # 90 % intervals from benchmarks of 15 + 15 images drawn from one line: the AUROC of the line
+    # (a gap of 1 sd: Phi(1 / sqrt 2) = 0.760) is inside in most of them.
+    covered = [(e.low <= 0.760 <= e.high) for e in (judge(*_scores(15, 15, 1.0, seed)) for seed in range(200))]
+    assert 0.82 <= np.mean(covered) <= 0.97
+
+
+def test_fewer_than_five_of_a_class_is_not_labelled_evidence():
+    assert evidence_kind(5, 5) == LABELLED and evidence_kind(40, 4) == SYNTHETIC == evidence_kind(4, 40)
+    assert judge(*_scores(8, 3, 2.0)).kind == SYNTHETIC
+
+
+def test_an_image_stays_on_its_side_of_the_split_and_the_share_is_kept():
+    hashes = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(4000)]
+    sides = [on_benchmark_side(h, 0.3) for h in hashes]
+    assert sides == [on_benchmark_side(h, 0.3) for h in hashes]
+    assert 0.27 < np.mean(sides) < 0.33
+    assert all(on_benchmark_side(h, 0.5) for h, side in zip(hashes, sides) if side)  # a larger share keeps them
+    # The side is the hash's own, the same in every process and on every machine.
+    assert on_benchmark_side("4ccccccc" + "0" * 56, 0.3) and not on_benchmark_side("4ccccccd" + "0" * 56, 0.3)
