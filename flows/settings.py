@@ -34,6 +34,7 @@ from fsad_core.overrides import OverrideError, apply_overrides
 from infra.config import fsad_home
 
 DEFAULT_MIN_AUROC = 0.9
+LOOP = "loop"  # the key of a product's settings that are not the model's (`LoopSettings`)
 DEFAULT_IO_RETRY_DELAYS = (2.0, 10.0, 30.0)  # a restarted service is usually back within them
 MAX_IO_RETRIES = 10
 
@@ -103,6 +104,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     settings = Settings(home, storage, tracking, home / "mlartifacts" if tracking.startswith("sqlite:") else None,
                         min_auroc, overrides, device)
     training_config("default", 0, settings.train_overrides)  # fail now, not after validation
+    loop_settings(settings.train_overrides)
     return settings
 
 
@@ -122,13 +124,32 @@ def io_retry_delays(env: Mapping[str, str] | None = None) -> list[float]:
     return delays
 
 
+@dataclass(frozen=True)
+class LoopSettings:
+    """A product's settings that are not the model's (``"loop"`` beside the model's fields): how its
+    labels are used and what evidence may replace its champion."""
+
+    benchmark_share: float = 0.3  # of the labels not picked for their score: they judge, never train
+    max_k: int = 32  # normal images trained on at most: the upload's, then confirmed normals
+    allow_unproven: bool = False  # a candidate may replace a champion on evidence that cannot compare them
+
+
 def training_config(method: str, seed: int, overrides: Mapping[str, Any],
                     source: str = "FSAD_TRAIN_OVERRIDES") -> DetectorConfig:
     """The method's DetectorConfig with ``seed`` and the overrides, checked whole
-    (`fsad_core.overrides`: nested objects change the method's own field by field). ``source``
-    names where they came from in errors."""
+    (`fsad_core.overrides`: nested objects change the method's own field by field); their
+    ``"loop"`` object is `loop_settings`'. ``source`` names where they came from in errors."""
+    model = {key: value for key, value in overrides.items() if key != LOOP}
     try:
-        return apply_overrides(method_config(method, seed=seed), overrides, source)
+        return apply_overrides(method_config(method, seed=seed), model, source)
+    except OverrideError as exc:
+        raise SettingsError(str(exc)) from None
+
+
+def loop_settings(overrides: Mapping[str, Any], source: str = "FSAD_TRAIN_OVERRIDES") -> LoopSettings:
+    """The ``"loop"`` object of the settings, checked as the model's are."""
+    try:
+        return apply_overrides(LoopSettings(), overrides.get(LOOP) or {}, source, path=f"{LOOP}.")
     except OverrideError as exc:
         raise SettingsError(str(exc)) from None
 
@@ -175,5 +196,6 @@ def config_sha256(config: DetectorConfig) -> str:
     return hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode("utf-8")).hexdigest()
 
 
-__all__ = ["Settings", "SettingsError", "config_sha256", "io_retry_delays", "load_settings", "merge_overrides",
+__all__ = ["LOOP", "LoopSettings", "Settings", "SettingsError", "config_sha256", "io_retry_delays", "load_settings",
+           "loop_settings", "merge_overrides",
            "product_overrides", "read_product_training", "training_config"]

@@ -23,6 +23,8 @@ from .finetune import FinetuneConfig
 from .losses import LossWeights
 from .options import BUNDLED_BACKBONES
 
+Settings = typing.TypeVar("Settings")
+
 
 class OverrideError(ValueError):
     """A setting that cannot be used; the message names where it came from and its path."""
@@ -46,16 +48,18 @@ _RANGES: dict[str, tuple[float, float]] = {
     "finetune.negatives_per_batch": (0, 1024), "finetune.patience": (1, 100_000),
     "finetune.min_improvement": (0, 1.0), "finetune.loss.instance": (0, 100), "finetune.loss.cross": (0, 100),
     "finetune.loss.negative": (0, 100), "finetune.loss.temperature": (1e-3, 10),
+    "loop.benchmark_share": (0.05, 0.9), "loop.max_k": (1, 256),
 }
 _CHOICES: dict[str, tuple[str, ...]] = {"backbone": BUNDLED_BACKBONES}
 _NESTED = (AugmentConfig, FinetuneConfig, LossWeights)  # the configurations inside DetectorConfig
 
 
-def apply_overrides(config: DetectorConfig, overrides: Mapping[str, Any], source: str) -> DetectorConfig:
-    """``config`` with ``overrides`` applied field by field (nested objects too); OverrideError,
-    naming ``source`` and the setting, for anything that cannot be used."""
+def apply_overrides(config: Settings, overrides: Mapping[str, Any], source: str, path: str = "") -> Settings:
+    """``config`` (a `DetectorConfig`, or another dataclass of settings, named ``path`` in
+    refusals) with ``overrides`` applied field by field (nested objects too); OverrideError, naming
+    ``source`` and the setting, for anything that cannot be used."""
     try:
-        return _changed(config, overrides, "")
+        return _changed(config, overrides, path)
     except (TypeError, ValueError) as exc:  # ours, or a check of the configuration itself (fields together)
         raise OverrideError(f"{source}: {exc}") from None
 
@@ -70,7 +74,7 @@ def _changed(current: Any, changes: Any, path: str) -> Any:
     updates = {}
     for key, value in changes.items():
         where = f"{path}{key}"
-        if key in _NOT_SETTINGS and not path:
+        if key in _NOT_SETTINGS and not path and cls is DetectorConfig:
             raise OverrideError(f"{where}: {_NOT_SETTINGS[key]}")
         if key not in names:
             raise OverrideError(f"unknown setting {where} (the settings there: {', '.join(names)})")

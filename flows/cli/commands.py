@@ -396,7 +396,14 @@ def report(args: argparse.Namespace) -> int:
 def product_settings(args: argparse.Namespace) -> int:
     """Show, set (from a JSON file, checked before it is stored) or clear a product's own training
     settings: ``products/P/training.json``, merged over FSAD_TRAIN_OVERRIDES by the retraining flows."""
-    from flows.settings import SettingsError, load_settings, merge_overrides, read_product_training, training_config
+    from flows.settings import (
+        SettingsError,
+        load_settings,
+        loop_settings,
+        merge_overrides,
+        read_product_training,
+        training_config,
+    )
     from flows.store.storage import open_store, training_key
 
     settings = load_settings()
@@ -409,8 +416,9 @@ def product_settings(args: argparse.Namespace) -> int:
             raise SettingsError(f"{args.set}: not valid JSON ({exc})") from None
         if not isinstance(own, dict):
             raise SettingsError(f"{args.set}: must be a JSON object of DetectorConfig fields")
-        training_config("default", 0, merge_overrides(settings.train_overrides, own),
-                        f"FSAD_TRAIN_OVERRIDES with {args.set}")
+        merged, source = merge_overrides(settings.train_overrides, own), f"FSAD_TRAIN_OVERRIDES with {args.set}"
+        training_config("default", 0, merged, source)
+        loop_settings(merged, source)
         store.put_json(key, own)
     elif args.clear:
         store.delete(key)

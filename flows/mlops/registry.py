@@ -33,7 +33,7 @@ from flows.pyfunc import (
 )
 from flows.settings import Settings, load_settings
 from fsad_core.detector import Detector
-from fsad_core.metrics import image_auroc
+from fsad_core.evidence import LABELLED, MIN_PER_CLASS, SYNTHETIC, Evidence, judge
 
 CANDIDATE, CHAMPION, PREVIOUS = "candidate", "champion", "previous"
 _SCORE_RTOL = 1e-5
@@ -53,15 +53,21 @@ class GateDecision:
     eval_set: str
     champion_version: str | None = None
     champion_auroc: float | None = None
+    evidence: str = SYNTHETIC  # what the verdict stands on (`fsad_core.evidence`)
+    candidate_interval: tuple[float, float] | None = None
+    champion_below_minimum: bool = False  # flagged wherever the product's state is shown
 
     def tags(self) -> dict[str, str]:
         def num(v: float | None) -> str:
             return "n/a" if v is None else f"{v:.6f}"
 
+        low, high = self.candidate_interval or (None, None)
         return {"gate.verdict": "passed" if self.passed else "failed", "gate.reason": self.reason,
                 "gate.min_auroc": num(self.min_auroc), "gate.candidate_auroc": num(self.candidate_auroc),
                 "gate.eval_set": self.eval_set, "gate.champion_version": self.champion_version or "none",
-                "gate.champion_auroc": num(self.champion_auroc)}
+                "gate.champion_auroc": num(self.champion_auroc), "gate.evidence": self.evidence,
+                "gate.candidate_auroc_low": num(low), "gate.candidate_auroc_high": num(high),
+                "gate.champion_below_minimum": str(self.champion_below_minimum).lower()}
 
 
 @dataclass(frozen=True)
@@ -121,21 +127,28 @@ def version_tags(product: str, version: str) -> dict[str, str]:
     return dict(_client().get_model_version(model_name(product), version).tags)
 
 
-def find_trained_version(product: str, content_sha256: str, config_sha256: str) -> Any | None:
-    """The earliest version trained on the same content with the same configuration, if any."""
-    return _earliest_version(product, content_sha256=content_sha256, config_sha256=config_sha256)
+NO_LABELS = "none"  # the labels_sha256 tag of a version trained without labels (absent on older versions)
 
 
-def find_upload_version(product: str, upload_id: str, config_sha256: str) -> Any | None:
-    """The earliest version the pipeline trained on this upload with this configuration, if any
-    (from the tags it wrote at registration)."""
-    return _earliest_version(product, upload_id=upload_id, config_sha256=config_sha256)
+def find_trained_version(product: str, content_sha256: str, config_sha256: str,
+                         labels_sha256: str = NO_LABELS) -> Any | None:
+    """The earliest version trained on the same content and labels with the same configuration, if any."""
+    return _earliest_version(product, labels_sha256, content_sha256=content_sha256, config_sha256=config_sha256)
 
 
-def _earliest_version(product: str, **tags: str) -> Any | None:
-    """The earliest version of ``fsad-PRODUCT`` carrying every one of ``tags``, if any."""
+def find_upload_version(product: str, upload_id: str, config_sha256: str, labels_sha256: str = NO_LABELS
+                        ) -> Any | None:
+    """The earliest version the pipeline trained on this upload and these labels with this
+    configuration, if any (from the tags it wrote at registration)."""
+    return _earliest_version(product, labels_sha256, upload_id=upload_id, config_sha256=config_sha256)
+
+
+def _earliest_version(product: str, labels_sha256: str, **tags: str) -> Any | None:
+    """The earliest version of ``fsad-PRODUCT`` carrying every one of ``tags`` and trained on the
+    labels ``labels_sha256`` names."""
     where = " and ".join([f"name = '{model_name(product)}'", *(f"tags.{k} = '{v}'" for k, v in tags.items())])
-    versions = _client().search_model_versions(where)
+    versions = [mv for mv in _client().search_model_versions(where)
+                if mv.tags.get("labels_sha256", NO_LABELS) == labels_sha256]
     return min(versions, key=lambda mv: int(mv.version)) if versions else None
 
 
@@ -153,38 +166,55 @@ def register(product: str, model_uri: str, run_id: str, tags: dict[str, str]) ->
     return mv
 
 
-def gate_decision(candidate_auroc: float | None, min_auroc: float, eval_set: str,
-           champion_version: str | None = None, champion_auroc: float | None = None) -> GateDecision:
-    """The gate's verdict from its inputs (no I/O): minimum AUROC, then not worse than the champion."""
+def gate_decision(candidate: Evidence | None, min_auroc: float, eval_set: str, champion_version: str | None = None,
+                  champion: Evidence | None = None, allow_unproven: bool = False) -> GateDecision:
+    """The gate's verdict from its inputs (no I/O). The minimum AUROC guards a product's first
+    champion. Once there is a champion, a candidate replaces it when it is not worse on the same
+    labelled benchmark (`evidence.LABELLED`: at least 5 defects and 5 normals, both models scored on
+    them), whatever the minimum; a champion below the minimum is flagged. On evidence that cannot
+    compare the two (synthetic, or too few labels) the champion stays, unless the product's
+    settings allow it (``allow_unproven``: then the minimum decides, as for a first champion)."""
+    auroc = None if candidate is None else candidate.auroc
+    below = champion is not None and champion.auroc < min_auroc
+
     def made(passed: bool, reason: str) -> GateDecision:
-        return GateDecision(passed, reason, min_auroc, candidate_auroc, eval_set, champion_version, champion_auroc)
+        return GateDecision(passed, reason, min_auroc, auroc, eval_set, champion_version,
+                            None if champion is None else champion.auroc, SYNTHETIC if candidate is None else
+                            candidate.kind, None if candidate is None else (candidate.low, candidate.high), below)
 
-    if candidate_auroc is None or not math.isfinite(candidate_auroc):
+    if candidate is None or not math.isfinite(candidate.auroc):
         return made(False, "benchmark AUROC undefined (the benchmark set lacks a class)")
-    if candidate_auroc < min_auroc:
-        return made(False, f"benchmark AUROC {candidate_auroc:.4f} below the minimum {min_auroc:.4f}")
-    if champion_version is None:
-        return made(True, f"benchmark AUROC {candidate_auroc:.4f} >= minimum {min_auroc:.4f}; no champion yet")
-    if champion_auroc is None:
-        return made(True, f"benchmark AUROC {candidate_auroc:.4f} >= minimum {min_auroc:.4f}; champion "
-                          f"v{champion_version} not compared (no labelled evaluation set in this upload)")
-    if candidate_auroc < champion_auroc:
-        return made(False, f"benchmark AUROC {candidate_auroc:.4f} worse than champion v{champion_version} "
-                           f"({champion_auroc:.4f}) on the same {eval_set} set")
-    return made(True, f"benchmark AUROC {candidate_auroc:.4f} >= minimum {min_auroc:.4f} and >= champion "
-                      f"v{champion_version} ({champion_auroc:.4f}) on the same {eval_set} set")
+    measured = (f"benchmark AUROC {auroc:.4f} (90 % interval {candidate.low:.3f}-{candidate.high:.3f}, "
+                f"{candidate.n_normal} normal and {candidate.n_defect} defective, {candidate.kind})")
+    comparable = champion is not None and candidate.kind == LABELLED
+    if champion_version is None or (not comparable and allow_unproven):
+        if auroc < min_auroc:
+            return made(False, f"{measured} below the minimum {min_auroc:.4f}")
+        first = "no champion yet" if champion_version is None else \
+            f"champion v{champion_version} not compared (the product's settings allow it)"
+        return made(True, f"{measured} >= minimum {min_auroc:.4f}; {first}")
+    if not comparable:
+        return made(False, f"{measured} cannot be compared with champion v{champion_version}: no labelled benchmark "
+                           f"of at least {MIN_PER_CLASS} defects and {MIN_PER_CLASS} normals both were scored on; "
+                           f"champion stays")
+    flag = f"; champion v{champion_version} is below the minimum {min_auroc:.4f}" if below else ""
+    if auroc < champion.auroc:
+        return made(False, f"{measured} worse than champion v{champion_version} ({champion.auroc:.4f}) on the same "
+                           f"labelled benchmark{flag}")
+    return made(True, f"{measured} >= champion v{champion_version} ({champion.auroc:.4f}) on the same labelled "
+                      f"benchmark{flag}")
 
 
-def champion_auroc(product: str, images: list[np.ndarray] | None, labels: list[int] | None,
-                   device: str = "auto", settings: Settings | None = None) -> tuple[str | None, float | None]:
-    """(champion version, its AUROC on the given labelled set); (None, None) without a champion and
-    (version, None) when there is no labelled set to score it on."""
+def champion_evidence(product: str, images: list[np.ndarray] | None, labels: list[int] | None,
+                      device: str = "auto", settings: Settings | None = None) -> tuple[str | None, Evidence | None]:
+    """(champion version, its evidence on the given labelled set); (None, None) without a champion
+    and (version, None) when there is no labelled set to score it on."""
     version = alias_version(product, CHAMPION)
     if version is None or not images or labels is None:
         return version, None
     detector = Detector.load(download_model(f"models:/{model_name(product)}/{version}", settings=settings),
                              device=device)
-    return version, image_auroc(labels, detector.score(images).scores)
+    return version, judge(labels, detector.score(images).scores)
 
 
 def record_gate(product: str, version: str, decision: GateDecision) -> None:
@@ -374,6 +404,6 @@ def _move_aside_remains(target: Path) -> None:
 
 
 __all__ = ["CANDIDATE", "CHAMPION", "PREVIOUS", "GateDecision", "RegistryError", "Verification", "WrittenModel",
-           "alias_version", "aliases", "champion_auroc", "download_model", "gate_decision", "find_trained_version",
+           "alias_version", "aliases", "champion_evidence", "download_model", "gate_decision", "find_trained_version",
            "find_upload_version", "model_name", "resolve_model", "promote", "record_gate", "register", "verify",
            "version_tags"]

@@ -20,7 +20,7 @@ import contextlib
 import json
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 import numpy as np
@@ -46,12 +46,15 @@ from flows.pipeline.summary import (
     TrainingSummary,
 )
 from flows.settings import (
+    LoopSettings,
     Settings,
     config_sha256,
     load_settings,
+    loop_settings,
     product_overrides,
     training_config,
 )
+from flows.store.labels import DEFECT, LabelSnapshot, current_labels
 from flows.store.storage import (
     latest_complete_upload,
     manifest_key,
@@ -64,6 +67,7 @@ from fsad_core.calibration import Threshold, calibrate_supervised
 from fsad_core.config import DetectorConfig
 from fsad_core.detector import Detector
 from fsad_core.devices import resolve_device
+from fsad_core.evidence import SYNTHETIC, Evidence, judge
 from fsad_core.fitting import FitReport
 from fsad_core.imageio import PixelBudget, image_limits, read_header
 from fsad_core.metrics import image_auroc, rates_at_threshold
@@ -86,12 +90,15 @@ class NoUpload(PermanentError):
 
 @dataclass
 class UploadData:
-    """Decoded images of an upload: the k normal training images and the optional labelled eval set."""
+    """Decoded images of a retraining: the normal training images (the upload's, then confirmed
+    normals), the labelled benchmark (the upload's eval set and the labels that judge) and the
+    confirmed defects that calibrate the threshold."""
 
     train: list[np.ndarray]
     eval_images: list[np.ndarray]
     eval_labels: list[int]
     eval_keys: list[str]
+    defects: list[np.ndarray] = field(default_factory=list)  # training-side labelled defects
 
     @property
     def labelled(self) -> bool:
@@ -100,12 +107,14 @@ class UploadData:
 
 @dataclass
 class Benchmark:
-    """The set the model is judged on: the labelled eval set, or leave-one-out normals + synthetic anomalies."""
+    """The set the model is judged on: the labelled images, or leave-one-out normals + synthetic
+    anomalies; with its evidence (interval, counts, kind)."""
 
     kind: str
     labels: list[int]
     scores: np.ndarray
     components: dict[str, np.ndarray]
+    evidence: Evidence
 
 
 # ---- storage and validation -----------------------------------------------------------------
@@ -170,21 +179,29 @@ def log_rejection(settings: Settings, product: str, upload_id: str, validation: 
 
 
 @task(**IO_RETRIES, cache_policy=NO_CACHE)  # asked again later in the same run: must read the registry anew
-def find_existing(settings: Settings, product: str, content_sha256: str, config_hash: str) -> dict[str, Any] | None:
+def find_existing(settings: Settings, product: str, content_sha256: str, config_hash: str, labels_sha256: str
+                  ) -> dict[str, Any] | None:
     tracking.configure(settings)
-    mv = registry.find_trained_version(product, content_sha256, config_hash)
+    mv = registry.find_trained_version(product, content_sha256, config_hash, labels_sha256)
     if mv is None:
         return None
     return {"version": str(mv.version), "run_id": mv.run_id, "tags": dict(mv.tags)}
 
 
+@task(**IO_RETRIES, cache_policy=NO_CACHE)
+def read_labels(settings: Settings, product: str) -> LabelSnapshot:
+    return LabelSnapshot.of(current_labels(open_store(settings.storage_url), product))
+
+
 @task(**IO_RETRIES, persist_result=False)
-def load_images(settings: Settings, product: str, upload_id: str, manifest: dict[str, Any]) -> UploadData:
-    """Decode the manifest's images, each checked against its manifest sha256 once more: what is
-    trained on is exactly the content that was validated and that content_sha256 names."""
-    store, prefix = open_store(settings.storage_url), upload_prefix(product, upload_id)
+def load_images(settings: Settings, job: RetrainJob, manifest: dict[str, Any]) -> UploadData:
+    """Decode the manifest's images, each checked against its manifest sha256 once more (what is
+    trained on is exactly the content that was validated and that content_sha256 names), then the
+    labelled images: those that judge join the benchmark, confirmed normals the training images
+    (up to ``loop.max_k`` in all), confirmed defects the threshold's calibration."""
+    store, prefix = open_store(settings.storage_url), upload_prefix(job.product, job.upload_id)
     limits = image_limits()
-    budget = PixelBudget(limits, f"upload {upload_id} of {product}")
+    budget = PixelBudget(limits, f"upload {job.upload_id} of {job.product} with its labels")
     data = UploadData([], [], [], [])
     for entry in sorted(manifest["files"], key=lambda f: f["key"]):
         key, blob = entry["key"], store.get_bytes(prefix + entry["key"])
@@ -197,8 +214,22 @@ def load_images(settings: Settings, product: str, upload_id: str, manifest: dict
             data.eval_images.append(image)
             data.eval_labels.append(0 if key.startswith("eval/good/") else 1)
             data.eval_keys.append(key)
-    get_run_logger().info("loaded %d training images and %d evaluation images (%d defect)", len(data.train),
-                          len(data.eval_images), sum(data.eval_labels))
+    judging, training = job.labels.split(job.loop.benchmark_share)
+    for entry in judging + training:
+        if entry in training and entry.label != DEFECT and len(data.train) >= job.loop.max_k:
+            continue
+        image = budget.admit(read_header(store.get_bytes(entry.image_key), entry.image_key, limits)).decode(limits)
+        if entry in judging:
+            data.eval_images.append(image)
+            data.eval_labels.append(int(entry.label == DEFECT))
+            data.eval_keys.append(f"labels/{entry.image_sha256}")
+        elif entry.label == DEFECT:
+            data.defects.append(image)
+        else:
+            data.train.append(image)
+    get_run_logger().info("loaded %d training images, %d benchmark images (%d defect) and %d confirmed defects "
+                          "to calibrate on", len(data.train), len(data.eval_images), sum(data.eval_labels),
+                          len(data.defects))
     return data
 
 
@@ -288,22 +319,29 @@ def fit(images: list[np.ndarray], config: DetectorConfig, device: str) -> tuple[
 def score_benchmark(detector: Detector, report: FitReport, data: UploadData) -> Benchmark:
     """Labelled eval set when the upload has one, else the fit's leave-one-out normal scores and
     synthetic-anomaly scores (each from a model that never saw that image)."""
-    if data.labelled:
+    if data.labelled and len(set(data.eval_labels)) == 2:
         result = detector.score(data.eval_images)
-        return Benchmark(LABELLED, list(data.eval_labels), result.scores, result.components)
+        return Benchmark(LABELLED, list(data.eval_labels), result.scores, result.components,
+                         judge(data.eval_labels, result.scores))
     kinds = report.normal_scores.keys()
     components = {k: np.asarray(report.normal_scores[k] + report.synthetic_scores[k]) for k in kinds}
     labels = [0] * len(report.normal_scores[detector.config.score]) + \
         [1] * len(report.synthetic_scores[detector.config.score])
-    return Benchmark(LOO_SYNTHETIC, labels, components[detector.config.score], components)
+    scores = components[detector.config.score]
+    return Benchmark(LOO_SYNTHETIC, labels, scores, components, judge(labels, scores, kind=SYNTHETIC))
 
 
 @task(persist_result=False)
-def calibrate(detector: Detector, bench: Benchmark) -> Threshold:
-    """F1-optimal threshold on a labelled set; otherwise the fit's unsupervised threshold stays."""
+def calibrate(detector: Detector, report: FitReport, data: UploadData) -> Threshold:
+    """Never on the benchmark: with confirmed defects on the training side, the F1-optimal threshold
+    between them and the fit's held-out normal scores; otherwise the fit's unsupervised threshold stays."""
     t = detector.threshold
-    if bench.kind == LABELLED:
-        t = calibrate_supervised(bench.scores, bench.labels).with_details(unsupervised=t.to_dict())  # to compare
+    if data.defects:
+        normals = report.normal_scores[detector.config.score]
+        defects = detector.score(data.defects).scores.tolist()
+        t = calibrate_supervised(np.asarray(normals + defects), [0] * len(normals) + [1] * len(defects)
+                                 ).with_details(unsupervised=t.to_dict(), calibrated_on="held-out normals and "
+                                                f"{len(defects)} confirmed defects of the training side")
     get_run_logger().info("threshold %.4g (%s)", t.value, t.rule)
     if t.details.get("provisional"):
         get_run_logger().warning("the threshold is provisional: %s", t.details["provisional_reason"])
@@ -312,10 +350,12 @@ def calibrate(detector: Detector, bench: Benchmark) -> Threshold:
 
 @task(persist_result=False)
 def evaluate(bench: Benchmark, threshold: Threshold, report: FitReport) -> dict[str, float]:
-    """Benchmark metrics; F1 and rates are at the model's threshold (for a labelled set, chosen on it)."""
+    """Benchmark metrics, with the AUROC's interval; F1 and rates are at the model's threshold,
+    which was never chosen on the benchmark."""
     rates = rates_at_threshold(bench.labels, bench.scores, threshold.value)
     metrics: dict[str, float | None] = {
-        "benchmark_auroc": image_auroc(bench.labels, bench.scores),
+        "benchmark_auroc": bench.evidence.auroc, "benchmark_auroc_low": bench.evidence.low,
+        "benchmark_auroc_high": bench.evidence.high,
         "f1": rates["f1"], "false_alarm_rate": rates["false_alarm_rate"], "miss_rate": rates["miss_rate"],
         "precision": rates["precision"], "recall": rates["recall"], "threshold": threshold.value,
         "n_benchmark_normal": rates["n_normal"], "n_benchmark_defect": rates["n_defect"],
@@ -376,13 +416,14 @@ def register(settings: Settings, product: str, model_uri: str, run_id: str, tags
 
 
 @task(**IO_RETRIES, persist_result=False)
-def gate(settings: Settings, product: str, version: str, auroc: float | None, bench_kind: str,
-         data: UploadData, device: str) -> registry.GateDecision:
-    """Score the champion on the same labelled set, decide, and record the verdict as version tags."""
+def gate(settings: Settings, product: str, version: str, bench: Benchmark, data: UploadData, device: str,
+         loop: LoopSettings) -> registry.GateDecision:
+    """Score the champion on the same labelled benchmark, decide, and record the verdict as version tags."""
     tracking.configure(settings)
-    images, labels = (data.eval_images, data.eval_labels) if bench_kind == LABELLED else (None, None)
-    champion, champion_auroc = registry.champion_auroc(product, images, labels, device, settings)
-    decision = registry.gate_decision(auroc, settings.gate_min_auroc, bench_kind, champion, champion_auroc)
+    images, labels = (data.eval_images, data.eval_labels) if bench.kind == LABELLED else (None, None)
+    champion, champion_evidence = registry.champion_evidence(product, images, labels, device, settings)
+    decision = registry.gate_decision(bench.evidence, settings.gate_min_auroc, bench.kind, champion,
+                                      champion_evidence, loop.allow_unproven)
     registry.record_gate(product, version, decision)
     get_run_logger().info("gate %s: %s", "passed" if decision.passed else "FAILED", decision.reason)
     return decision
@@ -433,6 +474,7 @@ def retrain_flow(product: str, upload_id: str | None = None, method: str = "defa
     tracking.configure(settings)
     overrides, source = training_overrides(settings, product)
     config = training_config(method, seed, overrides, source)  # a bad method or setting fails before any work
+    loop = loop_settings(overrides, source)
     if source != "FSAD_TRAIN_OVERRIDES":
         get_run_logger().info("training settings: %s", source)
 
@@ -443,7 +485,8 @@ def retrain_flow(product: str, upload_id: str | None = None, method: str = "defa
         _reject(settings, product, upload_id, validation)
     get_run_logger().info("waiting for the retraining slot of %s (one retraining per product at a time)", product)
     with product_lock(settings, product):
-        return _train_and_promote(settings, product, upload_id, manifest, validation, method, seed, config).to_dict()
+        return _train_and_promote(settings, product, upload_id, manifest, validation, method, seed, config,
+                                  loop).to_dict()
 
 
 def _reject(settings: Settings, product: str, upload_id: str, validation: dict[str, Any]) -> NoReturn:
@@ -469,6 +512,12 @@ class RetrainJob:
     device: str
     validation_uri: str
     validation_json: str
+    labels: LabelSnapshot  # the labels at the start: with the upload, what trained and judged the version
+    loop: LoopSettings
+
+    @property
+    def labels_sha256(self) -> str:
+        return self.labels.digest or registry.NO_LABELS
 
     def identity(self) -> dict[str, Any]:
         """The summary's first fields, the same whatever the outcome."""
@@ -484,6 +533,7 @@ class Trained:
     record: tracking.TrainingRecord
     detector: Detector
     data: UploadData
+    bench: Benchmark
 
 
 @dataclass(frozen=True)
@@ -495,30 +545,32 @@ class Published:
     decision: registry.GateDecision
     aliases: dict[str, str]
     message: str
+    held: bool = False  # passed the gate, not promoted: the product is pinned
 
     @property
     def status(self) -> str:
         if not self.decision.passed:
             return GATE_FAILED
-        return PROMOTED if self.aliases.get(registry.CHAMPION) == self.version else PINNED
+        return PINNED if self.held else PROMOTED
 
 
 def _train_and_promote(settings: Settings, product: str, upload_id: str, manifest: dict[str, Any],
-                       validation: dict[str, Any], method: str, seed: int, config: DetectorConfig) -> RetrainSummary:
+                       validation: dict[str, Any], method: str, seed: int, config: DetectorConfig,
+                       loop: LoopSettings) -> RetrainSummary:
     """The flow's critical section (under the product lock): already trained? else train, log,
     register, gate, verify and promote."""
     # The identity of the files this run reads (validation found the declared hash equal to it; a
-    # manifest replaced since cannot name other images as trained ones).
+    # manifest replaced since cannot name other images as trained ones), and of its labels.
     job = RetrainJob(product, upload_id, content_sha256(manifest["files"]), method, seed, config,
                      config_sha256(config), resolve_device(settings.device).type, validation["uri"],
-                     validation["report_json"])
-    existing = find_existing(settings, product, job.content_sha256, job.config_sha256)
+                     validation["report_json"], read_labels(settings, product), loop)
+    existing = find_existing(settings, product, job.content_sha256, job.config_sha256, job.labels_sha256)
     if existing is not None:
         return _stop_already_trained(settings, job, existing)
     trained = _train_and_evaluate(settings, job, manifest)
     # Checked again before anything is logged: should the product lock ever lapse during a long
     # fine-tuning (its lease expired on a starved machine), a run that finished first wins.
-    existing = find_existing(settings, product, job.content_sha256, job.config_sha256)
+    existing = find_existing(settings, product, job.content_sha256, job.config_sha256, job.labels_sha256)
     if existing is not None:
         return _stop_already_trained(settings, job, existing)
     return trained_summary(job, trained.record, _publish(settings, job, trained))
@@ -533,11 +585,11 @@ def _stop_already_trained(settings: Settings, job: RetrainJob, existing: dict[st
 
 def _train_and_evaluate(settings: Settings, job: RetrainJob, manifest: dict[str, Any]) -> Trained:
     """Decode the upload, fine-tune, judge the model on its benchmark and gather what the run logs."""
-    data = load_images(settings, job.product, job.upload_id, manifest)
+    data = load_images(settings, job, manifest)
     fit_task = fit.with_options(tags={GPU_LIMIT}) if job.device == "cuda" else fit
     detector, report = fit_task(data.train, job.config, job.device)
     bench = score_benchmark(detector, report, data)
-    threshold = calibrate(detector, bench)
+    threshold = calibrate(detector, report, data)
     detector = detector.with_threshold(threshold)  # the saved model, its overlays and its report use it
     metrics = evaluate(bench, threshold, report)
     shown = gallery(detector, data, bench)
@@ -547,7 +599,7 @@ def _train_and_evaluate(settings: Settings, job: RetrainJob, manifest: dict[str,
         metrics=metrics, history=report.history, threshold=threshold, validation_json=job.validation_json,
         fit_report=report.to_dict(), roc_labels=bench.labels, roc_scores=bench.scores.tolist(), overlays=shown,
         example_image=(data.eval_images or data.train)[0])
-    return Trained(record, detector, data)
+    return Trained(record, detector, data, bench)
 
 
 def _publish(settings: Settings, job: RetrainJob, trained: Trained) -> Published:
@@ -556,10 +608,9 @@ def _publish(settings: Settings, job: RetrainJob, trained: Trained) -> Published
     record, detector = trained.record, trained.detector
     logged = log_run(settings, record, detector)
     version = register(settings, job.product, logged.model_uri, logged.run_id, version_tags(job, record))
-    decision = gate(settings, job.product, version, record.metrics.get("benchmark_auroc"), record.eval_set,
-                    trained.data, job.device)
+    decision = gate(settings, job.product, version, trained.bench, trained.data, job.device, job.loop)
+    hold = decision.passed and pinned(settings, job.product)
     if decision.passed:
-        hold = pinned(settings, job.product)
         aliases = verify_and_promote(settings, job.product, version, detector, record.example_image,
                                      logged.model_files, promote_it=not hold)
         message = (f"version {version} passed the gate and is verified; not promoted, as {job.product} is pinned "
@@ -571,13 +622,14 @@ def _publish(settings: Settings, job: RetrainJob, trained: Trained) -> Published
     get_run_logger().info(message)
     log_report(settings, logged.run_id, record, detector, "passed the gate" if decision.passed else "failed the gate",
                message)
-    return Published(logged.run_id, version, decision, aliases, message)
+    return Published(logged.run_id, version, decision, aliases, message, hold)
 
 
 def version_tags(job: RetrainJob, record: tracking.TrainingRecord) -> dict[str, str]:
     """The registered version's tags; its content and configuration hashes are what `find_existing` looks up."""
     return {"content_sha256": job.content_sha256, "config_sha256": job.config_sha256, "method": job.method,
             "seed": str(job.seed), "upload_id": job.upload_id, "eval_set": record.eval_set, "k": str(record.k),
+            "labels_sha256": job.labels_sha256, **{f"labels_{k}": str(n) for k, n in job.labels.counts().items()},
             "benchmark_auroc": f"{record.metrics.get('benchmark_auroc', float('nan')):.6f}"}
 
 
@@ -593,7 +645,8 @@ def _model_ref(product: str, version: str) -> str:
 def already_trained_summary(job: RetrainJob, existing: dict[str, Any], aliases: dict[str, str]) -> RetrainSummary:
     """The summary of a run that stops early: the gate verdict is the one recorded on the existing version."""
     version, tags = existing["version"], existing["tags"]
-    gate_ = GateSummary(tags.get("gate.verdict") == "passed", tags.get("gate.reason", "no gate verdict recorded"))
+    gate_ = GateSummary(tags.get("gate.verdict") == "passed", tags.get("gate.reason", "no gate verdict recorded"),
+                        evidence=tags.get("gate.evidence", ""))
     message = f"already trained as version {version} (same content_sha256 and configuration); not training again"
     return RetrainSummary(**job.identity(), status=ALREADY_TRAINED, message=message, version=version,
                           run_id=existing["run_id"], model=_model_ref(job.product, version), gate=gate_,
@@ -609,7 +662,8 @@ def trained_summary(job: RetrainJob, record: tracking.TrainingRecord, published:
         TrainingSummary(config.size, config.finetune.steps if config.finetune else 0, config.pool_views,
                         config.backbone, job.device))
     gate_ = GateSummary(decision.passed, decision.reason, decision.min_auroc, decision.candidate_auroc,
-                        decision.champion_version, decision.champion_auroc)
+                        decision.champion_version, decision.champion_auroc, decision.evidence,
+                        decision.champion_below_minimum)
     return RetrainSummary(**job.identity(), status=published.status, message=published.message,
                           version=published.version, run_id=published.run_id,
                           model=_model_ref(job.product, published.version), gate=gate_, aliases=published.aliases,

@@ -24,6 +24,7 @@ from flows.pipeline.retries import IO_RETRIES
 from flows.pipeline.runners import prefect_api_configured
 from flows.pipeline.summary import RetrainSummary
 from flows.settings import Settings, config_sha256, load_settings, product_overrides, training_config
+from flows.store.labels import LabelSnapshot, current_labels
 from flows.store.storage import (
     ObjectNotFound,
     latest_complete_upload,
@@ -46,12 +47,14 @@ class Plan:
 
 def plan_for(product: str, latest_upload: str | None, rejected: bool, trained_version: str | None,
              champion: str | None, champion_upload: str | None, champion_config: str | None = None,
-             config_hash: str | None = None) -> Plan:
+             config_hash: str | None = None, champion_labels: str | None = None, labels_hash: str | None = None
+             ) -> Plan:
     """Whether ``product`` is due (no I/O). Upload ids sort by time, so a larger id is a newer upload.
     ``trained_version`` is a version the pipeline trained on that very upload under this
     configuration (its own tags say so, never a manifest: a manifest may name another upload's
     content). A champion fitted under another configuration (the product's settings or a default
-    changed) is retrained once on its upload; the gate then decides between the two."""
+    changed), or on other labels than today's, is retrained once on its upload; the gate then
+    decides between the two."""
     def skip(reason: str) -> Plan:
         return Plan(product, None, reason)
 
@@ -70,6 +73,8 @@ def plan_for(product: str, latest_upload: str | None, rejected: bool, trained_ve
     if champion_config is not None and config_hash is not None and champion_config != config_hash:
         return Plan(product, latest_upload, f"the training configuration changed since champion v{champion} "
                                             f"(config {champion_config[:12]} -> {config_hash[:12]})")
+    if champion_labels is not None and labels_hash is not None and champion_labels != labels_hash:
+        return Plan(product, latest_upload, f"the labels changed since champion v{champion} was trained")
     return skip(f"champion v{champion} was trained on the latest upload {champion_upload}")
 
 
@@ -88,11 +93,13 @@ def plan_product(settings: Settings, product: str, method: str, seed: int) -> Pl
     except ObjectNotFound:
         rejected = False
     tracking.configure(settings)
-    trained = registry.find_upload_version(product, latest.upload_id, config_hash)
+    labels = LabelSnapshot.of(current_labels(store, product)).digest or registry.NO_LABELS
+    trained = registry.find_upload_version(product, latest.upload_id, config_hash, labels)
     champion = registry.alias_version(product, registry.CHAMPION)
     tags = registry.version_tags(product, champion) if champion else {}
     plan = plan_for(product, latest.upload_id, rejected, str(trained.version) if trained is not None else None,
-                    champion, tags.get("upload_id"), tags.get("config_sha256"), config_hash)
+                    champion, tags.get("upload_id"), tags.get("config_sha256"), config_hash,
+                    tags.get("labels_sha256", registry.NO_LABELS), labels)
     return replace(plan, stale_uploads=stale)
 
 

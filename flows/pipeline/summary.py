@@ -20,6 +20,8 @@ class GateSummary:
     candidate_auroc: float | None = None
     champion_version: str | None = None
     champion_auroc: float | None = None
+    evidence: str = ""  # labelled or synthetic (`fsad_core.evidence`); "" where not recorded
+    champion_below_minimum: bool = False
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,9 @@ class RetrainSummary:
         lines = [f"{self.product} upload {self.upload_id}: {self.message}",
                  f"model     {self.model}  aliases {json.dumps(self.aliases, sort_keys=True)}",
                  f"gate      {'passed' if self.gate.passed else 'failed'}: {self.gate.reason}"]
+        if self.gate.champion_below_minimum:
+            lines.append(f"warning   champion v{self.gate.champion_version} is below the minimum AUROC "
+                         f"{self.gate.min_auroc} on the labelled benchmark")
         if self.trained:
             m = self.trained.metrics
             lines.append(f"metrics   ({self.trained.eval_set} benchmark) "

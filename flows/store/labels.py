@@ -22,10 +22,15 @@ from pathlib import Path, PurePosixPath
 
 from flows.store.storage import PRODUCTS, ObjectNotFound, Store, validate_key, validate_name
 from flows.store.upload import sha256_hex
+from fsad_core.evidence import on_benchmark_side
 from fsad_core.imageio import image_limits, read_image
 
 GOOD, DEFECT, RETRACTED = "good", "defect", "retracted"
 LABELS = (GOOD, DEFECT, RETRACTED)
+# Why an image was looked at, when the review queue picked it for its score: such an image stands
+# for the picks, not for the line, so it trains and never judges.
+NEAR_THRESHOLD, HIGHEST_SCORE, AUDIT = "near the threshold", "highest score", "audit"
+PICKED_FOR_SCORE = (NEAR_THRESHOLD, HIGHEST_SCORE)
 MAX_TEXT = 200  # characters of a name, a defect type or a reason
 log = logging.getLogger(__name__)
 
@@ -138,6 +143,34 @@ def current_labels(store: Store, product: str) -> dict[str, LabelEntry]:
     return {sha: entry for sha, entry in latest.items() if entry.label != RETRACTED}
 
 
+@dataclass(frozen=True)
+class LabelSnapshot:
+    """A product's current labels at the start of a retraining: what trained and judged the version."""
+
+    entries: tuple[LabelEntry, ...]  # in order of image hash
+
+    @classmethod
+    def of(cls, labels: dict[str, LabelEntry]) -> LabelSnapshot:
+        return cls(tuple(labels[sha] for sha in sorted(labels)))
+
+    @property
+    def digest(self) -> str:
+        """sha256 of the labelled images and their labels; "" without labels."""
+        if not self.entries:
+            return ""
+        return sha256_hex("".join(f"{e.image_sha256} {e.label}\n" for e in self.entries).encode())
+
+    def split(self, share: float) -> tuple[list[LabelEntry], list[LabelEntry]]:
+        """(the labels that judge, the labels that train): a share of them by content hash
+        (`on_benchmark_side`), never one picked for its score."""
+        judging = [e for e in self.entries
+                   if e.reason not in PICKED_FOR_SCORE and on_benchmark_side(e.image_sha256, share)]
+        return judging, [e for e in self.entries if e not in judging]
+
+    def counts(self) -> dict[str, int]:
+        return {label: sum(e.label == label for e in self.entries) for label in (GOOD, DEFECT)}
+
+
 def read_sources(store: Store, sources: Iterable[str]) -> list[tuple[str, bytes]]:
     """(name, bytes) of each local file, or else of each key of ``store``; a missing one is refused by name."""
     found = []
@@ -157,5 +190,6 @@ def read_sources(store: Store, sources: Iterable[str]) -> list[tuple[str, bytes]
     return found
 
 
-__all__ = ["DEFECT", "GOOD", "LABELS", "RETRACTED", "LabelEntry", "LabelError", "add_labels", "current_labels",
+__all__ = ["AUDIT", "DEFECT", "GOOD", "HIGHEST_SCORE", "LABELS", "NEAR_THRESHOLD", "PICKED_FOR_SCORE", "RETRACTED",
+           "LabelEntry", "LabelError", "LabelSnapshot", "add_labels", "current_labels",
            "default_labeller", "label_history", "labels_prefix", "read_sources"]

@@ -1,16 +1,21 @@
 """The pipeline's training configuration (FSAD_TRAIN_OVERRIDES and a product's own settings): what it
 takes and what it refuses."""
 
+import dataclasses
 import json
+import re
+from pathlib import Path
 
 import pytest
 
 from flows.settings import (
     DEFAULT_IO_RETRY_DELAYS,
+    LoopSettings,
     SettingsError,
     config_sha256,
     io_retry_delays,
     load_settings,
+    loop_settings,
     merge_overrides,
     product_overrides,
     read_product_training,
@@ -132,3 +137,23 @@ def test_credentials_in_the_tracking_uri_are_kept_apart_from_it(uri, clean, user
     found = uri_credentials(uri)
     assert (found.uri, found.username, found.password) == (clean, user, password)
     assert load_settings({"MLFLOW_TRACKING_URI": uri, "FSAD_HOME": "/tmp/fsad"}).tracking_uri == clean
+
+
+def test_a_products_loop_settings_sit_beside_the_models_and_are_checked_as_they_are():
+    overrides = {"size": 96, "loop": {"benchmark_share": 0.5, "allow_unproven": True}}
+    assert training_config("default", 0, overrides).size == 96  # the model never sees "loop"
+    assert loop_settings(overrides) == LoopSettings(benchmark_share=0.5, allow_unproven=True)
+    assert loop_settings({}) == LoopSettings()
+    for bad, message in (({"loop": {"max_k": 0}}, "loop.max_k: from 1 to 256"),
+                         ({"loop": {"share": 0.5}}, "unknown setting loop.share"),
+                         ({"loop": {"allow_unproven": "yes"}}, "loop.allow_unproven: true or false")):
+        with pytest.raises(SettingsError, match=f"here: {message}"):
+            loop_settings(bad, "here")
+
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "settings.md"
+
+
+def test_every_loop_setting_is_documented():
+    documented = re.findall(r"^\| `loop\.([a-z_]+)` \|", DOCS.read_text(), re.MULTILINE)
+    assert documented == [f.name for f in dataclasses.fields(LoopSettings)]

@@ -66,7 +66,7 @@ def _leaf_paths(config: object, prefix: str = "") -> list[str]:
 def test_every_field_of_the_configuration_is_a_documented_setting_but_weights_and_seed():
     fields = set(_leaf_paths(DetectorConfig())) - {"weights", "seed"}
     documented = set(re.findall(r"^\| `([a-z_.]+)` \|", DOCS.read_text(), re.MULTILINE)) - {"finetune"}
-    assert fields == documented == set(EVERY_SETTING)
+    assert fields == {path for path in documented if not path.startswith("loop.")} == set(EVERY_SETTING)
 
 
 @pytest.mark.parametrize("path", sorted(EVERY_SETTING))

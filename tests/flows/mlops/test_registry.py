@@ -28,6 +28,7 @@ from flows.pyfunc import LOADER_MODULE, artifact_problem, encode_png, log_pyfunc
 from flows.settings import config_sha256, load_settings, training_config
 from fsad_core.data import load_category
 from fsad_core.detector import Detector
+from fsad_core.evidence import LABELLED, SYNTHETIC, Evidence
 from fsad_core.metrics import image_auroc
 from fsad_core.synthetic import make_category
 from tests.tiny_training import TINY_TRAINING
@@ -89,20 +90,35 @@ def versions(settings, fitted):
 
 # ---- the gate's rules (no I/O) ------------------------------------------------------------------
 
-@pytest.mark.parametrize("auroc, minimum, champ, champ_auroc, passed, phrase", [
-    (0.95, 0.9, None, None, True, "no champion yet"),
-    (0.85, 0.9, None, None, False, "below the minimum"),
-    (0.95, 0.9, "3", 0.97, False, "worse than champion v3"),
-    (0.97, 0.9, "3", 0.97, True, ">= champion v3"),
-    (0.95, 0.9, "3", None, True, "not compared"),
-    (None, 0.9, None, None, False, "undefined"),
+def _evidence(auroc: float, kind: str = LABELLED) -> Evidence:
+    return Evidence(kind, auroc, auroc - 0.05, min(1.0, auroc + 0.05), 20, 10 if kind == LABELLED else 3)
+
+
+@pytest.mark.parametrize("candidate, champ, champion, allow, passed, phrase", [
+    # The minimum guards the first champion, on any evidence.
+    (_evidence(0.95, SYNTHETIC), None, None, False, True, "no champion yet"),
+    (_evidence(0.85), None, None, False, False, "below the minimum"),
+    # Labelled evidence both were scored on decides between them, whatever the minimum.
+    (_evidence(0.95), "3", _evidence(0.97), False, False, "worse than champion v3"),
+    (_evidence(0.97), "3", _evidence(0.97), False, True, ">= champion v3"),
+    (_evidence(0.85), "3", _evidence(0.80), False, True, "champion v3 is below the minimum"),
+    # Evidence that cannot compare them keeps the champion, unless the product's settings allow it.
+    (_evidence(0.99, SYNTHETIC), "3", None, False, False, "cannot be compared with champion v3"),
+    (_evidence(0.99, SYNTHETIC), "3", _evidence(0.9, SYNTHETIC), False, False, "cannot be compared"),
+    (_evidence(0.95, SYNTHETIC), "3", None, True, True, "not compared (the product's settings allow it)"),
+    (_evidence(0.85, SYNTHETIC), "3", None, True, False, "below the minimum"),
+    (None, None, None, False, False, "undefined"),
 ])
-def test_gate_rules(auroc, minimum, champ, champ_auroc, passed, phrase):
-    d = gate_decision(auroc, minimum, "labelled", champ, champ_auroc)
+def test_gate_policy(candidate, champ, champion, allow, passed, phrase):
+    d = gate_decision(candidate, 0.9, "labelled", champ, champion, allow)
     assert d.passed is passed and phrase in d.reason
     tags = d.tags()
     assert tags["gate.verdict"] == ("passed" if passed else "failed")
     assert tags["gate.champion_version"] == (champ or "none") and tags["gate.reason"] == d.reason
+    assert d.champion_below_minimum is (champion is not None and champion.auroc < 0.9)
+    if candidate is not None:
+        assert f"{candidate.n_normal} normal and {candidate.n_defect} defective, {candidate.kind}" in d.reason
+        assert tags["gate.evidence"] == candidate.kind
 
 
 # ---- the pyfunc model -----------------------------------------------------------------------------
@@ -154,13 +170,13 @@ def test_register_verify_promote_moves_champion_and_previous(settings, fitted, v
     with pytest.raises(RegistryError, match="not verified"):
         registry.promote(PRODUCT, v1)
     for logged, version in versions:
-        registry.record_gate(PRODUCT, version, gate_decision(1.0, 0.9, "labelled"))
+        registry.record_gate(PRODUCT, version, gate_decision(_evidence(1.0), 0.9, "labelled"))
         check = registry.verify(PRODUCT, version, WrittenModel.of(detector, images[0], logged.model_files))
         assert check.ok, check.reason
         assert registry.version_tags(PRODUCT, version)["verified"] == "true"
     assert registry.promote(PRODUCT, v1) == {CANDIDATE: v2, CHAMPION: v1}
-    champion, auroc = registry.champion_auroc(PRODUCT, images, labels, "cpu", settings)
-    assert champion == v1 and auroc == image_auroc(labels, detector.score(images).scores)
+    champion, evidence = registry.champion_evidence(PRODUCT, images, labels, "cpu", settings)
+    assert champion == v1 and evidence.auroc == pytest.approx(image_auroc(labels, detector.score(images).scores))
     assert registry.promote(PRODUCT, v2) == {CANDIDATE: v2, CHAMPION: v2, PREVIOUS: v1}
 
 
@@ -172,7 +188,7 @@ def test_a_version_that_does_not_reproduce_its_score_or_decision_is_never_champi
     detector, _, _, images, _, _ = fitted
     logged = log(settings, fitted, "20260101T000009Z-bad000", "c" * 64)
     version = str(registry.register(PRODUCT, logged.model_uri, logged.run_id, {}).version)
-    registry.record_gate(PRODUCT, version, gate_decision(1.0, 0.9, "labelled"))
+    registry.record_gate(PRODUCT, version, gate_decision(_evidence(1.0), 0.9, "labelled"))
     written = WrittenModel.of(detector, images[0], logged.model_files)
     if differs.get("is_anomaly", 0) is None:
         differs = {"is_anomaly": not written.is_anomaly}
@@ -293,7 +309,7 @@ def test_an_artifact_changed_after_logging_fails_verification_and_is_never_champ
     detector, _, _, images, _, _ = fitted
     logged = log(settings, fitted, "20260101T000010Z-tamper", "d" * 64)
     version = str(registry.register(PRODUCT, logged.model_uri, logged.run_id, {}).version)
-    registry.record_gate(PRODUCT, version, gate_decision(1.0, 0.9, "labelled"))
+    registry.record_gate(PRODUCT, version, gate_decision(_evidence(1.0), 0.9, "labelled"))
     stored = mlflow.get_logged_model(logged.model_uri.removeprefix("models:/")).artifact_location
     [weights] = Path(stored.removeprefix("file://")).rglob("network.safetensors")
     damage(weights)  # changed in the store after logging, before verification
@@ -337,7 +353,7 @@ def test_a_failure_while_moving_aliases_never_leaves_champion_on_an_unverified_v
     assert registry.version_tags(PRODUCT, v1)["verified"] == "true"
 
     unverified = str(mlflow.register_model(logged.model_uri, registry.model_name(PRODUCT)).version)
-    registry.record_gate(PRODUCT, unverified, gate_decision(1.0, 0.9, "labelled"))
+    registry.record_gate(PRODUCT, unverified, gate_decision(_evidence(1.0), 0.9, "labelled"))
     mlflow.MlflowClient().set_model_version_tag(registry.model_name(PRODUCT), unverified, "verified", "false")
     moved = registry.aliases(PRODUCT)
     with pytest.raises(RegistryError, match="not verified"):

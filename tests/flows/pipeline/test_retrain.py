@@ -10,6 +10,7 @@ product are serialised by a Prefect concurrency slot; training on CUDA takes the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
@@ -23,7 +24,7 @@ from PIL import Image
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.mlops import control, registry, tracking
-from flows.mlops.registry import CANDIDATE, CHAMPION, PREVIOUS
+from flows.mlops.registry import CANDIDATE, CHAMPION, NO_LABELS, PREVIOUS
 from flows.pipeline.retrain import (
     GPU_LIMIT,
     Published,
@@ -40,7 +41,8 @@ from flows.pipeline.retrain import (
 )
 from flows.pipeline.summary import PINNED, GateSummary, RetrainSummary
 from flows.pyfunc import encode_png
-from flows.settings import SettingsError, load_settings
+from flows.settings import LoopSettings, SettingsError, load_settings
+from flows.store.labels import DEFECT, GOOD, LabelSnapshot, add_labels, current_labels
 from flows.store.storage import open_store, quarantine_prefix, training_key, upload_prefix, validation_key
 from flows.store.upload import (
     ManifestError,
@@ -85,7 +87,7 @@ def env(tmp_path_factory):
 def sets(tmp_path_factory) -> dict[str, Path]:
     """Upload folders: the product, and the same eval set with another product's training images."""
     root = tmp_path_factory.mktemp("sets")
-    washer = make_category(root / "gen-washer", kind="object", n_train=2, n_test_good=3, n_test_defect=3,
+    washer = make_category(root / "gen-washer", kind="object", n_train=2, n_test_good=5, n_test_defect=5,
                            size=96, seed=1)
     gravel = make_category(root / "gen-gravel", kind="texture", n_train=2, n_test_good=0, n_test_defect=0,
                            size=96, seed=2)
@@ -110,7 +112,7 @@ def test_good_upload_becomes_a_verified_champion(env, sets, tmp_path):
     assert summary["version"] == "1" and summary["eval_set"] == "labelled"
     assert summary["aliases"] == {CANDIDATE: "1", CHAMPION: "1"}
     assert summary["metrics"]["benchmark_auroc"] >= 0.9 and summary["gate"]["passed"]
-    assert summary["threshold"]["rule"] == "supervised_f1"
+    assert summary["threshold"]["rule"] != "supervised_f1"  # never chosen on the benchmark: no labels to train on
     json.dumps(summary)  # JSON-able: it is the flow's persisted result
     tags = registry.version_tags(P, "1")
     assert tags["verified"] == "true" and tags["gate.verdict"] == "passed"
@@ -165,9 +167,9 @@ def test_already_trained_is_read_anew_each_time_a_run_asks(env):
 
     @flow
     def ask_register_ask() -> tuple:
-        before = find_existing(settings, "probe", tags["content_sha256"], tags["config_sha256"])
+        before = find_existing(settings, "probe", tags["content_sha256"], tags["config_sha256"], NO_LABELS)
         mlflow.register_model(source, registry.model_name("probe"), tags=tags)
-        return before, find_existing(settings, "probe", tags["content_sha256"], tags["config_sha256"])
+        return before, find_existing(settings, "probe", tags["content_sha256"], tags["config_sha256"], NO_LABELS)
 
     before, after = ask_register_ask()
     assert before is None and after is not None and after["version"] == "1"
@@ -249,6 +251,36 @@ def test_a_pinned_product_is_gated_but_not_promoted(env, sets):
     assert registry.aliases("pinned")[CHAMPION] == "2"
 
 
+def test_labels_judge_train_and_calibrate_and_new_labels_make_a_new_version(env, sets, tmp_path):
+    store = open_store()
+    upload_folder(store, "labelled", sets["good"], upload_id=U_GOOD)
+    first = RetrainSummary.from_dict(retrain_flow("labelled"))
+    assert first.status == "promoted" and first.gate.evidence == "labelled"  # the upload's 5 + 5 eval images
+    line = load_category(make_category(tmp_path / "line", kind="object", n_train=1, n_test_good=10,
+                                       n_test_defect=10, size=96, seed=1))
+    for label in (GOOD, DEFECT):
+        images = [(s.path.name, s.path.read_bytes()) for s in line.test if s.label == (label == DEFECT)]
+        add_labels(store, "labelled", images, label, "ann", "audit")
+    store.put_json(training_key("labelled"), {"loop": {"benchmark_share": 0.5}})
+    snapshot = LabelSnapshot.of(current_labels(store, "labelled"))
+    judging, training = snapshot.split(0.5)
+    assert judging and training  # the hash puts some on each side
+
+    second = RetrainSummary.from_dict(retrain_flow("labelled"))  # same upload and model: the labels are new
+    assert second.version == "2" and second.trained is not None
+    metrics, tags = second.trained.metrics, registry.version_tags("labelled", "2")
+    trained_normals = [e for e in training if e.label == GOOD]
+    assert second.trained.k == 2 + len(trained_normals)
+    assert metrics["n_benchmark_normal"] == 5 + sum(e.label == GOOD for e in judging)
+    assert metrics["n_benchmark_defect"] == 5 + sum(e.label == DEFECT for e in judging)
+    assert metrics["benchmark_auroc_low"] <= metrics["benchmark_auroc"] <= metrics["benchmark_auroc_high"]
+    assert second.trained.threshold.rule == ("supervised_f1" if any(e.label == DEFECT for e in training)
+                                             else first.trained.threshold.rule)
+    assert (tags["labels_sha256"], tags["labels_good"], tags["labels_defect"]) == (snapshot.digest, "10", "10")
+    assert second.gate.champion_version == "1" and second.gate.evidence == "labelled"  # compared on one benchmark
+    assert retrain_flow("labelled")["status"] == "already_trained"  # the same labels: not trained twice
+
+
 def test_corrupt_upload_is_quarantined_and_creates_no_version(env, sets):
     store = open_store()
     prefix = upload_prefix(P, U_CORRUPT)
@@ -295,7 +327,8 @@ def test_training_checks_the_pixel_budget_before_decoding_an_image(env, tmp_path
     result = upload_folder(open_store(), "budget", folder, upload_id="20260101T000000Z-budget")
     monkeypatch.setenv("FSAD_MAX_SET_PIXELS", str(2 * 64 * 64))
     with pytest.raises(ImageReadError, match="its 3 images hold 12288 decoded pixels, above the budget of 8192"):
-        load_images.fn(load_settings(), "budget", result.upload_id, result.manifest)
+        job = dataclasses.replace(_job(), product="budget", upload_id=result.upload_id)
+        load_images.fn(load_settings(), job, result.manifest)
 
 
 def test_incomplete_upload_is_refused_without_quarantine(env):
@@ -367,7 +400,7 @@ IDENTITY = ["product", "upload_id", "content_sha256", "method", "seed", "config_
 
 def _job() -> RetrainJob:
     return RetrainJob("washer", U_GOOD, "c" * 64, "default", 3, DetectorConfig(), "d" * 64, "cpu",
-                      "file:///store/validation.json", "{}")
+                      "file:///store/validation.json", "{}", LabelSnapshot(()), LoopSettings())
 
 
 def _record(job: RetrainJob) -> tracking.TrainingRecord:
@@ -404,7 +437,8 @@ def test_a_trained_summary_has_the_same_fields_whether_the_gate_passed_or_not(pa
     assert (summary["version"], summary["run_id"], summary["k"]) == ("5", "r5", 2)
     assert summary["metrics"] == record.metrics and summary["eval_set"] == "labelled"
     assert summary["gate"] == {"passed": passed, "reason": "why", "min_auroc": 0.8, "candidate_auroc": 0.875,
-                               "champion_version": "1", "champion_auroc": 0.9}
+                               "champion_version": "1", "champion_auroc": 0.9, "evidence": "synthetic",
+                               "champion_below_minimum": False}
     assert summary["threshold"] == {"value": 1.5, "rule": "supervised_f1", "expected_false_alarm_rate": 0.02}
     assert summary["training"] == {"size": job.config.size, "steps": job.config.finetune.steps,
                                    "pool_views": job.config.pool_views, "backbone": job.config.backbone,
@@ -420,4 +454,5 @@ def test_a_failed_gate_says_which_champion_stays_and_the_version_is_tagged_for_f
     job = _job()
     assert version_tags(job, _record(job)) == {
         "content_sha256": "c" * 64, "config_sha256": "d" * 64, "method": "default", "seed": "3",
-        "upload_id": U_GOOD, "eval_set": "labelled", "k": "2", "benchmark_auroc": "0.875000"}
+        "upload_id": U_GOOD, "eval_set": "labelled", "k": "2", "benchmark_auroc": "0.875000",
+        "labels_sha256": NO_LABELS, "labels_good": "0", "labels_defect": "0"}

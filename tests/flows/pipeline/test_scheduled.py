@@ -17,6 +17,8 @@ OLD, NEW = "a" * 64, "b" * 64
     ((U1, False, None, "1", U1, NEW, NEW), None, "trained on the latest upload"),
     ((U1, False, None, "1", U1, OLD, NEW), U1, "configuration changed since champion v1"),
     ((U1, False, None, "1", U1, None, NEW), None, "trained on the latest upload"),  # a champion without the tag
+    ((U1, False, None, "1", U1, NEW, NEW, "none", OLD), U1, "labels changed since champion v1"),
+    ((U1, False, None, "1", U1, NEW, NEW, OLD, OLD), None, "trained on the latest upload"),
 ])
 def test_decide(args, due, reason):
     plan = plan_for("washer", *args)
