@@ -185,6 +185,32 @@ def _cmd_control(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_review_queue(args: argparse.Namespace) -> int:
+    import json
+    from dataclasses import asdict
+
+    from flows.settings import load_settings
+    from flows.store.labels import current_labels
+    from flows.store.queue import escape_estimate, read_queue
+    from flows.store.storage import open_store, validate_name
+    validate_name(args.product, "product name")
+    if args.n is not None and args.n < 1:
+        raise ValueError(f"--n {args.n}: at least 1")
+    store = open_store(load_settings().storage_url)
+    labels = list(current_labels(store, args.product).values())
+    stored = read_queue(store, args.product)
+    items = read_queue(store, args.product, {e.source for e in labels})[:args.n]
+    for item in items:
+        print(json.dumps(asdict(item)) if args.json else
+              f"{item.score:10.4g}  {'flagged' if item.is_anomaly else 'passed ':7}  {item.reason:18}  {item.image}")
+    escape = escape_estimate(labels, stored)
+    print(f"{args.product}: {len(items)} images to review" + (
+        "" if escape is None else f"; estimated escape rate {escape.rate:.3f} (90 % interval {escape.low:.3f}-"
+                                  f"{escape.high:.3f}, {escape.defects} defects in {escape.passed_audited} audited "
+                                  f"images the model passed)"), file=sys.stderr)
+    return 0
+
+
 def _cmd_upload(args: argparse.Namespace) -> int:
     from flows.store.upload import cli_upload
     return cli_upload(args.product, args.dir, args.resume)
@@ -220,7 +246,7 @@ def _cmd_score_prefix(args: argparse.Namespace) -> int:
         summary = score_prefix_flow(args.product, args.url, batch=args.batch, dask=args.dask)
     print(f"{summary['images']} images under {args.url}: {summary['already']} already decided, {summary['scored']} "
           f"scored now ({summary['anomalies']} flagged, {summary['unreadable']} unreadable) by {summary['model']}; "
-          f"decisions in {summary['decisions']}")
+          f"decisions in {summary['decisions']}; {summary['queued']} images in the review queue (fsad review-queue)")
     return 0
 
 
@@ -397,6 +423,14 @@ def _add_control(sub: Subcommands) -> None:
         p.add_argument("--by", default=None, help="who (default: the OS user)")
 
 
+def _add_review_queue(sub: Subcommands) -> None:
+    p = _subcommand(sub, "review-queue", _cmd_review_queue, "the images of a product's line people should look at "
+                    "next, each with why (near the threshold, highest score, audit); fed by score-prefix")
+    p.add_argument("--product", required=True)
+    p.add_argument("--n", type=int, default=None, help="the first N only")
+    p.add_argument("--json", action="store_true", help="JSON Lines instead of a table")
+
+
 def _add_settings(sub: Subcommands) -> None:
     p = _subcommand(sub, "settings", _cmd_settings, "show, set or clear a product's own training settings "
                     "(merged over FSAD_TRAIN_OVERRIDES by retraining)")
@@ -442,7 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # in the order `fsad --help` lists them
     for add_subcommand in (_add_demo, _add_train, _add_score, _add_bench, _add_report, _add_upload, _add_label,
-                           _add_settings, _add_retrain, _add_control, _add_score_prefix, _add_stack):
+                           _add_settings, _add_retrain, _add_control, _add_score_prefix, _add_review_queue,
+                           _add_stack):
         add_subcommand(sub)
     return parser
 

@@ -24,6 +24,9 @@ from prefect import flow, get_run_logger, task
 from flows.mlops import registry
 from flows.pipeline.retries import IO_RETRIES
 from flows.pipeline.runners import task_runner
+from flows.settings import load_settings
+from flows.store.labels import current_labels
+from flows.store.queue import Decided, pick, write_queue
 from flows.store.storage import ObjectNotFound, StorageKeyError, open_store
 from fsad_core.decision import Decision, decided, undecided
 from fsad_core.detector import Detector
@@ -45,6 +48,7 @@ class Summary:
     anomalies: int    # of those, flagged
     unreadable: int   # of those, not judged (their lines say why)
     decisions: str    # where the part files are
+    queued: int       # images in the product's review queue now
 
 
 def decisions_prefix(name: str, version: str) -> str:
@@ -57,20 +61,40 @@ def part_key(prefix: str, keys: list[str]) -> str:
     return f"{prefix}part-{digest}.jsonl"  # as PART_NAME reads it
 
 
-def already_decided(store: Any, prefix: str) -> set[str]:
-    """The images the part files under ``prefix`` already hold a decision for. Other objects there
-    are not ours and are passed over; a part file that cannot be read is named in a warning and its
-    images are decided again (its batch writes it anew)."""
-    done: set[str] = set()
+def decision_lines(store: Any, prefix: str) -> list[dict[str, Any]]:
+    """The decisions the part files under ``prefix`` hold. Other objects there are not ours and
+    are passed over; a part file that cannot be read is named in a warning and its images are
+    decided again (its batch writes it anew)."""
+    lines: list[dict[str, Any]] = []
     for key in store.list(prefix):
         if not PART_NAME.fullmatch(key[len(prefix):]):
             continue
         try:
-            done |= {json.loads(line)["image"] for line in store.get_bytes(key).decode().splitlines() if line}
+            part = [json.loads(line) for line in store.get_bytes(key).decode().splitlines() if line]
+            lines += [line for line in part if isinstance(line["image"], str)]
         except (UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
             log.warning("%s: not a part file of decisions (%s: %s); its images are decided again",
                         store.uri(key), type(exc).__name__, exc)
-    return done
+    return lines
+
+
+def already_decided(store: Any, prefix: str) -> set[str]:
+    """The images the part files under ``prefix`` already hold a decision for."""
+    return {line["image"] for line in decision_lines(store, prefix)}
+
+
+@task(**IO_RETRIES)
+def refresh_queue(url: str, product: str, prefix: str, version: str) -> int:
+    """The product's review queue picked anew from every decision of this version under ``url``,
+    less the images already labelled; how many it holds."""
+    store, product_store = open_store(url), open_store(load_settings().storage_url)
+    labelled = {entry.source for entry in current_labels(product_store, product).values()}
+    decided = [Decided(store.uri(line["image"]), float(line["score"]), float(line["threshold"]),
+                       bool(line["is_anomaly"]), version)
+               for line in decision_lines(store, prefix) if line.get("score") is not None]
+    items = pick(decided, labelled)
+    write_queue(product_store, product, items)
+    return len(items)
 
 
 @lru_cache(maxsize=2)
@@ -143,6 +167,6 @@ def score_prefix_flow(product: str, url: str, batch: int | None = None, dask: st
     counts = run_batches(url, batches, ref, model, prefix) if batches else []
     summary = Summary(f"{name} version {version} (@{registry.CHAMPION})", len(images), len(images) - len(todo),
                       *(sum(c[field] for c in counts) for field in ("scored", "anomalies", "unreadable")),
-                      store.uri(prefix))
+                      store.uri(prefix), refresh_queue(url, product, prefix, version))
     get_run_logger().info("%s", summary)
     return asdict(summary)

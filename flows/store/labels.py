@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 
-from flows.store.storage import PRODUCTS, ObjectNotFound, Store, validate_key, validate_name
+from flows.store.storage import PRODUCTS, ObjectNotFound, Store, open_store, validate_key, validate_name
 from flows.store.upload import sha256_hex
 from fsad_core.evidence import on_benchmark_side
 from fsad_core.imageio import image_limits, read_image
@@ -172,9 +172,17 @@ class LabelSnapshot:
 
 
 def read_sources(store: Store, sources: Iterable[str]) -> list[tuple[str, bytes]]:
-    """(name, bytes) of each local file, or else of each key of ``store``; a missing one is refused by name."""
+    """(name, bytes) of each local file, ``s3://BUCKET/KEY`` address (the review queue's), or else
+    key of ``store``; a missing one is refused by name."""
     found = []
     for source in sources:
+        if source.startswith("s3://"):
+            bucket, _, key = source.removeprefix("s3://").partition("/")
+            try:
+                found.append((source, open_store(f"s3://{bucket}").get_bytes(validate_key(key))))
+            except (ObjectNotFound, ValueError):
+                raise LabelError(f"{source}: no such object") from None
+            continue
         path = Path(source)
         if path.is_file():
             try:

@@ -244,6 +244,18 @@ def test_a_prefix_is_decided_on_dask_written_back_and_resumed(stack, sets, capsy
     second = score_prefix_flow(P, f"s3://{stack.bucket}/lines/day-1", batch=2)
     assert (second["images"], second["already"], second["scored"]) == (len(files) + 1, len(files), 1)
 
+    # The decisions fed the product's review queue; an image labelled from it leaves it.
+    capsys.readouterr()
+    assert second["queued"] > 0 and main(["review-queue", "--product", P, "--json"]) == 0
+    queued = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(queued) == second["queued"] and all(q["image"].startswith(f"s3://{stack.bucket}/lines/day-1/")
+                                                   for q in queued)
+    assert "broken.png" not in " ".join(q["image"] for q in queued)  # not judged: nothing to review by score
+    assert main(["label", "--product", P, "--defect", "--by", "ann", "--reason", queued[0]["reason"],
+                 queued[0]["image"]]) == 0
+    assert main(["review-queue", "--product", P, "--json"]) == 0
+    assert queued[0]["image"] not in capsys.readouterr().out
+
 
 def test_same_content_is_not_trained_again(stack, sets):
     from flows.pipeline.retrain import retrain_flow

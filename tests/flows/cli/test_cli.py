@@ -47,7 +47,8 @@ def category(tmp_path_factory):
 def test_help_lists_every_subcommand():
     out = run("--help")
     assert out.returncode == 0
-    for cmd in ("demo", "train", "score", "score-prefix", "bench", "report", "upload", "settings", "retrain", "stack"):
+    for cmd in ("demo", "train", "score", "score-prefix", "bench", "report", "upload", "label", "settings", "retrain",
+                "promote", "rollback", "pin", "review-queue", "stack"):
         assert cmd in out.stdout
 
 
