@@ -18,7 +18,7 @@ PEER_K ?= 1 4 8
 PEER_RUN = $(PEER_PYTHON) -c "import pathlib, runpy, sys, tempfile; sys.argv = sys.argv[1:]; \
 	runpy.run_path(sys.argv[0], {'TMP': pathlib.Path(tempfile.mkdtemp())}, '__main__')" $(PEER_HARNESS)
 
-.PHONY: install demo lint test bench bench-ablation bench-peer bench-sweep bench-serve gpu-check stack-up stack-down clean
+.PHONY: install demo lint test bench bench-ablation bench-peer bench-sweep bench-line bench-serve gpu-check stack-up stack-down clean
 
 install: $(STAMP)
 
@@ -63,6 +63,17 @@ bench-ablation: $(STAMP)
 # both wall times and their ratio.
 bench-sweep: $(STAMP)
 	OMP_NUM_THREADS=1 FSAD_WORKER_LIMIT=1 $(BIN)/python -m pytest -s -k sweep_on_two_workers_against_one tests/integration/test_deployments.py
+
+# The line loop simulated on the shared sets (k = 4, 5 days of 60 parts, 12 reviews a day), seeds 0 1 2;
+# a (set, seed) already done is skipped, so a stopped run resumes.
+LINE_SEEDS ?= 0 1 2
+bench-line: $(STAMP)
+	@for set in $(BENCH_DATA); do for seed in $(LINE_SEEDS); do \
+		name=$$(basename $$set)-$$seed; out=$(BENCH_OUT)/line/$$name.json; \
+		if [ -f $$out ]; then echo "$$out: done"; continue; fi; \
+		OMP_NUM_THREADS=1 $(BIN)/fsad simulate --data $$set --k 4 --days 5 --per-day 60 --reviews 12 \
+			--defect-share 0.1 --seed $$seed --out $$out --plot $(BENCH_OUT)/line/$$name.png || exit 1; \
+	done; done
 
 # Latency of the served model, one image a request: make bench-serve SERVE_MODEL=DIR SERVE_IMAGES=DIR
 bench-serve: $(STAMP)

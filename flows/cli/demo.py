@@ -10,16 +10,14 @@ uploads the same images and shows the idempotency: "already trained as version N
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shlex
 import shutil
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
+from flows.cli.embedded import environment, ephemeral_prefect
 from flows.pipeline.runners import prefect_api
 from flows.pipeline.summary import RetrainSummary
 from flows.settings import Settings, load_settings
@@ -37,37 +35,6 @@ DEMO_TRAINING = {  # small on purpose: the demo must finish in minutes on two bu
     "size": 128, "patch_size": 128, "pool_views": 24, "negatives": 16, "calibration_negatives": 12, "memory_views": 2,
     "finetune": {"steps": 20, "normals_per_batch": 12, "negatives_per_batch": 6},
 }
-_PREFECT_STARTUP_S = 180  # the ephemeral API server starts slowly on busy small machines
-
-
-@contextlib.contextmanager
-def _environment(values: dict[str, str]) -> Iterator[None]:
-    """Set environment variables for the demo and restore the caller's afterwards."""
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, old in saved.items():
-            if old is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = old
-
-
-@contextlib.contextmanager
-def _ephemeral_prefect(home: Path) -> Iterator[None]:
-    """Prefect's ephemeral API with its database under ``home`` (not a configured server)."""
-    from prefect.settings import (
-        PREFECT_API_URL,
-        PREFECT_HOME,
-        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
-        temporary_settings,
-    )
-
-    updates = {PREFECT_HOME: str(home), PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: _PREFECT_STARTUP_S}
-    with temporary_settings(updates=updates, restore_defaults={PREFECT_API_URL}):
-        yield
 
 
 def prepare_upload_set(out: Path, data: str | None) -> tuple[str, Path, str]:
@@ -127,7 +94,7 @@ def run_demo(workdir: str | None = None, data: str | None = None) -> int:
     }
     prefect_home = home / "prefect"
     home.mkdir(parents=True, exist_ok=True)
-    with _environment(embedded), _ephemeral_prefect(prefect_home), prefect_api():
+    with environment(embedded), ephemeral_prefect(prefect_home), prefect_api():
         from flows.pipeline.retrain import retrain_flow
         from flows.store.storage import open_store
 

@@ -211,6 +211,16 @@ def _cmd_review_queue(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from fsad_core.data import load_category
+    load_category(args.data)  # a wrong path is named before anything starts
+    for name in ("k", "days", "per_day", "reviews"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: at least 1")
+    from flows.cli.simulate import run_simulation
+    return run_simulation(args)
+
+
 def _cmd_upload(args: argparse.Namespace) -> int:
     from flows.store.upload import cli_upload
     return cli_upload(args.product, args.dir, args.resume)
@@ -431,6 +441,22 @@ def _add_review_queue(sub: Subcommands) -> None:
     p.add_argument("--json", action="store_true", help="JSON Lines instead of a table")
 
 
+def _add_simulate(sub: Subcommands) -> None:
+    p = _subcommand(sub, "simulate", _cmd_simulate, "run the loop on a labelled category as a line would: day-0 "
+                    "upload, then each day score, review, label and retrain; measured on a held-out truth")
+    p.add_argument("--data", required=True, metavar="CATEGORY_DIR", help="an MVTec-layout category")
+    p.add_argument("--k", type=int, default=4, help="normal images of the day-0 upload (default 4)")
+    p.add_argument("--days", type=int, default=5)
+    p.add_argument("--per-day", type=int, default=60, help="parts the line makes a day (default 60)")
+    p.add_argument("--reviews", type=int, default=12, help="queued images labelled a day (default 12)")
+    p.add_argument("--defect-share", type=float, default=0.1, help="share of defective parts (default 0.1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, metavar="FILE.json", help='{"records": [one a day], "baselines": ...}')
+    p.add_argument("--plot", default=None, metavar="FILE.png", help="held-out AUROC and the gate's belief by day")
+    p.add_argument("--workdir", default=None, help="the line's store, MLflow and Prefect (default: OUT.work, "
+                                                   "made anew)")
+
+
 def _add_settings(sub: Subcommands) -> None:
     p = _subcommand(sub, "settings", _cmd_settings, "show, set or clear a product's own training settings "
                     "(merged over FSAD_TRAIN_OVERRIDES by retraining)")
@@ -477,7 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
     # in the order `fsad --help` lists them
     for add_subcommand in (_add_demo, _add_train, _add_score, _add_bench, _add_report, _add_upload, _add_label,
                            _add_settings, _add_retrain, _add_control, _add_score_prefix, _add_review_queue,
-                           _add_stack):
+                           _add_simulate, _add_stack):
         add_subcommand(sub)
     return parser
 

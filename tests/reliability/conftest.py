@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.tiny_training import TINY_TRAINING
+from tests.tiny_training import TINY_TRAINING_PROMOTING
 
 CLEARED = ("FSAD_STORAGE", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "FSAD_GATE_MIN_AUROC", "FSAD_DEVICE",
            "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL", "PREFECT_API_URL", "AWS_ACCESS_KEY_ID",
@@ -48,7 +48,7 @@ def embedded_env(mp: pytest.MonkeyPatch, home: Path) -> None:
     for name in CLEARED:
         mp.delenv(name, raising=False)
     mp.setenv("FSAD_HOME", str(home))
-    mp.setenv("FSAD_TRAIN_OVERRIDES", json.dumps(TINY_TRAINING))
+    mp.setenv("FSAD_TRAIN_OVERRIDES", json.dumps(TINY_TRAINING_PROMOTING))
     mp.setenv("FSAD_DEVICE", "cpu")
 
 

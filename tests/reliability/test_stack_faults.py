@@ -30,7 +30,7 @@ from infra.netcheck import non_loopback
 from infra.probes import http_status
 from infra.s3client import make_s3_client
 from infra.stack import StackInfo, listening_addresses, running, up
-from tests.tiny_training import TINY_TRAINING
+from tests.tiny_training import TINY_TRAINING_PROMOTING
 
 pytestmark = pytest.mark.integration
 UPLOADED: dict[str, bytes] = {}  # every object key this module uploaded -> its bytes
@@ -47,8 +47,9 @@ def stack(tmp_path_factory) -> Iterator[tuple[StackInfo, Path, dict[str, str]]]:
         for key, value in {**free_port_env(), **TELEMETRY_OFF}.items():
             mp.setenv(key, value)
         with running(home) as info:
-            env = {**info.env(), "FSAD_HOME": str(home / "client"), "FSAD_TRAIN_OVERRIDES": json.dumps(TINY_TRAINING),
-                   "FSAD_DEVICE": "cpu", "FSAD_GATE_MIN_AUROC": "0", "PREFECT_HOME": str(home / "prefect-client"),
+            env = {**info.env(), "FSAD_HOME": str(home / "client"),
+                   "FSAD_TRAIN_OVERRIDES": json.dumps(TINY_TRAINING_PROMOTING), "FSAD_DEVICE": "cpu",
+                   "FSAD_GATE_MIN_AUROC": "0", "PREFECT_HOME": str(home / "prefect-client"),
                    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
                    "MLFLOW_TRACKING_TOKEN": TOKEN, "FSAD_IO_RETRY_DELAYS": "1,1,1"}
             for key, value in env.items():

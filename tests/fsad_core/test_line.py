@@ -1,0 +1,39 @@
+"""The simulated line's split: stable under a seed, disjoint, stratified, frames of one part on one
+side, and the stream at the defect share."""
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from fsad_core.data import load_category
+from fsad_core.line import frame_group, split_line
+from fsad_core.synthetic import make_category
+
+
+def test_frames_of_one_part_share_a_group_and_numbered_names_are_their_own():
+    assert frame_group(Path("good/part7_f01.png")) == frame_group(Path("good/part7_f02.png")) == "good/part7_f"
+    assert frame_group(Path("good/000.png")) != frame_group(Path("good/001.png"))
+
+
+def test_the_split_is_stable_disjoint_stratified_and_keeps_frames_together(tmp_path):
+    root = make_category(tmp_path / "washer", kind="object", n_train=30, n_test_good=12, n_test_defect=24, size=48)
+    for i in range(3):  # three frames of one good part
+        Image.new("RGB", (48, 48), (i, i, i)).save(root / "test" / "good" / f"part9_f{i}.png")
+    category = load_category(root)
+    split = split_line(category, 4, seed=3, defect_share=0.2)
+    again = split_line(category, 4, seed=3, defect_share=0.2)
+    assert [s.path for s in split.stream] == [s.path for s in again.stream]
+    sides = [{s.path for s in side} for side in (split.upload, split.held_out, split.stream)]
+    assert sum(map(len, sides)) == len(category.train) + len(category.test) and not (sides[0] & sides[1]) \
+        and not (sides[1] & sides[2]) and not (sides[0] & sides[2])
+    assert all(s.label == 0 for s in split.upload) and len(split.upload) == 4
+    held_defects = sum(s.label for s in split.held_out)
+    goods = 30 - 4 + 12 + 3  # the held-out third of them, or up to two more (a group of three frames)
+    assert held_defects == round(24 / 3) and len(split.held_out) - held_defects in range(round(goods / 3),
+                                                                                       round(goods / 3) + 3)
+    frames = {frame_group(s.path) for s in split.held_out} & {frame_group(s.path) for s in split.stream}
+    assert not [g for g in frames if g.endswith("part9_f")]
+    first = split.stream[:40]  # while both kinds last, about the share asked for
+    assert 0.05 < np.mean([s.label for s in first]) < 0.4
+    assert split_line(category, 4, seed=4).held_out != split.held_out
