@@ -132,6 +132,7 @@ class LoopSettings:
     benchmark_share: float = 0.3  # of the labels not picked for their score: they judge, never train
     max_k: int = 32  # normal images trained on at most: the upload's, then confirmed normals
     allow_unproven: bool = False  # a candidate may replace a champion on evidence that cannot compare them
+    candidates: tuple[str, ...] = ("fast", "default")  # methods a retraining fits; the benchmark chooses
 
 
 def training_config(method: str, seed: int, overrides: Mapping[str, Any],

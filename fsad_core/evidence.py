@@ -79,3 +79,20 @@ def on_benchmark_side(sha256: str, share: float) -> bool:
     """Whether a labelled image judges (True) or trains (False): fixed by its content hash, so an
     image never changes sides as labels come and go, and no choice of anyone's decides it."""
     return int(sha256[:8], 16) / 2**32 < share
+
+
+def best_candidate(evidence: dict[str, Evidence], seconds: dict[str, float], day0: str) -> tuple[str, str]:
+    """The candidate method to register, and why. On labelled evidence, the best AUROC, or among the
+    candidates whose interval overlaps the best's (the benchmark cannot tell them apart) the
+    cheapest (fewest seconds); without it, the day-0 rule ``day0``."""
+    if len(evidence) == 1:
+        return next(iter(evidence)), "the only candidate"
+    shown = ", ".join(f"{name} {e.auroc:.4f} ({e.low:.3f}-{e.high:.3f})" for name, e in evidence.items())
+    if any(e.kind != LABELLED for e in evidence.values()):
+        chosen = day0 if day0 in evidence else next(iter(evidence))
+        return chosen, f"{chosen}: no labelled evidence, the day-0 rule (candidates {shown})"
+    best = max(evidence, key=lambda name: evidence[name].auroc)
+    chosen = min((name for name in evidence if evidence[name].overlaps(evidence[best])), key=seconds.__getitem__)
+    why = "the best on the labelled benchmark" if chosen == best else \
+        f"the cheapest of those the labelled benchmark cannot tell from the best ({best})"
+    return chosen, f"{chosen}: {why} (candidates {shown})"

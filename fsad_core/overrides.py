@@ -21,7 +21,7 @@ from .augment import AugmentConfig
 from .config import DetectorConfig
 from .finetune import FinetuneConfig
 from .losses import LossWeights
-from .options import BUNDLED_BACKBONES
+from .options import BUNDLED_BACKBONES, METHOD_NAMES
 
 Settings = typing.TypeVar("Settings")
 
@@ -50,7 +50,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "finetune.loss.negative": (0, 100), "finetune.loss.temperature": (1e-3, 10),
     "loop.benchmark_share": (0.05, 0.9), "loop.max_k": (1, 256),
 }
-_CHOICES: dict[str, tuple[str, ...]] = {"backbone": BUNDLED_BACKBONES}
+_CHOICES: dict[str, tuple[str, ...]] = {"backbone": BUNDLED_BACKBONES, "loop.candidates": METHOD_NAMES}
 _NESTED = (AugmentConfig, FinetuneConfig, LossWeights)  # the configurations inside DetectorConfig
 
 
@@ -119,6 +119,12 @@ def _checked(kind: Any, value: Any, path: str) -> Any:
         if path in _CHOICES and value not in _CHOICES[path]:
             raise OverrideError(f"{path}: one of {', '.join(_CHOICES[path])}, got {_shown(value)}")
         return value
+    if typing.get_origin(kind) is tuple and typing.get_args(kind)[0] is str:
+        if not isinstance(value, (list, tuple)) or not value or len(set(value)) != len(value) or not all(
+                isinstance(v, str) and v in _CHOICES.get(path, (v,)) for v in value):
+            raise OverrideError(f"{path}: a list of different names of {', '.join(_CHOICES.get(path, ()))}, "
+                                f"got {_shown(value)}")
+        return tuple(value)
     if typing.get_origin(kind) is tuple:
         if not isinstance(value, (list, tuple)) or not all(
                 isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value):

@@ -35,7 +35,6 @@ from fsad_core.detector import Detector
 from fsad_core.line import LineSplit, split_line
 from fsad_core.metrics import image_auroc, rates_at_threshold
 
-METHOD = "default"
 BASELINES = ("fast", "default")
 LABELLER = "simulation"
 
@@ -118,7 +117,7 @@ class _Line:
     def upload(self, split: LineSplit, seed: int) -> None:
         folder = write_upload_folder(self.workdir / "upload", [s.path for s in split.upload])
         upload_folder(self.store, self.product, folder)
-        retrain_flow(self.product, method=METHOD, seed=seed)
+        retrain_flow(self.product, seed=seed)
 
     def run_day(self, day: int, parts: list[Sample], reviews: int, seed: int) -> None:
         folder = self.workdir / "line" / f"day-{day}"
@@ -130,7 +129,7 @@ class _Line:
         if registry.alias_version(self.product, registry.CHAMPION) is not None:
             score_prefix_flow(self.product, str(folder))
             self.label(reviews)
-        retrain_due_flow(METHOD, seed)
+        retrain_due_flow(None, seed)
 
     def label(self, reviews: int) -> None:
         """The first ``reviews`` images of the queue, its audits first, labelled from the truth."""

@@ -67,7 +67,7 @@ from fsad_core.calibration import Threshold, calibrate_supervised
 from fsad_core.config import DetectorConfig
 from fsad_core.detector import Detector
 from fsad_core.devices import resolve_device
-from fsad_core.evidence import SYNTHETIC, Evidence, judge
+from fsad_core.evidence import SYNTHETIC, Evidence, best_candidate, judge
 from fsad_core.fitting import FitReport
 from fsad_core.imageio import PixelBudget, image_limits, read_header
 from fsad_core.metrics import image_auroc, rates_at_threshold
@@ -77,6 +77,7 @@ GPU_LIMIT = "gpu"
 PRODUCT_LOCK_PREFIX = "fsad-retrain-"
 PRODUCT_LOCK_LEASE_S = 60  # a killed run frees its product within this; renewed while the run lives
 LABELLED, LOO_SYNTHETIC = "labelled", "loo+synthetic"
+DAY0_METHOD = "default"  # without labelled evidence: the best worst case over the shared sets (docs/loop.md)
 _PROGRESS_EVERY_S = 10.0
 
 
@@ -99,10 +100,6 @@ class UploadData:
     eval_labels: list[int]
     eval_keys: list[str]
     defects: list[np.ndarray] = field(default_factory=list)  # training-side labelled defects
-
-    @property
-    def labelled(self) -> bool:
-        return bool(self.eval_images)
 
 
 @dataclass
@@ -319,7 +316,7 @@ def fit(images: list[np.ndarray], config: DetectorConfig, device: str) -> tuple[
 def score_benchmark(detector: Detector, report: FitReport, data: UploadData) -> Benchmark:
     """Labelled eval set when the upload has one, else the fit's leave-one-out normal scores and
     synthetic-anomaly scores (each from a model that never saw that image)."""
-    if data.labelled and len(set(data.eval_labels)) == 2:
+    if len(set(data.eval_labels)) == 2:  # both kinds: an AUROC to be had
         result = detector.score(data.eval_images)
         return Benchmark(LABELLED, list(data.eval_labels), result.scores, result.components,
                          judge(data.eval_labels, result.scores))
@@ -378,7 +375,7 @@ def _fmt(value: float | None) -> str:
 def gallery(detector: Detector, data: UploadData, bench: Benchmark) -> list[GalleryItem]:
     """The images a report shows with their anomaly maps: with a labelled set the normals scored
     highest and the defects scored highest and lowest; without one, the first training images."""
-    if data.labelled:
+    if bench.kind == LABELLED:
         picks = gallery_picks(bench.labels, bench.scores)
         chosen = [(role, data.eval_keys[i], data.eval_images[i]) for role, i in picks]
     else:
@@ -463,8 +460,11 @@ def current_aliases(settings: Settings, product: str) -> dict[str, str]:
 # ---- the flow ---------------------------------------------------------------------------------
 
 @flow(name="retrain", flow_run_name="retrain-{product}", persist_result=True, result_serializer="json")
-def retrain_flow(product: str, upload_id: str | None = None, method: str = "default", seed: int = 0) -> dict[str, Any]:
-    """Train, gate and (if it passes) promote a model from one upload (default: the latest complete).
+def retrain_flow(product: str, upload_id: str | None = None, method: str | None = None, seed: int = 0
+                 ) -> dict[str, Any]:
+    """Train, gate and (if it passes) promote a model from one upload (default: the latest complete)
+    and the product's labels: ``method``, or each of the product's candidate methods
+    (``loop.candidates``), the one chosen on the benchmark registered (`evidence.best_candidate`).
 
     Returns the `RetrainSummary` as JSON-able fields (``RetrainSummary.from_dict`` reads them back):
     ``status`` (promoted | gate_failed | already_trained), ``message``, ``version``, ``gate``...
@@ -473,8 +473,10 @@ def retrain_flow(product: str, upload_id: str | None = None, method: str = "defa
     settings = load_settings()
     tracking.configure(settings)
     overrides, source = training_overrides(settings, product)
-    config = training_config(method, seed, overrides, source)  # a bad method or setting fails before any work
     loop = loop_settings(overrides, source)
+    # A bad method or setting fails before any work.
+    configs = {name: training_config(name, seed, overrides, source) for name in ((method,) if method else
+                                                                                 loop.candidates)}
     if source != "FSAD_TRAIN_OVERRIDES":
         get_run_logger().info("training settings: %s", source)
 
@@ -485,7 +487,7 @@ def retrain_flow(product: str, upload_id: str | None = None, method: str = "defa
         _reject(settings, product, upload_id, validation)
     get_run_logger().info("waiting for the retraining slot of %s (one retraining per product at a time)", product)
     with product_lock(settings, product):
-        return _train_and_promote(settings, product, upload_id, manifest, validation, method, seed, config,
+        return _train_and_promote(settings, product, upload_id, manifest, validation, configs, seed,
                                   loop).to_dict()
 
 
@@ -555,25 +557,39 @@ class Published:
 
 
 def _train_and_promote(settings: Settings, product: str, upload_id: str, manifest: dict[str, Any],
-                       validation: dict[str, Any], method: str, seed: int, config: DetectorConfig,
+                       validation: dict[str, Any], configs: dict[str, DetectorConfig], seed: int,
                        loop: LoopSettings) -> RetrainSummary:
-    """The flow's critical section (under the product lock): already trained? else train, log,
-    register, gate, verify and promote."""
+    """The flow's critical section (under the product lock): already trained? else train each
+    candidate, choose one, log, register, gate, verify and promote."""
     # The identity of the files this run reads (validation found the declared hash equal to it; a
     # manifest replaced since cannot name other images as trained ones), and of its labels.
-    job = RetrainJob(product, upload_id, content_sha256(manifest["files"]), method, seed, config,
-                     config_sha256(config), resolve_device(settings.device).type, validation["uri"],
-                     validation["report_json"], read_labels(settings, product), loop)
-    existing = find_existing(settings, product, job.content_sha256, job.config_sha256, job.labels_sha256)
-    if existing is not None:
-        return _stop_already_trained(settings, job, existing)
-    trained = _train_and_evaluate(settings, job, manifest)
+    labels, content = read_labels(settings, product), content_sha256(manifest["files"])
+    jobs = [RetrainJob(product, upload_id, content, name, seed, config, config_sha256(config),
+                       resolve_device(settings.device).type, validation["uri"], validation["report_json"], labels,
+                       loop) for name, config in configs.items()]
+    if (found := _already_trained(settings, jobs)) is not None:
+        return _stop_already_trained(settings, *found)
+    data = load_images(settings, jobs[0], manifest)
+    trained = {job.method: _train_and_evaluate(job, data) for job in jobs}
+    chosen, why = best_candidate({name: t.bench.evidence for name, t in trained.items()},
+                                 {name: t.record.metrics.get("fit_seconds", 0.0) for name, t in trained.items()},
+                                 DAY0_METHOD)
+    get_run_logger().info("candidate chosen: %s", why)
+    job = next(j for j in jobs if j.method == chosen)
     # Checked again before anything is logged: should the product lock ever lapse during a long
     # fine-tuning (its lease expired on a starved machine), a run that finished first wins.
-    existing = find_existing(settings, product, job.content_sha256, job.config_sha256, job.labels_sha256)
-    if existing is not None:
-        return _stop_already_trained(settings, job, existing)
-    return trained_summary(job, trained.record, _publish(settings, job, trained))
+    if (found := _already_trained(settings, jobs)) is not None:
+        return _stop_already_trained(settings, *found)
+    return trained_summary(job, trained[chosen].record, _publish(settings, job, trained[chosen], why))
+
+
+def _already_trained(settings: Settings, jobs: list[RetrainJob]) -> tuple[RetrainJob, dict[str, Any]] | None:
+    """A version trained on the same upload and labels under any of the candidates' configurations."""
+    for job in jobs:
+        existing = find_existing(settings, job.product, job.content_sha256, job.config_sha256, job.labels_sha256)
+        if existing is not None:
+            return job, existing
+    return None
 
 
 def _stop_already_trained(settings: Settings, job: RetrainJob, existing: dict[str, Any]) -> RetrainSummary:
@@ -583,9 +599,8 @@ def _stop_already_trained(settings: Settings, job: RetrainJob, existing: dict[st
     return summary
 
 
-def _train_and_evaluate(settings: Settings, job: RetrainJob, manifest: dict[str, Any]) -> Trained:
-    """Decode the upload, fine-tune, judge the model on its benchmark and gather what the run logs."""
-    data = load_images(settings, job, manifest)
+def _train_and_evaluate(job: RetrainJob, data: UploadData) -> Trained:
+    """Fine-tune, judge the model on its benchmark and gather what the run logs."""
     fit_task = fit.with_options(tags={GPU_LIMIT}) if job.device == "cuda" else fit
     detector, report = fit_task(data.train, job.config, job.device)
     bench = score_benchmark(detector, report, data)
@@ -602,12 +617,13 @@ def _train_and_evaluate(settings: Settings, job: RetrainJob, manifest: dict[str,
     return Trained(record, detector, data, bench)
 
 
-def _publish(settings: Settings, job: RetrainJob, trained: Trained) -> Published:
+def _publish(settings: Settings, job: RetrainJob, trained: Trained, choice: str) -> Published:
     """Log and register the run, let the gate decide, promote a passing version, then log the report
-    (written last because its first line is the verdict)."""
+    (written last because its first line is the verdict). ``choice`` says why this candidate."""
     record, detector = trained.record, trained.detector
     logged = log_run(settings, record, detector)
-    version = register(settings, job.product, logged.model_uri, logged.run_id, version_tags(job, record))
+    version = register(settings, job.product, logged.model_uri, logged.run_id,
+                       {**version_tags(job, record), "candidate_choice": choice[:5000]})
     decision = gate(settings, job.product, version, trained.bench, trained.data, job.device, job.loop)
     hold = decision.passed and pinned(settings, job.product)
     if decision.passed:

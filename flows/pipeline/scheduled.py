@@ -23,7 +23,14 @@ from flows.pipeline.retrain import retrain_flow
 from flows.pipeline.retries import IO_RETRIES
 from flows.pipeline.runners import prefect_api_configured
 from flows.pipeline.summary import RetrainSummary
-from flows.settings import Settings, config_sha256, load_settings, product_overrides, training_config
+from flows.settings import (
+    Settings,
+    config_sha256,
+    load_settings,
+    loop_settings,
+    product_overrides,
+    training_config,
+)
 from flows.store.labels import LabelSnapshot, current_labels
 from flows.store.storage import (
     ObjectNotFound,
@@ -47,8 +54,8 @@ class Plan:
 
 def plan_for(product: str, latest_upload: str | None, rejected: bool, trained_version: str | None,
              champion: str | None, champion_upload: str | None, champion_config: str | None = None,
-             config_hash: str | None = None, champion_labels: str | None = None, labels_hash: str | None = None
-             ) -> Plan:
+             config_hashes: tuple[str, ...] | None = None, champion_labels: str | None = None,
+             labels_hash: str | None = None) -> Plan:
     """Whether ``product`` is due (no I/O). Upload ids sort by time, so a larger id is a newer upload.
     ``trained_version`` is a version the pipeline trained on that very upload under this
     configuration (its own tags say so, never a manifest: a manifest may name another upload's
@@ -70,20 +77,23 @@ def plan_for(product: str, latest_upload: str | None, rejected: bool, trained_ve
     if champion_upload is None or latest_upload > champion_upload:
         return Plan(product, latest_upload, f"upload {latest_upload} is newer than champion v{champion}'s "
                                             f"upload {champion_upload or 'unknown'}")
-    if champion_config is not None and config_hash is not None and champion_config != config_hash:
+    if champion_config is not None and config_hashes is not None and champion_config not in config_hashes:
         return Plan(product, latest_upload, f"the training configuration changed since champion v{champion} "
-                                            f"(config {champion_config[:12]} -> {config_hash[:12]})")
+                                            f"(config {champion_config[:12]} is none of the candidates')")
     if champion_labels is not None and labels_hash is not None and champion_labels != labels_hash:
         return Plan(product, latest_upload, f"the labels changed since champion v{champion} was trained")
     return skip(f"champion v{champion} was trained on the latest upload {champion_upload}")
 
 
 @task(**IO_RETRIES)  # storage or registry down: retried; bad product settings: not
-def plan_product(settings: Settings, product: str, method: str, seed: int) -> Plan:
-    """Read the facts ``plan_for`` needs from storage and the MLflow registry. The configuration is the
-    product's own (its training settings over FSAD_TRAIN_OVERRIDES): changing them retrains it."""
+def plan_product(settings: Settings, product: str, method: str | None, seed: int) -> Plan:
+    """Read the facts ``plan_for`` needs from storage and the MLflow registry. The configurations
+    are the product's own (its training settings over FSAD_TRAIN_OVERRIDES, for ``method`` or each
+    of its candidate methods): changing them retrains it."""
     store = open_store(settings.storage_url)
-    config_hash = config_sha256(training_config(method, seed, *product_overrides(settings, store, product)))
+    overrides, source = product_overrides(settings, store, product)
+    methods = (method,) if method else loop_settings(overrides, source).candidates
+    config_hashes = tuple(config_sha256(training_config(name, seed, overrides, source)) for name in methods)
     stale = tuple(u.upload_id for u in stale_incomplete_uploads(store, product, STALE_UPLOAD_S))
     latest = latest_complete_upload(store, product)
     if latest is None:
@@ -94,11 +104,12 @@ def plan_product(settings: Settings, product: str, method: str, seed: int) -> Pl
         rejected = False
     tracking.configure(settings)
     labels = LabelSnapshot.of(current_labels(store, product)).digest or registry.NO_LABELS
-    trained = registry.find_upload_version(product, latest.upload_id, config_hash, labels)
+    trained = next((v for h in config_hashes if (v := registry.find_upload_version(product, latest.upload_id, h,
+                                                                                    labels)) is not None), None)
     champion = registry.alias_version(product, registry.CHAMPION)
     tags = registry.version_tags(product, champion) if champion else {}
     plan = plan_for(product, latest.upload_id, rejected, str(trained.version) if trained is not None else None,
-                    champion, tags.get("upload_id"), tags.get("config_sha256"), config_hash,
+                    champion, tags.get("upload_id"), tags.get("config_sha256"), config_hashes,
                     tags.get("labels_sha256", registry.NO_LABELS), labels)
     return replace(plan, stale_uploads=stale)
 
@@ -114,7 +125,7 @@ class Outcome:
     message: str = ""
 
 
-def retrain_here(plans: list[Plan], method: str, seed: int) -> dict[str, Outcome]:
+def retrain_here(plans: list[Plan], method: str | None, seed: int) -> dict[str, Outcome]:
     """Each product's retraining as a subflow of this run, one after another."""
     outcomes = {}
     for plan in plans:
@@ -124,7 +135,7 @@ def retrain_here(plans: list[Plan], method: str, seed: int) -> dict[str, Outcome
     return outcomes
 
 
-def retrain_on_pool(plans: list[Plan], method: str, seed: int) -> dict[str, Outcome] | None:
+def retrain_on_pool(plans: list[Plan], method: str | None, seed: int) -> dict[str, Outcome] | None:
     """Each product's retraining as a run of ``retrain-on-upload`` for the pool's workers, all
     started before any is waited for; None when the server has no such deployment."""
     from prefect.deployments import run_deployment
@@ -169,12 +180,13 @@ def _outcome(run: Any) -> Outcome:
 
 
 @flow(name="retrain-due", persist_result=True, result_serializer="json")
-def retrain_due_flow(method: str = "default", seed: int = 0) -> dict[str, Any]:
+def retrain_due_flow(method: str | None = None, seed: int = 0) -> dict[str, Any]:
     """Retrain each due product (see ``plan_for``); returns per product the plan and the retraining
     status. Raises at the end when the planning or retraining of any product failed."""
     logger = get_run_logger()
     settings = load_settings()
-    training_config(method, seed, settings.train_overrides)  # a bad method fails before any product
+    for name in (method,) if method else loop_settings(settings.train_overrides).candidates:
+        training_config(name, seed, settings.train_overrides)  # a bad method fails before any product
     store = open_store(settings.storage_url)
     results: dict[str, Any] = {}
     failed: list[str] = []

@@ -144,9 +144,12 @@ def test_a_products_loop_settings_sit_beside_the_models_and_are_checked_as_they_
     assert training_config("default", 0, overrides).size == 96  # the model never sees "loop"
     assert loop_settings(overrides) == LoopSettings(benchmark_share=0.5, allow_unproven=True)
     assert loop_settings({}) == LoopSettings()
+    assert loop_settings({"loop": {"candidates": ["default"]}}).candidates == ("default",)
     for bad, message in (({"loop": {"max_k": 0}}, "loop.max_k: from 1 to 256"),
                          ({"loop": {"share": 0.5}}, "unknown setting loop.share"),
-                         ({"loop": {"allow_unproven": "yes"}}, "loop.allow_unproven: true or false")):
+                         ({"loop": {"allow_unproven": "yes"}}, "loop.allow_unproven: true or false"),
+                         ({"loop": {"candidates": ["fast", "nope"]}}, "loop.candidates: a list of different names"),
+                         ({"loop": {"candidates": []}}, "loop.candidates: a list of different names")):
         with pytest.raises(SettingsError, match=f"here: {message}"):
             loop_settings(bad, "here")
 

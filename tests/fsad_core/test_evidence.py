@@ -7,7 +7,16 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from fsad_core.evidence import LABELLED, SYNTHETIC, evidence_kind, judge, on_benchmark_side, weighted_auroc
+from fsad_core.evidence import (
+    LABELLED,
+    SYNTHETIC,
+    Evidence,
+    best_candidate,
+    evidence_kind,
+    judge,
+    on_benchmark_side,
+    weighted_auroc,
+)
 
 
 def _scores(n_normal: int, n_defect: int, gap: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -62,3 +71,19 @@ def test_an_image_stays_on_its_side_of_the_split_and_the_share_is_kept():
     assert all(on_benchmark_side(h, 0.5) for h, side in zip(hashes, sides) if side)  # a larger share keeps them
     # The side is the hash's own, the same in every process and on every machine.
     assert on_benchmark_side("4ccccccc" + "0" * 56, 0.3) and not on_benchmark_side("4ccccccd" + "0" * 56, 0.3)
+
+
+def _e(auroc: float, low: float, high: float, kind: str = LABELLED) -> Evidence:
+    return Evidence(kind, auroc, low, high, 20, 20)
+
+
+def test_the_best_candidate_on_labelled_evidence_or_the_cheaper_one_it_cannot_tell_apart_or_the_day0_rule():
+    seconds = {"fast": 5.0, "default": 90.0}
+    apart = {"fast": _e(0.80, 0.75, 0.85), "default": _e(0.95, 0.92, 0.98)}
+    assert best_candidate(apart, seconds, "default")[0] == "default"
+    close = {"fast": _e(0.93, 0.89, 0.97), "default": _e(0.95, 0.92, 0.98)}
+    chosen, why = best_candidate(close, seconds, "default")
+    assert chosen == "fast" and "cannot tell from the best (default)" in why
+    unlabelled = {"fast": _e(0.99, 0.98, 1.0, SYNTHETIC), "default": _e(0.90, 0.8, 0.95, SYNTHETIC)}
+    assert best_candidate(unlabelled, seconds, "default")[0] == "default"
+    assert best_candidate({"fast": apart["fast"]}, seconds, "default") == ("fast", "the only candidate")

@@ -253,8 +253,11 @@ def test_a_prefix_is_decided_on_dask_written_back_and_resumed(stack, sets, capsy
     assert "broken.png" not in " ".join(q["image"] for q in queued)  # not judged: nothing to review by score
     assert main(["label", "--product", P, "--defect", "--by", "ann", "--reason", queued[0]["reason"],
                  queued[0]["image"]]) == 0
+    capsys.readouterr()
     assert main(["review-queue", "--product", P, "--json"]) == 0
     assert queued[0]["image"] not in capsys.readouterr().out
+    # Withdrawn, the product's labels are as before (none): the tests after this one find it as it was.
+    assert main(["label", "--product", P, "--retract", queued[0]["image"]]) == 0
 
 
 def test_same_content_is_not_trained_again(stack, sets):

@@ -106,9 +106,10 @@ def versions() -> list[str]:
 def test_good_upload_becomes_a_verified_champion(env, sets, tmp_path):
     store = open_store()
     upload_folder(store, P, sets["good"], upload_id=U_GOOD)
-    summary = retrain_flow(P, upload_id=U_GOOD)
+    summary = retrain_flow(P, upload_id=U_GOOD, method="default")  # the method asked for, not the candidates
 
     assert summary["status"] == "promoted", summary["message"]
+    assert summary["method"] == "default" and registry.version_tags(P, "1")["candidate_choice"] == "the only candidate"
     assert summary["version"] == "1" and summary["eval_set"] == "labelled"
     assert summary["aliases"] == {CANDIDATE: "1", CHAMPION: "1"}
     assert summary["metrics"]["benchmark_auroc"] >= 0.9 and summary["gate"]["passed"]
@@ -277,6 +278,7 @@ def test_labels_judge_train_and_calibrate_and_new_labels_make_a_new_version(env,
     assert second.trained.threshold.rule == ("supervised_f1" if any(e.label == DEFECT for e in training)
                                              else first.trained.threshold.rule)
     assert (tags["labels_sha256"], tags["labels_good"], tags["labels_defect"]) == (snapshot.digest, "10", "10")
+    assert tags["candidate_choice"].startswith(f"{second.method}: ") and "candidates fast " in tags["candidate_choice"]
     assert second.gate.champion_version == "1" and second.gate.evidence == "labelled"  # compared on one benchmark
     assert retrain_flow("labelled")["status"] == "already_trained"  # the same labels: not trained twice
 
