@@ -25,8 +25,8 @@ from flows.mlops import registry
 from flows.pipeline.retries import IO_RETRIES
 from flows.pipeline.runners import task_runner
 from flows.settings import load_settings
-from flows.store.labels import current_labels
-from flows.store.queue import Decided, pick, write_queue
+from flows.store.labels import AUDIT, current_labels
+from flows.store.queue import Decided, pick, read_queue, write_queue
 from flows.store.storage import ObjectNotFound, StorageKeyError, open_store
 from fsad_core.decision import Decision, decided, undecided
 from fsad_core.detector import Detector
@@ -93,8 +93,12 @@ def refresh_queue(url: str, product: str, prefix: str, version: str) -> int:
                        bool(line["is_anomaly"]), version)
                for line in decision_lines(store, prefix) if line.get("score") is not None]
     items = pick(decided, labelled)
-    write_queue(product_store, product, items)
-    return len(items)
+    # Earlier audits stay on record: the escape estimate counts every audit since the version came.
+    fresh = {item.image for item in items}
+    kept = [item for item in read_queue(product_store, product)
+            if item.reason == AUDIT and item.version == version and item.image not in fresh]
+    write_queue(product_store, product, items + kept)
+    return len(items) + len(kept)
 
 
 @lru_cache(maxsize=2)

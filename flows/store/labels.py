@@ -161,10 +161,11 @@ class LabelSnapshot:
         return sha256_hex("".join(f"{e.image_sha256} {e.label}\n" for e in self.entries).encode())
 
     def split(self, share: float) -> tuple[list[LabelEntry], list[LabelEntry]]:
-        """(the labels that judge, the labels that train): a share of them by content hash
+        """(the labels that judge, the labels that train): every audited image (picked by chance
+        alone, it stands for the line), and a share of the others by content hash
         (`on_benchmark_side`), never one picked for its score."""
-        judging = [e for e in self.entries
-                   if e.reason not in PICKED_FOR_SCORE and on_benchmark_side(e.image_sha256, share)]
+        judging = [e for e in self.entries if e.reason == AUDIT or (
+            e.reason not in PICKED_FOR_SCORE and on_benchmark_side(e.image_sha256, share))]
         return judging, [e for e in self.entries if e not in judging]
 
     def counts(self) -> dict[str, int]:

@@ -261,7 +261,7 @@ def test_labels_judge_train_and_calibrate_and_new_labels_make_a_new_version(env,
                                        n_test_defect=10, size=96, seed=1))
     for label in (GOOD, DEFECT):
         images = [(s.path.name, s.path.read_bytes()) for s in line.test if s.label == (label == DEFECT)]
-        add_labels(store, "labelled", images, label, "ann", "audit")
+        add_labels(store, "labelled", images, label, "ann", "command line")
     store.put_json(training_key("labelled"), {"loop": {"benchmark_share": 0.5}})
     snapshot = LabelSnapshot.of(current_labels(store, "labelled"))
     judging, training = snapshot.split(0.5)

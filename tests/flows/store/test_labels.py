@@ -11,16 +11,21 @@ from PIL import Image
 
 from flows.cli.main import main as cli_main
 from flows.store.labels import (
+    AUDIT,
     DEFECT,
     GOOD,
+    HIGHEST_SCORE,
+    NEAR_THRESHOLD,
     RETRACTED,
     LabelError,
+    LabelSnapshot,
     add_labels,
     current_labels,
     label_history,
     labels_prefix,
 )
 from flows.store.storage import LocalStore
+from fsad_core.evidence import on_benchmark_side
 
 P = "washer"
 
@@ -97,3 +102,15 @@ def test_fsad_label_labels_files_and_store_keys_and_names_what_it_refuses(tmp_pa
     assert cli_main(["label", "--product", P, "--good", str(tmp_path / "missing.png")]) == 1
     assert "missing.png: neither a file nor an object of" in capsys.readouterr().err
     assert cli_main(["label", "--product", "../x", "--good", str(tmp_path / "a.png")]) == 1
+
+
+def test_audits_always_judge_picks_by_score_never_and_the_rest_by_their_hash(store):
+    reasons = (AUDIT, NEAR_THRESHOLD, HIGHEST_SCORE, "command line")
+    for i in range(40):
+        add_labels(store, P, [(f"{i}.png", png(i))], GOOD, "ann", reasons[i % 4])
+    judging, training = LabelSnapshot.of(current_labels(store, P)).split(0.5)
+    assert {e.reason for e in judging} == {AUDIT, "command line"}
+    assert all(e in judging for e in current_labels(store, P).values() if e.reason == AUDIT)
+    others = [e for e in judging + training if e.reason == "command line"]
+    assert [e in judging for e in others] == [on_benchmark_side(e.image_sha256, 0.5) for e in others]
+    assert 0 < sum(e in judging for e in others) < len(others)
