@@ -9,17 +9,15 @@ runs is always byte for byte what the pipeline wrote.
 from __future__ import annotations
 
 import json
-import secrets
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
 
 from flows.mlops import registry
 from flows.mlops.registry import CHAMPION, PREVIOUS, RegistryError
+from flows.store.records import append_record, checked_text, record_time
 from flows.store.storage import PRODUCTS, Store, validate_name
 
 PROMOTE, ROLLBACK, PIN, UNPIN = "promote", "rollback", "pin", "unpin"
 PINNED_TAG = "fsad.pinned"  # a registered model tag: "true" while automatic promotion is off
-MAX_TEXT = 200
 
 
 @dataclass(frozen=True)
@@ -36,16 +34,9 @@ def actions_prefix(product: str) -> str:
     return f"{PRODUCTS}/{validate_name(product, 'product name')}/actions/"
 
 
-def _checked_text(value: str, what: str) -> str:
-    if not isinstance(value, str) or not value.strip() or len(value) > MAX_TEXT or not value.isprintable():
-        raise ValueError(f"{what} {value!r}: 1 to {MAX_TEXT} printable characters")
-    return value.strip()
-
-
 def _record(store: Store, product: str, action: str, by: str, why: str, version: str) -> Action:
-    done = Action(product, action, by, why, datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ"), version)
-    store.put_bytes(f"{actions_prefix(product)}{done.at}-{secrets.token_hex(4)}.json",
-                    json.dumps(asdict(done), sort_keys=True).encode(), "application/json")
+    done = Action(product, action, by, why, record_time(), version)
+    append_record(store, actions_prefix(product), done.at, json.dumps(asdict(done), sort_keys=True))
     return done
 
 
@@ -60,7 +51,7 @@ def is_pinned(product: str) -> bool:
 
 def promote_by_hand(store: Store, product: str, version: str, by: str, why: str) -> Action:
     """Make a verified version champion, whatever the gate said of it."""
-    by, why = _checked_text(by, "--by"), _checked_text(why, "--why")
+    by, why = checked_text(by, "--by"), checked_text(why, "--why")
     tags = registry.version_tags(product, version)
     if tags.get("verified") != "true":
         raise RegistryError(f"{registry.model_name(product)} v{version} is not verified; a person may overrule the "
@@ -72,7 +63,7 @@ def promote_by_hand(store: Store, product: str, version: str, by: str, why: str)
 
 def rollback(store: Store, product: str, by: str, why: str) -> Action:
     """Champion back to the previous champion; the one it replaces becomes previous."""
-    by, why = _checked_text(by, "--by"), _checked_text(why, "--why")
+    by, why = checked_text(by, "--by"), checked_text(why, "--why")
     before = registry.aliases(product).get(PREVIOUS)
     if before is None:
         raise RegistryError(f"{registry.model_name(product)} has no {PREVIOUS} version to roll back to")
@@ -82,6 +73,6 @@ def rollback(store: Store, product: str, by: str, why: str) -> Action:
 
 def pin(store: Store, product: str, pinned: bool, by: str, why: str) -> Action:
     """Automatic promotion off (``pinned``) or on again; retrainings still run, register and are gated."""
-    by, why = _checked_text(by, "--by"), _checked_text(why, "--why")
+    by, why = checked_text(by, "--by"), checked_text(why, "--why")
     registry.set_registered_model_tag(product, PINNED_TAG, "true" if pinned else "false")
     return _record(store, product, PIN if pinned else UNPIN, by, why, registry.aliases(product).get(CHAMPION, ""))

@@ -14,12 +14,11 @@ from __future__ import annotations
 import getpass
 import json
 import logging
-import secrets
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 
+from flows.store.records import append_record, checked_text, record_time
 from flows.store.storage import PRODUCTS, ObjectNotFound, Store, open_store, validate_key, validate_name
 from flows.store.upload import sha256_hex
 from fsad_core.evidence import on_benchmark_side
@@ -31,7 +30,6 @@ LABELS = (GOOD, DEFECT, RETRACTED)
 # for the picks, not for the line, so it trains and never judges.
 NEAR_THRESHOLD, HIGHEST_SCORE, AUDIT = "near the threshold", "highest score", "audit"
 PICKED_FOR_SCORE = (NEAR_THRESHOLD, HIGHEST_SCORE)
-MAX_TEXT = 200  # characters of a name, a defect type or a reason
 log = logging.getLogger(__name__)
 
 
@@ -71,12 +69,6 @@ def _entries_prefix(product: str) -> str:
     return labels_prefix(product) + "entries/"
 
 
-def _text(value: str, what: str) -> str:
-    if not isinstance(value, str) or not value.strip() or len(value) > MAX_TEXT or not value.isprintable():
-        raise LabelError(f"{what} {value!r}: 1 to {MAX_TEXT} printable characters")
-    return value.strip()
-
-
 def default_labeller() -> str:
     """The OS user: who labels when no name is given."""
     try:
@@ -94,16 +86,16 @@ def add_labels(store: Store, product: str, images: Iterable[tuple[str, bytes]], 
         raise LabelError(f"label {label!r}: one of {', '.join(LABELS)}")
     if defect_type and label != DEFECT:
         raise LabelError("a defect type goes with a defect label only")
-    by, reason = _text(by, "labeller"), _text(reason, "reason")
-    defect_type = _text(defect_type, "defect type") if defect_type else ""
+    by, reason = checked_text(by, "labeller", LabelError), checked_text(reason, "reason", LabelError)
+    defect_type = checked_text(defect_type, "defect type", LabelError) if defect_type else ""
     checked = [(source, data, _image_key(product, source, data)) for source, data in images]
     entries = []
     for source, data, key in checked:
         if not store.exists(key):
             store.put_bytes(key, data)
-        entry = LabelEntry(key.rsplit("/", 1)[1].split(".")[0], key, label, by, _now(), reason, source, defect_type)
-        store.put_bytes(f"{_entries_prefix(product)}{entry.at}-{secrets.token_hex(4)}.json", entry.to_json().encode(),
-                        "application/json")
+        entry = LabelEntry(key.rsplit("/", 1)[1].split(".")[0], key, label, by, record_time(), reason, source,
+                           defect_type)
+        append_record(store, _entries_prefix(product), entry.at, entry.to_json())
         entries.append(entry)
     return entries
 
@@ -116,10 +108,6 @@ def _image_key(product: str, source: str, data: bytes) -> str:
     except ValueError as exc:
         raise LabelError(str(exc)) from None
     return validate_key(f"{labels_prefix(product)}images/{sha256_hex(data)}{suffix}")
-
-
-def _now() -> str:
-    return datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
 
 
 def label_history(store: Store, product: str) -> list[LabelEntry]:
