@@ -40,44 +40,57 @@ def evidence_kind(n_normal: int, n_defect: int) -> str:
     return LABELLED if min(n_normal, n_defect) >= MIN_PER_CLASS else SYNTHETIC
 
 
-def _wins(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """Defect x normal: 1 where the defect scores higher, 0.5 on a tie."""
-    defects, normals = scores[labels == 1], scores[labels == 0]
-    return (defects[:, None] > normals[None, :]) + 0.5 * (defects[:, None] == normals[None, :])
+@dataclass(frozen=True)
+class _Pairs:
+    """Every defect against every normal: 1 where the defect scores higher, 0.5 on a tie; with the
+    weights of the defects and of the normals."""
+
+    wins: np.ndarray  # defects x normals
+    defect_weights: np.ndarray
+    normal_weights: np.ndarray
+
+    @classmethod
+    def of(cls, labels: Sequence[int], scores: Sequence[float], weights: Sequence[float] | None) -> _Pairs:
+        y, s = np.asarray(labels), np.asarray(scores, dtype=np.float64)
+        w = np.ones(len(y)) if weights is None else np.asarray(weights, dtype=np.float64)
+        if not (y == 1).any() or not (y == 0).any():
+            raise ValueError("the AUROC needs both normal and defective images")
+        defects, normals = s[y == 1], s[y == 0]
+        wins = (defects[:, None] > normals[None, :]) + 0.5 * (defects[:, None] == normals[None, :])
+        return cls(wins, w[y == 1], w[y == 0])
+
+    def auroc(self) -> float:
+        wd, wn = self.defect_weights, self.normal_weights
+        return float(wd @ self.wins @ wn / (wd.sum() * wn.sum()))
 
 
 def weighted_auroc(labels: Sequence[int], scores: Sequence[float], weights: Sequence[float] | None = None) -> float:
     """The AUROC with each image counted by its weight: the chance that a defect drawn by weight
     scores above a normal drawn by weight."""
-    y, s = np.asarray(labels), np.asarray(scores, dtype=np.float64)
-    w = np.ones(len(y)) if weights is None else np.asarray(weights, dtype=np.float64)
-    if not (y == 1).any() or not (y == 0).any():
-        raise ValueError("the AUROC needs both normal and defective images")
-    wd, wn = w[y == 1], w[y == 0]
-    return float(wd @ _wins(y, s) @ wn / (wd.sum() * wn.sum()))
+    return _Pairs.of(labels, scores, weights).auroc()
 
 
 def judge(labels: Sequence[int], scores: Sequence[float], weights: Sequence[float] | None = None,
           kind: str | None = None, seed: int = 0) -> Evidence:
     """The benchmark's AUROC with its `INTERVAL_LEVEL` bootstrap interval; ``kind`` defaults to
     what the counts allow (`evidence_kind`)."""
-    y, s = np.asarray(labels), np.asarray(scores, dtype=np.float64)
-    w = np.ones(len(y)) if weights is None else np.asarray(weights, dtype=np.float64)
-    auroc = weighted_auroc(y, s, w)
-    wins, wd, wn = _wins(y, s), w[y == 1], w[y == 0]
+    pairs = _Pairs.of(labels, scores, weights)
+    auroc = pairs.auroc()
+    wins, wd, wn = pairs.wins, pairs.defect_weights, pairs.normal_weights
     rng = np.random.default_rng(seed)
     draws_d = rng.multinomial(len(wd), np.full(len(wd), 1 / len(wd)), size=RESAMPLES) * wd
     draws_n = rng.multinomial(len(wn), np.full(len(wn), 1 / len(wn)), size=RESAMPLES) * wn
     resampled = np.einsum("bi,ij,bj->b", draws_d, wins, draws_n) / (draws_d.sum(1) * draws_n.sum(1))
     tail = (1 - INTERVAL_LEVEL) / 2
     low, high = np.quantile(resampled, [tail, 1 - tail])
-    n_normal, n_defect = int((y == 0).sum()), int((y == 1).sum())
+    n_normal, n_defect = len(wn), len(wd)
     return Evidence(kind or evidence_kind(n_normal, n_defect), auroc, float(low), float(high), n_normal, n_defect)
 
 
-def on_benchmark_side(sha256: str, share: float) -> bool:
-    """Whether a labelled image judges (True) or trains (False): fixed by its content hash, so an
-    image never changes sides as labels come and go, and no choice of anyone's decides it."""
+def in_hash_share(sha256: str, share: float) -> bool:
+    """Whether a hash falls in the first ``share`` of the hash range: a choice by chance that every
+    process and machine makes alike, and no one's judgement decides. By an image's content hash, a
+    label that judges (it never changes sides as labels come and go); by its address, an audit."""
     return int(sha256[:8], 16) / 2**32 < share
 
 

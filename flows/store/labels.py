@@ -21,7 +21,7 @@ from pathlib import Path, PurePosixPath
 from flows.store.records import append_record, checked_text, record_time
 from flows.store.storage import PRODUCTS, ObjectNotFound, Store, open_store, validate_key, validate_name
 from flows.store.upload import sha256_hex
-from fsad_core.evidence import on_benchmark_side
+from fsad_core.evidence import in_hash_share
 from fsad_core.imageio import image_limits, read_image
 
 GOOD, DEFECT, RETRACTED = "good", "defect", "retracted"
@@ -151,9 +151,9 @@ class LabelSnapshot:
     def split(self, share: float) -> tuple[list[LabelEntry], list[LabelEntry]]:
         """(the labels that judge, the labels that train): every audited image (picked by chance
         alone, it stands for the line), and a share of the others by content hash
-        (`on_benchmark_side`), never one picked for its score."""
+        (`in_hash_share`), never one picked for its score."""
         judging = [e for e in self.entries if e.reason == AUDIT or (
-            e.reason not in PICKED_FOR_SCORE and on_benchmark_side(e.image_sha256, share))]
+            e.reason not in PICKED_FOR_SCORE and in_hash_share(e.image_sha256, share))]
         return judging, [e for e in self.entries if e not in judging]
 
     def counts(self) -> dict[str, int]:

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 
 from flows.store.labels import AUDIT, DEFECT, HIGHEST_SCORE, NEAR_THRESHOLD, LabelEntry
 from flows.store.storage import PRODUCTS, ObjectNotFound, Store, validate_name
+from fsad_core.evidence import in_hash_share
 
 AUDIT_RATE = 0.05  # the chance of any decided image to be audited
 DEFAULT_SIZE = 24  # images picked for their score, at most: half near the threshold, half the highest
@@ -54,7 +55,7 @@ def queue_key(product: str) -> str:
 
 def audited(image: str, rate: float = AUDIT_RATE) -> bool:
     """Whether the audit picks this image: by chance alone (its address's hash), never by its score."""
-    return int(hashlib.sha256(image.encode()).hexdigest()[:8], 16) / 2**32 < rate
+    return in_hash_share(hashlib.sha256(image.encode()).hexdigest(), rate)
 
 
 def pick(decided: Iterable[Decided], labelled: set[str], size: int = DEFAULT_SIZE,

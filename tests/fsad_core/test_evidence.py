@@ -13,8 +13,8 @@ from fsad_core.evidence import (
     Evidence,
     best_candidate,
     evidence_kind,
+    in_hash_share,
     judge,
-    on_benchmark_side,
     weighted_auroc,
 )
 
@@ -65,12 +65,12 @@ def test_fewer_than_five_of_a_class_is_not_labelled_evidence():
 
 def test_an_image_stays_on_its_side_of_the_split_and_the_share_is_kept():
     hashes = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(4000)]
-    sides = [on_benchmark_side(h, 0.3) for h in hashes]
-    assert sides == [on_benchmark_side(h, 0.3) for h in hashes]
+    sides = [in_hash_share(h, 0.3) for h in hashes]
+    assert sides == [in_hash_share(h, 0.3) for h in hashes]
     assert 0.27 < np.mean(sides) < 0.33
-    assert all(on_benchmark_side(h, 0.5) for h, side in zip(hashes, sides) if side)  # a larger share keeps them
+    assert all(in_hash_share(h, 0.5) for h, side in zip(hashes, sides) if side)  # a larger share keeps them
     # The side is the hash's own, the same in every process and on every machine.
-    assert on_benchmark_side("4ccccccc" + "0" * 56, 0.3) and not on_benchmark_side("4ccccccd" + "0" * 56, 0.3)
+    assert in_hash_share("4ccccccc" + "0" * 56, 0.3) and not in_hash_share("4ccccccd" + "0" * 56, 0.3)
 
 
 def _e(auroc: float, low: float, high: float, kind: str = LABELLED) -> Evidence:

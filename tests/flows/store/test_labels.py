@@ -25,7 +25,7 @@ from flows.store.labels import (
     labels_prefix,
 )
 from flows.store.storage import LocalStore
-from fsad_core.evidence import on_benchmark_side
+from fsad_core.evidence import in_hash_share
 
 P = "washer"
 
@@ -112,5 +112,5 @@ def test_audits_always_judge_picks_by_score_never_and_the_rest_by_their_hash(sto
     assert {e.reason for e in judging} == {AUDIT, "command line"}
     assert all(e in judging for e in current_labels(store, P).values() if e.reason == AUDIT)
     others = [e for e in judging + training if e.reason == "command line"]
-    assert [e in judging for e in others] == [on_benchmark_side(e.image_sha256, 0.5) for e in others]
+    assert [e in judging for e in others] == [in_hash_share(e.image_sha256, 0.5) for e in others]
     assert 0 < sum(e in judging for e in others) < len(others)
