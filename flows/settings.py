@@ -134,6 +134,10 @@ class LoopSettings:
     allow_unproven: bool = False  # a candidate may replace a champion on evidence that cannot compare them
     candidates: tuple[str, ...] = ("fast", "default")  # methods a retraining fits; the benchmark chooses
 
+    def methods(self, asked: str | None) -> tuple[str, ...]:
+        """The methods a retraining fits: the one asked for, else the candidates."""
+        return (asked,) if asked else self.candidates
+
 
 def training_config(method: str, seed: int, overrides: Mapping[str, Any],
                     source: str = "FSAD_TRAIN_OVERRIDES") -> DetectorConfig:

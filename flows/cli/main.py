@@ -190,7 +190,7 @@ def _cmd_review_queue(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     from flows.settings import load_settings
-    from flows.store.labels import current_labels
+    from flows.store.labels import current_labels, labelled_sources
     from flows.store.queue import escape_estimate, read_queue
     from flows.store.storage import open_store, validate_name
     validate_name(args.product, "product name")
@@ -198,8 +198,9 @@ def _cmd_review_queue(args: argparse.Namespace) -> int:
         raise ValueError(f"--n {args.n}: at least 1")
     store = open_store(load_settings().storage_url)
     labels = list(current_labels(store, args.product).values())
-    stored = read_queue(store, args.product)
-    items = read_queue(store, args.product, {e.source for e in labels})[:args.n]
+    stored = read_queue(store, args.product)  # the audits already labelled too: the escape estimate counts them
+    labelled = labelled_sources(labels)
+    items = [item for item in stored if item.image not in labelled][:args.n]
     for item in items:
         print(json.dumps(asdict(item)) if args.json else
               f"{item.score:10.4g}  {'flagged' if item.is_anomaly else 'passed ':7}  {item.reason:18}  {item.image}")

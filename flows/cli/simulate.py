@@ -26,7 +26,7 @@ from flows.pipeline.runners import prefect_api
 from flows.pipeline.scheduled import retrain_due_flow
 from flows.pipeline.score_prefix import score_prefix_flow
 from flows.settings import Settings, load_settings, training_config
-from flows.store.labels import AUDIT, DEFECT, GOOD, add_labels, current_labels
+from flows.store.labels import AUDIT, DEFECT, GOOD, add_labels, current_labels, labelled_sources
 from flows.store.queue import escape_estimate, read_queue
 from flows.store.storage import open_store
 from flows.store.upload import upload_folder, write_upload_folder
@@ -133,7 +133,7 @@ class _Line:
 
     def label(self, reviews: int) -> None:
         """The first ``reviews`` images of the queue, its audits first, labelled from the truth."""
-        labelled = {e.source for e in current_labels(self.store, self.product).values()}
+        labelled = labelled_sources(current_labels(self.store, self.product).values())
         queue = read_queue(self.store, self.product, labelled)
         for item in sorted(queue, key=lambda i: i.reason != AUDIT)[:reviews]:
             sample = self.truth[item.image]

@@ -54,7 +54,7 @@ from flows.settings import (
     product_overrides,
     training_config,
 )
-from flows.store.labels import DEFECT, LabelSnapshot, current_labels
+from flows.store.labels import DEFECT, LabelEntry, LabelSnapshot, current_labels
 from flows.store.storage import (
     latest_complete_upload,
     manifest_key,
@@ -211,19 +211,19 @@ def load_images(settings: Settings, job: RetrainJob, manifest: dict[str, Any]) -
             data.eval_images.append(image)
             data.eval_labels.append(0 if key.startswith("eval/good/") else 1)
             data.eval_keys.append(key)
+    def labelled(entry: LabelEntry) -> np.ndarray:
+        return budget.admit(read_header(store.get_bytes(entry.image_key), entry.image_key, limits)).decode(limits)
+
     judging, training = job.labels.split(job.loop.benchmark_share)
-    for entry in judging + training:
-        if entry in training and entry.label != DEFECT and len(data.train) >= job.loop.max_k:
-            continue
-        image = budget.admit(read_header(store.get_bytes(entry.image_key), entry.image_key, limits)).decode(limits)
-        if entry in judging:
-            data.eval_images.append(image)
-            data.eval_labels.append(int(entry.label == DEFECT))
-            data.eval_keys.append(f"labels/{entry.image_sha256}")
-        elif entry.label == DEFECT:
-            data.defects.append(image)
-        else:
-            data.train.append(image)
+    for entry in judging:
+        data.eval_images.append(labelled(entry))
+        data.eval_labels.append(int(entry.label == DEFECT))
+        data.eval_keys.append(f"labels/{entry.image_sha256}")
+    for entry in training:
+        if entry.label == DEFECT:
+            data.defects.append(labelled(entry))
+        elif len(data.train) < job.loop.max_k:
+            data.train.append(labelled(entry))
     get_run_logger().info("loaded %d training images, %d benchmark images (%d defect) and %d confirmed defects "
                           "to calibrate on", len(data.train), len(data.eval_images), sum(data.eval_labels),
                           len(data.defects))
@@ -475,8 +475,7 @@ def retrain_flow(product: str, upload_id: str | None = None, method: str | None 
     overrides, source = training_overrides(settings, product)
     loop = loop_settings(overrides, source)
     # A bad method or setting fails before any work.
-    configs = {name: training_config(name, seed, overrides, source) for name in ((method,) if method else
-                                                                                 loop.candidates)}
+    configs = {name: training_config(name, seed, overrides, source) for name in loop.methods(method)}
     if source != "FSAD_TRAIN_OVERRIDES":
         get_run_logger().info("training settings: %s", source)
 

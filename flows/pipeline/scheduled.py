@@ -92,8 +92,8 @@ def plan_product(settings: Settings, product: str, method: str | None, seed: int
     of its candidate methods): changing them retrains it."""
     store = open_store(settings.storage_url)
     overrides, source = product_overrides(settings, store, product)
-    methods = (method,) if method else loop_settings(overrides, source).candidates
-    config_hashes = tuple(config_sha256(training_config(name, seed, overrides, source)) for name in methods)
+    config_hashes = tuple(config_sha256(training_config(name, seed, overrides, source))
+                          for name in loop_settings(overrides, source).methods(method))
     stale = tuple(u.upload_id for u in stale_incomplete_uploads(store, product, STALE_UPLOAD_S))
     latest = latest_complete_upload(store, product)
     if latest is None:
@@ -185,7 +185,7 @@ def retrain_due_flow(method: str | None = None, seed: int = 0) -> dict[str, Any]
     status. Raises at the end when the planning or retraining of any product failed."""
     logger = get_run_logger()
     settings = load_settings()
-    for name in (method,) if method else loop_settings(settings.train_overrides).candidates:
+    for name in loop_settings(settings.train_overrides).methods(method):
         training_config(name, seed, settings.train_overrides)  # a bad method fails before any product
     store = open_store(settings.storage_url)
     results: dict[str, Any] = {}

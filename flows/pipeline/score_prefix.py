@@ -25,7 +25,7 @@ from flows.mlops import registry
 from flows.pipeline.retries import IO_RETRIES
 from flows.pipeline.runners import task_runner
 from flows.settings import load_settings
-from flows.store.labels import AUDIT, current_labels
+from flows.store.labels import AUDIT, current_labels, labelled_sources
 from flows.store.queue import Decided, pick, read_queue, write_queue
 from flows.store.storage import ObjectNotFound, StorageKeyError, open_store
 from fsad_core.decision import Decision, decided, undecided
@@ -88,7 +88,7 @@ def refresh_queue(url: str, product: str, prefix: str, version: str) -> int:
     """The product's review queue picked anew from every decision of this version under ``url``,
     less the images already labelled; how many it holds."""
     store, product_store = open_store(url), open_store(load_settings().storage_url)
-    labelled = {entry.source for entry in current_labels(product_store, product).values()}
+    labelled = labelled_sources(current_labels(product_store, product).values())
     decided = [Decided(store.uri(line["image"]), float(line["score"]), float(line["threshold"]),
                        bool(line["is_anomaly"]), version)
                for line in decision_lines(store, prefix) if line.get("score") is not None]

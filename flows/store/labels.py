@@ -123,6 +123,12 @@ def label_history(store: Store, product: str) -> list[LabelEntry]:
     return entries
 
 
+def labelled_sources(labels: Iterable[LabelEntry]) -> set[str]:
+    """Where the labelled images came from (a path, a store key, an s3:// address): what the review
+    queue knows them by."""
+    return {entry.source for entry in labels}
+
+
 def current_labels(store: Store, product: str) -> dict[str, LabelEntry]:
     """image sha256 -> its latest entry, for the images whose latest entry is not a retraction."""
     latest: dict[str, LabelEntry] = {}
@@ -152,9 +158,10 @@ class LabelSnapshot:
         """(the labels that judge, the labels that train): every audited image (picked by chance
         alone, it stands for the line), and a share of the others by content hash
         (`in_hash_share`), never one picked for its score."""
-        judging = [e for e in self.entries if e.reason == AUDIT or (
-            e.reason not in PICKED_FOR_SCORE and in_hash_share(e.image_sha256, share))]
-        return judging, [e for e in self.entries if e not in judging]
+        def judges(e: LabelEntry) -> bool:
+            return e.reason == AUDIT or (e.reason not in PICKED_FOR_SCORE and in_hash_share(e.image_sha256, share))
+
+        return [e for e in self.entries if judges(e)], [e for e in self.entries if not judges(e)]
 
     def counts(self) -> dict[str, int]:
         return {label: sum(e.label == label for e in self.entries) for label in (GOOD, DEFECT)}
@@ -189,4 +196,4 @@ def read_sources(store: Store, sources: Iterable[str]) -> list[tuple[str, bytes]
 
 __all__ = ["AUDIT", "DEFECT", "GOOD", "HIGHEST_SCORE", "LABELS", "NEAR_THRESHOLD", "PICKED_FOR_SCORE", "RETRACTED",
            "LabelEntry", "LabelError", "LabelSnapshot", "add_labels", "current_labels",
-           "default_labeller", "label_history", "labels_prefix", "read_sources"]
+           "default_labeller", "label_history", "labelled_sources", "labels_prefix", "read_sources"]
