@@ -16,7 +16,6 @@ import ast
 import base64
 import binascii
 import hashlib
-import io
 import logging
 import math
 import os
@@ -246,9 +245,9 @@ def _base64_chars(n_bytes: int) -> int:
 
 def encode_png(image: np.ndarray) -> str:
     """Base64 of an RGB array as PNG: the wire format of the ``image`` column."""
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode("ascii")
+    from fsad_core.overlay import png_bytes
+
+    return base64.b64encode(png_bytes(image)).decode("ascii")
 
 
 def load_served_model(data_path: str | Path, identity: ModelIdentity = ModelIdentity()) -> DetectorModel:

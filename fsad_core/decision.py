@@ -8,6 +8,10 @@ from dataclasses import dataclass
 
 from .calibration import Threshold
 
+# The unit of every score a decision carries: the model's own score. What is drawn from scores
+# (the review queue's pictures) is kept under it, so that another unit makes them anew.
+SCORE_UNIT = "raw"
+
 
 @dataclass(frozen=True)
 class Decision:

@@ -8,6 +8,7 @@ bar beside the image marks that level.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,24 @@ def colour_bar(height: int, anchor: float) -> np.ndarray:
     draw.text((BAR_WIDTH + 5, max(0, middle - 5)), f"{anchor:.3g}", fill=(255, 255, 255))
     draw.text((BAR_WIDTH + 5, 0), f"{2 * anchor:.3g}", fill=(200, 200, 200))
     return np.asarray(strip)
+
+
+def thumbnail(image: np.ndarray, side: int) -> np.ndarray:
+    """The image (or a map) shrunk so that its longer side is at most ``side``, its aspect kept."""
+    scale = side / max(image.shape[:2])
+    if scale >= 1:
+        return np.asarray(image)
+    size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
+    if image.ndim == 2:
+        return np.asarray(Image.fromarray(np.asarray(image, dtype=np.float32), mode="F").resize(size, Image.BILINEAR))
+    return np.asarray(Image.fromarray(image).resize(size, Image.LANCZOS))
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    """An RGB (or grey) uint8 array as PNG."""
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def save_overlay(image: np.ndarray, amap: np.ndarray, path: str | Path, anchor: float) -> Path:

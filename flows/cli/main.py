@@ -212,6 +212,13 @@ def _cmd_review_queue(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_review(args: argparse.Namespace) -> int:
+    from flows.review.serve import serve
+
+    serve(args.host, args.port, args.product)
+    return 0
+
+
 def _cmd_simulate(args: argparse.Namespace) -> int:
     from fsad_core.data import load_category
     load_category(args.data)  # a wrong path is named before anything starts
@@ -442,6 +449,15 @@ def _add_review_queue(sub: Subcommands) -> None:
     p.add_argument("--json", action="store_true", help="JSON Lines instead of a table")
 
 
+def _add_review(sub: Subcommands) -> None:
+    p = _subcommand(sub, "review", _cmd_review, "serve the review page: label the queue in a browser, see each "
+                    "product's versions, evidence, escape rate and drift, promote, roll back or pin")
+    p.add_argument("--product", default=None, help="print the address of this product's queue")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; any other needs "
+                                                       "FSAD_REVIEW_TOKEN)")
+    p.add_argument("--port", type=_positive, default=8765, help="default 8765")
+
+
 def _add_simulate(sub: Subcommands) -> None:
     p = _subcommand(sub, "simulate", _cmd_simulate, "run the loop on a labelled category as a line would: day-0 "
                     "upload, then each day score, review, label and retrain; measured on a held-out truth")
@@ -504,7 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
     # in the order `fsad --help` lists them
     for add_subcommand in (_add_demo, _add_train, _add_score, _add_bench, _add_report, _add_upload, _add_label,
                            _add_settings, _add_retrain, _add_control, _add_score_prefix, _add_review_queue,
-                           _add_simulate, _add_stack):
+                           _add_review, _add_simulate, _add_stack):
         add_subcommand(sub)
     return parser
 

@@ -127,6 +127,23 @@ def version_tags(product: str, version: str) -> dict[str, str]:
     return dict(_client().get_model_version(model_name(product), version).tags)
 
 
+@dataclass(frozen=True)
+class VersionRecord:
+    """A registered version as the registry keeps it: when, from which run, and its tags."""
+
+    version: str
+    created_ms: int
+    run_id: str
+    tags: dict[str, str]
+
+
+def versions(product: str) -> list[VersionRecord]:
+    """Every version of ``fsad-PRODUCT``, oldest first ([] before the first)."""
+    found = _client().search_model_versions(f"name = '{model_name(product)}'")
+    return sorted((VersionRecord(str(mv.version), int(mv.creation_timestamp or 0), mv.run_id or "", dict(mv.tags))
+                   for mv in found), key=lambda v: int(v.version))
+
+
 NO_LABELS = "none"  # the labels_sha256 tag of a version trained without labels (absent on older versions)
 
 
@@ -403,7 +420,7 @@ def _move_aside_remains(target: Path) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
-__all__ = ["CANDIDATE", "CHAMPION", "PREVIOUS", "GateDecision", "RegistryError", "Verification", "WrittenModel",
-           "alias_version", "aliases", "champion_evidence", "download_model", "gate_decision", "find_trained_version",
-           "find_upload_version", "model_name", "resolve_model", "promote", "record_gate", "register", "verify",
-           "version_tags"]
+__all__ = ["CANDIDATE", "CHAMPION", "PREVIOUS", "GateDecision", "RegistryError", "Verification", "VersionRecord",
+           "WrittenModel", "alias_version", "aliases", "champion_evidence", "download_model", "gate_decision",
+           "find_trained_version", "find_upload_version", "model_name", "resolve_model", "promote", "record_gate",
+           "register", "verify", "version_tags", "versions"]

@@ -16,9 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
 
-from fsad_core.overlay import overlay
+from fsad_core.overlay import overlay, png_bytes
 
 PER_ROLE = 3  # overlays of each kind in the gallery
 
@@ -41,12 +40,6 @@ def gallery_picks(labels: Sequence[int], scores: Sequence[float], per_role: int 
     worst_defects = [i for i in defects[::-1][:per_role] if i not in defects[:per_role]]
     return ([("worst normal", i) for i in normals[:per_role]] + [("best defect", i) for i in defects[:per_role]]
             + [("worst defect", i) for i in worst_defects])
-
-
-def _png(pixels: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def _img(png: bytes, alt: str) -> str:
@@ -81,7 +74,7 @@ def build_report(title: str, verdict: str, reason: str, rates: dict[str, float],
     if roc_png is not None:
         figures.insert(0, _img(roc_png, "ROC curve"))
     cards = "".join(
-        f'<figure>{_img(_png(overlay(item.image, item.amap, anchor)), item.name)}'
+        f'<figure>{_img(png_bytes(overlay(item.image, item.amap, anchor)), item.name)}'
         f"<figcaption>{html.escape(item.role)}: {html.escape(item.name)}, score {item.score:.4g}</figcaption></figure>"
         for item in gallery)
     return (f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"

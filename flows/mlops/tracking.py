@@ -281,8 +281,11 @@ __all__ = ["EXPERIMENT_PREFIX", "MODEL_PREFIX", "LoggedRun", "TrainingRecord", "
            "experiment_name", "log_rejected_upload", "log_training_run", "model_name", "roc_png", "training_params"]
 
 
+REPORT_NAME = "report.html"
+
+
 def log_report(run_id: str, record: TrainingRecord, detector: Detector, verdict: str, reason: str) -> None:
-    """The run's HTML report as ``report.html`` of the run."""
+    """The run's HTML report as `REPORT_NAME` of the run."""
     from mlflow import MlflowClient
 
     roc = roc_png(record.roc_labels, record.roc_scores, record.eval_set) if record.has_roc else None
@@ -291,4 +294,11 @@ def log_report(run_id: str, record: TrainingRecord, detector: Detector, verdict:
     page = build_report(f"{record.product}: upload {record.upload_id}", verdict, reason, rates, record.eval_set,
                         record.roc_labels, record.roc_scores, record.threshold.value, roc, record.overlays,
                         detector.map_anchor())
-    MlflowClient().log_text(run_id, page, "report.html")
+    MlflowClient().log_text(run_id, page, REPORT_NAME)
+
+
+def read_report(run_id: str) -> str:
+    """The run's HTML report, as `log_report` wrote it."""
+    from mlflow.artifacts import load_text
+
+    return load_text(f"runs:/{run_id}/{REPORT_NAME}")

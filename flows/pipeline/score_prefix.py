@@ -6,6 +6,8 @@ batch of images is a task (on Dask when given one, see `flows.pipeline.runners`)
 as one part file under ``PREFIX/fsad-decisions/MODEL/vVERSION/`` once the batch is scored. A run
 that stops keeps its finished parts; the next run of the same version scores only the images no
 part holds yet (new images included). An image that cannot be read gets a line with its reason.
+The product's review queue is picked anew at the end, its new images' pictures drawn with the
+champion, and the run recorded in the product's line log.
 """
 
 from __future__ import annotations
@@ -26,16 +28,19 @@ from flows.pipeline.retries import IO_RETRIES
 from flows.pipeline.runners import task_runner
 from flows.settings import load_settings
 from flows.store.labels import AUDIT, current_labels, labelled_sources
-from flows.store.queue import Decided, pick, read_queue, write_queue
-from flows.store.storage import ObjectNotFound, StorageKeyError, open_store
+from flows.store.line_log import record_line_run
+from flows.store.queue import OVERLAY, THUMB, Decided, QueueItem, media_key, pick, read_queue, write_queue
+from flows.store.storage import ObjectNotFound, StorageKeyError, Store, open_store
 from fsad_core.decision import Decision, decided, undecided
 from fsad_core.detector import Detector
 from fsad_core.devices import configured_device
 from fsad_core.imageio import ImageLimits, ImageReadError, PixelBudget, image_limits, is_image_name, read_header
+from fsad_core.overlay import overlay, png_bytes, thumbnail
 
 DECISIONS_DIR = "fsad-decisions"
 BATCH = 16  # images a task: enough to batch the backbone, few enough that a stop loses little
 PART_NAME = re.compile(r"part-[0-9a-f]{16}\.jsonl")
+PICTURE_SIDE = 320  # pixels of a queued image's longer side on the review page
 log = logging.getLogger(__name__)
 
 
@@ -84,11 +89,13 @@ def already_decided(store: Any, prefix: str) -> set[str]:
 
 
 @task(**IO_RETRIES)
-def refresh_queue(url: str, product: str, prefix: str, version: str) -> int:
+def refresh_queue(url: str, product: str, prefix: str, version: str, ref: str) -> int:
     """The product's review queue picked anew from every decision of this version under ``url``,
-    less the images already labelled; how many it holds."""
+    less the images already labelled, with the pictures of its new images; how many it holds."""
     store, product_store = open_store(url), open_store(load_settings().storage_url)
     labelled = labelled_sources(current_labels(product_store, product).values())
+    keys = {store.uri(line["image"]): line["image"] for line in decision_lines(store, prefix)
+            if line.get("score") is not None}
     decided = [Decided(store.uri(line["image"]), float(line["score"]), float(line["threshold"]),
                        bool(line["is_anomaly"]), version)
                for line in decision_lines(store, prefix) if line.get("score") is not None]
@@ -97,8 +104,28 @@ def refresh_queue(url: str, product: str, prefix: str, version: str) -> int:
     fresh = {item.image for item in items}
     kept = [item for item in read_queue(product_store, product)
             if item.reason == AUDIT and item.version == version and item.image not in fresh]
+    draw_pictures(store, product_store, product, [(item, keys[item.image]) for item in items], _champion(ref))
     write_queue(product_store, product, items + kept)
     return len(items) + len(kept)
+
+
+def draw_pictures(store: Store, product_store: Store, product: str, items: list[tuple[QueueItem, str]],
+                  detector: Detector) -> None:
+    """The thumbnail and the overlay (the model's shared colour scale) of each (queued image, its
+    key in ``store``) that has none yet; an image that cannot be read any more gets none."""
+    todo = [(item, key) for item, key in items if not product_store.exists(media_key(product, item, OVERLAY))]
+    sizes = {info.key: info.size for info in store.list_info()} if todo else {}
+    images, _ = _read(store, [(key, sizes[key]) for _, key in todo if key in sizes], image_limits())
+    todo = [(item, key) for item, key in todo if key in images]
+    if not todo:
+        return
+    maps = detector.score([images[key] for _, key in todo], with_maps=True).maps or []
+    anchor = detector.map_anchor()
+    for (item, key), amap in zip(todo, maps):
+        small = thumbnail(images[key], PICTURE_SIDE)
+        product_store.put_bytes(media_key(product, item, THUMB), png_bytes(small), "image/png")
+        picture = overlay(small, thumbnail(amap, PICTURE_SIDE), anchor)
+        product_store.put_bytes(media_key(product, item, OVERLAY), png_bytes(picture), "image/png")
 
 
 @lru_cache(maxsize=2)
@@ -169,8 +196,10 @@ def score_prefix_flow(product: str, url: str, batch: int | None = None, dask: st
     model = {"name": name, "version": version, "alias": registry.CHAMPION}
     run_batches = batches_flow.with_options(task_runner=task_runner(dask))
     counts = run_batches(url, batches, ref, model, prefix) if batches else []
+    scored, flagged, unreadable = (sum(c[field] for c in counts) for field in ("scored", "anomalies", "unreadable"))
+    queued = refresh_queue(url, product, prefix, version, ref)
+    record_line_run(open_store(load_settings().storage_url), product, version, scored, flagged, unreadable, queued)
     summary = Summary(f"{name} version {version} (@{registry.CHAMPION})", len(images), len(images) - len(todo),
-                      *(sum(c[field] for c in counts) for field in ("scored", "anomalies", "unreadable")),
-                      store.uri(prefix), refresh_queue(url, product, prefix, version))
+                      scored, flagged, unreadable, store.uri(prefix), queued)
     get_run_logger().info("%s", summary)
     return asdict(summary)

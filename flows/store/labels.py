@@ -185,7 +185,7 @@ def read_sources(store: Store, sources: Iterable[str]) -> list[tuple[str, bytes]
                 image_limits().check_bytes(path.stat().st_size, source)  # before a byte is read
             except ValueError as exc:
                 raise LabelError(str(exc)) from None
-            found.append((path.name, path.read_bytes()))
+            found.append((source, path.read_bytes()))  # as given: the review queue knows a file by its path
             continue
         try:
             found.append((source, store.get_bytes(validate_key(source))))

@@ -8,7 +8,9 @@ pass (`escape_estimate`), and their weight (one over that probability) lets them
 picked for their score never judge (`labels.PICKED_FOR_SCORE`).
 
 The queue is one object, ``products/P/queue.json``, rewritten whole when score-prefix has decided
-new images; an image already labelled leaves it.
+new images; an image already labelled leaves it. Each queued image's thumbnail and overlay are
+drawn then, where the model is, and kept under ``products/P/queue-media/vVERSION/UNIT/``: the
+review page shows them without ever loading a model.
 """
 
 from __future__ import annotations
@@ -21,10 +23,12 @@ from dataclasses import asdict, dataclass
 
 from flows.store.labels import AUDIT, DEFECT, HIGHEST_SCORE, NEAR_THRESHOLD, LabelEntry
 from flows.store.storage import PRODUCTS, ObjectNotFound, Store, validate_name
+from fsad_core.decision import SCORE_UNIT
 from fsad_core.evidence import in_hash_share
 
 AUDIT_RATE = 0.05  # the chance of any decided image to be audited
 DEFAULT_SIZE = 24  # images picked for their score, at most: half near the threshold, half the highest
+THUMB, OVERLAY = "thumb", "overlay"  # the two pictures of a queued image
 
 
 @dataclass(frozen=True)
@@ -48,9 +52,26 @@ class QueueItem:
     reason: str  # NEAR_THRESHOLD, HIGHEST_SCORE or AUDIT
     weight: float  # one over the chance it had of an audit; 0 for a pick by score, which never judges
 
+    @property
+    def id(self) -> str:
+        """What the review page names the item by: no address from a request ever reaches the store."""
+        return item_id(self.image)
+
+
+def item_id(image: str) -> str:
+    return hashlib.sha256(image.encode()).hexdigest()[:32]
+
 
 def queue_key(product: str) -> str:
     return f"{PRODUCTS}/{validate_name(product, 'product name')}/queue.json"
+
+
+def media_key(product: str, item: QueueItem, kind: str) -> str:
+    """Where the `THUMB` or `OVERLAY` PNG of a queued image is, by the version that decided it and the score unit."""
+    if kind not in (THUMB, OVERLAY):
+        raise ValueError(f"picture {kind!r}: {THUMB} or {OVERLAY}")
+    return (f"{PRODUCTS}/{validate_name(product, 'product name')}/queue-media/v{validate_name(item.version)}/"
+            f"{SCORE_UNIT}/{item.id}-{kind}.png")
 
 
 def audited(image: str, rate: float = AUDIT_RATE) -> bool:

@@ -69,3 +69,36 @@ def test_objects_under_the_decisions_that_are_not_part_files_are_passed_over(
     assert score_prefix.already_decided(store, prefix) == {"a.png"}
     [warning] = caplog.records  # the broken part, named; README.txt is not ours and says nothing
     assert warning.getMessage().startswith(f"{store.uri(broken)}: not a part file of decisions")
+
+
+def test_the_queues_pictures_are_drawn_once_by_the_model_at_the_page_size(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from flows.store.queue import OVERLAY, THUMB, QueueItem, media_key
+    from fsad_core.detector import Detector
+    from fsad_core.methods import method_config
+    from tests.tiny_training import TINY_TRAINING
+
+    line, product_store = LocalStore(tmp_path / "line"), LocalStore(tmp_path / "store")
+    wide = np.zeros((200, 400, 3), np.uint8)
+    wide[50:150, 100:300] = 150
+    line.put_bytes("a.png", score_prefix_png(wide))
+    line.put_bytes("gone.png", b"not an image")
+    config = replace(method_config("fast", seed=0), **{k: v for k, v in TINY_TRAINING.items() if k != "finetune"})
+    detector, _ = Detector.fit([wide, wide[:, ::-1].copy()], config, device="cpu")
+    items = [(QueueItem(line.uri(key), 1.0, 2.0, False, "3", "audit", 20.0), key) for key in ("a.png", "gone.png")]
+    score_prefix.draw_pictures(line, product_store, "washer", items, detector)
+    thumb = Image.open(io.BytesIO(product_store.get_bytes(media_key("washer", items[0][0], THUMB))))
+    picture = Image.open(io.BytesIO(product_store.get_bytes(media_key("washer", items[0][0], OVERLAY))))
+    assert thumb.size == (score_prefix.PICTURE_SIDE, score_prefix.PICTURE_SIDE // 2)
+    assert picture.size[1] == thumb.size[1] and picture.size[0] > thumb.size[0]  # with the colour bar
+    assert not product_store.exists(media_key("washer", items[1][0], THUMB))  # unreadable: no picture
+    before = product_store.list()
+    score_prefix.draw_pictures(line, product_store, "washer", items[:1], None)  # drawn already: no model needed
+    assert product_store.list() == before
+
+
+def score_prefix_png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()

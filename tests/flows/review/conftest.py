@@ -1,0 +1,79 @@
+"""A product as score-prefix leaves it for the review page (a queue with pictures, on the folder
+store) and a real registry of three versions; the page served in process or by uvicorn."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from flows.mlops import registry
+from flows.mlops.registry import CHAMPION
+from flows.review.bench import make_queue
+from flows.review.serve import review_app
+from flows.settings import load_settings
+from flows.store.queue import QueueItem
+from flows.store.storage import Store, open_store
+
+PRODUCT = "washer"
+TOKEN = "test-token-0123456789abcdef"
+HOSTILE = "<img src=x onerror=alert(1)>.png"
+NAMES = ["part-001.png", HOSTILE, "part-003.png", "part-004.png", "part-005.png", "part-006.png"]
+
+
+@dataclass
+class Line:
+    store: Store
+    items: list[QueueItem]
+    storage_url: str
+
+
+def _version_tags(auroc: float, verdict: str, evidence: str) -> dict[str, str]:
+    return {"verified": "true", "method": "fast", "gate.verdict": verdict, "gate.candidate_auroc": f"{auroc}",
+            "gate.evidence": evidence, "gate.reason": f"{verdict} on {evidence} evidence",
+            "gate.candidate_auroc_low": f"{auroc - 0.05}", "gate.candidate_auroc_high": f"{auroc + 0.03}"}
+
+
+@pytest.fixture
+def line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Line:
+    for name in ("FSAD_STORAGE", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("FSAD_HOME", str(tmp_path / "home"))
+    settings = load_settings()
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    mlflow.set_registry_uri(settings.tracking_uri)
+    client, name = MlflowClient(), registry.model_name(PRODUCT)
+    client.create_registered_model(name)
+    model = tmp_path / "model"
+    model.mkdir()
+    for auroc, verdict, evidence in ((0.97, "passed", "synthetic"), (0.86, "passed", "labelled"),
+                                     (0.81, "failed", "labelled")):
+        client.create_model_version(name, str(model), tags=_version_tags(auroc, verdict, evidence))
+    client.set_registered_model_alias(name, CHAMPION, "2")
+    store = open_store(settings.storage_url)
+    return Line(store, make_queue(store, tmp_path / "line", PRODUCT, NAMES), settings.storage_url)
+
+
+@pytest.fixture
+def served(line: Line) -> Iterator[str]:
+    """The page on a free port of 127.0.0.1, served by uvicorn as `fsad review` serves it."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(review_app(TOKEN, line.storage_url, ""), host="127.0.0.1", port=0,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline, "the review page did not start"
+        time.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(10)
