@@ -1,0 +1,88 @@
+"""The review page in the system's headless Chromium: sign in, label by keyboard, undo, and what a
+browser without the session or the form's CSRF token cannot do. `.ci/run` installs Chromium."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+
+from flows.store.labels import current_labels, label_history
+from tests.flows.review.conftest import HOSTILE, PRODUCT, TOKEN
+
+CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="Debian's chromium and chromium-driver are not "
+                                                                  "installed (.ci/run installs them)")
+# As root on a closed network: no sandbox, and none of Chromium's own connections.
+FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--disable-dev-shm-usage", "--window-size=1280,900")
+
+
+@pytest.fixture
+def browser(tmp_path: Path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in (*FLAGS, f"--user-data-dir={tmp_path / 'chromium'}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=Service(DRIVER))
+    yield driver
+    driver.quit()
+
+
+def press(driver, key: str) -> None:
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    ActionChains(driver).send_keys(key).perform()
+
+
+def counts_become(driver, text: str) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(driver, 15).until(lambda d: d.find_element(By.ID, "counts").text == text)
+
+
+def test_an_operator_signs_in_labels_three_cards_by_keyboard_and_undoes_one(browser, served, line):
+    from selenium.common.exceptions import NoAlertPresentException
+    from selenium.webdriver.common.by import By
+
+    browser.get(f"{served}/p/{PRODUCT}/queue")
+    browser.find_element(By.ID, "name").send_keys("Ann Li")
+    browser.find_element(By.ID, "token").send_keys(TOKEN + "\n")
+    counts_become(browser, "6 to review · labelled 0 good, 0 defect")
+    press(browser, "g")
+    counts_become(browser, "5 to review · labelled 1 good, 0 defect")
+    press(browser, "s")  # skip: the next card, nothing written
+    press(browser, "g")
+    counts_become(browser, "4 to review · labelled 2 good, 0 defect")
+    press(browser, "d")
+    press(browser, "scratch\n")
+    counts_become(browser, "3 to review · labelled 2 good, 1 defect")
+    press(browser, "u")
+    counts_become(browser, "4 to review · labelled 2 good, 0 defect")
+    labels = current_labels(line.store, PRODUCT)
+    assert sorted((e.label, e.by) for e in labels.values()) == [("good", "Ann Li"), ("good", "Ann Li")]
+
+    browser.get(f"{served}/p/{PRODUCT}/queue?view=grid")
+    names = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "figcaption.name")]
+    assert HOSTILE in names  # shown as text: no element made of it, no script run
+    with pytest.raises(NoAlertPresentException):
+        browser.switch_to.alert.text  # noqa: B018
+    assert browser.find_elements(By.CSS_SELECTOR, "img[src='x']") == []
+
+    written = len(label_history(line.store, PRODUCT))
+    cookie = {"fsad_review": browser.get_cookie("fsad_review")["value"]}
+    card = [i.id for i in line.items if i.image not in {e.source for e in labels.values()}][0]
+    form = {"item": card, "label": "defect", "view": "card", "at": "0"}
+    csrf = browser.find_element(By.CSS_SELECTOR, "form.good input[name=csrf]").get_attribute("value")
+    with httpx.Client(base_url=served) as stranger, httpx.Client(base_url=served, cookies=cookie) as forged_form:
+        assert stranger.post(f"/p/{PRODUCT}/label", data={**form, "csrf": csrf}).status_code == 401  # no cookie
+        assert forged_form.post(f"/p/{PRODUCT}/label", data=form).status_code == 403  # no CSRF token
+        assert forged_form.post(f"/p/{PRODUCT}/undo", data={}).status_code == 403
+    assert len(label_history(line.store, PRODUCT)) == written
