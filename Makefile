@@ -18,7 +18,8 @@ PEER_K ?= 1 4 8
 PEER_RUN = $(PEER_PYTHON) -c "import pathlib, runpy, sys, tempfile; sys.argv = sys.argv[1:]; \
 	runpy.run_path(sys.argv[0], {'TMP': pathlib.Path(tempfile.mkdtemp())}, '__main__')" $(PEER_HARNESS)
 
-.PHONY: install demo lint test bench bench-ablation bench-peer bench-sweep bench-line bench-serve gpu-check stack-up stack-down clean
+.PHONY: install demo lint test bench bench-ablation bench-peer bench-sweep bench-line bench-serve bench-review \
+	review-screenshots gpu-check stack-up stack-down clean
 
 install: $(STAMP)
 
@@ -74,6 +75,16 @@ bench-line: $(STAMP)
 		OMP_NUM_THREADS=1 $(BIN)/fsad simulate --data $$set --k 4 --days 5 --per-day 60 --reviews 12 \
 			--defect-share 0.1 --seed $$seed --out $$out --plot $(BENCH_OUT)/line/$$name.png || exit 1; \
 	done; done
+
+# The review page with 1,000 queued images on the folder store: median of 20 warm requests, one card and a grid.
+bench-review: $(STAMP)
+	$(BIN)/python -m flows.review.bench --queued 1000
+
+# The review page's pictures in the README, taken in headless Chromium from the demo's generated product.
+SHOT_HOME ?= $(BENCH_OUT)/review-demo
+review-screenshots: $(STAMP)
+	$(BIN)/fsad demo --workdir $(SHOT_HOME)
+	$(BIN)/python -m flows.review.screenshots --home $(SHOT_HOME) --out docs/img
 
 # Latency of the served model, one image a request: make bench-serve SERVE_MODEL=DIR SERVE_IMAGES=DIR
 bench-serve: $(STAMP)

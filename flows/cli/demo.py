@@ -4,8 +4,10 @@ Everything lives under one folder (``--workdir``, default FSAD_HOME): a local fo
 MLflow with local artifacts and an ephemeral Prefect API whose database is kept there too, so the
 runs can be looked at afterwards. A product is generated (or a real MVTec-layout category is used
 with ``--data``), a few-shot set with a labelled evaluation set is uploaded, the retraining flow
-runs, and the version it produces ends up as ``champion``. Running it again on the same folder
-uploads the same images and shows the idempotency: "already trained as version N".
+runs, and the version it produces ends up as ``champion``. The champion then decides a short line
+of further parts (score-prefix), which fills the review queue that ``fsad review`` shows. Running
+it again on the same folder uploads the same images and shows the idempotency: "already trained
+as version N".
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ DEMO_PRODUCT = "demo-washer"
 DEMO_K = 6
 DATA_K = 8
 DATA_MAX_EVAL = 40  # stratified subset of a real category's test set: keeps the demo in minutes
+LINE_GOOD, LINE_DEFECT = 20, 4  # parts of the demo's line, decided by the champion to fill the review queue
 DEMO_TRAINING = {  # small on purpose: the demo must finish in minutes on two busy CPU cores
     "size": 128, "patch_size": 128, "pool_views": 24, "negatives": 16, "calibration_negatives": 12, "memory_views": 2,
     "finetune": {"steps": 20, "normals_per_batch": 12, "negatives_per_batch": 6},
@@ -59,6 +62,24 @@ def prepare_upload_set(out: Path, data: str | None) -> tuple[str, Path, str]:
     write_upload_folder(out, [s.path for s in cat.sample_k_shot(k, 0)], [s.path for s in test if s.label == 0],
                         [s.path for s in test if s.label == 1])
     return product, out, what
+
+
+def prepare_line(out: Path, data: str | None, upload_set: Path) -> Path:
+    """A folder of parts the upload did not hold: generated anew, or a real category's other test images."""
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    if data is None:
+        category = make_category(out.parent / "generated" / "line", kind="object", n_train=1, n_test_good=LINE_GOOD,
+                                 n_test_defect=LINE_DEFECT, size=144, seed=8)
+        parts = load_category(category).test
+    else:
+        uploaded = {p.name for p in upload_set.rglob("*")}
+        parts = stratified_subset([s for s in load_category(data).test if s.path.name not in uploaded],
+                                  LINE_GOOD + LINE_DEFECT)
+    for i, sample in enumerate(parts):
+        shutil.copyfile(sample.path, out / f"part-{i:03d}{sample.path.suffix.lower()}")
+    return out
 
 
 def _print_summary(summary: RetrainSummary, settings: Settings, product: str, folder: Path, prefect_home: Path,
@@ -96,6 +117,7 @@ def run_demo(workdir: str | None = None, data: str | None = None) -> int:
     home.mkdir(parents=True, exist_ok=True)
     with environment(embedded), ephemeral_prefect(prefect_home), prefect_api():
         from flows.pipeline.retrain import retrain_flow
+        from flows.pipeline.score_prefix import score_prefix_flow
         from flows.store.storage import open_store
 
         settings = load_settings()
@@ -110,10 +132,16 @@ def run_demo(workdir: str | None = None, data: str | None = None) -> int:
               + ", ".join(f"{n} {split}" for split, n in result.counts.items()))
         print("retraining  (Prefect flow `retrain`; progress below)", flush=True)
         summary = RetrainSummary.from_dict(retrain_flow(product, upload_id=result.upload_id))
-        _print_summary(summary, settings, product, folder, prefect_home, time.monotonic() - start)
         if summary.champion is None:
+            _print_summary(summary, settings, product, folder, prefect_home, time.monotonic() - start)
             print(f"fsad demo: no champion for {product}: {summary.message}", file=sys.stderr)
             return 1
+        line = prepare_line(home / "demo" / "line", data, folder)
+        decided = score_prefix_flow(product, str(line))
+        print(f"line        {decided['scored']} parts decided by the champion ({decided['anomalies']} flagged); "
+              f"{decided['queued']} queued for review")
+        _print_summary(summary, settings, product, folder, prefect_home, time.monotonic() - start)
+        print(f"  FSAD_HOME={shlex.quote(str(home))} fsad review --product {product}   # label the queue in a browser")
     return 0
 
 

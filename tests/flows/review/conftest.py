@@ -3,8 +3,6 @@ store) and a real registry of three versions; the page served in process or by u
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +14,7 @@ from mlflow import MlflowClient
 from flows.mlops import registry
 from flows.mlops.registry import CHAMPION
 from flows.review.bench import make_queue
+from flows.review.screenshots import served as serving
 from flows.review.serve import review_app
 from flows.settings import load_settings
 from flows.store.queue import QueueItem
@@ -63,17 +62,5 @@ def line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Line:
 @pytest.fixture
 def served(line: Line) -> Iterator[str]:
     """The page on a free port of 127.0.0.1, served by uvicorn as `fsad review` serves it."""
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(review_app(TOKEN, line.storage_url, ""), host="127.0.0.1", port=0,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "the review page did not start"
-        time.sleep(0.05)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
+    with serving(review_app(TOKEN, line.storage_url, "")) as base:
+        yield base

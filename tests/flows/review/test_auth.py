@@ -2,7 +2,7 @@
 
 import pytest
 
-from flows.review.auth import ReviewAccessError, RateLimit, Sessions, server_token
+from flows.review.auth import RateLimit, ReviewAccessError, Sessions, server_token
 
 TOKEN = "a-long-enough-token-1234"
 

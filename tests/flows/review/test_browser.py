@@ -9,28 +9,17 @@ from pathlib import Path
 import httpx
 import pytest
 
+from flows.review.screenshots import chromium
 from flows.store.labels import current_labels, label_history
 from tests.flows.review.conftest import HOSTILE, PRODUCT, TOKEN
 
-CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
-pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="Debian's chromium and chromium-driver are not "
-                                                                  "installed (.ci/run installs them)")
-# As root on a closed network: no sandbox, and none of Chromium's own connections.
-FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-dev-shm-usage", "--window-size=1280,900")
+pytestmark = pytest.mark.skipif(not (shutil.which("chromium") and shutil.which("chromedriver")),
+                                reason="no Debian chromium and chromium-driver (.ci/run installs them)")
 
 
 @pytest.fixture
 def browser(tmp_path: Path):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in (*FLAGS, f"--user-data-dir={tmp_path / 'chromium'}"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(options=options, service=Service(DRIVER))
+    driver = chromium(tmp_path / "chromium")
     yield driver
     driver.quit()
 

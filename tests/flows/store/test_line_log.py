@@ -2,8 +2,7 @@
 
 import logging
 
-from flows.store.line_log import LineRun, flag_rates_by_day, line_runs, line_runs_prefix, queue_growing, \
-    record_line_run
+from flows.store.line_log import LineRun, flag_rates_by_day, line_runs, line_runs_prefix, queue_growing, record_line_run
 from flows.store.storage import LocalStore
 
 
