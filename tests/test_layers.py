@@ -48,8 +48,9 @@ def test_each_layer_imports_only_the_layers_below_it(package, below):
     assert {path: names for path, names in upward.items() if names} == {}
 
 
-def test_nothing_below_the_command_line_imports_it():
+@pytest.mark.parametrize("room, above", [("cli", set()), ("review", {"cli"})])
+def test_nothing_below_the_command_line_and_the_review_page_imports_them(room, above):
     importers = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "flows").rglob("*.py")
-                       if "cli" not in p.relative_to(ROOT / "flows").parts[:1]
-                       and any(name.startswith("flows.cli") for name in _imported(p, whole=True)))
+                       if p.relative_to(ROOT / "flows").parts[0] not in {room, *above}
+                       and any(name.startswith(f"flows.{room}") for name in _imported(p, whole=True)))
     assert importers == []

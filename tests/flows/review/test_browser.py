@@ -31,10 +31,13 @@ def press(driver, key: str) -> None:
 
 
 def counts_become(driver, text: str) -> None:
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    WebDriverWait(driver, 15).until(lambda d: d.find_element(By.ID, "counts").text == text)
+    # The page reloads after each label: the element read may be the old page's.
+    wait = WebDriverWait(driver, 15, ignored_exceptions=(NoSuchElementException, StaleElementReferenceException))
+    wait.until(lambda d: d.find_element(By.ID, "counts").text == text)
 
 
 def test_an_operator_signs_in_labels_three_cards_by_keyboard_and_undoes_one(browser, served, line):
