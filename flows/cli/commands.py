@@ -18,7 +18,7 @@ import numpy as np
 
 from fsad_core.calibration import Threshold
 from fsad_core.data import find_all_categories, load_category
-from fsad_core.decision import Decision, decided
+from fsad_core.decision import Decision, decided, undecided
 from fsad_core.detector import Detector
 from fsad_core.imageio import (
     Header,
@@ -278,22 +278,24 @@ class MapWriter:
 
 def _score_files(detector: Detector, files: list[Path], limits: ImageLimits, threshold: Threshold, write: Writer,
                  maps: MapWriter | None) -> int:
-    """Score the files batch by batch in their order, a row (and maps) for each; returns how many could not be read."""
+    """Score the files batch by batch, a row for each in their order (an unreadable one with its
+    error, flagged: `fsad_core.decision.undecided`) and maps; returns how many could not be read."""
     failed = 0
     for batch in decoded_batches(files, limits):
-        for _, problem in batch:
-            if isinstance(problem, ImageReadError):
-                print(f"fsad score: skipped {problem}", file=sys.stderr)
-                failed += 1
         good = [(path, image) for path, image in batch if not isinstance(image, ImageReadError)]
-        if not good:
-            continue
-        result = detector.score([image for _, image in good], with_maps=maps is not None)
-        for decision in decided([str(path) for path, _ in good], result.scores, threshold):
-            write(decision)
-        if maps is not None:
-            for (path, image), amap in zip(good, result.maps):
-                maps.write(path, image, amap)
+        by_path: dict[Path, Decision] = {}
+        if good:
+            result = detector.score([image for _, image in good], with_maps=maps is not None)
+            by_path = dict(zip([path for path, _ in good],
+                               decided([str(path) for path, _ in good], result.scores, threshold)))
+            if maps is not None:
+                for (path, image), amap in zip(good, result.maps):
+                    maps.write(path, image, amap)
+        for path, problem in batch:
+            if isinstance(problem, ImageReadError):
+                print(f"fsad score: not judged: {problem}", file=sys.stderr)
+                failed += 1
+            write(by_path.get(path) or undecided(str(path), str(problem), threshold))
     return failed
 
 
@@ -302,12 +304,13 @@ class CsvRows:
 
     def __init__(self, out: TextIO, source: ModelSource):
         self.writer = csv.writer(out)
-        self.writer.writerow(["image", "score", "is_anomaly", "threshold", "model"])
+        self.writer.writerow(["image", "score", "is_anomaly", "threshold", "model", "error"])
         self.model = source.label()
 
     def __call__(self, decision: Decision) -> None:
-        self.writer.writerow([csv_text(decision.image), f"{decision.score:.6g}", int(decision.is_anomaly),
-                              f"{decision.threshold:.6g}", csv_text(self.model)])
+        score = "" if decision.score is None else f"{decision.score:.6g}"
+        self.writer.writerow([csv_text(decision.image), score, int(decision.is_anomaly), f"{decision.threshold:.6g}",
+                              csv_text(self.model), csv_text(decision.error)])
 
 
 def csv_text(text: str) -> str:
@@ -326,7 +329,7 @@ class JsonLines:
     def __call__(self, decision: Decision) -> None:
         self.out.write(json.dumps({"image": decision.image, "score": decision.score,
                                    "is_anomaly": decision.is_anomaly, "threshold": decision.threshold,
-                                   "model": self.model}) + "\n")
+                                   "model": self.model, "error": decision.error}, allow_nan=False) + "\n")
 
 
 def bench(args: argparse.Namespace) -> int:

@@ -357,7 +357,8 @@ def _add_train(sub: Subcommands) -> None:
 
 def _add_score(sub: Subcommands) -> None:
     p = _subcommand(sub, "score", _cmd_score, "score images with a trained model; writes a CSV (or JSON Lines) of "
-                    "image, score, is_anomaly, threshold, model")
+                    "image, score, is_anomaly, threshold, model, error: an image that cannot be read is a row "
+                    "with its error, no score and is_anomaly 1 (a part nobody could judge is not passed)")
     p.add_argument("--model", required=True, help="model folder, or models:/NAME@ALIAS from the MLflow registry")
     p.add_argument("images", nargs="+", help="image files or folders")
     p.add_argument("--out", default=None, help="output file (default: standard output)")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -37,6 +37,7 @@ from flows.store.labels import (
     DEFECT,
     GOOD,
     RETRACTED,
+    LabelEntry,
     LabelError,
     add_labels,
     current_labels,
@@ -63,6 +64,7 @@ class Review:
     labels_rate: RateLimit  # per operator: labels, undos and actions
     signin_rate: RateLimit  # per client address
     mlflow_url: str = ""  # a tracking server's UI to link versions to, when there is one
+    known_labels: dict[str, LabelEntry] = field(default_factory=dict)  # entries read so far (never rewritten)
 
 
 def create_app(review: Review) -> Starlette:
@@ -151,12 +153,12 @@ class Pages:
     @signed_in
     async def products(self, request: Request, operator: str) -> Response:
         names = list_products(self.review.store)
-        queues = {name: queue_state(self.review.store, name) for name in names}
+        queues = {name: queue_state(self.review.store, name, self.review.known_labels) for name in names}
         return self.render(request, "products.html", products=names, queues=queues)
 
     @signed_in
     async def product(self, request: Request, operator: str) -> Response:
-        state = product_state(self.review.store, _product(request))
+        state = product_state(self.review.store, _product(request), self.review.known_labels)
         links = {row.version: _model_link(self.review.mlflow_url, state.product, row.version)
                  for row in state.versions} if self.review.mlflow_url else {}
         return self.render(request, "product.html", state=state, plot=auroc_svg(state.versions), links=links)
@@ -164,7 +166,7 @@ class Pages:
     @signed_in
     async def queue(self, request: Request, operator: str) -> Response:
         product = _product(request)
-        state = queue_state(self.review.store, product)
+        state = queue_state(self.review.store, product, self.review.known_labels)
         view = "grid" if request.query_params.get("view") == "grid" else "card"
         at = min(_index(request.query_params.get("at")), max(0, len(state.items) - 1))
         shown = state.items[at:at + (GRID if view == "grid" else 1)]
@@ -203,7 +205,8 @@ class Pages:
         label = str(form.get("label", ""))
         if label not in (GOOD, DEFECT):
             raise HTTPException(400, f"label {label!r}: good or defect")
-        item = next((i for i in queue_state(self.review.store, product).items if i.id == form.get("item")), None)
+        queued = queue_state(self.review.store, product, self.review.known_labels).items
+        item = next((i for i in queued if i.id == form.get("item")), None)
         if item is None:
             raise HTTPException(409, "this card was labelled meanwhile or has left the queue; reload")
         images = read_sources(self.review.store, [item.image])
@@ -216,8 +219,9 @@ class Pages:
         """The operator's last label on the product still standing, retracted."""
         product = _product(request)
         form = await self.checked_form(request, operator)
-        standing = current_labels(self.review.store, product)
-        last = next((e for e in reversed(label_history(self.review.store, product))
+        history = label_history(self.review.store, product, self.review.known_labels)
+        standing = current_labels(self.review.store, product, self.review.known_labels)
+        last = next((e for e in reversed(history)
                      if e.by == operator and standing.get(e.image_sha256) == e), None)
         if last is None:
             raise HTTPException(409, "you have no label on this product to undo")

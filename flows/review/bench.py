@@ -1,8 +1,9 @@
 """``make bench-review``: how fast the review page answers with a long queue on the folder store.
 
 A product with N queued images (generated parts, their thumbnails and overlays as score-prefix
-draws them) is served by uvicorn on 127.0.0.1; the one-card view and a 24-card grid are each
-requested 20 times after warming up, and the medians printed with the request count.
+draws them), of which some are labelled already (each label an entry the page reads), is served
+by uvicorn on 127.0.0.1; the one-card view and a 24-card grid are each requested 20 times after
+warming up, and the medians printed with the request count.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flows.store.labels import AUDIT, HIGHEST_SCORE, NEAR_THRESHOLD
+from flows.store.labels import AUDIT, GOOD, HIGHEST_SCORE, NEAR_THRESHOLD, add_labels, read_sources
 from flows.store.queue import OVERLAY, THUMB, QueueItem, media_key, write_queue
 from flows.store.storage import LocalStore, Store
 from fsad_core.overlay import overlay, png_bytes, thumbnail
@@ -64,12 +65,15 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--queued", type=int, default=1000)
+    parser.add_argument("--labelled", type=int, default=200, help="of the queued images, labelled already")
     parser.add_argument("--port", type=int, default=8799)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         store = LocalStore(root / "store")
-        make_queue(store, root / "line", "bench-part", [f"part-{i:05d}.png" for i in range(args.queued)])
+        items = make_queue(store, root / "line", "bench-part", [f"part-{i:05d}.png" for i in range(args.queued)])
+        add_labels(store, "bench-part", read_sources(store, [i.image for i in items[:args.labelled]]), GOOD, "bench",
+                   "audit")
         token = "bench-token-0123456789"
         app = review_app(token, str(root / "store"), f"sqlite:///{root / 'mlflow.db'}")
         server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=args.port, log_level="warning"))
@@ -79,7 +83,7 @@ def main() -> None:
         base = f"http://127.0.0.1:{args.port}"
         with httpx.Client(base_url=base, follow_redirects=True) as client:
             client.post("/signin", data={"name": "bench", "token": token, "next": "/"}).raise_for_status()
-            result = {"queued": args.queued, "requests": 20,
+            result = {"queued": args.queued, "labelled": args.labelled, "requests": 20,
                       "card_ms_median": _median_ms(client, "/p/bench-part/queue?view=card&at=500"),
                       "grid_ms_median": _median_ms(client, "/p/bench-part/queue?view=grid&at=480")}
         server.should_exit = True

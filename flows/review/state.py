@@ -68,8 +68,9 @@ class QueueState:
         return sorted({e.defect_type for e in self.labels.values() if e.defect_type})
 
 
-def queue_state(store: Store, product: str) -> QueueState:
-    labels = current_labels(store, product)
+def queue_state(store: Store, product: str, known: dict[str, LabelEntry] | None = None) -> QueueState:
+    """``known``: the label entries read before (`label_history`)."""
+    labels = current_labels(store, product, known)
     stored = read_queue(store, product)  # audits already labelled too: the escape estimate counts them
     labelled = labelled_sources(labels.values())
     return QueueState([i for i in stored if i.image not in labelled], labels, escape_estimate(labels.values(), stored))
@@ -91,13 +92,13 @@ class ProductState:
         return self.versions[-1] if self.versions else None
 
 
-def product_state(store: Store, product: str) -> ProductState:
+def product_state(store: Store, product: str, known: dict[str, LabelEntry] | None = None) -> ProductState:
     records = registry.versions(product)
     rows = [VersionRow.of(r) for r in records]
     champion = registry.aliases(product).get(registry.CHAMPION) if records else None
     runs = line_runs(store, product)
     days = flag_rates_by_day(runs)
-    queue = queue_state(store, product)
+    queue = queue_state(store, product, known)
     return ProductState(product, next((r for r in rows if r.version == champion), None),
                         bool(records) and registry.registered_model_tags(product).get(PINNED_TAG) == "true",
                         rows, queue, days, warnings(rows, days, queue_growing(runs)),

@@ -110,12 +110,18 @@ def _image_key(product: str, source: str, data: bytes) -> str:
     return validate_key(f"{labels_prefix(product)}images/{sha256_hex(data)}{suffix}")
 
 
-def label_history(store: Store, product: str) -> list[LabelEntry]:
-    """Every readable entry, oldest first; an unreadable one is named in a warning and skipped."""
+def label_history(store: Store, product: str, known: dict[str, LabelEntry] | None = None) -> list[LabelEntry]:
+    """Every readable entry, oldest first; an unreadable one is named in a warning and skipped.
+    ``known`` (key -> entry) keeps what was read for the next call: an entry is never rewritten,
+    so a long-running reader (the review page) reads each once."""
     entries = []
+    known = {} if known is None else known
     for key in sorted(store.list(_entries_prefix(product))):
+        if key in known:
+            entries.append(known[key])
+            continue
         try:
-            entries.append(LabelEntry.from_json(store.get_bytes(key)))
+            entries.append(known.setdefault(key, LabelEntry.from_json(store.get_bytes(key))))
         except ObjectNotFound:
             continue
         except (ValueError, TypeError) as exc:  # JSON, fields or values
@@ -129,10 +135,11 @@ def labelled_sources(labels: Iterable[LabelEntry]) -> set[str]:
     return {entry.source for entry in labels}
 
 
-def current_labels(store: Store, product: str) -> dict[str, LabelEntry]:
-    """image sha256 -> its latest entry, for the images whose latest entry is not a retraction."""
+def current_labels(store: Store, product: str, known: dict[str, LabelEntry] | None = None) -> dict[str, LabelEntry]:
+    """image sha256 -> its latest entry, for the images whose latest entry is not a retraction
+    (``known``: as `label_history` keeps it)."""
     latest: dict[str, LabelEntry] = {}
-    for entry in label_history(store, product):  # in order of their keys, which begin with the time
+    for entry in label_history(store, product, known):  # in order of their keys, which begin with the time
         latest[entry.image_sha256] = entry
     return {sha: entry for sha, entry in latest.items() if entry.label != RETRACTED}
 

@@ -437,9 +437,13 @@ def test_score_scores_the_good_files_and_reports_each_bad_one(home, tmp_path, ca
                      str(folder), "--out", str(out)])
     err = capsys.readouterr().err
     assert code != 0
-    rows = list(csv.DictReader(out.open()))
+    every = list(csv.DictReader(out.open()))
+    rows = [r for r in every if not r["error"]]
     assert sorted(Path(r["image"]).name for r in rows) == ["good_0.png", "good_1.png"]
     assert all(np.isfinite(float(r["score"])) for r in rows)
+    unread = {Path(r["image"]).name: r for r in every if r["error"]}  # a row each, flagged, with its reason
+    assert set(unread) == set(BAD) and all(r["score"] == "" and r["is_anomaly"] == "1" for r in unread.values())
+    assert all(reason in unread[name]["error"] for name, (_, reason) in BAD.items())
     for name, (_, reason) in BAD.items():
         line = [ln for ln in err.splitlines() if name in ln]
         assert len(line) == 1 and reason in line[0], (name, err)

@@ -88,8 +88,11 @@ def test_train_then_score_writes_csv_and_maps_and_reports_bad_files(category, tm
     out = run("score", "--model", str(model), str(images), "--out", str(scores), "--maps", str(maps))
     assert out.returncode == 1  # one bad file
     assert "broken.png" in out.stderr and "3 scored, 1 failed" in out.stderr
-    rows = list(csv.DictReader(scores.open()))
-    assert len(rows) == 3 and {"image", "score", "is_anomaly"} <= set(rows[0])
+    every = list(csv.DictReader(scores.open()))
+    [broken] = [r for r in every if r["image"].endswith("broken.png")]  # a row with its error, flagged, no score
+    assert broken["score"] == "" and broken["is_anomaly"] == "1" and "not a recognised image format" in broken["error"]
+    rows = [r for r in every if r is not broken]
+    assert len(rows) == 3 and {"image", "score", "is_anomaly", "error"} <= set(rows[0])
     # map files mirror the images' paths within the folder given: good/000.png and crack/000.png never collide
     assert sorted(p.relative_to(maps) for p in maps.rglob("*.png")) == sorted(
         p.relative_to(images).with_name(p.stem + "_map.png") for p in images.rglob("*.png") if p.name != "broken.png")
@@ -97,7 +100,7 @@ def test_train_then_score_writes_csv_and_maps_and_reports_bad_files(category, tm
     for row in rows:
         alone = direct.score([read_image(row["image"])]).scores[0]
         assert float(row["score"]) == pytest.approx(float(alone), rel=1e-5)
-    assert [Path(r["image"]) for r in rows] == sorted(p for p in images.rglob("*.png") if p.name != "broken.png")
+    assert [Path(r["image"]) for r in every] == sorted(images.rglob("*.png"))  # every image, in file order
     assert {r["model"] for r in rows} == {str(model)} and f"model {model}" in out.stderr
 
     # --json: JSON Lines with the model it used; --threshold decides instead of the model's threshold

@@ -114,3 +114,14 @@ def test_audits_always_judge_picks_by_score_never_and_the_rest_by_their_hash(sto
     others = [e for e in judging + training if e.reason == "command line"]
     assert [e in judging for e in others] == [in_hash_share(e.image_sha256, 0.5) for e in others]
     assert 0 < sum(e in judging for e in others) < len(others)
+
+
+def test_a_reader_that_keeps_what_it_read_reads_each_entry_once_and_sees_new_ones(store, monkeypatch):
+    add_labels(store, P, [("a.png", png(1)), ("b.png", png(2))], GOOD, "ann", "audit")
+    reads = []
+    real = type(store).get_bytes
+    monkeypatch.setattr(type(store), "get_bytes", lambda self, key: reads.append(key) or real(self, key))
+    known: dict = {}
+    assert len(current_labels(store, P, known)) == 2 and len(reads) == 2
+    add_labels(store, P, [("a.png", png(1))], RETRACTED, "ann", "audit")
+    assert len(current_labels(store, P, known)) == 1 and len(reads) == 3  # only the new entry was read
