@@ -1,27 +1,21 @@
 """People over the gate: promote, rollback and pin move the aliases as asked, refuse what they must
 (an unverified version, nothing to roll back to), and leave who and why in the action log."""
 
-import mlflow
 import pytest
 from mlflow import MlflowClient
 
 from flows.cli.main import main as cli_main
 from flows.mlops import control, registry
 from flows.mlops.registry import CHAMPION, PREVIOUS, RegistryError
-from flows.settings import load_settings
 from flows.store.storage import open_store
+from tests.local_home import local_home
 
 P = "ctl"
 
 
 @pytest.fixture
 def home(tmp_path, monkeypatch):
-    for name in ("FSAD_STORAGE", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("FSAD_HOME", str(tmp_path / "home"))
-    settings = load_settings()
-    mlflow.set_tracking_uri(settings.tracking_uri)
-    mlflow.set_registry_uri(settings.tracking_uri)
+    settings = local_home(tmp_path / "home", monkeypatch)
     client, name = MlflowClient(), registry.model_name(P)
     client.create_registered_model(name)
     for verified in ("true", "true", "false"):  # versions 1 and 2 verified, 3 not

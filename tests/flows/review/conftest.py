@@ -7,7 +7,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import mlflow
 import pytest
 from mlflow import MlflowClient
 
@@ -16,9 +15,9 @@ from flows.mlops.registry import CHAMPION
 from flows.review.bench import make_queue
 from flows.review.screenshots import served as serving
 from flows.review.serve import review_app
-from flows.settings import load_settings
 from flows.store.queue import QueueItem
 from flows.store.storage import Store, open_store
+from tests.local_home import local_home
 
 PRODUCT = "washer"
 TOKEN = "test-token-0123456789abcdef"
@@ -41,12 +40,7 @@ def _version_tags(auroc: float, verdict: str, evidence: str) -> dict[str, str]:
 
 @pytest.fixture
 def line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Line:
-    for name in ("FSAD_STORAGE", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("FSAD_HOME", str(tmp_path / "home"))
-    settings = load_settings()
-    mlflow.set_tracking_uri(settings.tracking_uri)
-    mlflow.set_registry_uri(settings.tracking_uri)
+    settings = local_home(tmp_path / "home", monkeypatch)
     client, name = MlflowClient(), registry.model_name(PRODUCT)
     client.create_registered_model(name)
     model = tmp_path / "model"
