@@ -93,8 +93,9 @@ class DetectorModel:
         model's colour scale, at most `MAP_SIDE` pixels a side, with ``params={"maps": True}``; ""
         otherwise).
 
-        A row that cannot be used gets its reason in ``error``, a NaN score and ``is_anomaly`` true
-        (a part whose image cannot be judged is not passed); the other rows are scored as usual.
+        A row that cannot be used gets its reason in ``error``, no score (None: ``null`` in the
+        served JSON, which admits no NaN) and ``is_anomaly`` true (a part whose image cannot be
+        judged is not passed); the other rows are scored as usual.
         The rows' memory is reckoned from their headers and held against the process's budget
         (`serving_budget`) before anything is decoded: rows that cannot fit are refused, and a
         request that finds the budget taken waits its turn, or is refused once `MEMORY_WAIT_S` pass."""
@@ -118,7 +119,7 @@ class DetectorModel:
                         pictures[row] = _overlay_png(image, amap, self.detector.map_anchor())
         by_row = dict(zip(images, decided([f"row {row}" for row in images], scores, threshold)))
         decisions = [by_row.get(row) or undecided(f"row {row}", errors[row], threshold) for row in range(len(cells))]
-        return pd.DataFrame({"score": [np.nan if d.score is None else d.score for d in decisions],
+        return pd.DataFrame({"score": pd.Series([d.score for d in decisions], dtype=object),
                              "is_anomaly": [d.is_anomaly for d in decisions], "threshold": threshold.value,
                              "model_name": self.identity.name, "model_version": self.identity.version,
                              "error": [d.error for d in decisions], "map_png": pictures})

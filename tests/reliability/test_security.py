@@ -6,6 +6,8 @@ a path its caller names. Credentials are checked on the real stack, where they a
 
 from __future__ import annotations
 
+import io
+import json
 import pickle
 import re
 import shutil
@@ -16,6 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import embedded_env, noise_rgb, png_bytes
+from mlflow.pyfunc.scoring_server import predictions_to_json
 from safetensors import SafetensorError
 
 from flows.cli.main import main as cli_main
@@ -190,13 +193,17 @@ def test_the_served_model_never_opens_a_path_its_caller_names(trained, tmp_path)
     assert out["error"].tolist()[:3] == [f"row {i}: not base64 image bytes" for i in range(3)]
     assert out["score"].iloc[:3].isna().all() and out["is_anomaly"].iloc[:3].all()
     assert out["error"].iloc[3] == "" and np.isfinite(out["score"].iloc[3])
+    answer = io.StringIO()  # as the scoring server writes it: strict JSON, no score where none was made
+    predictions_to_json(out, answer)
+    rows = json.loads(answer.getvalue(), parse_constant=lambda word: pytest.fail(f"{word} is not JSON"))["predictions"]
+    assert [row["score"] for row in rows][:3] == [None, None, None] and isinstance(rows[3]["score"], float)
 
 
 def test_a_request_over_the_pixel_budget_is_refused_row_by_row_before_decoding(trained, tmp_path, monkeypatch):
     model = mlflow.pyfunc.load_model(str(_downloaded(tmp_path)))
     monkeypatch.setenv("FSAD_MAX_SET_PIXELS", str(64 * 64 * 2))
     out = model.predict(pd.DataFrame({"image": [encode_png(noise_rgb(i)) for i in range(3)]}))
-    assert out["error"].tolist()[:2] == ["", ""] and np.isfinite(out["score"].iloc[:2]).all()
+    assert out["error"].tolist()[:2] == ["", ""] and np.isfinite(out["score"].iloc[:2].astype(float)).all()
     assert out["error"].iloc[2] == ("the request up to row 2: refused, its 3 images hold 12288 decoded pixels, above "
                                     "the budget of 8192 (FSAD_MAX_SET_PIXELS); send fewer at once")
 
@@ -214,7 +221,7 @@ def test_rows_beyond_the_memory_budget_are_refused_and_a_request_that_waits_too_
     monkeypatch.setattr(flows.pyfunc, "MEMORY_WAIT_S", 0.2)
     cells = [encode_png(noise_rgb(i)) for i in range(3)]
     out = model.predict(pd.DataFrame({"image": cells}))
-    assert out["error"].tolist()[:2] == ["", ""] and np.isfinite(out["score"].iloc[:2]).all()
+    assert out["error"].tolist()[:2] == ["", ""] and np.isfinite(out["score"].iloc[:2].astype(float)).all()
     assert out["error"].iloc[2] == ("row 2: refused, the request's images need more memory than the server's budget "
                                     "(FSAD_SERVE_MEMORY_MB); send fewer at once")
     with budget.share(300_000, wait_s=0):  # another request's
