@@ -17,21 +17,21 @@ are never copied into settings, logs, parameters or tags.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from flows.store.storage import ObjectNotFound, Store, default_storage_url, training_key
-from fsad_core.config import DetectorConfig
-from fsad_core.devices import configured_device
-from fsad_core.methods import method_config
-from fsad_core.overrides import OverrideError, apply_overrides
 from infra.config import fsad_home
+
+if TYPE_CHECKING:  # the model's settings import torch: `locations` and the CLI's checks need none of it
+    from fsad_core.config import DetectorConfig
 
 DEFAULT_MIN_AUROC = 0.9
 LOOP = "loop"  # the key of a product's settings that are not the model's (`LoopSettings`)
@@ -79,12 +79,29 @@ def uri_credentials(uri: str) -> UriCredentials:
                           None if parts.password is None else unquote(parts.password))
 
 
-def load_settings(env: Mapping[str, str] | None = None) -> Settings:
-    """Read the settings once from ``env`` (default: os.environ); SettingsError on bad values."""
+@dataclass(frozen=True)
+class Locations:
+    """Where the store and the registry are: what a command checks its arguments against before
+    it loads the model's code or starts a server."""
+
+    home: Path
+    storage_url: str
+    tracking_uri: str
+
+
+def locations(env: Mapping[str, str] | None = None) -> Locations:
     env = os.environ if env is None else env
     home = fsad_home(env=env)
-    storage = default_storage_url(env)
     tracking = uri_credentials(env.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow.db'}").uri
+    return Locations(home, default_storage_url(env), tracking)
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    """Read the settings once from ``env`` (default: os.environ); SettingsError on bad values."""
+    from fsad_core.devices import configured_device
+
+    env = os.environ if env is None else env
+    home, storage, tracking = dataclasses.astuple(locations(env))
     try:
         min_auroc = float(env.get("FSAD_GATE_MIN_AUROC") or DEFAULT_MIN_AUROC)
     except ValueError:
@@ -144,6 +161,9 @@ def training_config(method: str, seed: int, overrides: Mapping[str, Any],
     """The method's DetectorConfig with ``seed`` and the overrides, checked whole
     (`fsad_core.overrides`: nested objects change the method's own field by field); their
     ``"loop"`` object is `loop_settings`'. ``source`` names where they came from in errors."""
+    from fsad_core.methods import method_config
+    from fsad_core.overrides import OverrideError, apply_overrides
+
     model = {key: value for key, value in overrides.items() if key != LOOP}
     try:
         return apply_overrides(method_config(method, seed=seed), model, source)
@@ -153,6 +173,8 @@ def training_config(method: str, seed: int, overrides: Mapping[str, Any],
 
 def loop_settings(overrides: Mapping[str, Any], source: str = "FSAD_TRAIN_OVERRIDES") -> LoopSettings:
     """The ``"loop"`` object of the settings, checked as the model's are."""
+    from fsad_core.overrides import OverrideError, apply_overrides
+
     try:
         return apply_overrides(LoopSettings(), overrides.get(LOOP) or {}, source, path=f"{LOOP}.")
     except OverrideError as exc:

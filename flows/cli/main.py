@@ -118,22 +118,36 @@ def _candidates(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a whole number or 'all': {text!r}") from None
 
 
+# Each command checks its arguments with `flows.cli.preflight` before it imports what loads torch
+# or starts a server: a wrong path, product or model costs a moment, not a start-up.
+
 def _cmd_demo(args: argparse.Namespace) -> int:
+    from flows.cli import preflight
+    if args.data is not None:
+        preflight.category(args.data)
     from flows.cli.demo import run_demo
     return run_demo(workdir=args.workdir, data=args.data)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from flows.cli import preflight
+    preflight.category(args.data)
     from flows.cli.commands import train
     return train(args)
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
+    from flows.cli import preflight
+    from flows.settings import locations
+    preflight.paths(args.images)
+    preflight.model(args.model, locations())
     from flows.cli.commands import score
     return score(args)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    from fsad_core.data import find_all_categories
+    find_all_categories(args.data)
     from flows.cli.commands import bench
     return bench(args)
 
@@ -235,15 +249,18 @@ def _cmd_upload(args: argparse.Namespace) -> int:
 
 
 def _cmd_retrain(args: argparse.Namespace) -> int:
+    from flows.cli import preflight
+    from flows.settings import locations
+    from flows.store.storage import validate_name
+    validate_name(args.product, "product name")  # before its name makes a log file's or a flow run's
+    if args.upload is not None:
+        validate_name(args.upload, "upload id")
+    preflight.upload(args.product, args.upload, locations())
     from flows.pipeline.retrain import retrain_flow
     from flows.pipeline.runlog import logged_to, run_log_path
     from flows.pipeline.runners import prefect_api
     from flows.pipeline.summary import GATE_FAILED, RetrainSummary
     from flows.settings import load_settings
-    from flows.store.storage import validate_name
-    validate_name(args.product, "product name")  # before its name makes a log file's or a flow run's
-    if args.upload is not None:
-        validate_name(args.upload, "upload id")
     with prefect_api(), logged_to(run_log_path(load_settings().home, "retrain", args.product)) as log:
         try:
             summary = RetrainSummary.from_dict(retrain_flow(args.product, upload_id=args.upload))
@@ -258,6 +275,11 @@ def _cmd_retrain(args: argparse.Namespace) -> int:
 
 
 def _cmd_score_prefix(args: argparse.Namespace) -> int:
+    from flows.cli import preflight
+    from flows.settings import locations
+    if "://" not in args.url:
+        preflight.paths([args.url])
+    preflight.champion(args.product, locations())
     from flows.pipeline.runners import prefect_api
     from flows.pipeline.score_prefix import score_prefix_flow
     with prefect_api():

@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from flows.mlops.tracking import configure, model_name
+from flows.mlops.names import CANDIDATE, CHAMPION, PREVIOUS, model_name
+from flows.mlops.tracking import configure
 from flows.pyfunc import (
     INPUT_COLUMN,
     artifact_problem,
@@ -35,7 +36,6 @@ from flows.settings import Settings, load_settings
 from fsad_core.detector import Detector
 from fsad_core.evidence import LABELLED, MIN_PER_CLASS, SYNTHETIC, Evidence, judge
 
-CANDIDATE, CHAMPION, PREVIOUS = "candidate", "champion", "previous"
 _SCORE_RTOL = 1e-5
 _SCORE_ATOL = 1e-5
 

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from flows.mlops.names import MODEL_PREFIX, model_name
 from flows.mlops.run_report import GalleryItem, build_report
 from flows.pyfunc import DATA_DIRNAME, log_pyfunc_model, model_file_digests
 from flows.settings import Settings, uri_credentials
@@ -32,7 +33,6 @@ from fsad_core.finetune import TrainingHistory
 from fsad_core.overlay import overlay
 
 EXPERIMENT_PREFIX = "fsad/"
-MODEL_PREFIX = "fsad-"  # registered model of a product
 _BATCH = 1000  # MLflow's limit of metrics per log_batch call
 _OVERLAY_NAME_BYTES = 100  # of an overlay's file name, before "overlay_" and ".png"
 
@@ -99,10 +99,6 @@ def _credentials_apart() -> None:
 
 def experiment_name(product: str) -> str:
     return EXPERIMENT_PREFIX + product
-
-
-def model_name(product: str) -> str:
-    return MODEL_PREFIX + product
 
 
 def ensure_experiment(product: str, settings: Settings) -> str:

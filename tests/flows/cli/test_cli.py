@@ -55,7 +55,7 @@ def test_help_lists_every_subcommand():
 def test_bad_input_exits_non_zero_with_one_line_reason(tmp_path):
     out = run("train", "--data", str(tmp_path / "missing"), "--k", "2", "--out", str(tmp_path / "m"))
     assert out.returncode != 0
-    assert out.stderr.strip().count("\n") == 0 and "train/good" in out.stderr
+    assert out.stderr.strip().count("\n") == 0 and "missing: no such folder" in out.stderr
 
 
 @pytest.mark.parametrize("target", ["1", "0", "five"])
@@ -313,15 +313,17 @@ def test_a_coreset_candidate_count_that_is_not_a_number_is_refused_before_any_fi
 def test_outputs_that_would_overwrite_an_input_are_refused_before_anything_is_written(tmp_path, capsys):
     Image.fromarray(np.full((40, 40, 3), 90, np.uint8)).save(tmp_path / "part.png")
     Image.fromarray(np.full((40, 40, 3), 20, np.uint8)).save(tmp_path / "part_map.png")  # named like an overlay
-    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-    no_model = str(tmp_path / "no-model")  # refused before the model is looked for
+    (tmp_path / "no-model").mkdir()
+    (tmp_path / "no-model" / "config.json").write_text("{}")  # passes the command's first look; never loaded
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    no_model = str(tmp_path / "no-model")
     assert cli_main(["score", "--model", no_model, str(tmp_path / "part.png"), "--out",
                      str(tmp_path / "." / "part.png")]) == 1
     assert cli_main(["score", "--model", no_model, str(tmp_path), "--maps", str(tmp_path)]) == 1
     errors = capsys.readouterr().err.strip().splitlines()
     assert len(errors) == 2 and "--out would write" in errors[0] and "--maps would write" in errors[1]
     assert all("which is one of the images to score" in e for e in errors)
-    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
 
 
 def test_a_csv_cell_that_begins_like_a_formula_is_written_as_text(tmp_path):

@@ -1,0 +1,92 @@
+"""What a command checks before it loads the model's code or starts a server: a wrong path, an
+unknown product or model, or a product with nothing uploaded is refused in one line, in a moment,
+and the line says what would fix it."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from flows.mlops.names import CHAMPION, MODEL_PREFIX, model_name
+from flows.settings import Locations
+from flows.store.storage import latest_complete_upload, list_uploads, open_store, validate_name
+
+_MODEL_REF = re.compile(r"models:/([^/@]+)(?:@([^/]+)|/(\d+))")
+
+
+class NotReady(ValueError):
+    """What a command needs is not there; the message names what would make it so."""
+
+
+def paths(given: list[str]) -> None:
+    """Files or folders that exist."""
+    for path in given:
+        if not Path(path).exists():
+            raise NotReady(f"{path}: no such file or folder")
+
+
+def category(path: str) -> None:
+    """An MVTec-layout category: ``train/good`` under ``path``."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise NotReady(f"{path}: no such folder")
+    if not (folder / "train" / "good").is_dir():
+        raise NotReady(f"{path}: no train/good folder (expected the MVTec layout: train/good/*.png, "
+                       f"test/good|DEFECT/*.png); `fsad upload` takes a flat folder of normal images instead")
+
+
+def model(ref: str, where: Locations) -> None:
+    """A model folder `fsad train` wrote, or ``models:/NAME@ALIAS`` / ``models:/NAME/VERSION`` the registry holds."""
+    found = _MODEL_REF.fullmatch(ref)
+    if found is None:
+        if not (Path(ref) / "config.json").is_file():
+            raise NotReady(f"{ref}: not a model folder (no config.json); `fsad train --data DIR --k K --out {ref}` "
+                           f"makes one, or give models:/NAME@ALIAS")
+        return
+    name, alias, version = found.groups()
+    product = name.removeprefix(MODEL_PREFIX)
+    fix = f"`fsad retrain --product {product}` registers one (after `fsad upload --product {product} FOLDER`)"
+    if not _registry_exists(where):
+        raise NotReady(f"{ref}: no registry yet at {where.tracking_uri} (nothing trained); {fix}")
+    _registered(ref, name, alias, version, where, fix)
+
+
+def champion(product: str, where: Locations) -> None:
+    model(f"models:/{model_name(validate_name(product, 'product name'))}@{CHAMPION}", where)
+
+
+def upload(product: str, upload_id: str | None, where: Locations) -> None:
+    """A complete upload of ``product`` (``upload_id``, else any)."""
+    store = open_store(where.storage_url)
+    fix = f"`fsad upload --product {product} FOLDER` uploads one"
+    if upload_id is None:
+        if latest_complete_upload(store, product) is None:
+            raise NotReady(f"no complete upload of product {product} in {where.storage_url}; {fix}")
+        return
+    found = {u.upload_id: u for u in list_uploads(store, product)}.get(upload_id)
+    if found is None or not found.complete:
+        what = "not complete (no manifest; `fsad upload --resume` finishes it)" if found else "not found"
+        raise NotReady(f"upload {upload_id} of product {product} in {where.storage_url}: {what}")
+
+
+def _registry_exists(where: Locations) -> bool:
+    """False for the embedded SQLite registry before its file exists (MLflow would make an empty one)."""
+    if not where.tracking_uri.startswith("sqlite:///"):
+        return True
+    return Path(where.tracking_uri.removeprefix("sqlite:///")).is_file()
+
+
+def _registered(ref: str, name: str, alias: str | None, version: str | None, where: Locations, fix: str) -> None:
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri=where.tracking_uri, registry_uri=where.tracking_uri)
+    try:
+        if alias:
+            client.get_model_version_by_alias(name, alias)
+        else:
+            client.get_model_version(name, version)
+    except MlflowException as exc:
+        if getattr(exc, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE"):
+            raise NotReady(f"{ref}: not in the registry at {where.tracking_uri}; {fix}") from None
+        raise
