@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -40,10 +41,10 @@ from .fitting import (
 )
 from .fusion import with_combined
 from .gaussian import Gaussian
-from .imageio import array_at_work_size
+from .imageio import array_at_work_size, checked_array
 from .network import Network
 from .patch_memory import PatchMemory
-from .preprocess import map_to_image, prepare, resolve_intensity
+from .preprocess import is_grey, map_to_image, prepare, resolve_intensity
 from .provenance import cpu_description, library_versions
 from .scoring import Scoring, joined, worst_tile
 
@@ -54,10 +55,20 @@ MODEL_FILES = (CONFIG_FILE, NETWORK_FILE, SCORING_FILE)  # a model folder: JSON 
 
 @dataclass
 class ScoreResult:
-    scores: np.ndarray                       # the configured score, one per image
-    components: dict[str, np.ndarray]        # every score kind, one per image
-    is_anomaly: np.ndarray                   # scores above the model's threshold
-    maps: list[np.ndarray] | None = None     # HxW maps at each image's size (as read: see WORK_PIXELS), when asked for
+    """What `Detector.score` found, one entry per image in the order given.
+
+    scores      the model's score (its configured kind): higher is more anomalous
+    components  every score kind by name (patch, mahalanobis, combined, ...): for experts
+    is_anomaly  scores above ``threshold``
+    threshold   the model's decision threshold, in the unit of ``scores``
+    maps        HxW anomaly maps at each image's size as read (see WORK_PIXELS), when asked for
+    """
+
+    scores: np.ndarray
+    components: dict[str, np.ndarray]
+    is_anomaly: np.ndarray
+    threshold: float
+    maps: list[np.ndarray] | None = None
 
 
 class Detector:
@@ -84,6 +95,7 @@ class Detector:
         """Fit on k >= 1 normal images (HxWx3 uint8, any sizes), the stages of `fsad_core.fitting` in order."""
         if not images:
             raise ValueError("need at least one normal image")
+        images = [checked_array(image, i) for i, image in enumerate(images)]
         start = time.perf_counter()
         dev = resolve_device(device)
         config = replace(config, intensity=resolve_intensity(config.intensity, images))
@@ -103,6 +115,7 @@ class Detector:
             progress("calibrate", 1, 1)
         calibration = calibrate(normal, synthetic, config, pool.n_images, folds.rule)
         meta = {"k": pool.n_images, "tiles": pool.n_tiles, "fitted_on": cpu_description(),
+                "colour": not all(is_grey(image) for image in images),
                 **({"fusion_rule": calibration.fusion_rule} if config.image_branch else {})}
         detector = cls(config, net, normals.scoring_on(torch.ones(len(pool.views), dtype=torch.bool)),
                        calibration.fusion, calibration.threshold, meta, device=dev)
@@ -135,6 +148,8 @@ class Detector:
         `WORK_PIXELS` is scored as `read_image` would have read it, and its map is of that size."""
         if not images:
             raise ValueError("no images to score")
+        images = [checked_array(image, i) for i, image in enumerate(images)]
+        self._warn_if_grey_for_colour(images)
         parts: list[dict[str, np.ndarray]] = []
         maps: list[np.ndarray] = []
         for first in range(0, len(images), batch):
@@ -152,7 +167,17 @@ class Detector:
         scores = arrays[self.config.score]
         if not np.isfinite(scores).all():
             raise FloatingPointError("non-finite anomaly scores")
-        return ScoreResult(scores, arrays, self.threshold.is_anomaly(scores), maps if with_maps else None)
+        return ScoreResult(scores, arrays, self.threshold.is_anomaly(scores), self.threshold.value,
+                           maps if with_maps else None)
+
+    def _warn_if_grey_for_colour(self, images: list[np.ndarray]) -> None:
+        """A grey copy of a colour product's part scores as a changed part: say so (models fitted
+        before the model kept whether it was colour say nothing)."""
+        if self.meta.get("colour"):
+            grey = [i for i, image in enumerate(images) if is_grey(image)]
+            if grey:
+                warnings.warn(f"image(s) {', '.join(map(str, grey[:10]))}: grey, but the model was fitted on colour "
+                              f"images of the product; a grey copy scores as a changed part", stacklevel=3)
 
     # ----------------------------------------------------------------------------- persistence
     def save(self, folder: str | Path, extra_config: dict | None = None) -> Path:

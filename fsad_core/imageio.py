@@ -234,6 +234,28 @@ def at_work_size(img: Image.Image) -> Image.Image:
     return img.reduce(factor)
 
 
+EXPECTED_ARRAY = "a uint8 numpy array HxWx3 (RGB) or HxW (grey), as read_image returns"
+
+
+def checked_array(image: object, index: int) -> np.ndarray:
+    """An image handed to the library as HxWx3 uint8: a grey HxW (or HxWx1) one gets three equal
+    channels, with a warning; anything else is refused in one line naming the expected form,
+    rather than scored wrong (a float image in [0, 1] would read as black) or failing deep in torch."""
+    if not isinstance(image, np.ndarray):
+        raise ValueError(f"image {index}: a {type(image).__name__}; expected {EXPECTED_ARRAY}")
+    if image.dtype != np.uint8:
+        hint = " (from floats in [0, 1]: (image * 255).round().astype(np.uint8))" if image.dtype.kind == "f" else ""
+        raise ValueError(f"image {index}: dtype {image.dtype}; expected {EXPECTED_ARRAY}{hint}")
+    if image.ndim == 3 and image.shape[2] == 3:
+        return image
+    if image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 1):
+        warnings.warn(f"image {index}: grey {image.shape[0]}x{image.shape[1]}, scored with its level in all three "
+                      f"channels", stacklevel=3)
+        return np.repeat(image.reshape(image.shape[0], image.shape[1], 1), 3, axis=2)
+    hint = " (drop the alpha channel: image[..., :3])" if image.ndim == 3 and image.shape[2] == 4 else ""
+    raise ValueError(f"image {index}: shape {image.shape}; expected {EXPECTED_ARRAY}{hint}")
+
+
 def array_at_work_size(image: np.ndarray) -> np.ndarray:
     """An HxWx3 uint8 array reduced as `read_image` reduces what it reads (for arrays handed to the
     library directly: they are scored as the same file read from disk would be)."""

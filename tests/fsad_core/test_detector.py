@@ -209,7 +209,8 @@ def test_tiled_parts_are_left_out_whole_and_score_as_their_worst_tile(washer):
     assert config.resize == "tile"  # the default: nothing stretched
     parts = [wide(s.image()) for s in washer.sample_k_shot(3, 0)]
     detector, report = Detector.fit(parts, config, device="cpu")
-    assert detector.meta == {"k": 3, "tiles": 6, "fitted_on": cpu_description(), "fusion_rule": FUSION_LOO}
+    assert detector.meta == {"k": 3, "tiles": 6, "fitted_on": cpu_description(), "colour": True,
+                             "fusion_rule": FUSION_LOO}
     assert report.normal_rule.startswith("leave-one-out") and len(report.normal_scores["fused"]) == 3
     test = [wide(s.image()) for s in washer.test]  # a defect, if any, in the left-hand tile
     result = detector.score(test, with_maps=True)
@@ -368,3 +369,15 @@ def test_a_detector_at_another_threshold_decides_by_it_and_leaves_the_original_a
     assert strict.score(images).is_anomaly.all() and strict.threshold is lower
     assert detector.threshold.value != lower.value
     np.testing.assert_array_equal(strict.score(images).scores, scores)
+
+
+def test_a_score_carries_the_threshold_and_a_grey_copy_of_a_colour_part_is_named(fitted, washer):
+    detector, _ = fitted
+    image = washer.test[0].image()
+    result = detector.score([image])
+    assert result.threshold == detector.threshold.value and detector.meta["colour"] is True
+    grey = np.repeat(image.mean(axis=2, keepdims=True).astype(np.uint8), 3, axis=2)
+    with pytest.warns(UserWarning, match="image\\(s\\) 1: grey, but the model was fitted on colour images"):
+        detector.score([image, grey])
+    with pytest.raises(ValueError, match="image 0: dtype float64"):
+        detector.score([image / 255.0])

@@ -1,4 +1,5 @@
 import io
+import re
 
 import numpy as np
 import pytest
@@ -187,3 +188,19 @@ def test_an_array_is_reduced_as_its_file_would_be_and_a_small_one_is_kept(monkey
     assert array_at_work_size(rgb).shape == (31, 46, 3)
     small = rgb[:40, :60]
     assert array_at_work_size(small) is small
+
+
+def test_an_array_handed_to_the_library_is_rgb_uint8_or_refused_in_one_line():
+    from fsad_core.imageio import checked_array
+
+    rgb = np.zeros((40, 50, 3), np.uint8)
+    assert checked_array(rgb, 0) is rgb
+    with pytest.warns(UserWarning, match="image 1: grey 40x50, scored with its level in all three channels"):
+        grey = checked_array(np.full((40, 50), 7, np.uint8), 1)
+    assert grey.shape == (40, 50, 3) and (grey == 7).all()
+    for bad, words in ((rgb.astype(np.float32) / 255, "dtype float32; expected a uint8 numpy array HxWx3"),
+                       (np.zeros((40, 50, 4), np.uint8), "drop the alpha channel"),
+                       (np.zeros((2, 40, 50, 3), np.uint8), "shape (2, 40, 50, 3)"),
+                       ([[1, 2], [3, 4]], "image 2: a list; expected")):
+        with pytest.raises(ValueError, match=re.escape(words)):
+            checked_array(bad, 2)
