@@ -290,6 +290,24 @@ def _cmd_score_prefix(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    """``mlflow models serve`` on the product's champion (or ``--version``), told where fsad's
+    registry is: the process becomes MLflow's server, so a signal stops it directly."""
+    from flows.cli import preflight
+    from flows.mlops.names import CHAMPION, model_name
+    from flows.settings import locations
+    from flows.store.storage import validate_name
+    where = locations()
+    ref = f"models:/{model_name(validate_name(args.product, 'product name'))}" + (
+        f"/{args.version}" if args.version else f"@{CHAMPION}")
+    preflight.model(ref, where)
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", ref, "--env-manager", "local",
+               "-h", args.host, "-p", str(args.port)]
+    print(f"fsad serve: {ref} from {where.tracking_uri} on http://{args.host}:{args.port}/invocations", flush=True)
+    os.execve(sys.executable, command, {**os.environ, "MLFLOW_TRACKING_URI": where.tracking_uri,
+                                        "MLFLOW_REGISTRY_URI": where.tracking_uri})
+
+
 def _cmd_stack(args: argparse.Namespace) -> int:
     from infra.stack import main as stack_main
     return stack_main(args.action)
@@ -524,6 +542,15 @@ def _add_score_prefix(sub: Subcommands) -> None:
     _add_dask(p, "the batches")
 
 
+def _add_serve(sub: Subcommands) -> None:
+    p = _subcommand(sub, "serve", _cmd_serve, "serve a product's champion over HTTP (mlflow models serve, told "
+                    "where fsad's registry is); POST images to /invocations")
+    p.add_argument("--product", required=True)
+    p.add_argument("--version", default=None, help="a registered version instead of the champion")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=_positive, default=5001, help="default 5001")
+
+
 def _add_stack(sub: Subcommands) -> None:
     p = _subcommand(sub, "stack", _cmd_stack,
                     "start, stop or inspect local real services on 127.0.0.1 (Swift S3, MLflow, Prefect)")
@@ -543,7 +570,7 @@ def build_parser() -> argparse.ArgumentParser:
     # in the order `fsad --help` lists them
     for add_subcommand in (_add_demo, _add_train, _add_score, _add_bench, _add_report, _add_upload, _add_label,
                            _add_settings, _add_retrain, _add_control, _add_score_prefix, _add_review_queue,
-                           _add_review, _add_simulate, _add_stack):
+                           _add_review, _add_serve, _add_simulate, _add_stack):
         add_subcommand(sub)
     return parser
 
