@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -65,22 +66,79 @@ def histogram_png(labels: Sequence[int], scores: Sequence[float], threshold: flo
     return buf.getvalue()
 
 
-def build_report(title: str, verdict: str, reason: str, rates: dict[str, float], benchmark: str,
-                 labels: Sequence[int], scores: Sequence[float], threshold: float, roc_png: bytes | None,
-                 gallery: Sequence[GalleryItem], anchor: float) -> str:
-    """The whole HTML document; `anchor` is the map level of the overlays' shared colour scale."""
-    rows = "".join(f"<tr><th>{html.escape(name)}</th><td>{value:.4g}</td></tr>" for name, value in rates.items())
-    figures = [_img(histogram_png(labels, scores, threshold), "score histograms")]
-    if roc_png is not None:
-        figures.insert(0, _img(roc_png, "ROC curve"))
+@dataclass(frozen=True)
+class ReportContent:
+    """What a retraining's report shows, gathered by the run that wrote it."""
+
+    title: str
+    verdict: str  # "passed the gate" or "failed the gate"
+    outcome: str  # what happened to the version (promoted, held, kept the champion)
+    gate_reason: str  # the gate's own reason, with the evidence it stood on
+    candidates: str  # which candidate methods were compared and why this one
+    rates: dict[str, float]
+    benchmark: str  # the benchmark's kind: labelled, or synthetic anomalies
+    labels: Sequence[int]
+    scores: Sequence[float]
+    threshold: float
+    threshold_rule: str
+    expected_false_alarm_rate: float | None
+    roc_png: bytes | None
+    loss: Sequence[float]  # the fine-tuning loss by step ([] without fine-tuning)
+    configuration: dict  # the fitted model's DetectorConfig
+    validation: str  # the upload's validation report (JSON), summarised
+    gallery: Sequence[GalleryItem]
+    anchor: float  # the map level of the threshold: the middle of the overlays' shared colour scale
+
+
+def loss_png(loss: Sequence[float]) -> bytes:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 3), dpi=100)
+    ax = fig.add_subplot()
+    ax.plot(range(1, len(loss) + 1), loss, color="tab:blue")
+    ax.set(xlabel="fine-tuning step", ylabel="loss", title="fine-tuning loss")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    return buf.getvalue()
+
+
+def validation_summary(report_json: str) -> str:
+    """One line: whether the upload passed its checks, and the failed ones by name."""
+    try:
+        report = json.loads(report_json)
+        failed = report.get("failed") or []
+        checked = len(report.get("result", {}).get("results", []))
+    except (ValueError, AttributeError):
+        return "no validation report"
+    return (f"passed all {checked} checks" if report.get("success") else
+            f"failed {len(failed)} of {checked} checks: " + "; ".join(map(str, failed)))
+
+
+def build_report(content: ReportContent) -> str:
+    """The whole HTML document, every picture inside it; every text from the run escaped."""
+    c, e = content, html.escape
+    rows = "".join(f"<tr><th>{e(name)}</th><td>{value:.4g}</td></tr>" for name, value in c.rates.items())
+    figures = [_img(histogram_png(c.labels, c.scores, c.threshold), "score histograms")]
+    if c.roc_png is not None:
+        figures.insert(0, _img(c.roc_png, "ROC curve"))
+    expected = "" if c.expected_false_alarm_rate is None else (
+        f"; it expects to flag {c.expected_false_alarm_rate:.2%} of normal parts")
     cards = "".join(
-        f'<figure>{_img(png_bytes(overlay(item.image, item.amap, anchor)), item.name)}'
-        f"<figcaption>{html.escape(item.role)}: {html.escape(item.name)}, score {item.score:.4g}</figcaption></figure>"
-        for item in gallery)
-    return (f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+        f'<figure>{_img(png_bytes(overlay(item.image, item.amap, c.anchor)), item.name)}'
+        f"<figcaption>{e(item.role)}: {e(item.name)}, score {item.score:.4g}</figcaption></figure>"
+        for item in c.gallery)
+    loss = _img(loss_png(c.loss), "fine-tuning loss") if c.loss else "<p>no fine-tuning</p>"
+    config = e(json.dumps(c.configuration, indent=1, sort_keys=True))
+    return (f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>{e(c.title)}</title>"
             "<style>body{font-family:sans-serif;margin:2em}figure{display:inline-block;margin:0.5em}"
-            "img{max-width:420px}td,th{padding:0.2em 1em;text-align:left}</style></head><body>"
-            f"<h1>{html.escape(title)}</h1><h2>Verdict: {html.escape(verdict)}</h2><p>{html.escape(reason)}</p>"
-            f"<h2>Benchmark: {html.escape(benchmark)}</h2><table>{rows}</table>{''.join(figures)}"
-            f"<h2>Overlays</h2><p>One colour scale for all: red is past the level at which a part is flagged "
-            f"({anchor:.4g}, the white mark on each colour bar).</p>{cards}</body></html>")
+            "img{max-width:420px}td,th{padding:0.2em 1em;text-align:left}pre{background:#f4f4f4;padding:1em}"
+            "</style></head><body>"
+            f"<h1>{e(c.title)}</h1><h2>Verdict: {e(c.verdict)}</h2><p>{e(c.outcome)}</p>"
+            f"<p><b>The gate:</b> {e(c.gate_reason)}</p><p><b>Candidates:</b> {e(c.candidates)}</p>"
+            f"<h2>Benchmark: {e(c.benchmark)}</h2><table>{rows}</table>{''.join(figures)}"
+            f"<h2>Threshold</h2><p>{c.threshold:.4g}, by the rule {e(c.threshold_rule)}{expected}.</p>"
+            f"<h2>Overlays</h2><p>One colour scale for all, from 0 to twice the map level at which a part reaches "
+            f"the threshold ({c.anchor:.4g}): that level is the scale's middle (green, the white mark on each colour "
+            f"bar); yellow to red is past it, blue below it.</p>{cards}"
+            f"<h2>Training</h2>{loss}<h2>Validation of the upload</h2><p>{e(validation_summary(c.validation))}</p>"
+            f"<h2>Configuration</h2><pre>{config}</pre></body></html>")

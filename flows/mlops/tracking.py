@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from flows.mlops.names import MODEL_PREFIX, model_name
-from flows.mlops.run_report import GalleryItem, build_report
+from flows.mlops.run_report import GalleryItem, ReportContent, build_report
 from flows.pyfunc import DATA_DIRNAME, log_pyfunc_model, model_file_digests
 from flows.settings import Settings, uri_credentials
 from fsad_core.calibration import Threshold
@@ -280,17 +280,30 @@ __all__ = ["EXPERIMENT_PREFIX", "MODEL_PREFIX", "LoggedRun", "TrainingRecord", "
 REPORT_NAME = "report.html"
 
 
-def log_report(run_id: str, record: TrainingRecord, detector: Detector, verdict: str, reason: str) -> None:
+def log_report(run_id: str, record: TrainingRecord, detector: Detector, verdict: Verdict) -> None:
     """The run's HTML report as `REPORT_NAME` of the run."""
     from mlflow import MlflowClient
 
     roc = roc_png(record.roc_labels, record.roc_scores, record.eval_set) if record.has_roc else None
     rates = {name: record.metrics[name] for name in ("benchmark_auroc", "false_alarm_rate", "miss_rate", "f1",
                                                       "threshold") if name in record.metrics}
-    page = build_report(f"{record.product}: upload {record.upload_id}", verdict, reason, rates, record.eval_set,
-                        record.roc_labels, record.roc_scores, record.threshold.value, roc, record.overlays,
-                        detector.map_anchor())
+    page = build_report(ReportContent(
+        f"{record.product}: upload {record.upload_id}", verdict.verdict, verdict.outcome, verdict.gate_reason,
+        verdict.candidates, rates, record.eval_set, record.roc_labels, record.roc_scores, record.threshold.value,
+        record.threshold.rule, record.threshold.expected_false_alarm_rate, roc,
+        record.history.loss if record.history else [], record.config.to_dict(), record.validation_json,
+        record.overlays, detector.map_anchor()))
     MlflowClient().log_text(run_id, page, REPORT_NAME)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What the gate and the candidates' comparison said of a run, for its report."""
+
+    verdict: str  # "passed the gate" or "failed the gate"
+    outcome: str
+    gate_reason: str
+    candidates: str
 
 
 def read_report(run_id: str) -> str:

@@ -388,11 +388,11 @@ def gallery(detector: Detector, data: UploadData, bench: Benchmark) -> list[Gall
 # ---- MLflow -----------------------------------------------------------------------------------
 
 @task(**IO_RETRIES, persist_result=False)
-def log_report(settings: Settings, run_id: str, record: tracking.TrainingRecord, detector: Detector, verdict: str,
-               reason: str) -> None:
+def log_report(settings: Settings, run_id: str, record: tracking.TrainingRecord, detector: Detector,
+               verdict: tracking.Verdict) -> None:
     """The run's HTML report, written once the gate has spoken (its verdict is the report's first line)."""
     tracking.configure(settings)
-    tracking.log_report(run_id, record, detector, verdict, reason)
+    tracking.log_report(run_id, record, detector, verdict)
 
 
 @task(**IO_RETRIES, persist_result=False)
@@ -635,8 +635,9 @@ def _publish(settings: Settings, job: RetrainJob, trained: Trained, choice: str)
         aliases = current_aliases(settings, job.product)
         message = gate_failed_message(version, decision, aliases)
     get_run_logger().info(message)
-    log_report(settings, logged.run_id, record, detector, "passed the gate" if decision.passed else "failed the gate",
-               message)
+    log_report(settings, logged.run_id, record, detector, tracking.Verdict(
+        "passed the gate" if decision.passed else "failed the gate", message,
+        f"{decision.reason} (evidence: {decision.evidence})", choice))
     return Published(logged.run_id, version, decision, aliases, message, hold)
 
 

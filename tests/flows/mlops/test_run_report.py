@@ -1,11 +1,12 @@
 """The run report is one static HTML file: every picture it shows is inside it."""
 
 import io
+import json
 
 import numpy as np
 from PIL import Image
 
-from flows.mlops.run_report import GalleryItem, build_report, gallery_picks
+from flows.mlops.run_report import GalleryItem, ReportContent, build_report, gallery_picks
 from tests.html_pictures import pictures_of
 
 
@@ -27,14 +28,23 @@ def test_the_report_holds_the_verdict_rates_curves_and_overlays_inside_one_file(
     image = np.full((48, 64, 3), 120, np.uint8)
     gallery = [GalleryItem(role, f"eval/{role}/{i}.png", scores[i], image, rng.random((48, 64)))
                for role, i in gallery_picks(labels, scores)]
-    page = build_report("washer: upload U1", "failed the gate", "AUROC 0.61 < 0.7 <script>", {
-        "benchmark_auroc": 0.61, "false_alarm_rate": 0.02, "miss_rate": 0.4}, "labelled", labels, scores, 1.5,
-        _png(image), gallery, anchor=0.8)
+    validation = json.dumps({"success": False, "failed": ["every file decodes as an image: a.png"],
+                             "result": {"results": [{}, {}, {}]}})
+    page = build_report(ReportContent(
+        "washer: upload U1", "failed the gate", "version 2 failed the gate; champion stays v1",
+        "AUROC 0.61 < 0.7 <script> (evidence: labelled)", "fast: 0.61 (0.5-0.7); default: 0.58 (0.45-0.7)",
+        {"benchmark_auroc": 0.61, "false_alarm_rate": 0.02, "miss_rate": 0.4}, "labelled", labels, scores, 1.5,
+        "normal_prediction_bound", 0.01, _png(image), [0.9, 0.7, 0.5], {"size": 224, "score": "patch"}, validation,
+        gallery, anchor=0.8))
     assert "Verdict: failed the gate" in page and "&lt;script&gt;" in page and "<script>" not in page
     assert "false_alarm_rate</th><td>0.02" in page and "miss_rate</th><td>0.4" in page
+    assert "<b>The gate:</b> AUROC 0.61 &lt; 0.7" in page and "fast: 0.61 (0.5-0.7); default: 0.58" in page
+    assert "1.5, by the rule normal_prediction_bound; it expects to flag 1.00% of normal parts" in page
+    assert "failed 1 of 3 checks: every file decodes as an image: a.png" in page and "&quot;size&quot;: 224" in page
+    assert "the scale's middle (green, the white mark" in page and "red is past the level" not in page
     pictures = pictures_of(page)
-    assert len(pictures) == 2 + len(gallery)  # ROC, histograms, one overlay per gallery image
-    assert pictures[1].size[0] > 100 and all(p.size[1] == 48 for p in pictures[2:])
+    assert len(pictures) == 3 + len(gallery)  # ROC, histograms, one overlay per gallery image, the loss curve
+    assert pictures[1].size[0] > 100 and all(p.size[1] == 48 for p in pictures[2:-1])
 
 
 def _png(pixels: np.ndarray) -> bytes:
