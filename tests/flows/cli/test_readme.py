@@ -78,3 +78,16 @@ def test_the_python_example_runs_as_written(user, tmp_path, monkeypatch):
     result = names["result"]
     assert np.isfinite(result.scores).all() and result.threshold == names["detector"].threshold.value
     assert (tmp_path / "washer-model" / "config.json").is_file()
+
+
+def test_the_pipeline_commands_run_as_written(user, tmp_path):
+    from flows.cli.demo import DEMO_TRAINING
+
+    text = (ROOT / "README.md").read_text().split("\n## The pipeline\n", 1)[1]
+    commands = [line.strip() for line in text.split("\n\n", 1)[0].splitlines() if line.strip().startswith("fsad ")]
+    assert [c.split()[1] for c in commands] == ["upload", "retrain"]
+    env = {**user, "FSAD_TRAIN_OVERRIDES": json.dumps(DEMO_TRAINING)}  # the demo's small settings: quicker
+    done = subprocess.run(["bash", "-c", "set -e\n" + "\n".join(commands)], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "washer" in done.stdout and "champion" in done.stdout
