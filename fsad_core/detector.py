@@ -32,7 +32,6 @@ from .features import Extractor, Features, build_network
 from .fitting import (
     FitReport,
     Normals,
-    Progress,
     adapted_features,
     calibrate,
     held_out_folds,
@@ -45,6 +44,7 @@ from .imageio import array_at_work_size, checked_array
 from .network import Network
 from .patch_memory import PatchMemory
 from .preprocess import is_grey, map_to_image, prepare, resolve_intensity
+from .progress import Progress, report
 from .provenance import cpu_description, library_versions
 from .scoring import Scoring, joined, worst_tile
 
@@ -104,15 +104,12 @@ class Detector:
         input_spec = config.input_spec(config.work_side)
         net = build_network(config, create_backbone(config.backbone, config.weights)).to(dev).eval()
         extractor = Extractor(net, config, input_spec, dev)
-        pool = view_pool(images, config, input_spec)
-        if progress:
-            progress("features", 0, 1)
+        pool = view_pool(images, config, input_spec, progress)
         features, history = adapted_features(extractor, pool, rng, progress)
-        normals = Normals.of(features, pool, config)
+        normals = Normals.of(features, pool, config, progress)
         folds = held_out_folds(pool)
-        normal, synthetic = held_out_scores(extractor, normals, pool, folds, rng)
-        if progress:
-            progress("calibrate", 1, 1)
+        normal, synthetic = held_out_scores(extractor, normals, pool, folds, rng, progress)
+        report(progress, "calibrate", 1, 1)
         calibration = calibrate(normal, synthetic, config, pool.n_images, folds.rule)
         meta = {"k": pool.n_images, "tiles": pool.n_tiles, "fitted_on": cpu_description(),
                 "colour": not all(is_grey(image) for image in images),

@@ -16,6 +16,7 @@ from .config import DetectorConfig
 from .network import Network
 from .patch_memory import patch_features
 from .preprocess import InputSpec, normalise
+from .progress import Progress, report
 
 
 @dataclass(frozen=True)
@@ -28,8 +29,8 @@ class Extractor:
     spec: InputSpec
     device: torch.device
 
-    def prefixes(self, views: torch.Tensor, image_branch: bool) -> _Prefixes:
-        return _Prefixes.of(self.net, views, self.config, self.spec, self.device, image_branch)
+    def prefixes(self, views: torch.Tensor, image_branch: bool, progress: Progress | None = None) -> _Prefixes:
+        return _Prefixes.of(self.net, views, self.config, self.spec, self.device, image_branch, progress)
 
     def features(self, views: torch.Tensor) -> Features:
         """Patch features of the views, and their pooled levels when the configuration has the image branch."""
@@ -75,22 +76,24 @@ class _Prefixes:
 
     @classmethod
     def of(cls, net: Network, views: torch.Tensor, config: DetectorConfig, spec: InputSpec,
-           device: torch.device, image_branch: bool = True) -> _Prefixes:
-        patch = prefix_outputs(net, resized(views, config.patch_side), spec, device)
+           device: torch.device, image_branch: bool = True, progress: Progress | None = None) -> _Prefixes:
+        patch = prefix_outputs(net, resized(views, config.patch_side), spec, device, progress)
         if not image_branch:
             return cls(None, patch)
         if config.patch_side == config.size:
             return cls(patch, patch)
-        return cls(prefix_outputs(net, resized(views, config.size), spec, device), patch)
+        return cls(prefix_outputs(net, resized(views, config.size), spec, device, progress), patch)
 
-    def features(self, net: Network, device: torch.device, pooled_levels: bool = True) -> Features:
+    def features(self, net: Network, device: torch.device, pooled_levels: bool = True,
+                 progress: Progress | None = None) -> Features:
         """Patch features, and the pooled levels when asked for (which needs the image branch)."""
         if not pooled_levels:
-            return _features(net, self.patch, device, pooled_levels=False)
-        image = _features(net, self.image, device)
+            return _features(net, self.patch, device, pooled_levels=False, progress=progress)
+        image = _features(net, self.image, device, progress=progress)
         if self.patch is self.image:
             return image
-        return Features(image.pooled, _features(net, self.patch, device, pooled_levels=False).patches)
+        return Features(image.pooled, _features(net, self.patch, device, pooled_levels=False,
+                                                progress=progress).patches)
 
 
 def build_network(config: DetectorConfig, backbone: torch.nn.Module) -> Network:
@@ -107,19 +110,22 @@ def views_per_forward(device: torch.device) -> int:
 
 
 @torch.no_grad()
-def prefix_outputs(net: Network, views: torch.Tensor, spec: InputSpec, device: torch.device) -> _Prefix:
+def prefix_outputs(net: Network, views: torch.Tensor, spec: InputSpec, device: torch.device,
+                   progress: Progress | None = None) -> _Prefix:
     batch = views_per_forward(device)
     parts = []
     for i in range(0, views.shape[0], batch):
         maps, pooled, h = net.forward_prefix(normalise(views[i:i + batch].to(device), spec))
         parts.append(({j: m.cpu() for j, m in maps.items()}, [p.cpu() for p in pooled], h.cpu()))
+        report(progress, "backbone", min(i + batch, views.shape[0]), views.shape[0])
     return _Prefix({j: torch.cat([p[0][j] for p in parts]) for j in parts[0][0]},
                    [torch.cat([p[1][i] for p in parts]) for i in range(len(parts[0][1]))],
                    torch.cat([p[2] for p in parts]))
 
 
 @torch.no_grad()
-def _features(net: Network, pre: _Prefix, device: torch.device, pooled_levels: bool = True) -> Features:
+def _features(net: Network, pre: _Prefix, device: torch.device, pooled_levels: bool = True,
+              progress: Progress | None = None) -> Features:
     """Pooled levels and patch features of cached prefix outputs; without `pooled_levels` the patch
     features alone (and only the blocks they need run). Patch features are made a batch at a time,
     so the upsampled maps of all views never exist at once."""
@@ -130,6 +136,7 @@ def _features(net: Network, pre: _Prefix, device: torch.device, pooled_levels: b
         maps = {**{j: m[i:i + batch] for j, m in pre.maps.items()}, **{j: m.float().cpu() for j, m in maps.items()}}
         patch_parts.append(patch_features([maps[j].float() for j in net.patch_blocks]))
         pooled_parts.append([p.cpu() for p in pooled])
+        report(progress, "features", min(i + batch, pre.h.shape[0]), pre.h.shape[0])
     pooled = pre.pooled + [torch.cat([p[i] for p in pooled_parts]) for i in range(len(pooled_parts[0]))]
     if not pooled_levels:
         pooled = []

@@ -9,7 +9,6 @@ synthetic anomalies (`held_out_scores`) -> fusion statistics and the threshold (
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -27,10 +26,10 @@ from .negatives import NEGATIVE_KINDS, synthesize
 from .options import SCORE_KINDS
 from .patch_memory import PatchMemory, group_coresets
 from .preprocess import InputSpec, prepare
+from .progress import Progress, report
 from .scoring import Scoring, joined, worst_tile
 
 MAX_FOLDS = 8  # held-out folds of the normal images for calibration (one image each up to k = 8)
-Progress = Callable[[str, int, int], None]
 
 
 @dataclass
@@ -62,15 +61,20 @@ class ViewPool:
     n_tiles: int
 
 
-def view_pool(images: list[np.ndarray], config: DetectorConfig, spec: InputSpec) -> ViewPool:
+def view_pool(images: list[np.ndarray], config: DetectorConfig, spec: InputSpec,
+              progress: Progress | None = None) -> ViewPool:
     """`pool_views` augmented views spread over the tiles (at least 8 each), each tile's own first."""
     tiles = [prepare(array_at_work_size(img), spec) for img in images]
     bases = [t for image_tiles in tiles for t in image_tiles]
     image_of_tile = torch.cat([torch.full((len(t),), i) for i, t in enumerate(tiles)])
     per_tile = max(8, math.ceil(config.pool_views / len(bases)))
-    views = torch.cat([torch.cat([base[None], augment_views(base, per_tile - 1, config.augment,
-                                                            generator_seed=config.seed * 1000 + i)])
-                       for i, base in enumerate(bases)])
+
+    def augmented(i: int, base: torch.Tensor) -> torch.Tensor:
+        views = augment_views(base, per_tile - 1, config.augment, generator_seed=config.seed * 1000 + i)
+        report(progress, "views", i + 1, len(bases))
+        return torch.cat([base[None], views])
+
+    views = torch.cat([augmented(i, base) for i, base in enumerate(bases)])
     return ViewPool(views, image_of_tile.repeat_interleave(per_tile), torch.arange(per_tile).repeat(len(bases)),
                     per_tile, len(images), len(bases))
 
@@ -86,18 +90,18 @@ def adapted_features(extractor: Extractor, pool: ViewPool, rng: np.random.Genera
     """The pool's features after the optional contrastive fine-tuning, which trains the network's
     suffix on the frozen prefix's outputs, computed once."""
     config, net = extractor.config, extractor.net
-    normal_pre = extractor.prefixes(pool.views, config.image_branch or config.finetune is not None)
+    normal_pre = extractor.prefixes(pool.views, config.image_branch or config.finetune is not None, progress)
     history = None
     if config.finetune is not None:
         negatives = _synthetic_anomalies(rng, pool.views, rng.integers(len(pool.views), size=config.negatives))
-        neg_h = prefix_outputs(net, resized(negatives, config.size), extractor.spec, extractor.device).h
+        neg_h = prefix_outputs(net, resized(negatives, config.size), extractor.spec, extractor.device, progress).h
         report = (lambda step, total, loss: progress("fine-tune", step, total)) if progress else None
         # Tiles of one part are views of one instance: the instance term must not learn to tell
         # them apart, and the cross-instance term pairs different parts.
         history = finetune(net, normal_pre.image.h, pool.image_of_view, neg_h, config.finetune, config.seed,
                            extractor.device, report)
     net.eval()
-    return normal_pre.features(net, extractor.device, config.image_branch), history
+    return normal_pre.features(net, extractor.device, config.image_branch, progress), history
 
 
 @dataclass(frozen=True)
@@ -111,11 +115,12 @@ class Normals:
     in_memory: torch.Tensor     # the first `memory_views` views of each tile
 
     @classmethod
-    def of(cls, features: Features, pool: ViewPool, config: DetectorConfig) -> Normals:
+    def of(cls, features: Features, pool: ViewPool, config: DetectorConfig,
+           progress: Progress | None = None) -> Normals:
         in_memory = pool.view_in_tile < config.memory_views
         unit = pool.image_of_view if pool.n_images >= 2 else (pool.view_in_tile >= pool.per_tile // 2).long()
         banks = group_coresets(features.patches[in_memory], unit[in_memory], config.memory_max, config.seed,
-                               config.coreset_candidates or None)
+                               config.coreset_candidates or None, progress)
         return cls(features, banks, unit, in_memory)
 
     def scoring_on(self, keep: torch.Tensor) -> Scoring:
@@ -161,7 +166,8 @@ def held_out_folds(pool: ViewPool) -> Folds:
 
 
 def held_out_scores(extractor: Extractor, normals: Normals, pool: ViewPool, folds: Folds,
-                     rng: np.random.Generator) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
+                     rng: np.random.Generator, progress: Progress | None = None
+                     ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
     """Component scores of each fold's held-out parts (a part scores as its worst tile, as in
     `score`) and of synthetic anomalies made from them, by the fold's scoring."""
     config = extractor.config
@@ -177,6 +183,7 @@ def held_out_scores(extractor: Extractor, normals: Normals, pool: ViewPool, fold
             picks = rng.choice(candidates, size=per_fold, replace=len(candidates) < per_fold)
             anomalies = _synthetic_anomalies(rng, pool.views, picks)
             synthetic_parts.append(scoring.components(extractor.features(anomalies), config))
+        report(progress, "held-out", len(normal_parts), len(folds.folds))
     return joined(normal_parts), (joined(synthetic_parts) if synthetic_parts else None)
 
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .progress import Progress, report
+
 
 def patch_features(stage_maps: list[torch.Tensor]) -> torch.Tensor:
     """Stage maps (each BxCxHixWi) -> BxCxHxW at the first map's resolution, locally averaged."""
@@ -89,7 +91,7 @@ class PatchMemory:
 
 
 def group_coresets(features: torch.Tensor, groups: torch.Tensor, max_size: int, seed: int = 0,
-                   max_candidates: int | None = None) -> dict[int, torch.Tensor]:
+                   max_candidates: int | None = None, progress: Progress | None = None) -> dict[int, torch.Tensor]:
     """One coreset bank per group of views (BxCxHxW features, `groups` B ids), each keeping its share
     of `max_size` (and of `max_candidates`) in proportion to its patches."""
     ids = groups.unique().tolist()
@@ -101,6 +103,7 @@ def group_coresets(features: torch.Tensor, groups: torch.Tensor, max_size: int, 
         cap = max(1, round(max_size * share))
         candidates = None if max_candidates is None else max(cap, round(max_candidates * share))
         banks[int(g)] = PatchMemory.fit(features[mine], cap, seed, candidates).bank
+        report(progress, "memory", len(banks), len(ids))
     return banks
 
 

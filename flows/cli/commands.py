@@ -7,7 +7,6 @@ import argparse
 import csv
 import json
 import sys
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -35,26 +34,18 @@ from fsad_core.methods import method_config
 from fsad_core.options import FLIPS
 from fsad_core.overlay import save_overlay
 from fsad_core.preprocess import stretch_warning
+from fsad_core.progress import ProgressLine
 
 
-class Progress:
-    """One updating line on a terminal (plain lines otherwise) for long steps."""
+def console_progress(label: str, stream: TextIO = sys.stderr) -> ProgressLine:
+    """A fit's progress on the console: one updating line on a terminal, a line every few seconds otherwise."""
+    tty = stream.isatty()
 
-    def __init__(self, label: str, stream=sys.stderr):
-        self.label, self.stream = label, stream
-        self.tty = stream.isatty()
-        self.last = 0.0
+    def emit(text: str) -> None:
+        stream.write(("\r" + text.ljust(78) + ("\n" if " calibrate " in text else "")) if tty else text + "\n")
+        stream.flush()
 
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        now = time.monotonic()
-        if done < total and now - self.last < (0.2 if self.tty else 10):
-            return
-        self.last = now
-        text = f"{self.label}: {stage} {done}/{total}"
-        self.stream.write(("\r" + text.ljust(70)) if self.tty else text + "\n")
-        if self.tty and stage == "calibrate":
-            self.stream.write("\n")
-        self.stream.flush()
+    return ProgressLine(emit, label, every_s=0.2 if tty else 5.0)
 
 
 # DetectorConfig fields that `fsad train` and `fsad bench` both take as options (None: the method's own),
@@ -82,7 +73,7 @@ def train(args: argparse.Namespace) -> int:
                            score=args.score, **_config_options(args))
     if note := stretch_warning([img.shape for img in images], config.resize):
         print(f"note: {note} (--resize tile)", file=sys.stderr)
-    detector, report = Detector.fit(images, config, device=args.device, progress=Progress(f"train k={args.k}"))
+    detector, report = Detector.fit(images, config, device=args.device, progress=console_progress(f"train k={args.k}"))
     extra = {"method": args.method, "k": args.k, "seed": args.seed,
              "training_images": [str(s.path) for s in samples], "fit_report": report.to_dict()}
     out = detector.save(args.out, extra_config=extra)
@@ -348,7 +339,7 @@ def bench(args: argparse.Namespace) -> int:
         records, env, overrides = [], environment(), _config_options(args)
         for i, cell in enumerate(cells, 1):
             label = f"[{i}/{len(cells)}] {cell.label()}"
-            records.append(run_cell(cell, args.max_test, args.device, Progress(label), **overrides))
+            records.append(run_cell(cell, args.max_test, args.device, console_progress(label), **overrides))
             print(f"{label}: image AUROC {records[-1]['image_auroc']:.3f} (fit {records[-1]['fit_seconds']:.0f} s)",
                   file=sys.stderr)
             write_records(Path(args.out), records, env)

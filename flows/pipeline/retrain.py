@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
@@ -72,13 +71,13 @@ from fsad_core.fitting import FitReport
 from fsad_core.imageio import PixelBudget, image_limits, read_header
 from fsad_core.metrics import image_auroc, rates_at_threshold
 from fsad_core.preprocess import stretch_warning
+from fsad_core.progress import ProgressLine
 
 GPU_LIMIT = "gpu"
 PRODUCT_LOCK_PREFIX = "fsad-retrain-"
 PRODUCT_LOCK_LEASE_S = 60  # a killed run frees its product within this; renewed while the run lives
 LABELLED, LOO_SYNTHETIC = "labelled", "loo+synthetic"
 DAY0_METHOD = "default"  # without labelled evidence: the best worst case over the shared sets (docs/loop.md)
-_PROGRESS_EVERY_S = 10.0
 
 
 class UploadRejected(RuntimeError):
@@ -232,18 +231,6 @@ def load_images(settings: Settings, job: RetrainJob, manifest: dict[str, Any]) -
 
 # ---- training and evaluation ----------------------------------------------------------------
 
-def _progress(logger: Any) -> Callable[[str, int, int], None]:
-    """Detector.fit progress as log lines: each new stage, then at most every few seconds."""
-    last = {"stage": "", "t": 0.0}
-
-    def report(stage: str, done: int, total: int) -> None:
-        now = time.monotonic()
-        if stage != last["stage"] or done == total or now - last["t"] >= _PROGRESS_EVERY_S:
-            logger.info("%s %d/%d", stage, done, total)
-            last.update(stage=stage, t=now)
-    return report
-
-
 @contextlib.contextmanager
 def training_slot(device_type: str) -> Iterator[None]:
     """Hold a slot of the global concurrency limit ``gpu`` while training on CUDA; a missing limit
@@ -307,7 +294,7 @@ def fit(images: list[np.ndarray], config: DetectorConfig, device: str) -> tuple[
     if note := stretch_warning([img.shape for img in images], config.resize):
         logger.warning("%s (\"resize\": \"tile\" in FSAD_TRAIN_OVERRIDES)", note)
     with training_slot(dev.type):
-        detector, report = Detector.fit(images, config, device=dev, progress=_progress(logger))
+        detector, report = Detector.fit(images, config, device=dev, progress=ProgressLine(logger.info))
     logger.info("fit done in %.1f s", report.seconds)
     return detector, report
 
