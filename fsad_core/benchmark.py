@@ -202,7 +202,7 @@ def run_one(cache: CategoryCache, dataset: str, method: str, k: int, seed: int, 
         detector, _ = Detector.fit(train, config, device=device, progress=progress)
         fit_seconds = time.perf_counter() - t0
         t0 = time.perf_counter()
-        result = detector.score(cache.images, with_maps=cache.masks is not None)
+        result = detector.score(cache.images, with_maps=cache.masks is not None, progress=progress)
         score_ms = (time.perf_counter() - t0) * 1000 / len(cache.images)
     rates = rates_at_threshold(cache.labels, result.scores, detector.threshold.value)
     return {

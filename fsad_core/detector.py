@@ -140,7 +140,8 @@ class Detector:
         return centre + (3.0 if self.config.score == "mahalanobis" else value) * spread
 
     @torch.no_grad()
-    def score(self, images: list[np.ndarray], with_maps: bool = False, batch: int = 16) -> ScoreResult:
+    def score(self, images: list[np.ndarray], with_maps: bool = False, batch: int = 16,
+              progress: Progress | None = None) -> ScoreResult:
         """Score images in batches; in tile mode each score is the worst tile's. An image above
         `WORK_PIXELS` is scored as `read_image` would have read it, and its map is of that size."""
         if not images:
@@ -160,6 +161,7 @@ class Detector:
                 offsets = np.cumsum([0] + [v.shape[0] for v in views])
                 maps += [map_to_image(amap[start:stop], img.shape[0], img.shape[1], self.map_spec)
                          for img, start, stop in zip(chunk, offsets[:-1], offsets[1:])]
+            report(progress, "score", min(first + batch, len(images)), len(images))
         arrays = with_combined(joined(parts), self.fusion)
         scores = arrays[self.config.score]
         if not np.isfinite(scores).all():
