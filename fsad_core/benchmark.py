@@ -17,7 +17,7 @@ import json
 import platform
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
@@ -43,6 +43,7 @@ from .metrics import (
     summarize,
 )
 from .options import SCORE_KINDS
+from .progress import Progress, report
 from .provenance import cpu_description, library_versions
 
 RECORD_KEYS = ("dataset", "category", "method", "k", "seed", "image_auroc", "pixel_auroc", "aupro", "f1",
@@ -169,7 +170,7 @@ def _cached_category(root: str, max_test: int | None) -> CategoryCache:
 
 
 def run_cell(cell: Cell, max_test: int | None = None, device: str = "auto",
-             progress: Callable[[str, int, int], None] | None = None, **overrides: object) -> dict:
+             progress: Progress | None = None, **overrides: object) -> dict:
     """The record of one run of the grid (see `run_one`)."""
     cache = _cached_category(cell.root, max_test)
     return run_one(cache, cell.dataset, cell.method, cell.k, cell.seed, device, progress, **overrides)
@@ -191,7 +192,7 @@ def method_label(method: str, **overrides: object) -> str:
 
 
 def run_one(cache: CategoryCache, dataset: str, method: str, k: int, seed: int, device: str = "auto",
-            progress: Callable[[str, int, int], None] | None = None, **overrides: object) -> dict:
+            progress: Progress | None = None, **overrides: object) -> dict:
     """One fit and score; `overrides` are DetectorConfig fields (None: the method's own)."""
     config = method_config(method, seed=seed, **overrides)
     samples = cache.category.sample_k_shot(k, seed)
@@ -205,12 +206,16 @@ def run_one(cache: CategoryCache, dataset: str, method: str, k: int, seed: int, 
         result = detector.score(cache.images, with_maps=cache.masks is not None, progress=progress)
         score_ms = (time.perf_counter() - t0) * 1000 / len(cache.images)
     rates = rates_at_threshold(cache.labels, result.scores, detector.threshold.value)
+    report(progress, "pixel metrics", 0, 2)
+    pixel = pixel_auroc(cache.masks, result.maps) if cache.masks is not None else None
+    report(progress, "pixel metrics", 1, 2)
+    region = aupro(cache.masks, result.maps) if cache.masks is not None else None
+    report(progress, "pixel metrics", 2, 2)
     return {
         "dataset": dataset, "category": cache.category.name, "method": method_label(method, **overrides),
         "k": k, "seed": seed, "intensity": detector.config.intensity,
         "image_auroc": image_auroc(cache.labels, result.scores),
-        "pixel_auroc": pixel_auroc(cache.masks, result.maps) if cache.masks is not None else None,
-        "aupro": aupro(cache.masks, result.maps) if cache.masks is not None else None,
+        "pixel_auroc": pixel, "aupro": region,
         "f1": rates["f1"],
         "false_alarm_rate": rates["false_alarm_rate"], "miss_rate": rates["miss_rate"],
         "best_miss_rate": miss_rate_at_false_alarm_rate(cache.labels, result.scores,
