@@ -88,7 +88,8 @@ class DetectorModel:
         self.identity = identity
 
     def predict(self, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        """``image`` column: base64 of PNG/JPEG/... bytes -> ``score``, ``is_anomaly``, ``threshold``,
+        """``image`` column: base64 of PNG/JPEG/... bytes -> ``score`` and ``threshold`` (0.5) in the score
+        unit (`fsad_core.units`), ``is_anomaly``,
         ``model_name``, ``model_version``, ``error``, and ``map_png`` (base64 of the overlay on the
         model's colour scale, at most `MAP_SIDE` pixels a side, with ``params={"maps": True}``; ""
         otherwise).
@@ -113,14 +114,15 @@ class DetectorModel:
             if images:
                 with _INFERENCE:  # one model pass at a time: its activations are not in the rows' reckoning
                     result = self.detector.score(list(images.values()), with_maps=with_maps)
-                scores = result.scores
+                scores = result.raw_scores
                 if with_maps:
                     for row, image, amap in zip(images, images.values(), result.maps):
                         pictures[row] = _overlay_png(image, amap, self.detector.map_anchor())
         by_row = dict(zip(images, decided([f"row {row}" for row in images], scores, threshold)))
-        decisions = [by_row.get(row) or undecided(f"row {row}", errors[row], threshold) for row in range(len(cells))]
+        decisions = [by_row.get(row) or undecided(f"row {row}", errors[row]) for row in range(len(cells))]
         return pd.DataFrame({"score": pd.Series([d.score for d in decisions], dtype=object),
-                             "is_anomaly": [d.is_anomaly for d in decisions], "threshold": threshold.value,
+                             "is_anomaly": [d.is_anomaly for d in decisions],
+                             "threshold": [d.threshold for d in decisions],
                              "model_name": self.identity.name, "model_version": self.identity.version,
                              "error": [d.error for d in decisions], "map_png": pictures})
 

@@ -205,7 +205,7 @@ def run_one(cache: CategoryCache, dataset: str, method: str, k: int, seed: int, 
         t0 = time.perf_counter()
         result = detector.score(cache.images, with_maps=cache.masks is not None, progress=progress)
         score_ms = (time.perf_counter() - t0) * 1000 / len(cache.images)
-    rates = rates_at_threshold(cache.labels, result.scores, detector.threshold.value)
+    rates = rates_at_threshold(cache.labels, result.raw_scores, detector.threshold.value)
     report(progress, "pixel metrics", 0, 2)
     pixel = pixel_auroc(cache.masks, result.maps) if cache.masks is not None else None
     report(progress, "pixel metrics", 1, 2)

@@ -6,29 +6,31 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .calibration import Threshold
+import numpy as np
 
-# The unit of every score a decision carries: the model's own score. What is drawn from scores
-# (the review queue's pictures) is kept under it, so that another unit makes them anew.
-SCORE_UNIT = "raw"
+from .calibration import Threshold
+from .units import AT_THRESHOLD, from_unit, to_unit
 
 
 @dataclass(frozen=True)
 class Decision:
     image: str
-    score: float | None  # None when the image could not be judged
+    score: float | None  # in the score unit (`fsad_core.units`); None when the image could not be judged
     is_anomaly: bool
-    threshold: float
+    threshold: float  # in the score unit: 0.5 unless another was asked for
     error: str = ""  # why the image could not be judged
 
 
-def decided(images: Sequence[str], scores: Sequence[float], threshold: Threshold) -> list[Decision]:
-    """The decisions on scored images, by `Threshold.is_anomaly`."""
-    flags = threshold.is_anomaly(list(scores))
-    return [Decision(image, float(score), bool(flag), threshold.value)
-            for image, score, flag in zip(images, scores, flags)]
+def decided(images: Sequence[str], raw_scores: Sequence[float], threshold: Threshold,
+            cut: float = AT_THRESHOLD) -> list[Decision]:
+    """The decisions on scored images (the model's own scores), flagged above ``cut`` in the unit:
+    at 0.5 exactly `Threshold.is_anomaly`, as the comparison is made on the model's own score."""
+    raw = np.asarray(raw_scores, dtype=np.float64)
+    flags = raw > from_unit(cut, threshold.value)
+    units = to_unit(raw, threshold.value)
+    return [Decision(image, float(unit), bool(flag), cut) for image, unit, flag in zip(images, units, flags)]
 
 
-def undecided(image: str, error: str, threshold: Threshold) -> Decision:
+def undecided(image: str, error: str, cut: float = AT_THRESHOLD) -> Decision:
     """An image that could not be judged is flagged: a part nobody could look at is not passed."""
-    return Decision(image, None, True, threshold.value, error)
+    return Decision(image, None, True, cut, error)

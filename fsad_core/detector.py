@@ -47,6 +47,7 @@ from .preprocess import is_grey, map_to_image, prepare, resolve_intensity
 from .progress import Progress, report
 from .provenance import cpu_description, library_versions
 from .scoring import Scoring, joined, worst_tile
+from .units import AT_THRESHOLD, to_unit
 
 FORMAT_VERSION = 1
 CONFIG_FILE, NETWORK_FILE, SCORING_FILE = "config.json", "network.safetensors", "scoring.safetensors"
@@ -57,17 +58,21 @@ MODEL_FILES = (CONFIG_FILE, NETWORK_FILE, SCORING_FILE)  # a model folder: JSON 
 class ScoreResult:
     """What `Detector.score` found, one entry per image in the order given.
 
-    scores      the model's score (its configured kind): higher is more anomalous
-    components  every score kind by name (patch, mahalanobis, combined, ...): for experts
-    is_anomaly  scores above ``threshold``
-    threshold   the model's decision threshold, in the unit of ``scores``
-    maps        HxW anomaly maps at each image's size as read (see WORK_PIXELS), when asked for
+    scores         in the score unit (`fsad_core.units`): 0.5 is the threshold, higher is more anomalous
+    is_anomaly     scores above ``threshold``
+    threshold      0.5, the model's threshold in the unit
+    raw_scores     the model's own score (its configured kind), for experts
+    raw_threshold  the model's own threshold, in the unit of ``raw_scores``
+    components     every score kind by name (patch, mahalanobis, combined, ...), the model's own
+    maps           HxW anomaly maps at each image's size as read (see WORK_PIXELS), when asked for
     """
 
     scores: np.ndarray
-    components: dict[str, np.ndarray]
     is_anomaly: np.ndarray
     threshold: float
+    raw_scores: np.ndarray
+    raw_threshold: float
+    components: dict[str, np.ndarray]
     maps: list[np.ndarray] | None = None
 
 
@@ -166,8 +171,9 @@ class Detector:
         scores = arrays[self.config.score]
         if not np.isfinite(scores).all():
             raise FloatingPointError("non-finite anomaly scores")
-        return ScoreResult(scores, arrays, self.threshold.is_anomaly(scores), self.threshold.value,
-                           maps if with_maps else None)
+        value = self.threshold.value
+        return ScoreResult(to_unit(scores, value), self.threshold.is_anomaly(scores), AT_THRESHOLD, scores, value,
+                           arrays, maps if with_maps else None)
 
     def _warn_if_grey_for_colour(self, images: list[np.ndarray]) -> None:
         """A grey copy of a colour product's part scores as a changed part: say so (models fitted

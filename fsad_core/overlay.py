@@ -3,7 +3,8 @@
 Every overlay of a model shares one colour scale, from 0 to twice the map level at which a part
 reaches the model's threshold (`Detector.map_anchor`): the same colour is the same distance in
 every picture, a normal part looks cold and red appears only past the decision level. A colour
-bar beside the image marks that level.
+bar beside the image reads the scale in the score unit (`fsad_core.units`): its white mark, 0.5,
+is the threshold's level, 1 twice it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from pathlib import Path
 import numpy as np
 from matplotlib import colormaps
 from PIL import Image, ImageDraw
+
+from .units import AT_THRESHOLD
 
 BAR_WIDTH = 12    # pixels of the colour bar
 LABEL_WIDTH = 64  # pixels beside it for its labels
@@ -28,20 +31,20 @@ def overlay(image: np.ndarray, amap: np.ndarray, anchor: float, alpha: float = 0
     """HxWx3 uint8: the image blended with the jet-coloured map on the shared scale, and the colour bar."""
     heat = colormaps["jet"](_scaled(amap, anchor))[..., :3] * 255
     blended = np.clip((1 - alpha) * image + alpha * heat, 0, 255).astype(np.uint8)
-    return np.concatenate([blended, colour_bar(image.shape[0], anchor)], axis=1)
+    return np.concatenate([blended, colour_bar(image.shape[0])], axis=1)
 
 
-def colour_bar(height: int, anchor: float) -> np.ndarray:
+def colour_bar(height: int) -> np.ndarray:
     """Hx(BAR_WIDTH + LABEL_WIDTH)x3 uint8: the scale from 0 (bottom) to twice the anchor (top), the
-    anchor's level marked by a white line and labelled with its value."""
+    anchor's level marked by a white line; labelled in the score unit, where the threshold is 0.5."""
     levels = np.linspace(1, 0, height)[:, None].repeat(BAR_WIDTH, axis=1)
     bar = (colormaps["jet"](levels)[..., :3] * 255).astype(np.uint8)
     strip = Image.fromarray(np.concatenate([bar, np.zeros((height, LABEL_WIDTH, 3), np.uint8)], axis=1))
     draw = ImageDraw.Draw(strip)
     middle = (height - 1) // 2
     draw.line([(0, middle), (BAR_WIDTH + 3, middle)], fill=(255, 255, 255))
-    draw.text((BAR_WIDTH + 5, max(0, middle - 5)), f"{anchor:.3g}", fill=(255, 255, 255))
-    draw.text((BAR_WIDTH + 5, 0), f"{2 * anchor:.3g}", fill=(200, 200, 200))
+    draw.text((BAR_WIDTH + 5, max(0, middle - 5)), f"{AT_THRESHOLD:g}", fill=(255, 255, 255))
+    draw.text((BAR_WIDTH + 5, 0), f"{2 * AT_THRESHOLD:g}", fill=(200, 200, 200))
     return np.asarray(strip)
 
 

@@ -15,7 +15,6 @@ from typing import TextIO
 
 import numpy as np
 
-from fsad_core.calibration import Threshold
 from fsad_core.data import find_all_categories, load_category
 from fsad_core.decision import Decision, decided, undecided
 from fsad_core.detector import Detector
@@ -35,6 +34,7 @@ from fsad_core.options import FLIPS
 from fsad_core.overlay import save_overlay
 from fsad_core.preprocess import stretch_warning
 from fsad_core.progress import ProgressLine
+from fsad_core.units import AT_THRESHOLD, from_unit
 
 
 def console_progress(label: str, stream: TextIO = sys.stderr) -> ProgressLine:
@@ -80,7 +80,8 @@ def train(args: argparse.Namespace) -> int:
     t = detector.threshold
     far = "unknown" if t.expected_false_alarm_rate is None else f"{t.expected_false_alarm_rate:.3g}"
     print(f"model written to {out} (fit {report.seconds:.1f} s; intensity {detector.config.intensity}; threshold "
-          f"{t.value:.4g}, rule {t.rule}, expected false-alarm rate {far})")
+          f"{AT_THRESHOLD:g} in the score unit, the model's own score {t.value:.4g}, rule {t.rule}, expected "
+          f"false-alarm rate {far})")
     if t.details.get("provisional"):
         print(f"note: the threshold is provisional ({t.details['provisional_reason']})", file=sys.stderr)
     return 0
@@ -222,13 +223,13 @@ def score(args: argparse.Namespace) -> int:
     limits = image_limits()
     detector, source = load_model(args.model, args.device)
     print(f"fsad score: model {source.label()}", file=sys.stderr)
-    threshold = _decision_threshold(detector, args.threshold)
-    anchor = detector.map_anchor(threshold.value)
+    cut = _decision_cut(detector, args.threshold)
+    anchor = detector.map_anchor(from_unit(cut, detector.threshold.value))
     maps = MapWriter(Path(args.maps), map_of, anchor, args.raw_maps) if args.maps else None
     out = open(args.out, "w", newline="") if args.out else sys.stdout
     write = JsonLines(out, source) if args.json else CsvRows(out, source)
     try:
-        failed = _score_files(detector, files, limits, threshold, write, maps)
+        failed = _score_files(detector, files, limits, cut, write, maps)
     finally:
         if args.out:
             out.close()
@@ -236,14 +237,15 @@ def score(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _decision_threshold(detector: Detector, asked: float | None) -> Threshold:
-    """The threshold asked for, else the model's own (with a note when that one is provisional)."""
+def _decision_cut(detector: Detector, asked: float | None) -> float:
+    """The threshold asked for in the score unit, else the model's own, 0.5 (with a note when that
+    one is provisional)."""
     if asked is not None:
-        return Threshold(asked, "given with --threshold", None, None)
+        return asked
     if detector.threshold.details.get("provisional"):
         print(f"note: the threshold is provisional ({detector.threshold.details['provisional_reason']})",
               file=sys.stderr)
-    return detector.threshold
+    return AT_THRESHOLD
 
 
 Writer = Callable[[Decision], None]
@@ -267,7 +269,7 @@ class MapWriter:
             np.save(target.with_suffix(".npy"), amap.astype(np.float32))
 
 
-def _score_files(detector: Detector, files: list[Path], limits: ImageLimits, threshold: Threshold, write: Writer,
+def _score_files(detector: Detector, files: list[Path], limits: ImageLimits, cut: float, write: Writer,
                  maps: MapWriter | None) -> int:
     """Score the files batch by batch, a row for each in their order (an unreadable one with its
     error, flagged: `fsad_core.decision.undecided`) and maps; returns how many could not be read."""
@@ -278,7 +280,7 @@ def _score_files(detector: Detector, files: list[Path], limits: ImageLimits, thr
         if good:
             result = detector.score([image for _, image in good], with_maps=maps is not None)
             by_path = dict(zip([path for path, _ in good],
-                               decided([str(path) for path, _ in good], result.scores, threshold)))
+                               decided([str(path) for path, _ in good], result.raw_scores, detector.threshold, cut)))
             if maps is not None:
                 for (path, image), amap in zip(good, result.maps):
                     maps.write(path, image, amap)
@@ -286,7 +288,7 @@ def _score_files(detector: Detector, files: list[Path], limits: ImageLimits, thr
             if isinstance(problem, ImageReadError):
                 print(f"fsad score: not judged: {problem}", file=sys.stderr)
                 failed += 1
-            write(by_path.get(path) or undecided(str(path), str(problem), threshold))
+            write(by_path.get(path) or undecided(str(path), str(problem), cut))
     return failed
 
 

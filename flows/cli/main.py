@@ -397,8 +397,10 @@ def _add_train(sub: Subcommands) -> None:
 
 def _add_score(sub: Subcommands) -> None:
     p = _subcommand(sub, "score", _cmd_score, "score images with a trained model; writes a CSV (or JSON Lines) of "
-                    "image, score, is_anomaly, threshold, model, error: an image that cannot be read is a row "
-                    "with its error, no score and is_anomaly 1 (a part nobody could judge is not passed)")
+                    "image, score, is_anomaly, threshold, model, error. Scores are in one unit everywhere: the "
+                    "model's threshold reads 0.5 (0.5 + (s - t) / 2|t| of the model's own score s and threshold "
+                    "t), higher is more anomalous, never clipped. An image that cannot be read is a row with its "
+                    "error, no score and is_anomaly 1 (a part nobody could judge is not passed)")
     p.add_argument("--model", required=True, help="model folder, or models:/NAME@ALIAS from the MLflow registry")
     p.add_argument("images", nargs="+", help="image files or folders")
     p.add_argument("--out", default=None, help="output file (default: standard output)")
@@ -407,7 +409,8 @@ def _add_score(sub: Subcommands) -> None:
     p.add_argument("--raw-maps", action="store_true",
                    help="with --maps, also write each map as a float32 .npy array beside its PNG (the image's size)")
     p.add_argument("--threshold", type=_finite, default=None,
-                   help="decide with this threshold instead of the model's own (in the model's score units)")
+                   help="decide with this threshold in the score unit instead of the model's own, 0.5 (higher: "
+                        "fewer false alarms, more misses)")
     p.add_argument("--json", action="store_true", help="write JSON Lines, one object an image, instead of CSV")
     _add_device(p)
 

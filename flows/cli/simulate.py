@@ -64,7 +64,7 @@ class HeldOut:
         self.labels = [s.label for s in samples]
 
     def measure(self, detector: Detector) -> tuple[float | None, float | None, float | None]:
-        scores = detector.score(self.images).scores
+        scores = detector.score(self.images).raw_scores
         rates = rates_at_threshold(self.labels, scores, detector.threshold.value)
         return image_auroc(self.labels, scores), rates["false_alarm_rate"], rates["miss_rate"]
 

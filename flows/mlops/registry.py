@@ -84,8 +84,7 @@ class WrittenModel:
     @classmethod
     def of(cls, detector: Detector, smoke_image: np.ndarray, files: dict[str, str]) -> WrittenModel:
         result = detector.score([smoke_image])
-        return cls(dict(files), smoke_image, float(result.scores[0]), bool(result.is_anomaly[0]),
-                   detector.threshold.value)
+        return cls(dict(files), smoke_image, float(result.scores[0]), bool(result.is_anomaly[0]), result.threshold)
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fsad_core.overlay import overlay, png_bytes
+from fsad_core.units import AT_THRESHOLD
 
 PER_ROLE = 3  # overlays of each kind in the gallery
 
@@ -59,7 +60,7 @@ def histogram_png(labels: Sequence[int], scores: Sequence[float], threshold: flo
         if (labels_arr == label).any():
             ax.hist(scores_arr[labels_arr == label], bins=bins, alpha=0.6, label=name, color=colour)
     ax.axvline(threshold, color="black", ls="--", label=f"threshold {threshold:.4g}")
-    ax.set(xlabel="anomaly score", ylabel="images")
+    ax.set(xlabel="score (fsad's unit)", ylabel="images")
     ax.legend()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", bbox_inches="tight")
@@ -78,8 +79,8 @@ class ReportContent:
     rates: dict[str, float]
     benchmark: str  # the benchmark's kind: labelled, or synthetic anomalies
     labels: Sequence[int]
-    scores: Sequence[float]
-    threshold: float
+    scores: Sequence[float]  # in the score unit, where the threshold is 0.5
+    threshold: float  # the model's own threshold, in its own score
     threshold_rule: str
     expected_false_alarm_rate: float | None
     roc_png: bytes | None
@@ -118,7 +119,7 @@ def build_report(content: ReportContent) -> str:
     """The whole HTML document, every picture inside it; every text from the run escaped."""
     c, e = content, html.escape
     rows = "".join(f"<tr><th>{e(name)}</th><td>{value:.4g}</td></tr>" for name, value in c.rates.items())
-    figures = [_img(histogram_png(c.labels, c.scores, c.threshold), "score histograms")]
+    figures = [_img(histogram_png(c.labels, c.scores, AT_THRESHOLD), "score histograms")]
     if c.roc_png is not None:
         figures.insert(0, _img(c.roc_png, "ROC curve"))
     expected = "" if c.expected_false_alarm_rate is None else (
@@ -136,9 +137,10 @@ def build_report(content: ReportContent) -> str:
             f"<h1>{e(c.title)}</h1><h2>Verdict: {e(c.verdict)}</h2><p>{e(c.outcome)}</p>"
             f"<p><b>The gate:</b> {e(c.gate_reason)}</p><p><b>Candidates:</b> {e(c.candidates)}</p>"
             f"<h2>Benchmark: {e(c.benchmark)}</h2><table>{rows}</table>{''.join(figures)}"
-            f"<h2>Threshold</h2><p>{c.threshold:.4g}, by the rule {e(c.threshold_rule)}{expected}.</p>"
-            f"<h2>Overlays</h2><p>One colour scale for all, from 0 to twice the map level at which a part reaches "
-            f"the threshold ({c.anchor:.4g}): that level is the scale's middle (green, the white mark on each colour "
-            f"bar); yellow to red is past it, blue below it.</p>{cards}"
+            f"<h2>Threshold</h2><p>Scores are in fsad's score unit, where the threshold reads {AT_THRESHOLD:g}; "
+            f"it is the model's own score {c.threshold:.4g}, set by the rule {e(c.threshold_rule)}{expected}.</p>"
+            f"<h2>Overlays</h2><p>One colour scale for all, read by the colour bar in the score unit: the white "
+            f"mark, {AT_THRESHOLD:g} and green, is the map level at which a part reaches the threshold; yellow to "
+            f"red is past it, up to {2 * AT_THRESHOLD:g} and above; blue below it.</p>{cards}"
             f"<h2>Training</h2>{loss}<h2>Validation of the upload</h2><p>{e(validation_summary(c.validation))}</p>"
             f"<h2>Configuration</h2><pre>{config}</pre></body></html>")

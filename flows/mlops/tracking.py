@@ -31,6 +31,7 @@ from fsad_core.config import DetectorConfig
 from fsad_core.detector import Detector
 from fsad_core.finetune import TrainingHistory
 from fsad_core.overlay import overlay
+from fsad_core.units import to_unit
 
 EXPERIMENT_PREFIX = "fsad/"
 _BATCH = 1000  # MLflow's limit of metrics per log_batch call
@@ -285,12 +286,14 @@ def log_report(run_id: str, record: TrainingRecord, detector: Detector, verdict:
     from mlflow import MlflowClient
 
     roc = roc_png(record.roc_labels, record.roc_scores, record.eval_set) if record.has_roc else None
-    rates = {name: record.metrics[name] for name in ("benchmark_auroc", "false_alarm_rate", "miss_rate", "f1",
-                                                      "threshold") if name in record.metrics}
+    rates = {name: record.metrics[name] for name in ("benchmark_auroc", "false_alarm_rate", "miss_rate", "f1")
+             if name in record.metrics}
+    threshold = record.threshold
     page = build_report(ReportContent(
         f"{record.product}: upload {record.upload_id}", verdict.verdict, verdict.outcome, verdict.gate_reason,
-        verdict.candidates, rates, record.eval_set, record.roc_labels, record.roc_scores, record.threshold.value,
-        record.threshold.rule, record.threshold.expected_false_alarm_rate, roc,
+        verdict.candidates, rates, record.eval_set, record.roc_labels,
+        list(to_unit(record.roc_scores, threshold.value)), threshold.value, threshold.rule,
+        threshold.expected_false_alarm_rate, roc,
         record.history.loss if record.history else [], record.config.to_dict(), record.validation_json,
         record.overlays, detector.map_anchor()))
     MlflowClient().log_text(run_id, page, REPORT_NAME)

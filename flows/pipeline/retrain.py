@@ -305,8 +305,8 @@ def score_benchmark(detector: Detector, report: FitReport, data: UploadData) -> 
     synthetic-anomaly scores (each from a model that never saw that image)."""
     if len(set(data.eval_labels)) == 2:  # both kinds: an AUROC to be had
         result = detector.score(data.eval_images)
-        return Benchmark(LABELLED, list(data.eval_labels), result.scores, result.components,
-                         judge(data.eval_labels, result.scores))
+        return Benchmark(LABELLED, list(data.eval_labels), result.raw_scores, result.components,
+                         judge(data.eval_labels, result.raw_scores))
     kinds = report.normal_scores.keys()
     components = {k: np.asarray(report.normal_scores[k] + report.synthetic_scores[k]) for k in kinds}
     labels = [0] * len(report.normal_scores[detector.config.score]) + \
@@ -322,7 +322,7 @@ def calibrate(detector: Detector, report: FitReport, data: UploadData) -> Thresh
     t = detector.threshold
     if data.defects:
         normals = report.normal_scores[detector.config.score]
-        defects = detector.score(data.defects).scores.tolist()
+        defects = detector.score(data.defects).raw_scores.tolist()
         t = calibrate_supervised(np.asarray(normals + defects), [0] * len(normals) + [1] * len(defects)
                                  ).with_details(unsupervised=t.to_dict(), calibrated_on="held-out normals and "
                                                 f"{len(defects)} confirmed defects of the training side")

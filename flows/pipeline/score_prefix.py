@@ -140,9 +140,9 @@ def score_batch(url: str, objects: list[tuple[str, int]], ref: str, model: dict[
     """Score the (key, size) ``objects`` and write their decisions to ``part``; counts of what was decided."""
     store, detector = open_store(url), _champion(ref)
     images, errors = _read(store, objects, image_limits())
-    scores = detector.score(list(images.values())).scores if images else []
+    scores = detector.score(list(images.values())).raw_scores if images else []
     by_key = {d.image: d for d in decided(list(images), scores, detector.threshold)}
-    decisions = [by_key.get(key) or undecided(key, errors[key], detector.threshold) for key, _ in objects]
+    decisions = [by_key.get(key) or undecided(key, errors[key]) for key, _ in objects]
     store.put_bytes(part, "".join(_line(d, model) for d in decisions).encode(), "application/x-ndjson")
     return {"scored": len(decisions), "anomalies": sum(d.is_anomaly for d in decisions), "unreadable": len(errors)}
 

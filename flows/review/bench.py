@@ -36,8 +36,8 @@ def make_queue(store: Store, line: Path, product: str, names: list[str], seed: i
         image = np.full((96, 128, 3), 90 + 10 * (i % 5), np.uint8)
         image[30:60, 40:80] = 170
         (line / name).write_bytes(png_bytes(image))
-        score = float(rng.normal(5, 2))
-        item = QueueItem(str(line / name), score, 6.0, score > 6.0, "1", REASONS[i % 3], 20.0 if i % 3 == 2 else 0.0)
+        score = float(rng.normal(0.4, 0.15))  # in the score unit: the threshold is 0.5
+        item = QueueItem(str(line / name), score, 0.5, score > 0.5, "1", REASONS[i % 3], 20.0 if i % 3 == 2 else 0.0)
         store.put_bytes(media_key(product, item, THUMB), png_bytes(thumbnail(image, 320)), "image/png")
         amap = rng.random((96, 128)).astype(np.float32) * 8
         store.put_bytes(media_key(product, item, OVERLAY), png_bytes(overlay(image, amap, 6.0)), "image/png")

@@ -23,8 +23,8 @@ from dataclasses import asdict, dataclass
 
 from flows.store.labels import AUDIT, DEFECT, HIGHEST_SCORE, NEAR_THRESHOLD, LabelEntry
 from flows.store.storage import PRODUCTS, ObjectNotFound, Store, validate_name
-from fsad_core.decision import SCORE_UNIT
 from fsad_core.evidence import in_hash_share
+from fsad_core.units import UNIT
 
 AUDIT_RATE = 0.05  # the chance of any decided image to be audited
 DEFAULT_SIZE = 24  # images picked for their score, at most: half near the threshold, half the highest
@@ -71,7 +71,7 @@ def media_key(product: str, item: QueueItem, kind: str) -> str:
     if kind not in (THUMB, OVERLAY):
         raise ValueError(f"picture {kind!r}: {THUMB} or {OVERLAY}")
     return (f"{PRODUCTS}/{validate_name(product, 'product name')}/queue-media/v{validate_name(item.version)}/"
-            f"{SCORE_UNIT}/{item.id}-{kind}.png")
+            f"{UNIT}/{item.id}-{kind}.png")
 
 
 def audited(image: str, rate: float = AUDIT_RATE) -> bool:

@@ -325,7 +325,7 @@ def test_the_patch_score_alone_takes_one_backbone_pass_and_keeps_no_gaussians(wa
     detector.net.forward_prefix = lambda x: sides.append(x.shape[-1]) or forward_prefix(x)
     result = detector.score(test, with_maps=True)
     assert set(sides) == {96}  # the patch branch's side only: no pass at the image branch's 64
-    assert set(result.components) == {"patch"} and np.array_equal(result.scores, result.components["patch"])
+    assert set(result.components) == {"patch"} and np.array_equal(result.raw_scores, result.components["patch"])
     assert detector.map_anchor() == detector.threshold.value and detector.map_anchor(0.7) == 0.7  # maps decide
     with pytest.raises(ValueError, match="no images to score"):
         detector.score([])
@@ -363,19 +363,19 @@ def test_combined_scores_are_the_sum_and_the_larger_of_the_standardised_componen
 def test_a_detector_at_another_threshold_decides_by_it_and_leaves_the_original_as_it_was(fitted, washer):
     detector, _ = fitted
     images = [s.image() for s in washer.test[:4]]
-    scores = detector.score(images).scores
+    scores = detector.score(images).raw_scores
     lower = replace(detector.threshold, value=float(scores.min()) - 1.0)
     strict = detector.with_threshold(lower)
     assert strict.score(images).is_anomaly.all() and strict.threshold is lower
     assert detector.threshold.value != lower.value
-    np.testing.assert_array_equal(strict.score(images).scores, scores)
+    np.testing.assert_array_equal(strict.score(images).raw_scores, scores)
 
 
 def test_a_score_carries_the_threshold_and_a_grey_copy_of_a_colour_part_is_named(fitted, washer):
     detector, _ = fitted
     image = washer.test[0].image()
     result = detector.score([image])
-    assert result.threshold == detector.threshold.value and detector.meta["colour"] is True
+    assert (result.threshold, result.raw_threshold) == (0.5, detector.threshold.value) and detector.meta["colour"]
     grey = np.repeat(image.mean(axis=2, keepdims=True).astype(np.uint8), 3, axis=2)
     with pytest.warns(UserWarning, match="image\\(s\\) 1: grey, but the model was fitted on colour images"):
         detector.score([image, grey])

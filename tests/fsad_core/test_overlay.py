@@ -30,7 +30,7 @@ def test_the_colour_bar_sits_beside_the_image_and_marks_the_anchor():
     grey = np.full((64, 30, 3), 90, np.uint8)
     out = overlay(grey, np.zeros((64, 30)), anchor=2.0)
     assert out.shape == (64, 30 + BAR_WIDTH + LABEL_WIDTH, 3)
-    bar = colour_bar(64, 2.0)
+    bar = colour_bar(64)
     np.testing.assert_array_equal(out[:, 30:], bar)
     assert (bar[(64 - 1) // 2, :BAR_WIDTH] == 255).all()      # the white line at the anchor's level
     assert _red(bar[:3, :BAR_WIDTH]).all() and not _red(bar[-3:, :BAR_WIDTH]).any()  # top hot, bottom cold

@@ -76,7 +76,7 @@ def test_the_python_example_runs_as_written(user, tmp_path, monkeypatch):
     names = {"normal_paths": sorted((home / ".fsad/demo/upload-set/train/good").glob("*.png"))}
     exec(readme_block("In Python", "python"), names)  # noqa: S102 - the README's own example
     result = names["result"]
-    assert np.isfinite(result.scores).all() and result.threshold == names["detector"].threshold.value
+    assert np.isfinite(result.scores).all() and result.raw_threshold == names["detector"].threshold.value
     assert (tmp_path / "washer-model" / "config.json").is_file()
 
 

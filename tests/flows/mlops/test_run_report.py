@@ -39,9 +39,9 @@ def test_the_report_holds_the_verdict_rates_curves_and_overlays_inside_one_file(
     assert "Verdict: failed the gate" in page and "&lt;script&gt;" in page and "<script>" not in page
     assert "false_alarm_rate</th><td>0.02" in page and "miss_rate</th><td>0.4" in page
     assert "<b>The gate:</b> AUROC 0.61 &lt; 0.7" in page and "fast: 0.61 (0.5-0.7); default: 0.58" in page
-    assert "1.5, by the rule normal_prediction_bound; it expects to flag 1.00% of normal parts" in page
+    assert "the model's own score 1.5, set by the rule normal_prediction_bound; it expects to flag 1.00% of" in page
     assert "failed 1 of 3 checks: every file decodes as an image: a.png" in page and "&quot;size&quot;: 224" in page
-    assert "the scale's middle (green, the white mark" in page and "red is past the level" not in page
+    assert "the white mark, 0.5 and green, is the map level at which a part reaches the threshold" in page
     pictures = pictures_of(page)
     assert len(pictures) == 3 + len(gallery)  # ROC, histograms, one overlay per gallery image, the loss curve
     assert pictures[1].size[0] > 100 and all(p.size[1] == 48 for p in pictures[2:-1])
