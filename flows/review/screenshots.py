@@ -81,13 +81,13 @@ def take(home: Path, product: str, out: Path) -> list[Path]:
             driver.find_element(By.ID, "counts")
             ActionChains(driver).send_keys("o").perform()  # the overlay on the model's colour scale
             time.sleep(0.5)
-            for name, path, height in (("review-queue.png", None, 560), ("review-product.png", "", 1400)):
+            for name, path, height in (("review-queue.png", None, 720), ("review-product.png", "", 1400)):
                 if path is not None:
                     driver.get(f"{base}/p/{product}" + (f"/{path}" if path else ""))
                 driver.set_window_size(1280, height)
                 time.sleep(0.3)
                 driver.save_screenshot(str(out / name))
-                Image.open(out / name).convert("RGB").quantize(256).save(out / name, optimize=True)  # a README's weight
+                Image.open(out / name).convert("RGB").save(out / name, optimize=True)
                 shots.append(out / name)
         finally:
             driver.quit()
