@@ -23,7 +23,7 @@ class ProgressLine:
 
     emit: Callable[[str], None]
     label: str = ""
-    every_s: float = 5.0
+    every_s: float = 2.0  # with reports every few seconds at most, no line is over 10 s from the last
     clock: Callable[[], float] = time.monotonic
     _stage: tuple[str, int, int] = field(default=("", 0, 0), init=False)  # stage, its total, done so far
     _stage_start: float = field(default=0.0, init=False)

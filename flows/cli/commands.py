@@ -45,7 +45,7 @@ def console_progress(label: str, stream: TextIO = sys.stderr) -> ProgressLine:
         stream.write(("\r" + text.ljust(78) + ("\n" if " calibrate " in text else "")) if tty else text + "\n")
         stream.flush()
 
-    return ProgressLine(emit, label, every_s=0.2 if tty else 5.0)
+    return ProgressLine(emit, label, every_s=0.2) if tty else ProgressLine(emit, label)
 
 
 # DetectorConfig fields that `fsad train` and `fsad bench` both take as options (None: the method's own),
