@@ -4,7 +4,9 @@ and the line says what would fix it."""
 
 from __future__ import annotations
 
+import contextlib
 import re
+import sqlite3
 from pathlib import Path
 
 from flows.mlops.names import CHAMPION, MODEL_PREFIX, model_name
@@ -77,6 +79,27 @@ def _registry_exists(where: Locations) -> bool:
 
 
 def _registered(ref: str, name: str, alias: str | None, version: str | None, where: Locations, fix: str) -> None:
+    found = _in_sqlite_registry(name, alias, version, where) if where.tracking_uri.startswith("sqlite:///") else None
+    if found is False:
+        raise NotReady(f"{ref}: not in the registry at {where.tracking_uri}; {fix}")
+    if found is None:
+        _in_registry(ref, name, alias, version, where, fix)
+
+
+def _in_sqlite_registry(name: str, alias: str | None, version: str | None, where: Locations) -> bool | None:
+    """Asked of the embedded registry's tables directly, read-only: a moment, where importing
+    MLflow takes seconds on a busy machine; None when its tables are not as expected (MLflow is asked)."""
+    path = where.tracking_uri.removeprefix("sqlite:///")
+    query, args = (("SELECT 1 FROM registered_model_aliases WHERE name = ? AND alias = ?", (name, alias)) if alias
+                   else ("SELECT 1 FROM model_versions WHERE name = ? AND version = ?", (name, int(version or 0))))
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)) as db:
+            return db.execute(query, args).fetchone() is not None
+    except sqlite3.Error:
+        return None
+
+
+def _in_registry(ref: str, name: str, alias: str | None, version: str | None, where: Locations, fix: str) -> None:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 

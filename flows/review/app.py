@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import re
+import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,7 @@ from flows.store.records import checked_text
 from flows.store.storage import ObjectNotFound, StorageError, Store, list_products, validate_name
 
 COOKIE = "fsad_review"
+PRE_SESSION = "fsad_review_signin"  # a signed-out browser's nonce, from which the sign-in form's CSRF token is made
 GRID = 24  # cards of the grid view
 ITEM_ID = re.compile(r"[0-9a-f]{32}")
 HERE = Path(__file__).parent
@@ -125,19 +127,31 @@ class Pages:
 
     # --------------------------------------------------------------------------- signing in
     async def signin_form(self, request: Request) -> Response:
-        return self.render(request, "signin.html", next=_local_path(request.query_params.get("next", "/")))
+        return self.signin_page(request, 200, next=_local_path(request.query_params.get("next", "/")))
+
+    def signin_page(self, request: Request, status: int, **context: Any) -> Response:
+        """The sign-in form with a CSRF token of its own, made from a nonce the browser keeps."""
+        nonce = request.cookies.get(PRE_SESSION) or secrets.token_urlsafe(16)
+        response = self.render(request, "signin.html", status,
+                               signin_csrf=self.review.sessions.csrf(f"{PRE_SESSION}:{nonce}"), **context)
+        response.set_cookie(PRE_SESSION, nonce, httponly=True, samesite="strict",
+                            secure=request.url.scheme == "https")
+        return response
 
     async def signin(self, request: Request) -> Response:
         if not self.review.signin_rate.allow(request.client.host if request.client else "?"):
             raise HTTPException(429, "too many sign-in attempts; wait a minute")
         form = await request.form()
+        nonce = request.cookies.get(PRE_SESSION)
+        if not self.review.sessions.csrf_ok(f"{PRE_SESSION}:{nonce}" if nonce else None, str(form.get("csrf", ""))):
+            raise HTTPException(403, "the sign-in form is stale or did not come from this page; reload it")
         try:
             name = checked_text(str(form.get("name", "")), "your name")
         except ValueError as exc:
-            return self.render(request, "signin.html", 400, error=str(exc), next="/")
+            return self.signin_page(request, 400, error=str(exc), next="/")
         cookie = self.review.sessions.sign_in(name, str(form.get("token", "")))
         if cookie is None:
-            return self.render(request, "signin.html", 403, error="wrong token", next="/")
+            return self.signin_page(request, 403, error="wrong token", next="/")
         response = RedirectResponse(_local_path(str(form.get("next", "/"))), 303)
         response.set_cookie(COOKIE, cookie, httponly=True, samesite="strict", secure=request.url.scheme == "https")
         return response

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import tempfile
 import threading
@@ -82,7 +83,9 @@ def main() -> None:
             time.sleep(0.05)
         base = f"http://127.0.0.1:{args.port}"
         with httpx.Client(base_url=base, follow_redirects=True) as client:
-            client.post("/signin", data={"name": "bench", "token": token, "next": "/"}).raise_for_status()
+            csrf = re.search(r'<form class="signin".*?name="csrf" value="([0-9a-f]+)"', client.get("/signin").text,
+                             re.S).group(1)
+            client.post("/signin", data={"name": "bench", "token": token, "next": "/", "csrf": csrf}).raise_for_status()
             result = {"queued": args.queued, "labelled": args.labelled, "requests": 20,
                       "card_ms_median": _median_ms(client, "/p/bench-part/queue?view=card&at=500"),
                       "grid_ms_median": _median_ms(client, "/p/bench-part/queue?view=grid&at=480")}

@@ -22,9 +22,14 @@ def client(line: Line) -> TestClient:
     return TestClient(review_app(TOKEN, line.storage_url, ""), follow_redirects=False)
 
 
+def signin_csrf(client: TestClient) -> str:
+    return re.search(r'<form class="signin".*?name="csrf" value="([0-9a-f]+)"', client.get("/signin").text,
+                     re.S).group(1)
+
+
 def sign_in(client: TestClient, name: str = "ann") -> str:
     """Signs in; the CSRF token of the session's forms."""
-    answer = client.post("/signin", data={"name": name, "token": TOKEN, "next": QUEUE})
+    answer = client.post("/signin", data={"name": name, "token": TOKEN, "next": QUEUE, "csrf": signin_csrf(client)})
     assert answer.status_code == 303 and answer.headers["location"] == QUEUE
     cookie = answer.headers["set-cookie"]
     assert "HttpOnly" in cookie and "SameSite=strict" in cookie
@@ -39,8 +44,18 @@ def label(client: TestClient, csrf: str | None, item: str, value: str = "good", 
 def test_without_a_session_pages_ask_to_sign_in_and_posts_are_refused_writing_nothing(client, line):
     assert client.get(QUEUE).headers["location"] == f"/signin?next={QUEUE}"
     assert label(client, "0" * 64, line.items[0].id).status_code == 401
-    assert client.post("/signin", data={"name": "ann", "token": "wrong", "next": "/"}).status_code == 403
+    assert client.post("/signin", data={"name": "ann", "token": "wrong", "next": "/",
+                                        "csrf": signin_csrf(client)}).status_code == 403
     assert label_history(line.store, PRODUCT) == []
+
+
+def test_a_sign_in_without_the_forms_csrf_token_is_refused_and_opens_no_session(client):
+    stranger = TestClient(client.app, follow_redirects=False)  # never saw the form: no nonce, no token
+    answer = stranger.post("/signin", data={"name": "ann", "token": TOKEN, "next": "/", "csrf": "0" * 64})
+    assert answer.status_code == 403 and "fsad_review=" not in answer.headers.get("set-cookie", "")
+    client.get("/signin")
+    answer = client.post("/signin", data={"name": "ann", "token": TOKEN, "next": "/"})  # the nonce, no token
+    assert answer.status_code == 403 and "fsad_review=" not in answer.headers.get("set-cookie", "")
 
 
 def test_a_post_without_the_sessions_csrf_token_is_refused_and_writes_nothing(client, line):
@@ -122,8 +137,9 @@ def test_a_fault_of_the_store_is_one_line_on_the_page_and_a_label_given_stays(cl
 
 def test_sign_in_goes_back_only_to_a_page_of_this_site(client):
     for target, expected in (("//evil.example/x", "/"), ("https://evil.example", "/"), (QUEUE, QUEUE)):
-        answer = client.post("/signin", data={"name": "ann", "token": TOKEN, "next": target})
-        assert answer.headers["location"] == expected
+        answer = client.post("/signin", data={"name": "ann", "token": TOKEN, "next": target,
+                                              "csrf": signin_csrf(client)})
+        assert answer.headers.get("location") == expected, (answer.status_code, answer.text[-300:])
 
 
 def test_the_product_view_shows_versions_evidence_and_the_failed_gate(client, line):
@@ -149,4 +165,4 @@ def test_every_answer_carries_the_content_policy(client):
     answer = client.get("/signin")
     assert "script-src 'self'" in answer.headers["content-security-policy"]
     assert answer.headers["x-frame-options"] == "DENY"
-    assert review_app_module.COOKIE not in answer.headers.get("set-cookie", "")
+    assert f"{review_app_module.COOKIE}=" not in answer.headers.get("set-cookie", "")  # no session before sign-in
