@@ -164,7 +164,7 @@ def _cmd_settings(args: argparse.Namespace) -> int:
 
 def _cmd_label(args: argparse.Namespace) -> int:
     from flows.settings import load_settings
-    from flows.store.labels import add_labels, current_labels, default_labeller, read_sources
+    from flows.store.labels import add_labels, current_labels, default_labeller, label_counts, read_sources
     from flows.store.storage import open_store, validate_name
     validate_name(args.product, "product name")
     store = open_store(load_settings().storage_url)
@@ -173,9 +173,8 @@ def _cmd_label(args: argparse.Namespace) -> int:
     for entry in entries:
         print(f"{entry.source}: {entry.label}{f' ({entry.defect_type})' if entry.defect_type else ''} "
               f"by {entry.by} ({entry.image_sha256[:12]})")
-    labels = current_labels(store, args.product)
-    good = sum(entry.label == "good" for entry in labels.values())
-    print(f"{args.product}: {good} good and {len(labels) - good} defect images labelled")
+    counts = label_counts(current_labels(store, args.product).values())
+    print(f"{args.product}: {counts['good']} good and {counts['defect']} defect images labelled")
     return 0
 
 
@@ -204,21 +203,17 @@ def _cmd_review_queue(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     from flows.settings import load_settings
-    from flows.store.labels import current_labels, labelled_sources
-    from flows.store.queue import escape_estimate, read_queue
+    from flows.store.queue import queue_state
     from flows.store.storage import open_store, validate_name
     validate_name(args.product, "product name")
     if args.n is not None and args.n < 1:
         raise ValueError(f"--n {args.n}: at least 1")
-    store = open_store(load_settings().storage_url)
-    labels = list(current_labels(store, args.product).values())
-    stored = read_queue(store, args.product)  # the audits already labelled too: the escape estimate counts them
-    labelled = labelled_sources(labels)
-    items = [item for item in stored if item.image not in labelled][:args.n]
+    state = queue_state(open_store(load_settings().storage_url), args.product)
+    items = state.items[:args.n]
     for item in items:
         print(json.dumps(asdict(item)) if args.json else
               f"{item.score:10.4g}  {'flagged' if item.is_anomaly else 'passed ':7}  {item.reason:18}  {item.image}")
-    escape = escape_estimate(labels, stored)
+    escape = state.escape
     print(f"{args.product}: {len(items)} images to review" + (
         "" if escape is None else f"; estimated escape rate {escape.rate:.3f} (90 % interval {escape.low:.3f}-"
                                   f"{escape.high:.3f}, {escape.defects} defects in {escape.passed_audited} audited "

@@ -26,8 +26,8 @@ from flows.pipeline.runners import prefect_api
 from flows.pipeline.scheduled import retrain_due_flow
 from flows.pipeline.score_prefix import score_prefix_flow
 from flows.settings import Settings, load_settings, training_config
-from flows.store.labels import AUDIT, DEFECT, GOOD, add_labels, current_labels, labelled_sources
-from flows.store.queue import escape_estimate, read_queue
+from flows.store.labels import AUDIT, DEFECT, GOOD, add_labels
+from flows.store.queue import queue_state
 from flows.store.storage import open_store
 from flows.store.upload import upload_folder, write_upload_folder
 from fsad_core.data import Sample, load_category
@@ -133,17 +133,15 @@ class _Line:
 
     def label(self, reviews: int) -> None:
         """The first ``reviews`` images of the queue, its audits first, labelled from the truth."""
-        labelled = labelled_sources(current_labels(self.store, self.product).values())
-        queue = read_queue(self.store, self.product, labelled)
+        queue = queue_state(self.store, self.product).items
         for item in sorted(queue, key=lambda i: i.reason != AUDIT)[:reviews]:
             sample = self.truth[item.image]
             add_labels(self.store, self.product, [(item.image, sample.path.read_bytes())],
                        DEFECT if sample.label else GOOD, LABELLER, item.reason)
 
     def record(self, day: int, held_out: HeldOut, seconds: float) -> DayRecord:
-        labels = list(current_labels(self.store, self.product).values())
-        escape = escape_estimate(labels, read_queue(self.store, self.product))
-        counts = {name: sum(e.label == name for e in labels) for name in (GOOD, DEFECT)}
+        state = queue_state(self.store, self.product)
+        counts, escape = state.counts, state.escape
         version = registry.alias_version(self.product, registry.CHAMPION)
         if version is None:
             return DayRecord(day, None, None, counts[GOOD], counts[DEFECT], None, None, None, None, None, None,

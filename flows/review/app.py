@@ -33,7 +33,7 @@ from flows.mlops.registry import RegistryError
 from flows.review.auth import RateLimit, Sessions
 from flows.review.limits import BodyLimit, SecurityHeaders
 from flows.review.plot import auroc_svg
-from flows.review.state import product_state, queue_state
+from flows.review.state import product_state
 from flows.store.labels import (
     DEFECT,
     GOOD,
@@ -45,7 +45,7 @@ from flows.store.labels import (
     label_history,
     read_sources,
 )
-from flows.store.queue import OVERLAY, THUMB, media_key, read_queue
+from flows.store.queue import OVERLAY, THUMB, media_key, queue_state, read_queue
 from flows.store.records import checked_text
 from flows.store.storage import ObjectNotFound, StorageError, Store, list_products, validate_name
 

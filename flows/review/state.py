@@ -12,9 +12,9 @@ from datetime import UTC, datetime
 
 from flows.mlops import registry
 from flows.mlops.control import PINNED_TAG, Action, action_log
-from flows.store.labels import DEFECT, GOOD, LabelEntry, current_labels, labelled_sources
+from flows.store.labels import LabelEntry
 from flows.store.line_log import DayRate, flag_rates_by_day, line_runs, queue_growing
-from flows.store.queue import EscapeEstimate, QueueItem, escape_estimate, read_queue
+from flows.store.queue import QueueState, queue_state
 from flows.store.storage import Store
 
 
@@ -49,31 +49,6 @@ def _number(text: str | None) -> float | None:
     except ValueError:
         return None
     return value if value is not None and math.isfinite(value) else None
-
-
-@dataclass(frozen=True)
-class QueueState:
-    """The queue less what is labelled, the labels as the store resolves them, and the escape estimate."""
-
-    items: list[QueueItem]
-    labels: dict[str, LabelEntry]
-    escape: EscapeEstimate | None
-
-    @property
-    def counts(self) -> dict[str, int]:
-        return {label: sum(e.label == label for e in self.labels.values()) for label in (GOOD, DEFECT)}
-
-    @property
-    def defect_types(self) -> list[str]:
-        return sorted({e.defect_type for e in self.labels.values() if e.defect_type})
-
-
-def queue_state(store: Store, product: str, known: dict[str, LabelEntry] | None = None) -> QueueState:
-    """``known``: the label entries read before (`label_history`)."""
-    labels = current_labels(store, product, known)
-    stored = read_queue(store, product)  # audits already labelled too: the escape estimate counts them
-    labelled = labelled_sources(labels.values())
-    return QueueState([i for i in stored if i.image not in labelled], labels, escape_estimate(labels.values(), stored))
 
 
 @dataclass(frozen=True)

@@ -171,7 +171,13 @@ class LabelSnapshot:
         return [e for e in self.entries if judges(e)], [e for e in self.entries if not judges(e)]
 
     def counts(self) -> dict[str, int]:
-        return {label: sum(e.label == label for e in self.entries) for label in (GOOD, DEFECT)}
+        return label_counts(self.entries)
+
+
+def label_counts(entries: Iterable[LabelEntry]) -> dict[str, int]:
+    """How many of ``entries`` say good and how many defect."""
+    labels = [e.label for e in entries]
+    return {label: labels.count(label) for label in (GOOD, DEFECT)}
 
 
 def read_sources(store: Store, sources: Iterable[str]) -> list[tuple[str, bytes]]:
@@ -203,4 +209,4 @@ def read_sources(store: Store, sources: Iterable[str]) -> list[tuple[str, bytes]
 
 __all__ = ["AUDIT", "DEFECT", "GOOD", "HIGHEST_SCORE", "LABELS", "NEAR_THRESHOLD", "PICKED_FOR_SCORE", "RETRACTED",
            "LabelEntry", "LabelError", "LabelSnapshot", "add_labels", "current_labels",
-           "default_labeller", "label_history", "labelled_sources", "labels_prefix", "read_sources"]
+           "default_labeller", "label_counts", "label_history", "labelled_sources", "labels_prefix", "read_sources"]

@@ -21,7 +21,16 @@ import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
-from flows.store.labels import AUDIT, DEFECT, HIGHEST_SCORE, NEAR_THRESHOLD, LabelEntry
+from flows.store.labels import (
+    AUDIT,
+    DEFECT,
+    HIGHEST_SCORE,
+    NEAR_THRESHOLD,
+    LabelEntry,
+    current_labels,
+    label_counts,
+    labelled_sources,
+)
 from flows.store.storage import PRODUCTS, ObjectNotFound, Store, validate_name
 from fsad_core.evidence import in_hash_share
 from fsad_core.units import UNIT
@@ -103,13 +112,12 @@ def write_queue(store: Store, product: str, items: list[QueueItem]) -> None:
     store.put_bytes(queue_key(product), json.dumps([asdict(i) for i in items], indent=1).encode(), "application/json")
 
 
-def read_queue(store: Store, product: str, labelled: set[str] = frozenset()) -> list[QueueItem]:
-    """The stored queue less the images labelled (``labelled``: their addresses); [] before the first."""
+def read_queue(store: Store, product: str) -> list[QueueItem]:
+    """The stored queue, its labelled audits included; [] before the first."""
     try:
-        items = [QueueItem(**i) for i in json.loads(store.get_bytes(queue_key(product)))]
+        return [QueueItem(**i) for i in json.loads(store.get_bytes(queue_key(product)))]
     except ObjectNotFound:
         return []
-    return [i for i in items if i.image not in labelled]
 
 
 @dataclass(frozen=True)
@@ -134,3 +142,29 @@ def escape_estimate(labels: Iterable[LabelEntry], queue: Iterable[QueueItem]) ->
     centre = (k + z * z / 2) / (n + z * z)
     half = z * math.sqrt(k * (n - k) / n + z * z / 4) / (n + z * z)
     return EscapeEstimate(n, k, k / n, max(0.0, centre - half), min(1.0, centre + half))
+
+
+@dataclass(frozen=True)
+class QueueState:
+    """The queue less what is labelled, the labels as the store resolves them, and the escape estimate."""
+
+    items: list[QueueItem]
+    labels: dict[str, LabelEntry]
+    escape: EscapeEstimate | None
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return label_counts(self.labels.values())
+
+    @property
+    def defect_types(self) -> list[str]:
+        return sorted({e.defect_type for e in self.labels.values() if e.defect_type})
+
+
+def queue_state(store: Store, product: str, known: dict[str, LabelEntry] | None = None) -> QueueState:
+    """The product's queue and labels, each read once (``known``: the label entries read before,
+    `label_history`); the audits already labelled count in the escape estimate."""
+    labels = current_labels(store, product, known)
+    stored = read_queue(store, product)
+    labelled = labelled_sources(labels.values())
+    return QueueState([i for i in stored if i.image not in labelled], labels, escape_estimate(labels.values(), stored))

@@ -1,11 +1,23 @@
 """The review queue: picks by score leave out what is labelled, the audit is chance alone and keeps
 its record, and the escape estimate comes from the audits the model passed."""
 
+import io
+
 import numpy as np
 import pytest
+from PIL import Image
 
-from flows.store.labels import AUDIT, DEFECT, GOOD, HIGHEST_SCORE, NEAR_THRESHOLD, LabelEntry
-from flows.store.queue import Decided, QueueItem, audited, escape_estimate, pick, read_queue, write_queue
+from flows.store.labels import AUDIT, DEFECT, GOOD, HIGHEST_SCORE, NEAR_THRESHOLD, LabelEntry, add_labels
+from flows.store.queue import (
+    Decided,
+    QueueItem,
+    audited,
+    escape_estimate,
+    pick,
+    queue_state,
+    read_queue,
+    write_queue,
+)
 from flows.store.storage import LocalStore
 
 
@@ -37,8 +49,17 @@ def test_the_stored_queue_leaves_out_what_is_labelled_since(tmp_path):
     items = pick(_decided(50), set(), size=6)
     write_queue(store, "washer", items)
     assert read_queue(store, "washer") == items
-    assert read_queue(store, "washer", {items[0].image}) == items[1:]
+    add_labels(store, "washer", [(items[0].image, _png())], GOOD, "ann", items[0].reason)
+    state = queue_state(store, "washer")
+    assert state.items == items[1:] and state.counts == {GOOD: 1, DEFECT: 0}
+    assert read_queue(store, "washer") == items  # the stored queue keeps it: an audit stays on record
     assert read_queue(store, "other") == []
+
+
+def _png() -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((40, 40, 3), 120, np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def _label(image: str, label: str) -> LabelEntry:
