@@ -94,11 +94,11 @@ def refresh_queue(url: str, product: str, prefix: str, version: str, ref: str) -
     less the images already labelled, with the pictures of its new images; how many it holds."""
     store, product_store = open_store(url), open_store(load_settings().storage_url)
     labelled = labelled_sources(current_labels(product_store, product).values())
-    keys = {store.uri(line["image"]): line["image"] for line in decision_lines(store, prefix)
-            if line.get("score") is not None}
-    decided = [Decided(store.uri(line["image"]), float(line["score"]), float(line["threshold"]),
-                       bool(line["is_anomaly"]), version)
-               for line in decision_lines(store, prefix) if line.get("score") is not None]
+    scored = [line for line in decision_lines(store, prefix) if line.get("score") is not None]
+    addresses = [store.uri(line["image"]) for line in scored]
+    keys = {address: line["image"] for address, line in zip(addresses, scored)}
+    decided = [Decided(address, float(line["score"]), float(line["threshold"]), bool(line["is_anomaly"]), version)
+               for address, line in zip(addresses, scored)]
     items = pick(decided, labelled)
     # Earlier audits stay on record: the escape estimate counts every audit since the version came.
     fresh = {item.image for item in items}
