@@ -150,17 +150,11 @@ class _Line:
         detector = Detector.load(registry.download_model(f"models:/{registry.model_name(self.product)}/{version}"),
                                  device=self.settings.device)
         auroc, false_alarms, misses = held_out.measure(detector)
-        interval = [_number(tags.get("gate.candidate_auroc_low")), _number(tags.get("gate.candidate_auroc_high"))]
+        number = registry.tag_number
+        interval = [number(tags.get("gate.candidate_auroc_low")), number(tags.get("gate.candidate_auroc_high"))]
         return DayRecord(day, version, tags.get("method"), counts[GOOD], counts[DEFECT], tags.get("gate.evidence"),
-                         _number(tags.get("gate.candidate_auroc")), interval if None not in interval else None,
+                         number(tags.get("gate.candidate_auroc")), interval if None not in interval else None,
                          auroc, false_alarms, misses, None if escape is None else escape.rate, seconds)
-
-
-def _number(text: str | None) -> float | None:
-    try:
-        return float(text) if text not in (None, "n/a") else None
-    except ValueError:
-        return None
 
 
 def plot(result: dict[str, Any], path: Path) -> None:

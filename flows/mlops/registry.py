@@ -70,6 +70,16 @@ class GateDecision:
                 "gate.champion_below_minimum": str(self.champion_below_minimum).lower()}
 
 
+def tag_number(text: str | None) -> float | None:
+    """The number a version's tag holds, as `GateDecision.tags` writes it; None for "n/a", a
+    missing tag, or a value that is not a finite number."""
+    try:
+        value = float(text) if text is not None else None
+    except ValueError:
+        return None
+    return value if value is not None and math.isfinite(value) else None
+
+
 @dataclass(frozen=True)
 class WrittenModel:
     """What the pipeline wrote and decided in memory, which a downloaded version must match: the
@@ -422,4 +432,4 @@ def _move_aside_remains(target: Path) -> None:
 __all__ = ["CANDIDATE", "CHAMPION", "PREVIOUS", "GateDecision", "RegistryError", "Verification", "VersionRecord",
            "WrittenModel", "alias_version", "aliases", "champion_evidence", "download_model", "gate_decision",
            "find_trained_version", "find_upload_version", "model_name", "resolve_model", "promote", "record_gate",
-           "register", "verify", "version_tags", "versions"]
+           "register", "tag_number", "verify", "version_tags", "versions"]

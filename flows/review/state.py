@@ -6,12 +6,12 @@ score-prefix wrote, labels the label store's, the flag rate the line log's.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from flows.mlops import registry
 from flows.mlops.control import PINNED_TAG, Action, action_log
+from flows.mlops.registry import tag_number
 from flows.store.labels import LabelEntry
 from flows.store.line_log import DayRate, flag_rates_by_day, line_runs, queue_growing
 from flows.store.queue import QueueState, queue_state
@@ -34,21 +34,13 @@ class VersionRow:
     @classmethod
     def of(cls, record: registry.VersionRecord) -> VersionRow:
         tags = record.tags
-        low, high = _number(tags.get("gate.candidate_auroc_low")), _number(tags.get("gate.candidate_auroc_high"))
+        low, high = tag_number(tags.get("gate.candidate_auroc_low")), tag_number(tags.get("gate.candidate_auroc_high"))
         created = datetime.fromtimestamp(record.created_ms / 1000, UTC).strftime("%Y-%m-%d %H:%M")
         return cls(record.version, created, record.run_id, tags.get("method", "?"),
-                   _number(tags.get("gate.candidate_auroc", tags.get("benchmark_auroc"))),
+                   tag_number(tags.get("gate.candidate_auroc", tags.get("benchmark_auroc"))),
                    None if low is None or high is None else (low, high), tags.get("gate.evidence", "synthetic"),
                    tags.get("gate.verdict", ""), tags.get("gate.reason", ""),
                    tags.get("gate.champion_below_minimum") == "true")
-
-
-def _number(text: str | None) -> float | None:
-    try:
-        value = float(text) if text is not None else None
-    except ValueError:
-        return None
-    return value if value is not None and math.isfinite(value) else None
 
 
 @dataclass(frozen=True)
