@@ -33,9 +33,12 @@ class Scoring:
         maps = self.anomaly_maps(feats, config) if maps is None else maps
         per_view = {"patch": maps.flatten(1).amax(dim=1).numpy()}
         if config.image_branch:
-            total = sum(g.distance(p) / s for g, p, s in zip(self.gaussians, feats.pooled, self.level_scale))
-            per_view["mahalanobis"] = total.numpy()
+            per_view["mahalanobis"] = self.mahalanobis(feats).numpy()
         return per_view
+
+    def mahalanobis(self, feats: Features) -> torch.Tensor:
+        """Per-view Mahalanobis score (float64): each level's distance over its mean normal one, summed."""
+        return sum(g.distance(p) / s for g, p, s in zip(self.gaussians, feats.pooled, self.level_scale))
 
 
 def worst_tile(components: dict[str, np.ndarray], part: torch.Tensor) -> dict[str, np.ndarray]:

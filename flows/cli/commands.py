@@ -18,6 +18,7 @@ import numpy as np
 from fsad_core.data import find_all_categories, load_category
 from fsad_core.decision import Decision, decided, undecided
 from fsad_core.detector import Detector
+from fsad_core.export import ExportedDetector
 from fsad_core.imageio import (
     Header,
     ImageLimits,
@@ -139,6 +140,9 @@ def map_name(mirror: Path) -> Path:
     return mirror.with_name(f"{mirror.stem}_map.png")
 
 
+Scorer = Detector | ExportedDetector  # what `fsad score` decides with: the torch runtime's or onnxruntime's
+
+
 @dataclass(frozen=True)
 class ModelSource:
     """Where a scoring model came from: a folder, or a registry version and the alias asked for."""
@@ -157,7 +161,11 @@ class ModelSource:
         return {"name": self.name, "version": self.version, "alias": self.alias, "folder": str(self.folder)}
 
 
-def load_model(ref: str, device: str) -> tuple[Detector, ModelSource]:
+def load_model(ref: str, device: str, runtime: str = "torch") -> tuple[Scorer, ModelSource]:
+    """The model to score with: a folder or registry version for torch; an exported folder for onnx."""
+    if runtime == "onnx":
+        exported = ExportedDetector(ref)
+        return exported, ModelSource(Path(ref), *(exported.source.get(key) for key in ("name", "version", "alias")))
     if ref.startswith("models:/"):
         from flows.mlops.registry import download_model, resolve_model
         name, version = resolve_model(ref)
@@ -220,12 +228,14 @@ def score(args: argparse.Namespace) -> int:
     files = [path for path, _ in inputs]
     map_of = map_files(inputs) if args.maps else {}
     check_outputs_spare_inputs(files, args.out, _map_outputs(args, map_of))
+    if args.maps and args.runtime == "onnx":
+        raise ValueError("--maps draws with the torch runtime; the exported model gives decisions")
     limits = image_limits()
-    detector, source = load_model(args.model, args.device)
+    detector, source = load_model(args.model, args.device, args.runtime)
     print(f"fsad score: model {source.label()}", file=sys.stderr)
     cut = _decision_cut(detector, args.threshold)
-    anchor = detector.map_anchor(from_unit(cut, detector.threshold.value))
-    maps = MapWriter(Path(args.maps), map_of, anchor, args.raw_maps) if args.maps else None
+    maps = MapWriter(Path(args.maps), map_of, detector.map_anchor(from_unit(cut, detector.threshold.value)),
+                     args.raw_maps) if args.maps else None
     out = open(args.out, "w", newline="") if args.out else sys.stdout
     write = JsonLines(out, source) if args.json else CsvRows(out, source)
     try:
@@ -237,7 +247,7 @@ def score(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _decision_cut(detector: Detector, asked: float | None) -> float:
+def _decision_cut(detector: Scorer, asked: float | None) -> float:
     """The threshold asked for in the score unit, else the model's own, 0.5 (with a note when that
     one is provisional)."""
     if asked is not None:
@@ -269,7 +279,7 @@ class MapWriter:
             np.save(target.with_suffix(".npy"), amap.astype(np.float32))
 
 
-def _score_files(detector: Detector, files: list[Path], limits: ImageLimits, cut: float, write: Writer,
+def _score_files(detector: Scorer, files: list[Path], limits: ImageLimits, cut: float, write: Writer,
                  maps: MapWriter | None) -> int:
     """Score the files batch by batch, a row for each in their order (an unreadable one with its
     error, flagged: `fsad_core.decision.undecided`) and maps; returns how many could not be read."""
@@ -323,6 +333,36 @@ class JsonLines:
         self.out.write(json.dumps({"image": decision.image, "score": decision.score,
                                    "is_anomaly": decision.is_anomaly, "threshold": decision.threshold,
                                    "model": self.model, "error": decision.error}, allow_nan=False) + "\n")
+
+
+def export(args: argparse.Namespace) -> int:
+    from fsad_core.export import check_out, export_onnx
+    check_out(args.out)
+    detector, source = load_model(args.model, "cpu")
+    given = [path for path, _ in collect_images(args.images)] if args.images else []
+    images = [read_image(path) for path in given] or own_images(source.folder)
+    check = export_onnx(detector, args.out, images, source.to_dict())
+    print(f"exported {source.label()} to {args.out} (onnx): checked on {check.images} images, {len(images)} of the "
+          f"model's and a defect made on each ({check.flagged_by_torch} flagged by torch): largest difference "
+          f"{check.max_unit_difference:.2g} in the score unit, the same decisions")
+    return 0
+
+
+def own_images(folder: Path) -> list[np.ndarray]:
+    """A model's training images: the files `fsad train` recorded, or its upload's from the store."""
+    config = json.loads((folder / "config.json").read_text())
+    if files := config.get("training_images"):
+        missing = [f for f in files if not Path(f).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{missing[0]}: a training image of the model is gone; give --images")
+        return [read_image(f) for f in files]
+    if config.get("product") and config.get("upload_id"):
+        from flows.settings import load_settings
+        from flows.store.storage import open_store
+        from flows.store.upload import training_files
+        store = open_store(load_settings().storage_url)
+        return [read_image(blob, key) for key, blob in training_files(store, config["product"], config["upload_id"])]
+    raise ValueError("the model records no training images of its own: give --images")
 
 
 def bench(args: argparse.Namespace) -> int:

@@ -140,9 +140,22 @@ def _cmd_score(args: argparse.Namespace) -> int:
     from flows.cli import preflight
     from flows.settings import locations
     preflight.paths(args.images)
-    preflight.model(args.model, locations())
+    if args.runtime == "onnx":
+        preflight.exported(args.model)
+    else:
+        preflight.model(args.model, locations())
     from flows.cli.commands import score
     return score(args)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from flows.cli import preflight
+    from flows.settings import locations
+    preflight.model(args.model, locations())
+    if args.images:
+        preflight.paths(args.images)
+    from flows.cli.commands import export
+    return export(args)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -407,7 +420,23 @@ def _add_score(sub: Subcommands) -> None:
                    help="decide with this threshold in the score unit instead of the model's own, 0.5 (higher: "
                         "fewer false alarms, more misses)")
     p.add_argument("--json", action="store_true", help="write JSON Lines, one object an image, instead of CSV")
+    p.add_argument("--runtime", choices=("torch", "onnx"), default="torch",
+                   help="torch (default) scores a model folder or registry version; onnx scores a folder `fsad "
+                        "export` wrote, through onnxruntime (decisions only: no --maps)")
     _add_device(p)
+
+
+def _add_export(sub: Subcommands) -> None:
+    p = _subcommand(sub, "export", _cmd_export, "export a model for lines without torch: ONNX (the network, the "
+                    "patch memory and the Gaussians as constants) with fsad_runtime.py, the NumPy/Pillow steps "
+                    "around it. Written only once onnxruntime agrees with torch on the model's own images and a "
+                    "defect made on each (scores within 0.001 in the score unit, the same decisions)")
+    p.add_argument("--model", required=True, help="model folder, or models:/NAME@ALIAS from the MLflow registry")
+    p.add_argument("--format", choices=("onnx",), default="onnx", help="the export format (default: onnx; "
+                   "OpenVINO reads ONNX as it is)")
+    p.add_argument("--out", required=True, help="the folder to write (absent or empty)")
+    p.add_argument("--images", nargs="+", default=None, help="images or folders to check the export on (default: "
+                   "the model's training images, from its `fsad train` record or its upload)")
 
 
 def _add_bench(sub: Subcommands) -> None:
@@ -568,7 +597,7 @@ def build_parser() -> argparse.ArgumentParser:
     # in the order `fsad --help` lists them
     for add_subcommand in (_add_demo, _add_train, _add_score, _add_bench, _add_report, _add_upload, _add_label,
                            _add_settings, _add_retrain, _add_control, _add_score_prefix, _add_review_queue,
-                           _add_review, _add_serve, _add_simulate, _add_stack):
+                           _add_review, _add_serve, _add_export, _add_simulate, _add_stack):
         add_subcommand(sub)
     return parser
 

@@ -53,6 +53,13 @@ def model(ref: str, where: Locations) -> None:
     _registered(ref, name, alias, version, where, fix)
 
 
+def exported(folder: str) -> None:
+    """A folder `fsad export` wrote (its graph and spec)."""
+    if not all((Path(folder) / name).is_file() for name in ("model.onnx", "model.json")):
+        raise NotReady(f"{folder}: not an exported model (no model.onnx and model.json); `fsad export --model MODEL "
+                       f"--format onnx --out {folder}` makes one")
+
+
 def champion(product: str, where: Locations) -> None:
     model(f"models:/{model_name(validate_name(product, 'product name'))}@{CHAMPION}", where)
 

@@ -58,9 +58,8 @@ from flows.store.storage import (
     latest_complete_upload,
     manifest_key,
     open_store,
-    upload_prefix,
 )
-from flows.store.upload import ManifestError, content_sha256, read_manifest, sha256_hex
+from flows.store.upload import ManifestError, content_sha256, read_checked, read_manifest
 from flows.store.validation import ValidationReport, quarantine_upload, validate_upload, write_report
 from fsad_core.calibration import Threshold, calibrate_supervised
 from fsad_core.config import DetectorConfig
@@ -195,14 +194,12 @@ def load_images(settings: Settings, job: RetrainJob, manifest: dict[str, Any]) -
     trained on is exactly the content that was validated and that content_sha256 names), then the
     labelled images: those that judge join the benchmark, confirmed normals the training images
     (up to ``loop.max_k`` in all), confirmed defects the threshold's calibration."""
-    store, prefix = open_store(settings.storage_url), upload_prefix(job.product, job.upload_id)
+    store = open_store(settings.storage_url)
     limits = image_limits()
     budget = PixelBudget(limits, f"upload {job.upload_id} of {job.product} with its labels")
     data = UploadData([], [], [], [])
     for entry in sorted(manifest["files"], key=lambda f: f["key"]):
-        key, blob = entry["key"], store.get_bytes(prefix + entry["key"])
-        if sha256_hex(blob) != entry["sha256"]:
-            raise ValueError(f"{store.uri(prefix + key)} changed since validation (sha256 differs from the manifest)")
+        key, blob = entry["key"], read_checked(store, job.product, job.upload_id, entry)
         image = budget.admit(read_header(blob, key, limits)).decode(limits)
         if key.startswith("train/good/"):
             data.train.append(image)

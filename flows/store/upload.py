@@ -340,3 +340,20 @@ def cli_upload(product: str, folder: str, resume: str | None = None) -> int:
     if result.skipped:
         print(f"skipped {len(result.skipped)}: {_first_few(result.skipped)}", file=sys.stderr)
     return 0
+
+
+def read_checked(store: Store, product: str, upload_id: str, entry: dict[str, Any]) -> bytes:
+    """A manifest entry's bytes, checked against its sha256 once more: what is read is exactly the
+    content that was validated and that content_sha256 names."""
+    key = upload_prefix(product, upload_id) + entry["key"]
+    blob = store.get_bytes(key)
+    if sha256_hex(blob) != entry["sha256"]:
+        raise ValueError(f"{store.uri(key)} changed since validation (sha256 differs from the manifest)")
+    return blob
+
+
+def training_files(store: Store, product: str, upload_id: str) -> list[tuple[str, bytes]]:
+    """(key, bytes) of the upload's training images, in key order, each checked (`read_checked`)."""
+    entries = sorted(read_manifest(store, product, upload_id)["files"], key=lambda f: f["key"])
+    return [(e["key"], read_checked(store, product, upload_id, e)) for e in entries if e["key"].startswith("train/")]
+

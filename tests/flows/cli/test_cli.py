@@ -48,7 +48,7 @@ def test_help_lists_every_subcommand():
     out = run("--help")
     assert out.returncode == 0
     for cmd in ("demo", "train", "score", "score-prefix", "bench", "report", "upload", "label", "settings", "retrain",
-                "promote", "rollback", "pin", "review-queue", "stack"):
+                "promote", "rollback", "pin", "review-queue", "review", "serve", "export", "stack"):
         assert cmd in out.stdout
 
 
