@@ -18,7 +18,7 @@ PEER_K ?= 1 4 8
 PEER_RUN = $(PEER_PYTHON) -c "import pathlib, runpy, sys, tempfile; sys.argv = sys.argv[1:]; \
 	runpy.run_path(sys.argv[0], {'TMP': pathlib.Path(tempfile.mkdtemp())}, '__main__')" $(PEER_HARNESS)
 
-.PHONY: install demo lint test bench bench-ablation bench-peer bench-sweep bench-line bench-serve bench-review \
+.PHONY: install demo lint test bench bench-ablation bench-peer bench-sweep bench-line bench-serve bench-review bench-export \
 	review-screenshots gpu-check stack-up stack-down clean
 
 install: $(STAMP)
@@ -89,6 +89,12 @@ review-screenshots: $(STAMP)
 # Latency of the served model, one image a request: make bench-serve SERVE_MODEL=DIR SERVE_IMAGES=DIR
 bench-serve: $(STAMP)
 	$(BIN)/python -m flows.mlops.serve_latency $(SERVE_MODEL) $(SERVE_IMAGES) $(BENCH_OUT)/serve
+
+# The exported model against torch, one thread each, on the same fitted models (fast and default, k = 4):
+# images a second of each, their ratio beside backbone_ms_per_image, and how far the two agree.
+bench-export: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python -m flows.cli.export_bench --data $(BENCH_DATA) --k 4 --seed 0 \
+		--methods fast default --out $(BENCH_OUT)/export.json
 
 # Side by side: the peer's PatchCore, then fsad's pretrained, default and fast, on the same sets, k and
 # seed, one thread each, one after the other in one run; compare the records' ratios, not seconds.

@@ -91,3 +91,15 @@ def test_the_pipeline_commands_run_as_written(user, tmp_path):
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "washer" in done.stdout and "champion" in done.stdout
+
+
+def test_the_export_recipe_runs_as_written(user, tmp_path):
+    recipe = readme_block("Running without torch: ONNX", "sh")
+    done = subprocess.run(["bash", "-c", "set -e\n" + recipe], env=user, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    fsad_row, line_answer = done.stdout.splitlines()[-2:]
+    score, flagged = line_answer.split()
+    assert fsad_row.startswith("part.png,") and abs(float(fsad_row.split(",")[1]) - float(score)) < 1e-5
+    assert fsad_row.split(",")[2] == str(int(flagged == "True"))
+    assert json.loads((tmp_path / "washer-onnx" / "model.json").read_text())["check"]["decisions_identical"]
