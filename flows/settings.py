@@ -146,7 +146,8 @@ class LoopSettings:
     """A product's settings that are not the model's (``"loop"`` beside the model's fields): how its
     labels are used and what evidence may replace its champion."""
 
-    benchmark_share: float = 0.3  # of the labels not picked for their score: they judge, never train
+    benchmark_share: float = 0.5  # of the labels (by content hash): they judge, never train
+    reviews_per_run: int = 24  # images a score-prefix run draws into the review queue (`flows.store.queue`)
     max_k: int = 32  # normal images trained on at most: the upload's, then confirmed normals
     allow_unproven: bool = False  # a candidate may replace a champion on evidence that cannot compare them
     candidates: tuple[str, ...] = ("fast", "default")  # methods a retraining fits; the benchmark chooses

@@ -178,11 +178,13 @@ def _cmd_settings(args: argparse.Namespace) -> int:
 def _cmd_label(args: argparse.Namespace) -> int:
     from flows.settings import load_settings
     from flows.store.labels import add_labels, current_labels, default_labeller, label_counts, read_sources
+    from flows.store.queue import read_queue
     from flows.store.storage import open_store, validate_name
     validate_name(args.product, "product name")
     store = open_store(load_settings().storage_url)
+    drawn = {item.image: (item.reason, item.weight) for item in read_queue(store, args.product)}
     entries = add_labels(store, args.product, read_sources(store, args.images), args.label,
-                         args.by or default_labeller(), args.reason, args.type)
+                         args.by or default_labeller(), args.reason, args.type, drawn=drawn)
     for entry in entries:
         print(f"{entry.source}: {entry.label}{f' ({entry.defect_type})' if entry.defect_type else ''} "
               f"by {entry.by} ({entry.image_sha256[:12]})")
@@ -229,7 +231,7 @@ def _cmd_review_queue(args: argparse.Namespace) -> int:
     escape = state.escape
     print(f"{args.product}: {len(items)} images to review" + (
         "" if escape is None else f"; estimated escape rate {escape.rate:.3f} (90 % interval {escape.low:.3f}-"
-                                  f"{escape.high:.3f}, {escape.defects} defects in {escape.passed_audited} audited "
+                                  f"{escape.high:.3f}, {escape.defects} defects in {escape.passed_labelled} labelled "
                                   f"images the model passed)"), file=sys.stderr)
     return 0
 
@@ -488,7 +490,8 @@ def _add_label(sub: Subcommands) -> None:
                        help="withdraw the images' labels (their history stays)")
     p.add_argument("--type", default="", metavar="T", help="the defect's type (with --defect), e.g. scratch")
     p.add_argument("--by", default=None, help="who labels (default: the OS user)")
-    p.add_argument("--reason", default="command line", help="why the images were looked at (default: command line)")
+    p.add_argument("--reason", default="command line", help="why the images were looked at (default: command "
+                   "line); an image of the review queue keeps its queue reason and weight")
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_KEY",
                    help="image files, or keys of images in the storage (e.g. those score-prefix decided)")
 

@@ -3,8 +3,8 @@ a line would run it, through the real flows, storage and registry (a folder stor
 and a temporary Prefect server in the work folder).
 
 Day 0 uploads k normal images and retrains. Each day the champion decides the day's parts
-(``score-prefix``), the first R images of the review queue (its audits first) are labelled from the
-ground truth, and the nightly sweep retrains what is due. After each day the champion is measured
+(``score-prefix``), the first R images of the review queue (in its order, by chance) are labelled from
+the ground truth with their weights, and the nightly sweep retrains what is due. After each day the champion is measured
 on the held-out truth, which nothing else ever sees (`fsad_core.line`); the day's seconds count the
 retraining, the scoring and the labelling, not that measurement.
 """
@@ -25,10 +25,10 @@ from flows.pipeline.retrain import retrain_flow
 from flows.pipeline.runners import prefect_api
 from flows.pipeline.scheduled import retrain_due_flow
 from flows.pipeline.score_prefix import score_prefix_flow
-from flows.settings import Settings, load_settings, training_config
-from flows.store.labels import AUDIT, DEFECT, GOOD, add_labels
+from flows.settings import LOOP, Settings, load_settings, training_config
+from flows.store.labels import DEFECT, GOOD, add_labels
 from flows.store.queue import queue_state
-from flows.store.storage import open_store
+from flows.store.storage import open_store, training_key
 from flows.store.upload import upload_folder, write_upload_folder
 from fsad_core.data import Sample, load_category
 from fsad_core.detector import Detector
@@ -84,7 +84,7 @@ def simulate(data: str, k: int, days: int, per_day: int, reviews: int, defect_sh
         tracking.configure(settings)
         line = _Line(settings, "sim-" + "".join(c if c.isalnum() else "-" for c in category.name)[:40], workdir)
         started = time.monotonic()
-        line.upload(split, seed)
+        line.upload(split, seed, reviews)
         records = [line.record(0, held_out, time.monotonic() - started)]
         stream = list(split.stream)
         for day in range(1, days + 1):
@@ -114,7 +114,10 @@ class _Line:
         self.store = open_store(settings.storage_url)
         self.truth: dict[str, Sample] = {}  # image address -> the sample it is
 
-    def upload(self, split: LineSplit, seed: int) -> None:
+    def upload(self, split: LineSplit, seed: int, reviews: int) -> None:
+        """The product's settings (a day's draw into the queue is what people review that day), then
+        the day-0 upload and its retraining."""
+        self.store.put_json(training_key(self.product), {LOOP: {"reviews_per_run": reviews}})
         folder = write_upload_folder(self.workdir / "upload", [s.path for s in split.upload])
         upload_folder(self.store, self.product, folder)
         retrain_flow(self.product, seed=seed)
@@ -132,12 +135,11 @@ class _Line:
         retrain_due_flow(None, seed)
 
     def label(self, reviews: int) -> None:
-        """The first ``reviews`` images of the queue, its audits first, labelled from the truth."""
-        queue = queue_state(self.store, self.product).items
-        for item in sorted(queue, key=lambda i: i.reason != AUDIT)[:reviews]:
+        """The first ``reviews`` images of the queue, in its order, labelled from the truth with their weights."""
+        for item in queue_state(self.store, self.product).items[:reviews]:
             sample = self.truth[item.image]
             add_labels(self.store, self.product, [(item.image, sample.path.read_bytes())],
-                       DEFECT if sample.label else GOOD, LABELLER, item.reason)
+                       DEFECT if sample.label else GOOD, LABELLER, item.reason, weight=item.weight)
 
     def record(self, day: int, held_out: HeldOut, seconds: float) -> DayRecord:
         state = queue_state(self.store, self.product)

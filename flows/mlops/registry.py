@@ -232,15 +232,17 @@ def gate_decision(candidate: Evidence | None, min_auroc: float, eval_set: str, c
 
 
 def champion_evidence(product: str, images: list[np.ndarray] | None, labels: list[int] | None,
-                      device: str = "auto", settings: Settings | None = None) -> tuple[str | None, Evidence | None]:
-    """(champion version, its evidence on the given labelled set); (None, None) without a champion
-    and (version, None) when there is no labelled set to score it on."""
+                      weights: list[float] | None = None, device: str = "auto",
+                      settings: Settings | None = None) -> tuple[str | None, Evidence | None]:
+    """(champion version, its evidence on the given labelled set, each image counted by its weight,
+    as the candidate's); (None, None) without a champion and (version, None) when there is no
+    labelled set to score it on."""
     version = alias_version(product, CHAMPION)
     if version is None or not images or labels is None:
         return version, None
     detector = Detector.load(download_model(f"models:/{model_name(product)}/{version}", settings=settings),
                              device=device)
-    return version, judge(labels, detector.score(images).scores)
+    return version, judge(labels, detector.score(images).scores, weights)
 
 
 def record_gate(product: str, version: str, decision: GateDecision) -> None:

@@ -97,6 +97,7 @@ class UploadData:
     eval_images: list[np.ndarray]
     eval_labels: list[int]
     eval_keys: list[str]
+    eval_weights: list[float]  # what each benchmark image counts for: 1 for the upload's, a label's `judging_weight`
     defects: list[np.ndarray] = field(default_factory=list)  # training-side labelled defects
 
 
@@ -197,7 +198,7 @@ def load_images(settings: Settings, job: RetrainJob, manifest: dict[str, Any]) -
     store = open_store(settings.storage_url)
     limits = image_limits()
     budget = PixelBudget(limits, f"upload {job.upload_id} of {job.product} with its labels")
-    data = UploadData([], [], [], [])
+    data = UploadData([], [], [], [], [])
     for entry in sorted(manifest["files"], key=lambda f: f["key"]):
         key, blob = entry["key"], read_checked(store, job.product, job.upload_id, entry)
         image = budget.admit(read_header(blob, key, limits)).decode(limits)
@@ -207,6 +208,7 @@ def load_images(settings: Settings, job: RetrainJob, manifest: dict[str, Any]) -
             data.eval_images.append(image)
             data.eval_labels.append(0 if key.startswith("eval/good/") else 1)
             data.eval_keys.append(key)
+            data.eval_weights.append(1.0)
     def labelled(entry: LabelEntry) -> np.ndarray:
         return budget.admit(read_header(store.get_bytes(entry.image_key), entry.image_key, limits)).decode(limits)
 
@@ -215,6 +217,7 @@ def load_images(settings: Settings, job: RetrainJob, manifest: dict[str, Any]) -
         data.eval_images.append(labelled(entry))
         data.eval_labels.append(int(entry.label == DEFECT))
         data.eval_keys.append(f"labels/{entry.image_sha256}")
+        data.eval_weights.append(entry.judging_weight)
     for entry in training:
         if entry.label == DEFECT:
             data.defects.append(labelled(entry))
@@ -303,7 +306,7 @@ def score_benchmark(detector: Detector, report: FitReport, data: UploadData) -> 
     if len(set(data.eval_labels)) == 2:  # both kinds: an AUROC to be had
         result = detector.score(data.eval_images)
         return Benchmark(LABELLED, list(data.eval_labels), result.raw_scores, result.components,
-                         judge(data.eval_labels, result.raw_scores))
+                         judge(data.eval_labels, result.raw_scores, data.eval_weights))
     kinds = report.normal_scores.keys()
     components = {k: np.asarray(report.normal_scores[k] + report.synthetic_scores[k]) for k in kinds}
     labels = [0] * len(report.normal_scores[detector.config.score]) + \
@@ -401,8 +404,9 @@ def gate(settings: Settings, product: str, version: str, bench: Benchmark, data:
          loop: LoopSettings) -> registry.GateDecision:
     """Score the champion on the same labelled benchmark, decide, and record the verdict as version tags."""
     tracking.configure(settings)
-    images, labels = (data.eval_images, data.eval_labels) if bench.kind == LABELLED else (None, None)
-    champion, champion_evidence = registry.champion_evidence(product, images, labels, device, settings)
+    images, labels, weights = (data.eval_images, data.eval_labels, data.eval_weights) if bench.kind == LABELLED \
+        else (None, None, None)
+    champion, champion_evidence = registry.champion_evidence(product, images, labels, weights, device, settings)
     decision = registry.gate_decision(bench.evidence, settings.gate_min_auroc, bench.kind, champion,
                                       champion_evidence, loop.allow_unproven)
     registry.record_gate(product, version, decision)

@@ -6,8 +6,8 @@ batch of images is a task (on Dask when given one, see `flows.pipeline.runners`)
 as one part file under ``PREFIX/fsad-decisions/MODEL/vVERSION/`` once the batch is scored. A run
 that stops keeps its finished parts; the next run of the same version scores only the images no
 part holds yet (new images included). An image that cannot be read gets a line with its reason.
-The product's review queue is picked anew at the end, its new images' pictures drawn with the
-champion, and the run recorded in the product's line log.
+The product's review queue draws from the run's new decisions at the end (`flows.store.queue`), their
+pictures drawn with the champion, and the run recorded in the product's line log.
 """
 
 from __future__ import annotations
@@ -26,8 +26,7 @@ from prefect import flow, get_run_logger, task
 from flows.mlops import registry
 from flows.pipeline.retries import IO_RETRIES
 from flows.pipeline.runners import task_runner
-from flows.settings import load_settings
-from flows.store.labels import AUDIT, current_labels, labelled_sources
+from flows.settings import load_settings, loop_settings, product_overrides
 from flows.store.line_log import record_line_run
 from flows.store.queue import OVERLAY, THUMB, Decided, QueueItem, media_key, pick, read_queue, write_queue
 from flows.store.storage import ObjectNotFound, StorageKeyError, Store, open_store
@@ -89,23 +88,21 @@ def already_decided(store: Any, prefix: str) -> set[str]:
 
 
 @task(**IO_RETRIES)
-def refresh_queue(url: str, product: str, prefix: str, version: str, ref: str) -> int:
-    """The product's review queue picked anew from every decision of this version under ``url``,
-    less the images already labelled, with the pictures of its new images; how many it holds."""
-    store, product_store = open_store(url), open_store(load_settings().storage_url)
-    labelled = labelled_sources(current_labels(product_store, product).values())
-    scored = [line for line in decision_lines(store, prefix) if line.get("score") is not None]
-    addresses = [store.uri(line["image"]) for line in scored]
-    keys = {address: line["image"] for address, line in zip(addresses, scored)}
-    decided = [Decided(address, float(line["score"]), float(line["threshold"]), bool(line["is_anomaly"]), version)
-               for address, line in zip(addresses, scored)]
-    items = pick(decided, labelled)
-    # Earlier audits stay on record: the escape estimate counts every audit since the version came.
-    fresh = {item.image for item in items}
-    kept = [item for item in read_queue(product_store, product)
-            if item.reason == AUDIT and item.version == version and item.image not in fresh]
+def refresh_queue(url: str, product: str, prefix: str, version: str, ref: str, new: set[str]) -> int:
+    """The product's review queue with this run's draw from its ``new`` decisions (keys under
+    ``url``) added, and their pictures drawn; how many images it holds. The version's earlier draws
+    stay on record (the escape estimate counts every labelled one since the version came)."""
+    store, settings = open_store(url), load_settings()
+    product_store = open_store(settings.storage_url)
+    scored = [line for line in decision_lines(store, prefix) if line["image"] in new and line.get("score") is not None]
+    keys = {store.uri(line["image"]): line["image"] for line in scored}
+    decided = [Decided(store.uri(line["image"]), float(line["score"]), float(line["threshold"]),
+                       bool(line["is_anomaly"]), version) for line in scored]
+    items = pick(decided, loop_settings(*product_overrides(settings, product_store, product)).reviews_per_run)
+    drawn = {item.image for item in items}
+    kept = [item for item in read_queue(product_store, product) if item.version == version and item.image not in drawn]
     draw_pictures(store, product_store, product, [(item, keys[item.image]) for item in items], _champion(ref))
-    write_queue(product_store, product, items + kept)
+    write_queue(product_store, product, kept + items)
     return len(items) + len(kept)
 
 
@@ -197,7 +194,7 @@ def score_prefix_flow(product: str, url: str, batch: int | None = None, dask: st
     run_batches = batches_flow.with_options(task_runner=task_runner(dask))
     counts = run_batches(url, batches, ref, model, prefix) if batches else []
     scored, flagged, unreadable = (sum(c[field] for c in counts) for field in ("scored", "anomalies", "unreadable"))
-    queued = refresh_queue(url, product, prefix, version, ref)
+    queued = refresh_queue(url, product, prefix, version, ref, {key for key, _ in todo})
     record_line_run(open_store(load_settings().storage_url), product, version, scored, flagged, unreadable, queued)
     summary = Summary(f"{name} version {version} (@{registry.CHAMPION})", len(images), len(images) - len(todo),
                       scored, flagged, unreadable, store.uri(prefix), queued)

@@ -225,7 +225,7 @@ class Pages:
             raise HTTPException(409, "this card was labelled meanwhile or has left the queue; reload")
         images = read_sources(self.review.store, [item.image])
         add_labels(self.review.store, product, images, label, operator, item.reason,
-                   str(form.get("defect_type", "")).strip() if label == DEFECT else "")
+                   str(form.get("defect_type", "")).strip() if label == DEFECT else "", item.weight)
         return _back_to_queue(product, form)
 
     @signed_in

@@ -14,7 +14,8 @@ from __future__ import annotations
 import getpass
 import json
 import logging
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 
@@ -26,8 +27,8 @@ from fsad_core.imageio import image_limits, read_image
 
 GOOD, DEFECT, RETRACTED = "good", "defect", "retracted"
 LABELS = (GOOD, DEFECT, RETRACTED)
-# Why an image was looked at, when the review queue picked it for its score: such an image stands
-# for the picks, not for the line, so it trains and never judges.
+# Why an image was looked at: the review queue's strata (`flows.store.queue`). A label of a queued
+# image carries its weight; one without (labels of versions before the weights, by score) never judges.
 NEAR_THRESHOLD, HIGHEST_SCORE, AUDIT = "near the threshold", "highest score", "audit"
 PICKED_FOR_SCORE = (NEAR_THRESHOLD, HIGHEST_SCORE)
 log = logging.getLogger(__name__)
@@ -49,6 +50,16 @@ class LabelEntry:
     reason: str  # why it was looked at: a queue's reason, "audit", "upload eval set", "command line"
     source: str  # where the image came from (a file name or a store key)
     defect_type: str = ""
+    weight: float = 0.0  # the review queue's: one over the image's chance of a review; 0: no known chance
+
+    @property
+    def judging_weight(self) -> float | None:
+        """What the image counts for when it judges: its queue weight, 1 for an image labelled
+        outside the queue (no known chance: counted once), None for one picked for its score
+        without a weight, which stands for the picks and never judges."""
+        if self.weight > 0:
+            return self.weight
+        return None if self.reason in PICKED_FOR_SCORE else 1.0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -58,6 +69,9 @@ class LabelEntry:
         entry = cls(**json.loads(text))
         if entry.label not in LABELS or len(entry.image_sha256) != 64:
             raise ValueError(f"label {entry.label!r} of image {entry.image_sha256!r}")
+        if isinstance(entry.weight, bool) or not isinstance(entry.weight, (int, float)) \
+                or not (math.isfinite(entry.weight) and entry.weight >= 0):
+            raise ValueError(f"weight {entry.weight!r} of image {entry.image_sha256!r}")
         return entry
 
 
@@ -78,23 +92,29 @@ def default_labeller() -> str:
 
 
 def add_labels(store: Store, product: str, images: Iterable[tuple[str, bytes]], label: str, by: str, reason: str,
-               defect_type: str = "") -> list[LabelEntry]:
+               defect_type: str = "", weight: float = 0.0,
+               drawn: Mapping[str, tuple[str, float]] | None = None) -> list[LabelEntry]:
     """Label each (source name, bytes) image: every image is checked first, then each is copied
     into the product's label images (once per content) and its entry written; nothing is written
-    when any image or field is refused."""
+    when any image or field is refused. ``drawn`` gives the (reason, weight) of sources the review
+    queue drew, which they keep whatever ``reason`` and ``weight`` say."""
     if label not in LABELS:
         raise LabelError(f"label {label!r}: one of {', '.join(LABELS)}")
     if defect_type and label != DEFECT:
         raise LabelError("a defect type goes with a defect label only")
     by, reason = checked_text(by, "labeller", LabelError), checked_text(reason, "reason", LabelError)
     defect_type = checked_text(defect_type, "defect type", LabelError) if defect_type else ""
+    drawn = drawn or {}
+    if not all(math.isfinite(w) and w >= 0 for w in [weight, *(w for _, w in drawn.values())]):
+        raise LabelError(f"weight {weight!r}: a finite number, 0 or more")
     checked = [(source, data, _image_key(product, source, data)) for source, data in images]
     entries = []
     for source, data, key in checked:
         if not store.exists(key):
             store.put_bytes(key, data)
-        entry = LabelEntry(key.rsplit("/", 1)[1].split(".")[0], key, label, by, record_time(), reason, source,
-                           defect_type)
+        why, counts = drawn.get(source, (reason, weight))
+        entry = LabelEntry(key.rsplit("/", 1)[1].split(".")[0], key, label, by, record_time(), why, source,
+                           defect_type, float(counts))
         append_record(store, _entries_prefix(product), entry.at, entry.to_json())
         entries.append(entry)
     return entries
@@ -162,11 +182,11 @@ class LabelSnapshot:
         return sha256_hex("".join(f"{e.image_sha256} {e.label}\n" for e in self.entries).encode())
 
     def split(self, share: float) -> tuple[list[LabelEntry], list[LabelEntry]]:
-        """(the labels that judge, the labels that train): every audited image (picked by chance
-        alone, it stands for the line), and a share of the others by content hash
-        (`in_hash_share`), never one picked for its score."""
+        """(the labels that judge, the labels that train): a share of the labels by content hash
+        (`in_hash_share`: a chance apart from how the images were drawn, so the judging ones keep
+        their weights), never one without a `judging_weight`."""
         def judges(e: LabelEntry) -> bool:
-            return e.reason == AUDIT or (e.reason not in PICKED_FOR_SCORE and in_hash_share(e.image_sha256, share))
+            return e.judging_weight is not None and in_hash_share(e.image_sha256, share)
 
         return [e for e in self.entries if judges(e)], [e for e in self.entries if not judges(e)]
 

@@ -1,16 +1,19 @@
 """The review queue of a product: which of the line's decided images people should look at, and why.
 
-Three reasons, each kept with the image: those nearest the threshold (where the model is least
-sure), the highest unlabelled scores (the likeliest defects), and a random audit share of
-everything decided. An audited image is picked by chance alone, from its key, with a known
-probability, so its label stands for the line: audits estimate how many defects the model lets
-pass (`escape_estimate`), and their weight (one over that probability) lets them judge. Images
-picked for their score never judge (`labels.PICKED_FOR_SCORE`).
+Each score-prefix run samples its new decisions in three strata, each image with its reason: the
+highest scores (the likeliest defects), those nearest the threshold (where the model is least
+sure), and an audit of the rest. Within a stratum the images are drawn by chance alone, from their
+address's hash, so each image's chance of a review is known: the stratum's draws over its size.
+Its weight, one over that chance, goes with its label, so that every labelled image can judge a
+benchmark for the line's own mix (`labels.LabelSnapshot.split`, a weighted AUROC) and the share of
+defects among the images the model passed can be estimated (`escape_estimate`). The queue is shown
+in the order of the same hash: whatever part of it people label first is a chance part of it.
 
-The queue is one object, ``products/P/queue.json``, rewritten whole when score-prefix has decided
-new images; an image already labelled leaves it. Each queued image's thumbnail and overlay are
-drawn then, where the model is, and kept under ``products/P/queue-media/vVERSION/UNIT/``: the
-review page shows them without ever loading a model.
+The queue is one object, ``products/P/queue.json``, holding the version's drawn images, labelled
+or not (the record the escape estimate reads); an image already labelled leaves what people see.
+Each queued image's thumbnail and overlay are drawn when it is queued, where the model is, and
+kept under ``products/P/queue-media/vVERSION/UNIT/``: the review page shows them without ever
+loading a model.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import json
 import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
+
+import numpy as np
 
 from flows.store.labels import (
     AUDIT,
@@ -32,11 +37,12 @@ from flows.store.labels import (
     labelled_sources,
 )
 from flows.store.storage import PRODUCTS, ObjectNotFound, Store, validate_name
-from fsad_core.evidence import in_hash_share
 from fsad_core.units import UNIT
 
-AUDIT_RATE = 0.05  # the chance of any decided image to be audited
-DEFAULT_SIZE = 24  # images picked for their score, at most: half near the threshold, half the highest
+STRATUM_SHARE = 0.1  # of a run's images: the highest scores, and as many again nearest the threshold
+# Of a run's review budget (`LoopSettings.reviews_per_run`): the highest scores, those nearest the
+# threshold, and the audit the rest; a stratum too small to take its part leaves it to the others.
+ALLOCATION = {HIGHEST_SCORE: 0.4, NEAR_THRESHOLD: 0.3, AUDIT: 0.3}
 THUMB, OVERLAY = "thumb", "overlay"  # the two pictures of a queued image
 
 
@@ -58,8 +64,8 @@ class QueueItem:
     threshold: float
     is_anomaly: bool
     version: str
-    reason: str  # NEAR_THRESHOLD, HIGHEST_SCORE or AUDIT
-    weight: float  # one over the chance it had of an audit; 0 for a pick by score, which never judges
+    reason: str  # HIGHEST_SCORE, NEAR_THRESHOLD or AUDIT: the stratum it was drawn from
+    weight: float  # one over the chance it had of a review: how many of the line's images it stands for
 
     @property
     def id(self) -> str:
@@ -83,24 +89,42 @@ def media_key(product: str, item: QueueItem, kind: str) -> str:
             f"{UNIT}/{item.id}-{kind}.png")
 
 
-def audited(image: str, rate: float = AUDIT_RATE) -> bool:
-    """Whether the audit picks this image: by chance alone (its address's hash), never by its score."""
-    return in_hash_share(hashlib.sha256(image.encode()).hexdigest(), rate)
+def draw(image: str) -> int:
+    """The image's place in every draw: its address's hash, which no score or person chooses."""
+    return int(hashlib.sha256(image.encode()).hexdigest()[:16], 16)
 
 
-def pick(decided: Iterable[Decided], labelled: set[str], size: int = DEFAULT_SIZE,
-         rate: float = AUDIT_RATE) -> list[QueueItem]:
-    """The queue: up to ``size`` decided images not yet labelled (``labelled``: their addresses)
-    picked for their score, nearest the threshold first, then every audited one, labelled or not
-    (the audit's record: `read_queue` leaves out what is labelled)."""
-    scored = [d for d in decided if math.isfinite(d.score)]
-    audits = [_item(d, AUDIT, 1 / rate) for d in scored if audited(d.image, rate)]
-    rest = [d for d in scored if d.image not in labelled and not audited(d.image, rate)]
-    near = sorted(rest, key=lambda d: abs(d.score - d.threshold))[:size // 2]
+def strata(decided: list[Decided]) -> dict[str, list[Decided]]:
+    """A run's decisions by reason: the `STRATUM_SHARE` highest scores, of the rest as many nearest
+    the threshold, and the rest, which the audit draws from."""
+    size = math.ceil(len(decided) * STRATUM_SHARE)
+    by_score = sorted(decided, key=lambda d: (-d.score, d.image))
+    high, rest = by_score[:size], by_score[size:]
+    near = sorted(rest, key=lambda d: (abs(d.score - d.threshold), d.image))[:size]
     taken = {d.image for d in near}
-    highest = sorted((d for d in rest if d.image not in taken), key=lambda d: -d.score)[:size - len(near)]
-    return [*(_item(d, NEAR_THRESHOLD, 0.0) for d in near), *(_item(d, HIGHEST_SCORE, 0.0) for d in highest),
-            *audits]
+    return {HIGHEST_SCORE: high, NEAR_THRESHOLD: near, AUDIT: [d for d in rest if d.image not in taken]}
+
+
+def allocation(sizes: dict[str, int], budget: int) -> dict[str, int]:
+    """How many images each stratum gives to the budget: its `ALLOCATION` share (rounded up, the
+    audit the remainder), at most its size; what a small stratum cannot give goes to the others."""
+    take = {reason: min(sizes[reason], math.ceil(budget * ALLOCATION[reason])) for reason in (HIGHEST_SCORE,
+                                                                                                NEAR_THRESHOLD)}
+    take[AUDIT] = min(sizes[AUDIT], budget - sum(take.values()))
+    for reason in (HIGHEST_SCORE, NEAR_THRESHOLD, AUDIT):
+        take[reason] += min(sizes[reason] - take[reason], budget - sum(take.values()))
+    return take
+
+
+def pick(decided: Iterable[Decided], budget: int) -> list[QueueItem]:
+    """A stratified sample of one run's new decisions: in each of the `strata`, its `allocation` of
+    the budget drawn by `draw`, each image weighted by its stratum's size over its draws; in the
+    order of `draw`."""
+    groups = strata([d for d in decided if math.isfinite(d.score)])
+    take = allocation({reason: len(group) for reason, group in groups.items()}, budget)
+    items = [_item(d, reason, len(group) / take[reason])
+             for reason, group in groups.items() for d in sorted(group, key=lambda d: draw(d.image))[:take[reason]]]
+    return sorted(items, key=lambda item: draw(item.image))
 
 
 def _item(decision: Decided, reason: str, weight: float) -> QueueItem:
@@ -122,9 +146,10 @@ def read_queue(store: Store, product: str) -> list[QueueItem]:
 
 @dataclass(frozen=True)
 class EscapeEstimate:
-    """Of the audited images the model passed, the share people found defective, with a 90 % interval."""
+    """Of the images the model passed, the share that is defective, estimated from the labelled
+    drawn images it passed (each counted by its weight), with a 90 % interval."""
 
-    passed_audited: int
+    passed_labelled: int
     defects: int
     rate: float
     low: float
@@ -132,16 +157,19 @@ class EscapeEstimate:
 
 
 def escape_estimate(labels: Iterable[LabelEntry], queue: Iterable[QueueItem]) -> EscapeEstimate | None:
-    """From the labels of the audited images the champion passed (the stored queue, labelled
-    images included); None before any. Wilson's interval stays inside [0, 1] for few and rare defects."""
-    passed_audits = {i.image for i in queue if i.reason == AUDIT and not i.is_anomaly}
-    passed = [e for e in labels if e.source in passed_audits]
-    if not passed:
+    """From the labels of the drawn images the champion passed (the stored queue, labelled images
+    included); None before any. Wilson's interval (it stays inside [0, 1] for few and rare defects)
+    on the weights' effective count, (sum w)^2 / sum w^2, which is the count when weights are equal."""
+    passed = {i.image: i.weight for i in queue if not i.is_anomaly and i.weight > 0}
+    found = [(passed[e.source], e.label == DEFECT) for e in labels if e.source in passed]
+    if not found:
         return None
-    n, k, z = len(passed), sum(e.label == DEFECT for e in passed), 1.6449
-    centre = (k + z * z / 2) / (n + z * z)
-    half = z * math.sqrt(k * (n - k) / n + z * z / 4) / (n + z * z)
-    return EscapeEstimate(n, k, k / n, max(0.0, centre - half), min(1.0, centre + half))
+    weights, defective = np.array([w for w, _ in found]), np.array([d for _, d in found])
+    rate = float(weights @ defective / weights.sum())
+    n, z = weights.sum() ** 2 / (weights ** 2).sum(), 1.6449
+    centre = (rate * n + z * z / 2) / (n + z * z)
+    half = z * math.sqrt(rate * (1 - rate) * n + z * z / 4) / (n + z * z)
+    return EscapeEstimate(len(found), int(defective.sum()), rate, max(0.0, centre - half), min(1.0, centre + half))
 
 
 @dataclass(frozen=True)

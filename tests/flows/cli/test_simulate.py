@@ -41,6 +41,8 @@ def test_a_two_day_line_runs_through_the_real_flows_and_never_labels_the_held_ou
     assert all(r["seconds"] > 0 for r in records) and picture.stat().st_size > 0
     split = split_line(load_category(data), 2, 1, 0.3)
     product = next(p.name for p in (work / "store" / "products").iterdir())
-    labelled = set(current_labels(LocalStore(work / "store"), product))
+    labels = current_labels(LocalStore(work / "store"), product)
+    assert all(e.weight >= 1.0 for e in labels.values())  # each with its chance of a review, so it may judge
+    labelled = set(labels)
     held_out = {hashlib.sha256(s.path.read_bytes()).hexdigest() for s in split.held_out}
     assert labelled and not labelled & held_out

@@ -28,7 +28,7 @@ from flows.pyfunc import LOADER_MODULE, artifact_problem, encode_png, log_pyfunc
 from flows.settings import config_sha256, load_settings, training_config
 from fsad_core.data import load_category
 from fsad_core.detector import Detector
-from fsad_core.evidence import LABELLED, SYNTHETIC, Evidence
+from fsad_core.evidence import LABELLED, SYNTHETIC, Evidence, weighted_auroc
 from fsad_core.metrics import image_auroc
 from fsad_core.synthetic import make_category
 from tests.tiny_training import TINY_TRAINING
@@ -175,8 +175,12 @@ def test_register_verify_promote_moves_champion_and_previous(settings, fitted, v
         assert check.ok, check.reason
         assert registry.version_tags(PRODUCT, version)["verified"] == "true"
     assert registry.promote(PRODUCT, v1) == {CANDIDATE: v2, CHAMPION: v1}
-    champion, evidence = registry.champion_evidence(PRODUCT, images, labels, "cpu", settings)
-    assert champion == v1 and evidence.auroc == pytest.approx(image_auroc(labels, detector.score(images).scores))
+    champion, evidence = registry.champion_evidence(PRODUCT, images, labels, device="cpu", settings=settings)
+    scores = detector.score(images).scores
+    assert champion == v1 and evidence.auroc == pytest.approx(image_auroc(labels, scores))
+    weights = [1.0 + 9.0 * (i % 2) for i in range(len(labels))]  # as the candidate's benchmark counts them
+    _, weighted = registry.champion_evidence(PRODUCT, images, labels, weights, device="cpu", settings=settings)
+    assert weighted.auroc == pytest.approx(weighted_auroc(labels, scores, weights))
     assert registry.promote(PRODUCT, v2) == {CANDIDATE: v2, CHAMPION: v2, PREVIOUS: v1}
 
 

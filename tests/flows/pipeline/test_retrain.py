@@ -41,7 +41,7 @@ from flows.pipeline.retrain import (
 )
 from flows.pipeline.summary import PINNED, GateSummary, RetrainSummary
 from flows.pyfunc import encode_png
-from flows.settings import LoopSettings, SettingsError, load_settings
+from flows.settings import LoopSettings, SettingsError, load_settings, training_config
 from flows.store.labels import DEFECT, GOOD, LabelSnapshot, add_labels, current_labels
 from flows.store.storage import open_store, quarantine_prefix, training_key, upload_prefix, validation_key
 from flows.store.upload import (
@@ -55,6 +55,8 @@ from flows.store.upload import (
 from fsad_core.calibration import Threshold
 from fsad_core.config import DetectorConfig
 from fsad_core.data import load_category
+from fsad_core.detector import Detector
+from fsad_core.evidence import weighted_auroc
 from fsad_core.imageio import ImageReadError, read_image
 from fsad_core.synthetic import make_category
 from tests.html_pictures import pictures_of
@@ -281,6 +283,25 @@ def test_labels_judge_train_and_calibrate_and_new_labels_make_a_new_version(env,
     assert tags["candidate_choice"].startswith(f"{second.method}: ") and "candidates fast " in tags["candidate_choice"]
     assert second.gate.champion_version == "1" and second.gate.evidence == "labelled"  # compared on one benchmark
     assert retrain_flow("labelled")["status"] == "already_trained"  # the same labels: not trained twice
+
+
+def test_the_benchmark_counts_each_image_by_its_weight(sets):
+    """A judging label stands for as many of the line's images as its weight (one over its chance of
+    a review); the benchmark's AUROC is the weighted one, as the champion's is (`champion_evidence`)."""
+    from flows.pipeline.retrain import UploadData, score_benchmark
+
+    folder = sets["good"]
+    train = [read_image(p) for p in sorted((folder / "train" / "good").glob("*.png"))]
+    evaluated = [(read_image(p), int(kind == "defect")) for kind in ("good", "defect")
+                 for p in sorted((folder / "eval" / kind).glob("*.png"))]
+    images, labels = [image for image, _ in evaluated], [label for _, label in evaluated]
+    labels[0], labels[-1] = 1, 0  # two swapped: a ranking short of perfect, where weights matter
+    detector, report = Detector.fit(train, training_config("fast", 0, TINY_TRAINING), device="cpu")
+    scores = detector.score(images).raw_scores
+    weights = [1.0 + 15.0 * (score < np.median(scores)) for score in scores]  # the low scores: audits
+    bench = score_benchmark.fn(detector, report, UploadData(train, images, labels, [""] * len(images), weights))
+    assert bench.evidence.auroc == pytest.approx(weighted_auroc(labels, scores, weights))
+    assert bench.evidence.auroc != pytest.approx(weighted_auroc(labels, scores))
 
 
 def test_corrupt_upload_is_quarantined_and_creates_no_version(env, sets):

@@ -104,16 +104,48 @@ def test_fsad_label_labels_files_and_store_keys_and_names_what_it_refuses(tmp_pa
     assert cli_main(["label", "--product", "../x", "--good", str(tmp_path / "a.png")]) == 1
 
 
-def test_audits_always_judge_picks_by_score_never_and_the_rest_by_their_hash(store):
+def test_fsad_label_of_a_queued_image_keeps_its_queue_reason_and_weight(tmp_path, monkeypatch):
+    from flows.store.queue import QueueItem, write_queue
+
+    monkeypatch.setenv("FSAD_STORAGE", str(tmp_path / "store"))
+    for name in ("queued.png", "other.png"):
+        (tmp_path / name).write_bytes(png(len(name)))
+    queued = str(tmp_path / "queued.png")
+    write_queue(LocalStore(tmp_path / "store"), P, [QueueItem(queued, 0.45, 0.5, False, "3", NEAR_THRESHOLD, 6.0)])
+    assert cli_main(["label", "--product", P, "--good", queued, str(tmp_path / "other.png")]) == 0
+    entries = {e.source: e for e in current_labels(LocalStore(tmp_path / "store"), P).values()}
+    assert (entries[queued].reason, entries[queued].weight) == (NEAR_THRESHOLD, 6.0)
+    assert (entries[str(tmp_path / "other.png")].reason, entries[str(tmp_path / "other.png")].weight) == (
+        "command line", 0.0)
+
+
+def test_a_share_of_the_labels_judges_by_hash_with_its_weight_and_unweighted_picks_by_score_never(store):
     reasons = (AUDIT, NEAR_THRESHOLD, HIGHEST_SCORE, "command line")
-    for i in range(40):
-        add_labels(store, P, [(f"{i}.png", png(i))], GOOD, "ann", reasons[i % 4])
+    for i in range(80):  # a queue's labels carry weights; labels of older queues, by score, none
+        weight = 0.0 if i % 8 in (1, 2) or i % 4 == 3 else 2.0 + i % 4
+        add_labels(store, P, [(f"{i}.png", png(i))], GOOD, "ann", reasons[i % 4], weight=weight)
+    labels = current_labels(store, P).values()
     judging, training = LabelSnapshot.of(current_labels(store, P)).split(0.5)
-    assert {e.reason for e in judging} == {AUDIT, "command line"}
-    assert all(e in judging for e in current_labels(store, P).values() if e.reason == AUDIT)
-    others = [e for e in judging + training if e.reason == "command line"]
-    assert [e in judging for e in others] == [in_hash_share(e.image_sha256, 0.5) for e in others]
-    assert 0 < sum(e in judging for e in others) < len(others)
+    eligible = [e for e in labels if e.weight > 0 or e.reason in (AUDIT, "command line")]
+    assert sorted(e.image_sha256 for e in judging) == sorted(
+        e.image_sha256 for e in eligible if in_hash_share(e.image_sha256, 0.5))
+    assert 0 < len(judging) < len(eligible) and not {e.image_sha256 for e in judging} & {
+        e.image_sha256 for e in training}
+    assert {e.judging_weight for e in judging} <= {1.0, 2.0, 3.0, 4.0}
+    assert all(e.judging_weight == 1.0 for e in judging if e.reason == "command line")
+    assert all(e.judging_weight is None for e in labels if e.weight == 0 and e.reason in (NEAR_THRESHOLD,
+                                                                                            HIGHEST_SCORE))
+
+
+def test_a_weight_that_is_not_a_number_of_0_or_more_is_refused_or_skipped(store, caplog):
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(LabelError, match="weight"):
+            add_labels(store, P, [("a.png", png(1))], GOOD, "ann", AUDIT, weight=bad)
+    [entry] = add_labels(store, P, [("a.png", png(1))], GOOD, "ann", AUDIT, weight=16.0)
+    assert current_labels(store, P)[entry.image_sha256].weight == 16.0
+    forged = entry.to_json().replace('"weight": 16.0', '"weight": "many"')
+    store.put_bytes(f"products/{P}/labels/entries/20990101T000000.000000Z-forged.json", forged.encode())
+    assert current_labels(store, P)[entry.image_sha256].weight == 16.0 and "not a label entry" in caplog.text
 
 
 def test_a_reader_that_keeps_what_it_read_reads_each_entry_once_and_sees_new_ones(store, monkeypatch):
