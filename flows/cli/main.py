@@ -289,7 +289,7 @@ def _cmd_score_prefix(args: argparse.Namespace) -> int:
     from flows.settings import locations
     if "://" not in args.url:
         preflight.paths([args.url])
-    preflight.champion(args.product, locations())
+    preflight.deciding(args.product, locations())
     from flows.pipeline.runners import prefect_api
     from flows.pipeline.score_prefix import score_prefix_flow
     with prefect_api():

@@ -9,7 +9,7 @@ import re
 import sqlite3
 from pathlib import Path
 
-from flows.mlops.names import CHAMPION, MODEL_PREFIX, model_name
+from flows.mlops.names import CANDIDATE, CHAMPION, MODEL_PREFIX, model_name
 from flows.settings import Locations
 from flows.store.storage import latest_complete_upload, list_uploads, open_store, validate_name
 
@@ -60,8 +60,16 @@ def exported(folder: str) -> None:
                        f"--format onnx --out {folder}` makes one")
 
 
-def champion(product: str, where: Locations) -> None:
-    model(f"models:/{model_name(validate_name(product, 'product name'))}@{CHAMPION}", where)
+def deciding(product: str, where: Locations) -> None:
+    """A version to decide the product's line: its champion, else its candidate (in shadow)."""
+    name = model_name(validate_name(product, "product name"))
+    try:
+        model(f"models:/{name}@{CHAMPION}", where)
+    except NotReady:
+        with contextlib.suppress(NotReady):
+            model(f"models:/{name}@{CANDIDATE}", where)
+            return
+        raise
 
 
 def upload(product: str, upload_id: str | None, where: Locations) -> None:

@@ -129,7 +129,7 @@ class _Line:
             target = folder / f"{i:05d}{sample.path.suffix}"
             shutil.copyfile(sample.path, target)
             self.truth[str(target)] = sample
-        if registry.alias_version(self.product, registry.CHAMPION) is not None:
+        if registry.deciding_alias(self.product) is not None:  # the candidate in shadow before a champion
             score_prefix_flow(self.product, str(folder))
             self.label(reviews)
         retrain_due_flow(None, seed)

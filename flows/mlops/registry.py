@@ -120,6 +120,14 @@ def alias_version(product: str, alias: str) -> str | None:
     return aliases(product).get(alias)
 
 
+def deciding_alias(product: str) -> str | None:
+    """The alias whose version decides the product's line: the champion; before there is one, the
+    candidate, whose decisions only fill the review queue (shadow), so that a product whose first
+    model missed the gate still gets the labels that may make a champion of a later one."""
+    found = aliases(product)
+    return next((alias for alias in (CHAMPION, CANDIDATE) if alias in found), None)
+
+
 def aliases(product: str) -> dict[str, str]:
     """alias -> version of ``fsad-PRODUCT`` (empty when the model is not registered yet)."""
     from mlflow.exceptions import MlflowException
@@ -432,6 +440,7 @@ def _move_aside_remains(target: Path) -> None:
 
 
 __all__ = ["CANDIDATE", "CHAMPION", "PREVIOUS", "GateDecision", "RegistryError", "Verification", "VersionRecord",
-           "WrittenModel", "alias_version", "aliases", "champion_evidence", "download_model", "gate_decision",
+           "WrittenModel", "alias_version", "aliases", "champion_evidence", "deciding_alias", "download_model",
+           "gate_decision",
            "find_trained_version", "find_upload_version", "model_name", "resolve_model", "promote", "record_gate",
            "register", "tag_number", "verify", "version_tags", "versions"]

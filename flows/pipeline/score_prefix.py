@@ -1,7 +1,10 @@
 """Batch scoring (deployment ``score-prefix``, ``fsad score-prefix``): every image under a storage
 prefix scored by a product's champion, the decisions written back beside them as JSON Lines.
 
-The champion's alias is read once: the whole run scores with the version it stood for then. Each
+The champion's alias is read once: the whole run scores with the version it stood for then. A
+product without a champion (its first model missed the gate) is decided by its candidate in
+shadow: the decisions say so (alias ``candidate``) and serve the review queue, whose labels may
+make a champion of a later version. Each
 batch of images is a task (on Dask when given one, see `flows.pipeline.runners`) that writes its decisions
 as one part file under ``PREFIX/fsad-decisions/MODEL/vVERSION/`` once the batch is scored. A run
 that stops keeps its finished parts; the next run of the same version scores only the images no
@@ -177,11 +180,16 @@ def batches_flow(url: str, batches: list[list[tuple[str, int]]], ref: str, model
 @flow(name="score-prefix")
 def score_prefix_flow(product: str, url: str, batch: int | None = None, dask: str | None = None) -> dict[str, Any]:
     """Decide every image under ``url`` (``s3://BUCKET/PREFIX`` or a folder) with ``product``'s
-    champion, ``batch`` images a task (default `BATCH`); returns the run's `Summary`."""
+    champion (its candidate in shadow before there is one), ``batch`` images a task (default `BATCH`);
+    returns the run's `Summary`."""
     batch = BATCH if batch is None else batch
     if batch < 1:
         raise ValueError(f"batch must be at least 1, got {batch}")
-    name, version = registry.resolve_model(f"models:/{registry.model_name(product)}@{registry.CHAMPION}")
+    alias = registry.deciding_alias(product)
+    if alias is None:
+        raise registry.RegistryError(f"product {product} has no registered model yet; `fsad retrain --product "
+                                     f"{product}` registers one")
+    name, version = registry.resolve_model(f"models:/{registry.model_name(product)}@{alias}")
     ref = f"models:/{name}/{version}"
     registry.download_model(ref)  # once here: the tasks of this machine then find it
     store, prefix = open_store(url), decisions_prefix(name, version)
@@ -190,13 +198,14 @@ def score_prefix_flow(product: str, url: str, batch: int | None = None, dask: st
     done = already_decided(store, prefix)
     todo = [(key, size) for key, size in images if key not in done]
     batches = [todo[i:i + batch] for i in range(0, len(todo), batch)]
-    model = {"name": name, "version": version, "alias": registry.CHAMPION}
+    model = {"name": name, "version": version, "alias": alias}
     run_batches = batches_flow.with_options(task_runner=task_runner(dask))
     counts = run_batches(url, batches, ref, model, prefix) if batches else []
     scored, flagged, unreadable = (sum(c[field] for c in counts) for field in ("scored", "anomalies", "unreadable"))
     queued = refresh_queue(url, product, prefix, version, ref, {key for key, _ in todo})
     record_line_run(open_store(load_settings().storage_url), product, version, scored, flagged, unreadable, queued)
-    summary = Summary(f"{name} version {version} (@{registry.CHAMPION})", len(images), len(images) - len(todo),
+    shadow = "" if alias == registry.CHAMPION else ": no champion yet, its decisions fill the review queue only"
+    summary = Summary(f"{name} version {version} (@{alias}{shadow})", len(images), len(images) - len(todo),
                       scored, flagged, unreadable, store.uri(prefix), queued)
     get_run_logger().info("%s", summary)
     return asdict(summary)

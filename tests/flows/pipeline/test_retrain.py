@@ -304,6 +304,28 @@ def test_the_benchmark_counts_each_image_by_its_weight(sets):
     assert bench.evidence.auroc != pytest.approx(weighted_auroc(labels, scores))
 
 
+def test_a_product_whose_first_model_missed_the_gate_is_decided_in_shadow_for_its_review_queue(env, sets, tmp_path):
+    from flows.pipeline.score_prefix import score_prefix_flow
+    from flows.store.queue import queue_state
+
+    env.setenv("FSAD_GATE_MIN_AUROC", "0.999")
+    try:
+        upload_folder(open_store(), "shadowed", sets["worse"], upload_id=U_WORSE)
+        assert retrain_flow("shadowed")["status"] == "gate_failed"
+    finally:
+        env.delenv("FSAD_GATE_MIN_AUROC")
+    assert registry.aliases("shadowed") == {CANDIDATE: "1"}
+    line = tmp_path / "line"
+    line.mkdir()
+    for path in sorted((sets["good"] / "eval").rglob("*.png")):
+        (line / f"{path.parent.name}-{path.name}").write_bytes(path.read_bytes())
+    summary = score_prefix_flow("shadowed", str(line))
+    assert summary["scored"] == 10 and "@candidate: no champion yet" in summary["model"]
+    [part] = (line / "fsad-decisions").rglob("*.jsonl")
+    assert {json.loads(row)["model"]["alias"] for row in part.read_text().splitlines()} == {CANDIDATE}
+    assert summary["queued"] == 10 and len(queue_state(open_store(), "shadowed").items) == 10
+
+
 def test_corrupt_upload_is_quarantined_and_creates_no_version(env, sets):
     store = open_store()
     prefix = upload_prefix(P, U_CORRUPT)
