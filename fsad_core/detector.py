@@ -128,6 +128,10 @@ class Detector:
         return type(self)(self.config, self.net, self.scoring, self.fusion, threshold, self.meta, self.device)
 
     # ----------------------------------------------------------------------------- scoring
+    def features(self, views: torch.Tensor) -> Features:
+        """Prepared views (Nx3xSxS in [0, 1] at the work side, `prepare`) to what the scorers need."""
+        return self._extractor.features(views)
+
     def anomaly_maps(self, feats: Features) -> torch.Tensor:
         """BxSxS maps at the patch branch's input side (`Scoring.anomaly_maps`)."""
         return self.scoring.anomaly_maps(feats, self.config)
@@ -158,7 +162,7 @@ class Detector:
         for first in range(0, len(images), batch):
             chunk = [array_at_work_size(img) for img in images[first:first + batch]]
             views = [prepare(img, self.input_spec) for img in chunk]
-            feats = self._extractor.features(torch.cat(views))
+            feats = self.features(torch.cat(views))
             amap = self.anomaly_maps(feats)
             part_of_view = torch.cat([torch.full((v.shape[0],), i) for i, v in enumerate(views)])
             parts.append(worst_tile(self.scoring.components(feats, self.config, amap), part_of_view))

@@ -54,7 +54,7 @@ class ViewGraph(nn.Module):
         self.net = detector.net  # registered, so the weights are the graph's initialisers
 
     def forward(self, view: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        feats = self.detector._extractor.features(view)
+        feats = self.detector.features(view)
         amap = self.detector.anomaly_maps(feats)
         if not self.detector.config.image_branch:
             return (amap,)
