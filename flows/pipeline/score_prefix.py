@@ -91,9 +91,9 @@ def already_decided(store: Any, prefix: str) -> set[str]:
 
 
 @task(**IO_RETRIES)
-def refresh_queue(url: str, product: str, prefix: str, version: str, ref: str, new: set[str]) -> int:
-    """The product's review queue with this run's draw from its ``new`` decisions (keys under
-    ``url``) added, and their pictures drawn; how many images it holds. The version's earlier draws
+def refresh_queue(url: str, product: str, prefix: str, version: str, ref: str, new: dict[str, int]) -> int:
+    """The product's review queue with this run's draw from its ``new`` decisions (key under
+    ``url`` -> size) added, and their pictures drawn; how many images it holds. The version's earlier draws
     stay on record (the escape estimate counts every labelled one since the version came)."""
     store, settings = open_store(url), load_settings()
     product_store = open_store(settings.storage_url)
@@ -104,19 +104,20 @@ def refresh_queue(url: str, product: str, prefix: str, version: str, ref: str, n
     items = pick(decided, loop_settings(*product_overrides(settings, product_store, product)).reviews_per_run)
     drawn = {item.image for item in items}
     kept = [item for item in read_queue(product_store, product) if item.version == version and item.image not in drawn]
-    draw_pictures(store, product_store, product, [(item, keys[item.image]) for item in items], _champion(ref))
+    draw_pictures(store, product_store, product, [(item, keys[item.image], new[keys[item.image]]) for item in items],
+                  _champion(ref))
     write_queue(product_store, product, kept + items)
     return len(items) + len(kept)
 
 
-def draw_pictures(store: Store, product_store: Store, product: str, items: list[tuple[QueueItem, str]],
+def draw_pictures(store: Store, product_store: Store, product: str, items: list[tuple[QueueItem, str, int]],
                   detector: Detector) -> None:
     """The thumbnail and the overlay (the model's shared colour scale) of each (queued image, its
-    key in ``store``) that has none yet; an image that cannot be read any more gets none."""
-    todo = [(item, key) for item, key in items if not product_store.exists(media_key(product, item, OVERLAY))]
-    sizes = {info.key: info.size for info in store.list_info()} if todo else {}
-    images, _ = _read(store, [(key, sizes[key]) for _, key in todo if key in sizes], image_limits())
-    todo = [(item, key) for item, key in todo if key in images]
+    key in ``store``, its size) that has none yet; an image that cannot be read any more gets none."""
+    todo = [(item, key, size) for item, key, size in items
+            if not product_store.exists(media_key(product, item, OVERLAY))]
+    images, _ = _read(store, [(key, size) for _, key, size in todo], image_limits())
+    todo = [(item, key) for item, key, _ in todo if key in images]
     if not todo:
         return
     maps = detector.score([images[key] for _, key in todo], with_maps=True).maps or []
@@ -202,7 +203,7 @@ def score_prefix_flow(product: str, url: str, batch: int | None = None, dask: st
     run_batches = batches_flow.with_options(task_runner=task_runner(dask))
     counts = run_batches(url, batches, ref, model, prefix) if batches else []
     scored, flagged, unreadable = (sum(c[field] for c in counts) for field in ("scored", "anomalies", "unreadable"))
-    queued = refresh_queue(url, product, prefix, version, ref, {key for key, _ in todo})
+    queued = refresh_queue(url, product, prefix, version, ref, dict(todo))
     record_line_run(open_store(load_settings().storage_url), product, version, scored, flagged, unreadable, queued)
     shadow = "" if alias == registry.CHAMPION else ": no champion yet, its decisions fill the review queue only"
     summary = Summary(f"{name} version {version} (@{alias}{shadow})", len(images), len(images) - len(todo),

@@ -86,7 +86,9 @@ def test_the_queues_pictures_are_drawn_once_by_the_model_at_the_page_size(tmp_pa
     line.put_bytes("gone.png", b"not an image")
     config = replace(method_config("fast", seed=0), **{k: v for k, v in TINY_TRAINING.items() if k != "finetune"})
     detector, _ = Detector.fit([wide, wide[:, ::-1].copy()], config, device="cpu")
-    items = [(QueueItem(line.uri(key), 1.0, 2.0, False, "3", "audit", 20.0), key) for key in ("a.png", "gone.png")]
+    sizes = {info.key: info.size for info in line.list_info()}
+    items = [(QueueItem(line.uri(key), 1.0, 2.0, False, "3", "audit", 20.0), key, sizes[key])
+             for key in ("a.png", "gone.png")]
     score_prefix.draw_pictures(line, product_store, "washer", items, detector)
     thumb = Image.open(io.BytesIO(product_store.get_bytes(media_key("washer", items[0][0], THUMB))))
     picture = Image.open(io.BytesIO(product_store.get_bytes(media_key("washer", items[0][0], OVERLAY))))
