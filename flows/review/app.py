@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import re
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from urllib.parse import quote
 
 from jinja2 import Environment, FileSystemLoader
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -54,7 +55,6 @@ PRE_SESSION = "fsad_review_signin"  # a signed-out browser's nonce, from which t
 GRID = 24  # cards of the grid view
 ITEM_ID = re.compile(r"[0-9a-f]{32}")
 HERE = Path(__file__).parent
-Handler = Callable[[Request], Awaitable[Response]]
 
 
 @dataclass
@@ -92,8 +92,13 @@ def create_app(review: Review) -> Starlette:
     return app
 
 
-def signed_in(handler: Callable[[Pages, Request, str], Awaitable[Response]]) -> Callable[[Pages, Request], Any]:
-    """The handler with the operator's name; without a session a page asks to sign in, a POST is refused."""
+SignedInHandler = Callable[["Pages", Request, str, "FormData | None"], Response]  # runs in a worker thread
+
+
+def signed_in(handler: SignedInHandler) -> Callable[[Pages, Request], Any]:
+    """The handler with the operator's name and, for a POST, its checked form (`Pages.checked_form`);
+    without a session a page asks to sign in, a POST is refused. The handler runs in a worker
+    thread: its store and registry calls block, and must not hold up the other operators' requests."""
     @functools.wraps(handler)
     async def wrapper(self: Pages, request: Request) -> Response:
         operator = self.review.sessions.operator(request.cookies.get(COOKIE))
@@ -101,7 +106,8 @@ def signed_in(handler: Callable[[Pages, Request, str], Awaitable[Response]]) -> 
             if request.method != "GET":
                 raise HTTPException(401, "sign in first")
             return RedirectResponse(f"/signin?next={quote(request.url.path)}", 303)
-        return await handler(self, request, operator)
+        form = await self.checked_form(request, operator) if request.method == "POST" else None
+        return await run_in_threadpool(handler, self, request, operator, form)
     return wrapper
 
 
@@ -157,28 +163,27 @@ class Pages:
         return response
 
     @signed_in
-    async def signout(self, request: Request, operator: str) -> Response:
-        await self.checked_form(request, operator)
+    def signout(self, request: Request, operator: str, form: FormData | None) -> Response:
         response = RedirectResponse("/signin", 303)
         response.delete_cookie(COOKIE)
         return response
 
     # --------------------------------------------------------------------------- views
     @signed_in
-    async def products(self, request: Request, operator: str) -> Response:
+    def products(self, request: Request, operator: str, form: FormData | None) -> Response:
         names = list_products(self.review.store)
         queues = {name: queue_state(self.review.store, name, self.review.known_labels) for name in names}
         return self.render(request, "products.html", products=names, queues=queues)
 
     @signed_in
-    async def product(self, request: Request, operator: str) -> Response:
+    def product(self, request: Request, operator: str, form: FormData | None) -> Response:
         state = product_state(self.review.store, _product(request), self.review.known_labels)
         links = {row.version: _model_link(self.review.mlflow_url, state.product, row.version)
                  for row in state.versions} if self.review.mlflow_url else {}
         return self.render(request, "product.html", state=state, plot=auroc_svg(state.versions), links=links)
 
     @signed_in
-    async def queue(self, request: Request, operator: str) -> Response:
+    def queue(self, request: Request, operator: str, form: FormData | None) -> Response:
         product = _product(request)
         state = queue_state(self.review.store, product, self.review.known_labels)
         view = "grid" if request.query_params.get("view") == "grid" else "card"
@@ -188,7 +193,7 @@ class Pages:
                            grid=GRID)
 
     @signed_in
-    async def picture(self, request: Request, operator: str) -> Response:
+    def picture(self, request: Request, operator: str, form: FormData | None) -> Response:
         product, item_id, kind = _product(request), request.path_params["item"], request.path_params["kind"]
         if not ITEM_ID.fullmatch(item_id) or kind not in (THUMB, OVERLAY):
             raise HTTPException(404, "no such picture")
@@ -202,7 +207,7 @@ class Pages:
         return Response(data, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
 
     @signed_in
-    async def report(self, request: Request, operator: str) -> Response:
+    def report(self, request: Request, operator: str, form: FormData | None) -> Response:
         product, version = _product(request), request.path_params["version"]
         run_id = next((v.run_id for v in registry.versions(product) if v.version == version), None)
         if not run_id:
@@ -213,9 +218,8 @@ class Pages:
 
     # --------------------------------------------------------------------------- people's word
     @signed_in
-    async def label(self, request: Request, operator: str) -> Response:
+    def label(self, request: Request, operator: str, form: FormData) -> Response:
         product = _product(request)
-        form = await self.checked_form(request, operator)
         label = str(form.get("label", ""))
         if label not in (GOOD, DEFECT):
             raise HTTPException(400, f"label {label!r}: good or defect")
@@ -229,10 +233,9 @@ class Pages:
         return _back_to_queue(product, form)
 
     @signed_in
-    async def undo(self, request: Request, operator: str) -> Response:
+    def undo(self, request: Request, operator: str, form: FormData) -> Response:
         """The operator's last label on the product still standing, retracted."""
         product = _product(request)
-        form = await self.checked_form(request, operator)
         history = label_history(self.review.store, product, self.review.known_labels)
         standing = current_labels(self.review.store, product, self.review.known_labels)
         last = next((e for e in reversed(history)
@@ -244,9 +247,8 @@ class Pages:
         return _back_to_queue(product, form)
 
     @signed_in
-    async def control(self, request: Request, operator: str) -> Response:
+    def control(self, request: Request, operator: str, form: FormData) -> Response:
         product = _product(request)
-        form = await self.checked_form(request, operator)
         action, why = str(form.get("action", "")), str(form.get("why", ""))
         if form.get("confirm") != "yes":
             raise HTTPException(400, f"{action}: tick the confirmation first")

@@ -113,7 +113,16 @@ def test_a_body_over_the_limit_is_refused_and_writes_nothing(client, line):
     assert answer.status_code == 413 and label_history(line.store, PRODUCT) == []
 
 
-def test_labels_beyond_the_operators_rate_are_refused(client, line):
+def test_labels_beyond_the_operators_rate_are_refused(line):
+    """With the clock held still, so that no token comes back however slowly the machine answers."""
+    from flows.review.app import Review, create_app
+    from flows.review.auth import RateLimit, Sessions
+    from flows.review.serve import LABEL_BURST, LABELS_PER_SECOND
+    from flows.store.storage import open_store
+
+    still = RateLimit(LABELS_PER_SECOND, LABEL_BURST, clock=lambda: 0.0)
+    client = TestClient(create_app(Review(open_store(line.storage_url), Sessions(TOKEN), still, RateLimit(1, 10))),
+                        follow_redirects=False)
     csrf = sign_in(client)  # a burst of 20 (serve.LABEL_BURST), spent on a card that is not there
     codes = [label(client, csrf, "f" * 32).status_code for _ in range(25)]
     assert codes[:20] == [409] * 20 and set(codes[20:]) == {429}
@@ -166,3 +175,34 @@ def test_every_answer_carries_the_content_policy(client):
     assert "script-src 'self'" in answer.headers["content-security-policy"]
     assert answer.headers["x-frame-options"] == "DENY"
     assert f"{review_app_module.COOKIE}=" not in answer.headers.get("set-cookie", "")  # no session before sign-in
+
+
+def test_a_slow_store_call_holds_up_no_other_operators_request(line, served, monkeypatch):
+    """Handlers run in worker threads: one card's picture waiting on the store leaves the page
+    answering everyone else."""
+    import threading
+    import time
+
+    import httpx
+
+    real = type(line.store).get_bytes
+
+    def slow(self, key):
+        if key.endswith("-overlay.png"):
+            time.sleep(2.0)
+        return real(self, key)
+
+    monkeypatch.setattr(type(line.store), "get_bytes", slow)
+    with httpx.Client(base_url=served) as browser:
+        csrf = re.search(r'<form class="signin".*?name="csrf" value="([0-9a-f]+)"', browser.get("/signin").text,
+                         re.S).group(1)
+        signed = browser.post("/signin", data={"name": "ann", "token": TOKEN, "next": "/", "csrf": csrf})
+        assert signed.status_code == 303
+        picture = f"/p/{PRODUCT}/picture/{line.items[0].id}/overlay"
+        waiting = threading.Thread(target=browser.get, args=(picture,))
+        waiting.start()
+        time.sleep(0.3)
+        start = time.perf_counter()
+        assert browser.get(f"/p/{PRODUCT}/queue").status_code == 200
+        assert time.perf_counter() - start < 1.0
+        waiting.join()
