@@ -10,7 +10,7 @@ benchmark of picked images estimates the AUROC of the line's own mix.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -18,6 +18,9 @@ LABELLED, SYNTHETIC = "labelled", "synthetic"
 MIN_PER_CLASS = 5  # labelled evidence needs at least this many defects and this many normals
 INTERVAL_LEVEL = 0.9
 RESAMPLES = 2000
+# A candidate replaces a champion when its AUROC is above the champion's in at least this share of
+# the paired resamples of their common benchmark: credibly better, not better by the luck of a few images.
+PROMOTION_CONFIDENCE = 0.9
 
 
 @dataclass(frozen=True)
@@ -30,10 +33,19 @@ class Evidence:
     high: float
     n_normal: int
     n_defect: int
+    resampled: np.ndarray | None = field(default=None, compare=False, repr=False)  # the bootstrap's AUROCs
 
     def overlaps(self, other: Evidence) -> bool:
         """Whether the two intervals overlap: the benchmark cannot tell the two models apart."""
         return self.low <= other.high and other.low <= self.high
+
+    def share_above(self, other: Evidence) -> float:
+        """Of the paired resamples, the share in which this AUROC is above the other's. `judge` draws
+        the same resamples for every model judged on one benchmark (the same images, in the same
+        order, with the same seed), so the two differ only by the models' scores."""
+        if self.resampled is None or other.resampled is None or len(self.resampled) != len(other.resampled):
+            raise ValueError("paired resamples of one benchmark are needed to compare two models")
+        return float(np.mean(self.resampled > other.resampled))
 
 
 def evidence_kind(n_normal: int, n_defect: int) -> str:
@@ -84,7 +96,8 @@ def judge(labels: Sequence[int], scores: Sequence[float], weights: Sequence[floa
     tail = (1 - INTERVAL_LEVEL) / 2
     low, high = np.quantile(resampled, [tail, 1 - tail])
     n_normal, n_defect = len(wn), len(wd)
-    return Evidence(kind or evidence_kind(n_normal, n_defect), auroc, float(low), float(high), n_normal, n_defect)
+    return Evidence(kind or evidence_kind(n_normal, n_defect), auroc, float(low), float(high), n_normal, n_defect,
+                    resampled)
 
 
 def in_hash_share(sha256: str, share: float) -> bool:

@@ -126,7 +126,7 @@ def run_demo(workdir: str | None = None, data: str | None = None) -> int:
         print(f"data        {what}")
         print(f"training    {json.dumps(settings.train_overrides)} (small settings for a quick demo; "
               f"FSAD_TRAIN_OVERRIDES changes them)")
-        print(f"gate        benchmark AUROC >= {settings.gate_min_auroc} and not worse than the champion")
+        print(f"gate        benchmark AUROC >= {settings.gate_min_auroc} and credibly better than the champion")
         result = upload_folder(open_store(settings.storage_url), product, folder)
         print(f"uploaded    {product} {result.upload_id}: "
               + ", ".join(f"{n} {split}" for split, n in result.counts.items()))

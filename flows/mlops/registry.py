@@ -1,8 +1,9 @@
 """The MLflow model registry side of the pipeline: versions, the gate, verification and aliases.
 
 Registered model ``fsad-PRODUCT``. A new version gets alias ``candidate``. The gate passes when the
-benchmark AUROC is at least the minimum and not worse than the current champion's AUROC on the
-same labelled evaluation set (the champion is downloaded and scores that set itself). Its inputs
+benchmark AUROC is at least the minimum for a first champion, and later credibly better than the
+current champion's on the same labelled benchmark (the champion is downloaded and scores that set
+itself; `gate_decision` holds the policy). Its inputs
 and verdict are tags on the version. Only a version whose artifact was downloaded back, loaded and
 found to be the one written (the same model files byte for byte, the same score and decision on a
 smoke image; tag ``verified=true``) can become ``champion``; the former
@@ -34,7 +35,7 @@ from flows.pyfunc import (
 )
 from flows.settings import Settings, load_settings
 from fsad_core.detector import Detector
-from fsad_core.evidence import LABELLED, MIN_PER_CLASS, SYNTHETIC, Evidence, judge
+from fsad_core.evidence import LABELLED, MIN_PER_CLASS, PROMOTION_CONFIDENCE, SYNTHETIC, Evidence, judge
 
 _SCORE_RTOL = 1e-5
 _SCORE_ATOL = 1e-5
@@ -203,9 +204,10 @@ def register(product: str, model_uri: str, run_id: str, tags: dict[str, str]) ->
 def gate_decision(candidate: Evidence | None, min_auroc: float, eval_set: str, champion_version: str | None = None,
                   champion: Evidence | None = None, allow_unproven: bool = False) -> GateDecision:
     """The gate's verdict from its inputs (no I/O). The minimum AUROC guards a product's first
-    champion. Once there is a champion, a candidate replaces it when it is not worse on the same
-    labelled benchmark (`evidence.LABELLED`: at least 5 defects and 5 normals, both models scored on
-    them), whatever the minimum; a champion below the minimum is flagged. On evidence that cannot
+    champion. Once there is a champion, a candidate replaces it when it is credibly better on the
+    same labelled benchmark (`evidence.LABELLED`: at least 5 defects and 5 normals, both models
+    scored on them): above the champion in `PROMOTION_CONFIDENCE` of the paired resamples, whatever
+    the minimum; a champion below the minimum is flagged. On evidence that cannot
     compare the two (synthetic, or too few labels) the champion stays, unless the product's
     settings allow it (``allow_unproven``: then the minimum decides, as for a first champion)."""
     auroc = None if candidate is None else candidate.auroc
@@ -232,11 +234,12 @@ def gate_decision(candidate: Evidence | None, min_auroc: float, eval_set: str, c
                            f"of at least {MIN_PER_CLASS} defects and {MIN_PER_CLASS} normals both were scored on; "
                            f"champion stays")
     flag = f"; champion v{champion_version} is below the minimum {min_auroc:.4f}" if below else ""
-    if auroc < champion.auroc:
-        return made(False, f"{measured} worse than champion v{champion_version} ({champion.auroc:.4f}) on the same "
-                           f"labelled benchmark{flag}")
-    return made(True, f"{measured} >= champion v{champion_version} ({champion.auroc:.4f}) on the same labelled "
-                      f"benchmark{flag}")
+    share = candidate.share_above(champion)
+    versus = (f"champion v{champion_version} ({champion.auroc:.4f}): above it in {share:.0%} of the paired resamples "
+              f"of the same labelled benchmark")
+    if share < PROMOTION_CONFIDENCE:
+        return made(False, f"{measured} not credibly better than {versus}, {PROMOTION_CONFIDENCE:.0%} needed{flag}")
+    return made(True, f"{measured} better than {versus}{flag}")
 
 
 def champion_evidence(product: str, images: list[np.ndarray] | None, labels: list[int] | None,

@@ -87,3 +87,16 @@ def test_the_best_candidate_on_labelled_evidence_or_the_cheaper_one_it_cannot_te
     unlabelled = {"fast": _e(0.99, 0.98, 1.0, SYNTHETIC), "default": _e(0.90, 0.8, 0.95, SYNTHETIC)}
     assert best_candidate(unlabelled, seconds, "default")[0] == "default"
     assert best_candidate({"fast": apart["fast"]}, seconds, "default") == ("fast", "the only candidate")
+
+
+def test_two_models_judged_on_one_benchmark_are_compared_on_the_same_resamples():
+    rng = np.random.default_rng(3)
+    labels = [0] * 30 + [1] * 8
+    weights = rng.uniform(1, 16, len(labels))
+    weaker = np.concatenate([rng.normal(0, 1, 30), rng.normal(1.0, 1, 8)])
+    stronger = weaker + 1.5 * np.asarray(labels)  # every defect scores higher, every normal the same
+    a, b = judge(labels, stronger, weights), judge(labels, weaker, weights)
+    assert a.auroc > b.auroc and a.share_above(b) >= 0.9 and b.share_above(a) == 0.0
+    assert a.share_above(judge(labels, stronger, weights)) == 0.0  # the same model: never above itself
+    with pytest.raises(ValueError, match="paired resamples"):
+        a.share_above(Evidence(a.kind, a.auroc, a.low, a.high, a.n_normal, a.n_defect))

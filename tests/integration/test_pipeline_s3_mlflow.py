@@ -280,7 +280,7 @@ def test_worse_upload_fails_the_gate_and_aliases_stay(stack, sets, monkeypatch):
     monkeypatch.setenv("FSAD_GATE_MIN_AUROC", "0")  # the comparison with the champion decides
     upload_folder(open_store(), P, sets["worse"], upload_id=U_WORSE)
     summary = retrain_flow(P, upload_id=U_WORSE)
-    assert summary["status"] == "gate_failed" and "worse than champion v1" in summary["gate"]["reason"]
+    assert summary["status"] == "gate_failed" and "not credibly better than champion v1" in summary["gate"]["reason"]
     assert aliases(P) == {CANDIDATE: "2", CHAMPION: "1"}
     assert version_tags(P, "2")["gate.verdict"] == "failed"
 

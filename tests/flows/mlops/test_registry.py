@@ -28,7 +28,7 @@ from flows.pyfunc import LOADER_MODULE, artifact_problem, encode_png, log_pyfunc
 from flows.settings import config_sha256, load_settings, training_config
 from fsad_core.data import load_category
 from fsad_core.detector import Detector
-from fsad_core.evidence import LABELLED, SYNTHETIC, Evidence, weighted_auroc
+from fsad_core.evidence import LABELLED, RESAMPLES, SYNTHETIC, Evidence, weighted_auroc
 from fsad_core.metrics import image_auroc
 from fsad_core.synthetic import make_category
 from tests.tiny_training import TINY_TRAINING
@@ -90,8 +90,10 @@ def versions(settings, fitted):
 
 # ---- the gate's rules (no I/O) ------------------------------------------------------------------
 
-def _evidence(auroc: float, kind: str = LABELLED) -> Evidence:
-    return Evidence(kind, auroc, auroc - 0.05, min(1.0, auroc + 0.05), 20, 10 if kind == LABELLED else 3)
+def _evidence(auroc: float, kind: str = LABELLED, spread: float = 0.0) -> Evidence:
+    """Evidence whose paired resamples lie evenly within ``spread`` of the AUROC (in one order)."""
+    resampled = auroc + np.linspace(-spread, spread, RESAMPLES)
+    return Evidence(kind, auroc, auroc - 0.05, min(1.0, auroc + 0.05), 20, 10 if kind == LABELLED else 3, resampled)
 
 
 @pytest.mark.parametrize("candidate, champ, champion, allow, passed, phrase", [
@@ -99,8 +101,11 @@ def _evidence(auroc: float, kind: str = LABELLED) -> Evidence:
     (_evidence(0.95, SYNTHETIC), None, None, False, True, "no champion yet"),
     (_evidence(0.85), None, None, False, False, "below the minimum"),
     # Labelled evidence both were scored on decides between them, whatever the minimum.
-    (_evidence(0.95), "3", _evidence(0.97), False, False, "worse than champion v3"),
-    (_evidence(0.97), "3", _evidence(0.97), False, True, ">= champion v3"),
+    (_evidence(0.95), "3", _evidence(0.97), False, False, "not credibly better than champion v3"),
+    (_evidence(0.97), "3", _evidence(0.97), False, False, "above it in 0% of the paired resamples"),
+    # Better in the point estimate, but above the champion in 62 % of the paired resamples only.
+    (_evidence(0.98, spread=0.04), "3", _evidence(0.97), False, False, "above it in 62% of the paired"),
+    (_evidence(0.99, spread=0.01), "3", _evidence(0.97), False, True, "better than champion v3"),
     (_evidence(0.85), "3", _evidence(0.80), False, True, "champion v3 is below the minimum"),
     # Evidence that cannot compare them keeps the champion, unless the product's settings allow it.
     (_evidence(0.99, SYNTHETIC), "3", None, False, False, "cannot be compared with champion v3"),

@@ -189,14 +189,14 @@ def test_worse_upload_fails_the_gate_and_the_champion_stays(env, sets):
     gate = summary["gate"]
     assert not gate["passed"] and gate["champion_version"] == "1"
     assert gate["candidate_auroc"] < gate["champion_auroc"]
-    assert "worse than champion v1" in gate["reason"]
+    assert "not credibly better than champion v1" in gate["reason"]
     assert registry.aliases(P) == {CANDIDATE: "2", CHAMPION: "1"}
     assert PREVIOUS not in registry.aliases(P)  # nothing was promoted, so previous was not moved
     tags = registry.version_tags(P, "2")
     assert tags["gate.verdict"] == "failed" and tags["gate.champion_auroc"] == f"{gate['champion_auroc']:.6f}"
     assert "verified" not in tags
     page = mlflow.artifacts.load_text(f"runs:/{summary['run_id']}/report.html")
-    assert "Verdict: failed the gate" in page and "worse than champion v1" in page and pictures_of(page)
+    assert "Verdict: failed the gate" in page and "not credibly better than champion v1" in page and pictures_of(page)
 
 
 def test_upload_without_eval_set_is_judged_on_leave_one_out_and_synthetic_anomalies(env, sets):
