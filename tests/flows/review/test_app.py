@@ -204,5 +204,5 @@ def test_a_slow_store_call_holds_up_no_other_operators_request(line, served, mon
         time.sleep(0.3)
         start = time.perf_counter()
         assert browser.get(f"/p/{PRODUCT}/queue").status_code == 200
-        assert time.perf_counter() - start < 1.0
+        assert time.perf_counter() - start < 1.5  # held up, it would wait out the 2 s call
         waiting.join()
