@@ -243,13 +243,17 @@ def test_a_products_own_settings_are_checked_used_and_retrain_it_once(env):
 
 def test_a_pinned_product_is_gated_but_not_promoted(env, sets):
     store = open_store()
-    upload_folder(store, "pinned", sets["good"], upload_id=U_GOOD)
-    assert retrain_flow("pinned")["status"] == "promoted"
+    env.setenv("FSAD_GATE_MIN_AUROC", "0.999")  # a first version that misses it: registered, no champion
+    try:
+        upload_folder(store, "pinned", sets["worse"], upload_id=U_WORSE)
+        assert retrain_flow("pinned")["status"] == "gate_failed"
+    finally:
+        env.delenv("FSAD_GATE_MIN_AUROC")
     control.pin(store, "pinned", True, "ann", "lot 7 under audit")
-    store.put_json(training_key("pinned"), {"augment": {"hflip": False}})  # a new configuration: trained again
-    summary = RetrainSummary.from_dict(retrain_flow("pinned"))
+    upload_folder(store, "pinned", sets["good"], upload_id=U_GOOD)
+    summary = RetrainSummary.from_dict(retrain_flow("pinned", upload_id=U_GOOD))
     assert summary.gate.passed and summary.status == PINNED and "pinned" in summary.message
-    assert registry.aliases("pinned")[CHAMPION] == "1" and summary.version == "2"
+    assert CHAMPION not in registry.aliases("pinned") and summary.version == "2"
     control.promote_by_hand(store, "pinned", "2", "ann", "audit done")
     assert registry.aliases("pinned")[CHAMPION] == "2"
 
