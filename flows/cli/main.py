@@ -178,13 +178,12 @@ def _cmd_settings(args: argparse.Namespace) -> int:
 def _cmd_label(args: argparse.Namespace) -> int:
     from flows.settings import load_settings
     from flows.store.labels import add_labels, current_labels, default_labeller, label_counts, read_sources
-    from flows.store.queue import read_queue
+    from flows.store.queue import drawn, read_queue
     from flows.store.storage import open_store, validate_name
     validate_name(args.product, "product name")
     store = open_store(load_settings().storage_url)
-    drawn = {item.image: (item.reason, item.weight) for item in read_queue(store, args.product)}
     entries = add_labels(store, args.product, read_sources(store, args.images), args.label,
-                         args.by or default_labeller(), args.reason, args.type, drawn=drawn)
+                         args.by or default_labeller(), args.reason, args.type, drawn(read_queue(store, args.product)))
     for entry in entries:
         print(f"{entry.source}: {entry.label}{f' ({entry.defect_type})' if entry.defect_type else ''} "
               f"by {entry.by} ({entry.image_sha256[:12]})")

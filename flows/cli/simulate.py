@@ -27,7 +27,7 @@ from flows.pipeline.scheduled import retrain_due_flow
 from flows.pipeline.score_prefix import score_prefix_flow
 from flows.settings import LOOP, Settings, load_settings, training_config
 from flows.store.labels import DEFECT, GOOD, add_labels
-from flows.store.queue import queue_state
+from flows.store.queue import drawn, queue_state
 from flows.store.storage import open_store, training_key
 from flows.store.upload import upload_folder, write_upload_folder
 from fsad_core.data import Sample, load_category
@@ -139,7 +139,7 @@ class _Line:
         for item in queue_state(self.store, self.product).items[:reviews]:
             sample = self.truth[item.image]
             add_labels(self.store, self.product, [(item.image, sample.path.read_bytes())],
-                       DEFECT if sample.label else GOOD, LABELLER, item.reason, weight=item.weight)
+                       DEFECT if sample.label else GOOD, LABELLER, item.reason, drawn=drawn([item]))
 
     def record(self, day: int, held_out: HeldOut, seconds: float) -> DayRecord:
         state = queue_state(self.store, self.product)

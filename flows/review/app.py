@@ -46,7 +46,7 @@ from flows.store.labels import (
     label_history,
     read_sources,
 )
-from flows.store.queue import OVERLAY, THUMB, media_key, queue_state, read_queue
+from flows.store.queue import OVERLAY, THUMB, drawn, media_key, queue_state, read_queue
 from flows.store.records import checked_text
 from flows.store.storage import ObjectNotFound, StorageError, Store, list_products, validate_name
 
@@ -229,7 +229,7 @@ class Pages:
             raise HTTPException(409, "this card was labelled meanwhile or has left the queue; reload")
         images = read_sources(self.review.store, [item.image])
         add_labels(self.review.store, product, images, label, operator, item.reason,
-                   str(form.get("defect_type", "")).strip() if label == DEFECT else "", item.weight)
+                   str(form.get("defect_type", "")).strip() if label == DEFECT else "", drawn([item]))
         return _back_to_queue(product, form)
 
     @signed_in

@@ -92,12 +92,11 @@ def default_labeller() -> str:
 
 
 def add_labels(store: Store, product: str, images: Iterable[tuple[str, bytes]], label: str, by: str, reason: str,
-               defect_type: str = "", weight: float = 0.0,
-               drawn: Mapping[str, tuple[str, float]] | None = None) -> list[LabelEntry]:
+               defect_type: str = "", drawn: Mapping[str, tuple[str, float]] | None = None) -> list[LabelEntry]:
     """Label each (source name, bytes) image: every image is checked first, then each is copied
     into the product's label images (once per content) and its entry written; nothing is written
     when any image or field is refused. ``drawn`` gives the (reason, weight) of sources the review
-    queue drew, which they keep whatever ``reason`` and ``weight`` say."""
+    queue drew (`queue.drawn`), which they keep whatever ``reason`` says; the others get no weight."""
     if label not in LABELS:
         raise LabelError(f"label {label!r}: one of {', '.join(LABELS)}")
     if defect_type and label != DEFECT:
@@ -105,14 +104,14 @@ def add_labels(store: Store, product: str, images: Iterable[tuple[str, bytes]], 
     by, reason = checked_text(by, "labeller", LabelError), checked_text(reason, "reason", LabelError)
     defect_type = checked_text(defect_type, "defect type", LabelError) if defect_type else ""
     drawn = drawn or {}
-    if not all(math.isfinite(w) and w >= 0 for w in [weight, *(w for _, w in drawn.values())]):
-        raise LabelError(f"weight {weight!r}: a finite number, 0 or more")
+    if bad := [w for _, w in drawn.values() if not (math.isfinite(w) and w >= 0)]:
+        raise LabelError(f"weight {bad[0]!r}: a finite number, 0 or more")
     checked = [(source, data, _image_key(product, source, data)) for source, data in images]
     entries = []
     for source, data, key in checked:
         if not store.exists(key):
             store.put_bytes(key, data)
-        why, counts = drawn.get(source, (reason, weight))
+        why, counts = drawn.get(source, (reason, 0.0))
         entry = LabelEntry(key.rsplit("/", 1)[1].split(".")[0], key, label, by, record_time(), why, source,
                            defect_type, float(counts))
         append_record(store, _entries_prefix(product), entry.at, entry.to_json())

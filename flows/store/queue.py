@@ -89,6 +89,11 @@ def media_key(product: str, item: QueueItem, kind: str) -> str:
             f"{UNIT}/{item.id}-{kind}.png")
 
 
+def drawn(items: Iterable[QueueItem]) -> dict[str, tuple[str, float]]:
+    """Image -> (reason, weight) of queued images: what their labels keep (`labels.add_labels`)."""
+    return {item.image: (item.reason, item.weight) for item in items}
+
+
 def draw(image: str) -> int:
     """The image's place in every draw: its address's hash, which no score or person chooses."""
     return int(hashlib.sha256(image.encode()).hexdigest()[:16], 16)

@@ -123,7 +123,8 @@ def test_a_share_of_the_labels_judges_by_hash_with_its_weight_and_unweighted_pic
     reasons = (AUDIT, NEAR_THRESHOLD, HIGHEST_SCORE, "command line")
     for i in range(80):  # a queue's labels carry weights; labels of older queues, by score, none
         weight = 0.0 if i % 8 in (1, 2) or i % 4 == 3 else 2.0 + i % 4
-        add_labels(store, P, [(f"{i}.png", png(i))], GOOD, "ann", reasons[i % 4], weight=weight)
+        add_labels(store, P, [(f"{i}.png", png(i))], GOOD, "ann", reasons[i % 4],
+                   drawn={f"{i}.png": (reasons[i % 4], weight)} if weight else None)
     labels = current_labels(store, P).values()
     judging, training = LabelSnapshot.of(current_labels(store, P)).split(0.5)
     eligible = [e for e in labels if e.weight > 0 or e.reason in (AUDIT, "command line")]
@@ -140,8 +141,8 @@ def test_a_share_of_the_labels_judges_by_hash_with_its_weight_and_unweighted_pic
 def test_a_weight_that_is_not_a_number_of_0_or_more_is_refused_or_skipped(store, caplog):
     for bad in (-1.0, float("nan"), float("inf")):
         with pytest.raises(LabelError, match="weight"):
-            add_labels(store, P, [("a.png", png(1))], GOOD, "ann", AUDIT, weight=bad)
-    [entry] = add_labels(store, P, [("a.png", png(1))], GOOD, "ann", AUDIT, weight=16.0)
+            add_labels(store, P, [("a.png", png(1))], GOOD, "ann", AUDIT, drawn={"a.png": (AUDIT, bad)})
+    [entry] = add_labels(store, P, [("a.png", png(1))], GOOD, "ann", AUDIT, drawn={"a.png": (AUDIT, 16.0)})
     assert current_labels(store, P)[entry.image_sha256].weight == 16.0
     forged = entry.to_json().replace('"weight": 16.0', '"weight": "many"')
     store.put_bytes(f"products/{P}/labels/entries/20990101T000000.000000Z-forged.json", forged.encode())

@@ -14,6 +14,7 @@ from flows.store.queue import (
     QueueItem,
     allocation,
     draw,
+    drawn,
     escape_estimate,
     pick,
     queue_state,
@@ -80,7 +81,7 @@ def test_the_stored_queue_leaves_out_what_is_labelled_since(tmp_path):
     items = pick(_decided(50), 6)
     write_queue(store, "washer", items)
     assert read_queue(store, "washer") == items
-    add_labels(store, "washer", [(items[0].image, _png())], GOOD, "ann", items[0].reason, weight=items[0].weight)
+    add_labels(store, "washer", [(items[0].image, _png())], GOOD, "ann", items[0].reason, drawn=drawn(items[:1]))
     state = queue_state(store, "washer")
     assert state.items == items[1:] and state.counts == {GOOD: 1, DEFECT: 0}
     assert read_queue(store, "washer") == items  # the stored queue keeps it on record
