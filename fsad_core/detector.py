@@ -75,6 +75,14 @@ class ScoreResult:
     components: dict[str, np.ndarray]
     maps: list[np.ndarray] | None = None
 
+    @classmethod
+    def of(cls, components: dict[str, np.ndarray], kind: str, threshold: Threshold,
+           maps: list[np.ndarray] | None = None) -> ScoreResult:
+        """The result from every component's scores, the model's score kind and its threshold."""
+        raw = components[kind]
+        return cls(to_unit(raw, threshold.value), threshold.is_anomaly(raw), AT_THRESHOLD, raw, threshold.value,
+                   components, maps)
+
 
 class Detector:
     """A fitted model of one product: the network, the scoring fitted on its normal images, the
@@ -172,12 +180,9 @@ class Detector:
                          for img, start, stop in zip(chunk, offsets[:-1], offsets[1:])]
             report(progress, "score", min(first + batch, len(images)), len(images))
         arrays = with_combined(joined(parts), self.fusion)
-        scores = arrays[self.config.score]
-        if not np.isfinite(scores).all():
+        if not np.isfinite(arrays[self.config.score]).all():
             raise FloatingPointError("non-finite anomaly scores")
-        value = self.threshold.value
-        return ScoreResult(to_unit(scores, value), self.threshold.is_anomaly(scores), AT_THRESHOLD, scores, value,
-                           arrays, maps if with_maps else None)
+        return ScoreResult.of(arrays, self.config.score, self.threshold, maps if with_maps else None)
 
     def _warn_if_grey_for_colour(self, images: list[np.ndarray]) -> None:
         """A grey copy of a colour product's part scores as a changed part: say so (models fitted

@@ -32,7 +32,6 @@ from .imageio import WORK_PIXELS
 from .negatives import synthesize
 from .preprocess import MAX_TILES, prepare, to_tensor
 from .provenance import library_versions
-from .units import AT_THRESHOLD, to_unit
 
 FORMATS = ("onnx",)
 RUNTIME_FILE = "fsad_runtime.py"
@@ -94,9 +93,7 @@ class ExportedDetector:
             raise ValueError("the exported model gives decisions, not maps: draw maps with the torch runtime")
         scored = [self.model.components(image) for image in images]
         components = {name: np.array([s[name] for s in scored]) for name in scored[0]}
-        raw = components[self.model.spec["score"]]
-        value = self.threshold.value
-        return ScoreResult(to_unit(raw, value), self.threshold.is_anomaly(raw), AT_THRESHOLD, raw, value, components)
+        return ScoreResult.of(components, self.model.spec["score"], self.threshold)
 
 
 def check_images(images: list[np.ndarray], seed: int = 0) -> list[np.ndarray]:

@@ -13,6 +13,7 @@ import argparse
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ from fsad_core.methods import method_config
 from fsad_core.onnx_runtime import ExportedModel
 
 
-def _images_per_second(score: callable, images: list[np.ndarray]) -> float:
+def _images_per_second(score: Callable[[list[np.ndarray]], object], images: list[np.ndarray]) -> float:
     score(images[:2])  # warm-up: allocators, kernels, the session's first run
     start = time.perf_counter()
     score(images)
