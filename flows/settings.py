@@ -150,6 +150,7 @@ class LoopSettings:
     reviews_per_run: int = 24  # images a score-prefix run draws into the review queue (`flows.store.queue`)
     max_k: int = 32  # normal images trained on at most: the upload's, then confirmed normals
     allow_unproven: bool = False  # a candidate may replace a champion on evidence that cannot compare them
+    defect_negatives: bool = False  # training-side confirmed defects join the fine-tuning's negatives (docs/loop.md)
     candidates: tuple[str, ...] = ("fast", "default")  # methods a retraining fits; the benchmark chooses
 
     def methods(self, asked: str | None) -> tuple[str, ...]:

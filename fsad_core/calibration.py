@@ -1,4 +1,4 @@
-"""Decision thresholds: calibrated from few normal images (unsupervised) or a labelled set.
+"""Decision thresholds, calibrated from the held-out scores of few normal images (unsupervised).
 
 A threshold is stored with the model together with its rule and expected error rates, so a
 deployment knows what false-alarm rate it signed up for. Flagging follows `fsad_core.metrics`:
@@ -13,13 +13,11 @@ from typing import Any
 
 import numpy as np
 from scipy import stats
-from sklearn.metrics import precision_recall_curve
 
-from .metrics import as_finite_scores, as_labels, lowest_threshold_within, rates_at_threshold
+from .metrics import as_finite_scores, lowest_threshold_within
 
 RULE_PREDICTION_BOUND = "normal_prediction_bound"
 RULE_SYNTHETIC_GAP = "synthetic_gap"
-RULE_SUPERVISED_F1 = "supervised_f1"
 RULE_SINGLE_IMAGE = "single_image_midpoint"
 
 # Fewer leave-one-out scores than this give no spread one can put a tail on (two scores: their
@@ -310,32 +308,3 @@ def calibrate_unsupervised(normal_scores: np.ndarray | list[float],
         expected_miss_rate=None if synthetic is None else float(np.mean(synthetic <= value)),
         details=_unsupervised_details(normal, bound, min_spread, refinement, reason),
     )
-
-
-def calibrate_supervised(scores: np.ndarray | list[float], labels: np.ndarray | list[int]) -> Threshold:
-    """F1-optimal threshold on a labelled validation set (label 1 = defect), both classes required.
-
-    Among F1-optimal cut points the highest is taken (fewest false alarms). The value is the
-    midpoint between the lowest flagged score and the next lower distinct score, so that
-    ``score > value`` reproduces the optimum with the widest margin.
-    """
-    s = as_finite_scores(scores)
-    y = as_labels(labels, s.size)
-    if np.unique(y).size < 2:
-        raise ValueError("calibrate_supervised needs both normal (0) and defect (1) labels in the validation set")
-    precision, recall, cuts = precision_recall_curve(y, s)
-    precision, recall = precision[:-1], recall[:-1]
-    denom = precision + recall
-    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(denom), where=denom > 0)
-    best = int(np.flatnonzero(f1 == f1.max())[-1])  # cuts increase: last = highest
-    lowest_flagged = float(cuts[best])
-    below = s[s < lowest_flagged]
-    if below.size:
-        lower = float(below.max())
-        value = lower + (lowest_flagged - lower) / 2.0
-        if not lower <= value < lowest_flagged:  # adjacent floats: the midpoint rounds up
-            value = lower
-    else:
-        value = float(np.nextafter(lowest_flagged, -np.inf))
-    rates = rates_at_threshold(y, s, value)
-    return Threshold(value, RULE_SUPERVISED_F1, rates["false_alarm_rate"], rates["miss_rate"], rates)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -104,8 +105,9 @@ class Detector:
     # ----------------------------------------------------------------------------- fitting
     @classmethod
     def fit(cls, images: list[np.ndarray], config: DetectorConfig = DetectorConfig(), device: str = "auto",
-            progress: Progress | None = None) -> tuple[Detector, FitReport]:
-        """Fit on k >= 1 normal images (HxWx3 uint8, any sizes), the stages of `fsad_core.fitting` in order."""
+            progress: Progress | None = None, defects: Sequence[np.ndarray] = ()) -> tuple[Detector, FitReport]:
+        """Fit on k >= 1 normal images (HxWx3 uint8, any sizes), the stages of `fsad_core.fitting` in
+        order; confirmed ``defects``, where given, are negatives of the contrastive fine-tuning."""
         if not images:
             raise ValueError("need at least one normal image")
         images = [checked_array(image, i) for i, image in enumerate(images)]
@@ -118,13 +120,15 @@ class Detector:
         net = build_network(config, create_backbone(config.backbone, config.weights)).to(dev).eval()
         extractor = Extractor(net, config, input_spec, dev)
         pool = view_pool(images, config, input_spec, progress)
-        features, history = adapted_features(extractor, pool, rng, progress)
+        defects = [checked_array(image, i) for i, image in enumerate(defects)]
+        features, history = adapted_features(extractor, pool, rng, progress, defects)
         normals = Normals.of(features, pool, config, progress)
         folds = held_out_folds(pool)
         normal, synthetic = held_out_scores(extractor, normals, pool, folds, rng, progress)
         report(progress, "calibrate", 1, 1)
         calibration = calibrate(normal, synthetic, config, pool.n_images, folds.rule)
-        meta = {"k": pool.n_images, "tiles": pool.n_tiles, "fitted_on": cpu_description(),
+        meta = {"k": pool.n_images, "tiles": pool.n_tiles, "defects": len(defects) if config.finetune else 0,
+                "fitted_on": cpu_description(),
                 "colour": not all(is_grey(image) for image in images),
                 **({"fusion_rule": calibration.fusion_rule} if config.image_branch else {})}
         detector = cls(config, net, normals.scoring_on(torch.ones(len(pool.views), dtype=torch.bool)),

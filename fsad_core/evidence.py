@@ -18,9 +18,14 @@ LABELLED, SYNTHETIC = "labelled", "synthetic"
 MIN_PER_CLASS = 5  # labelled evidence needs at least this many defects and this many normals
 INTERVAL_LEVEL = 0.9
 RESAMPLES = 2000
-# A candidate replaces a champion when its AUROC is above the champion's in at least this share of
-# the paired resamples of their common benchmark: credibly better, not better by the luck of a few images.
+# A candidate of another method replaces a champion when its AUROC is above the champion's in at
+# least this share of the paired resamples of their common benchmark: credibly better, not better
+# by the luck of a few images. The same share tells two candidates apart (`best_candidate`).
 PROMOTION_CONFIDENCE = 0.9
+# The champion's own method trained again, on more labels, replaces it when it is at least as likely
+# above it as below: a change of method needs evidence, more of the product's images the absence of
+# evidence against them.
+RETRAINING_CONFIDENCE = 0.5
 
 
 @dataclass(frozen=True)
@@ -40,12 +45,12 @@ class Evidence:
         return self.low <= other.high and other.low <= self.high
 
     def share_above(self, other: Evidence) -> float:
-        """Of the paired resamples, the share in which this AUROC is above the other's. `judge` draws
-        the same resamples for every model judged on one benchmark (the same images, in the same
-        order, with the same seed), so the two differ only by the models' scores."""
+        """Of the paired resamples, the share in which this AUROC is above the other's, a tie counting
+        half. `judge` draws the same resamples for every model judged on one benchmark (the same
+        images, in the same order, with the same seed), so the two differ only by the models' scores."""
         if self.resampled is None or other.resampled is None or len(self.resampled) != len(other.resampled):
             raise ValueError("paired resamples of one benchmark are needed to compare two models")
-        return float(np.mean(self.resampled > other.resampled))
+        return float(np.mean(self.resampled > other.resampled) + 0.5 * np.mean(self.resampled == other.resampled))
 
 
 def evidence_kind(n_normal: int, n_defect: int) -> str:
@@ -107,10 +112,13 @@ def in_hash_share(sha256: str, share: float) -> bool:
     return int(sha256[:8], 16) / 2**32 < share
 
 
-def best_candidate(evidence: dict[str, Evidence], seconds: dict[str, float], day0: str) -> tuple[str, str]:
-    """The candidate method to register, and why. On labelled evidence, the best AUROC, or among the
-    candidates whose interval overlaps the best's (the benchmark cannot tell them apart) the
-    cheapest (fewest seconds); without it, the day-0 rule ``day0``."""
+def best_candidate(evidence: dict[str, Evidence], seconds: dict[str, float], day0: str,
+                   incumbent: str | None = None) -> tuple[str, str]:
+    """The candidate method to register, and why. On labelled evidence, the best AUROC; of the
+    candidates the benchmark cannot tell from the best (the best is above them in fewer than
+    `PROMOTION_CONFIDENCE` of the paired resamples), the champion's method ``incumbent`` where it
+    is one of them (a change of method needs evidence, and the gate asks for it), else the cheapest
+    (fewest seconds). Without labelled evidence, the day-0 rule ``day0``."""
     if len(evidence) == 1:
         return next(iter(evidence)), "the only candidate"
     shown = ", ".join(f"{name} {e.auroc:.4f} ({e.low:.3f}-{e.high:.3f})" for name, e in evidence.items())
@@ -118,7 +126,12 @@ def best_candidate(evidence: dict[str, Evidence], seconds: dict[str, float], day
         chosen = day0 if day0 in evidence else next(iter(evidence))
         return chosen, f"{chosen}: no labelled evidence, the day-0 rule (candidates {shown})"
     best = max(evidence, key=lambda name: evidence[name].auroc)
-    chosen = min((name for name in evidence if evidence[name].overlaps(evidence[best])), key=seconds.__getitem__)
-    why = "the best on the labelled benchmark" if chosen == best else \
-        f"the cheapest of those the labelled benchmark cannot tell from the best ({best})"
+    tied = [name for name in evidence
+            if name == best or evidence[best].share_above(evidence[name]) < PROMOTION_CONFIDENCE]
+    if incumbent in tied and incumbent != best:
+        chosen, why = incumbent, f"the champion's method, which the benchmark cannot tell from the best ({best})"
+    else:
+        chosen = min(tied, key=seconds.__getitem__)
+        why = "the best on the labelled benchmark" if chosen == best else \
+            f"the cheapest of those the labelled benchmark cannot tell from the best ({best})"
     return chosen, f"{chosen}: {why} (candidates {shown})"

@@ -9,6 +9,7 @@ synthetic anomalies (`held_out_scores`) -> fusion statistics and the threshold (
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -29,6 +30,7 @@ from .preprocess import InputSpec, prepare
 from .progress import Progress, report
 from .scoring import Scoring, joined, worst_tile
 
+DEFECT_VIEWS = 8  # views of each confirmed defect among the fine-tuning's negatives: it and augmented copies
 MAX_FOLDS = 8  # held-out folds of the normal images for calibration (one image each up to k = 8)
 
 
@@ -85,15 +87,47 @@ def _synthetic_anomalies(rng: np.random.Generator, views: torch.Tensor, picks: n
                         for j in picks])
 
 
+def _patches(extractor: Extractor, views: torch.Tensor) -> torch.Tensor:
+    """The views' patch features as (views x patches x channels)."""
+    patches = extractor.prefixes(views, image_branch=False).features(extractor.net, extractor.device, False).patches
+    return patches.flatten(2).transpose(1, 2)
+
+
+def defect_views(extractor: Extractor, pool: ViewPool, defects: Sequence[np.ndarray]) -> torch.Tensor:
+    """Views of confirmed defects for the fine-tuning's negative term: each defect's tile whose
+    patches lie farthest from the normal tiles' (a defect is local, and the other tiles of a tiled
+    part are normal: pushed away, they would teach the network that normal texture is anomalous),
+    then augmented copies of it, as the normal views are made."""
+    config = extractor.config
+    tiles = [prepare(array_at_work_size(image), extractor.spec) for image in defects]
+    if any(len(t) > 1 for t in tiles):
+        reference = _patches(extractor, pool.views[pool.view_in_tile == 0]).flatten(0, 1)
+
+        def farthest(candidates: torch.Tensor) -> torch.Tensor:
+            gaps = torch.stack([torch.cdist(p, reference).amin(1).amax() for p in _patches(extractor, candidates)])
+            return candidates[int(gaps.argmax())]
+
+        chosen = [farthest(t) if len(t) > 1 else t[0] for t in tiles]
+    else:
+        chosen = [t[0] for t in tiles]
+    return torch.cat([torch.cat([tile[None], augment_views(tile, DEFECT_VIEWS - 1, config.augment,
+                                                            generator_seed=config.seed * 1000 + 500 + i)])
+                      for i, tile in enumerate(chosen)])
+
+
 def adapted_features(extractor: Extractor, pool: ViewPool, rng: np.random.Generator,
-                      progress: Progress | None) -> tuple[Features, TrainingHistory | None]:
+                      progress: Progress | None, defects: Sequence[np.ndarray] = ()
+                      ) -> tuple[Features, TrainingHistory | None]:
     """The pool's features after the optional contrastive fine-tuning, which trains the network's
-    suffix on the frozen prefix's outputs, computed once."""
+    suffix on the frozen prefix's outputs, computed once. Its negatives are synthetic anomalies and
+    the views of any confirmed defects (`defect_views`)."""
     config, net = extractor.config, extractor.net
     normal_pre = extractor.prefixes(pool.views, config.image_branch or config.finetune is not None, progress)
     history = None
     if config.finetune is not None:
         negatives = _synthetic_anomalies(rng, pool.views, rng.integers(len(pool.views), size=config.negatives))
+        if defects:
+            negatives = torch.cat([negatives, defect_views(extractor, pool, defects)])
         neg_h = prefix_outputs(net, resized(negatives, config.size), extractor.spec, extractor.device, progress).h
         report = (lambda step, total, loss: progress("fine-tune", step, total)) if progress else None
         # Tiles of one part are views of one instance: the instance term must not learn to tell

@@ -35,7 +35,15 @@ from flows.pyfunc import (
 )
 from flows.settings import Settings, load_settings
 from fsad_core.detector import Detector
-from fsad_core.evidence import LABELLED, MIN_PER_CLASS, PROMOTION_CONFIDENCE, SYNTHETIC, Evidence, judge
+from fsad_core.evidence import (
+    LABELLED,
+    MIN_PER_CLASS,
+    PROMOTION_CONFIDENCE,
+    RETRAINING_CONFIDENCE,
+    SYNTHETIC,
+    Evidence,
+    judge,
+)
 
 _SCORE_RTOL = 1e-5
 _SCORE_ATOL = 1e-5
@@ -145,6 +153,12 @@ def version_tags(product: str, version: str) -> dict[str, str]:
     return dict(_client().get_model_version(model_name(product), version).tags)
 
 
+def champion_tags(product: str) -> dict[str, str]:
+    """The champion's tags (its method, upload, labels...); empty without a champion."""
+    version = alias_version(product, CHAMPION)
+    return {} if version is None else version_tags(product, version)
+
+
 @dataclass(frozen=True)
 class VersionRecord:
     """A registered version as the registry keeps it: when, from which run, and its tags."""
@@ -202,14 +216,18 @@ def register(product: str, model_uri: str, run_id: str, tags: dict[str, str]) ->
 
 
 def gate_decision(candidate: Evidence | None, min_auroc: float, eval_set: str, champion_version: str | None = None,
-                  champion: Evidence | None = None, allow_unproven: bool = False) -> GateDecision:
+                  champion: Evidence | None = None, allow_unproven: bool = False, retrained: bool = False
+                  ) -> GateDecision:
     """The gate's verdict from its inputs (no I/O). The minimum AUROC guards a product's first
-    champion. Once there is a champion, a candidate replaces it when it is credibly better on the
-    same labelled benchmark (`evidence.LABELLED`: at least 5 defects and 5 normals, both models
-    scored on them): above the champion in `PROMOTION_CONFIDENCE` of the paired resamples, whatever
-    the minimum; a champion below the minimum is flagged. On evidence that cannot
-    compare the two (synthetic, or too few labels) the champion stays, unless the product's
-    settings allow it (``allow_unproven``: then the minimum decides, as for a first champion)."""
+    champion. Once there is a champion, a candidate replaces it on the same labelled benchmark
+    (`evidence.LABELLED`: at least 5 defects and 5 normals, both models scored on them), whatever
+    the minimum: a candidate of another method when credibly better (above the champion in
+    `PROMOTION_CONFIDENCE` of the paired resamples), the champion's own method and upload trained
+    again with newer labels (``retrained``) when at least as likely above it as below
+    (`RETRAINING_CONFIDENCE`); a
+    champion below the minimum is flagged. On evidence that cannot compare the two (synthetic, or
+    too few labels) the champion stays, unless the product's settings allow it
+    (``allow_unproven``: then the minimum decides, as for a first champion)."""
     auroc = None if candidate is None else candidate.auroc
     below = champion is not None and champion.auroc < min_auroc
 
@@ -237,9 +255,13 @@ def gate_decision(candidate: Evidence | None, min_auroc: float, eval_set: str, c
     share = candidate.share_above(champion)
     versus = (f"champion v{champion_version} ({champion.auroc:.4f}): above it in {share:.0%} of the paired resamples "
               f"of the same labelled benchmark")
-    if share < PROMOTION_CONFIDENCE:
-        return made(False, f"{measured} not credibly better than {versus}, {PROMOTION_CONFIDENCE:.0%} needed{flag}")
-    return made(True, f"{measured} better than {versus}{flag}")
+    if retrained:
+        needed, failed, kind = RETRAINING_CONFIDENCE, "more often below than above", "its own model trained again"
+    else:
+        needed, failed, kind = PROMOTION_CONFIDENCE, "not credibly better than", "another method"
+    if share < needed:
+        return made(False, f"{measured} {failed} {versus}, {needed:.0%} needed for {kind}{flag}")
+    return made(True, f"{measured} better than {versus} ({needed:.0%} needed for {kind}){flag}")
 
 
 def champion_evidence(product: str, images: list[np.ndarray] | None, labels: list[int] | None,

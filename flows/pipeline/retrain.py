@@ -2,7 +2,7 @@
 
     load manifest -> validate (GX; a failed upload is quarantined, logged and the flow fails)
     -> already trained? (same content_sha256 + configuration: stop) -> load images -> fine-tune
-    -> benchmark scores -> calibrate -> evaluate -> log to MLflow -> register (alias candidate)
+    -> benchmark scores -> evaluate -> log to MLflow -> register (alias candidate)
     -> gate -> verify + promote (aliases champion / previous)
 
 From the idempotency check to the alias moves, one run per product holds its product's lock (a
@@ -61,7 +61,7 @@ from flows.store.storage import (
 )
 from flows.store.upload import ManifestError, content_sha256, read_checked, read_manifest
 from flows.store.validation import ValidationReport, quarantine_upload, validate_upload, write_report
-from fsad_core.calibration import Threshold, calibrate_supervised
+from fsad_core.calibration import Threshold
 from fsad_core.config import DetectorConfig
 from fsad_core.detector import Detector
 from fsad_core.devices import resolve_device
@@ -91,14 +91,14 @@ class NoUpload(PermanentError):
 class UploadData:
     """Decoded images of a retraining: the normal training images (the upload's, then confirmed
     normals), the labelled benchmark (the upload's eval set and the labels that judge) and the
-    confirmed defects that calibrate the threshold."""
+    confirmed defects of the training side."""
 
     train: list[np.ndarray]
     eval_images: list[np.ndarray]
     eval_labels: list[int]
     eval_keys: list[str]
     eval_weights: list[float]  # what each benchmark image counts for: 1 for the upload's, a label's `judging_weight`
-    defects: list[np.ndarray] = field(default_factory=list)  # training-side labelled defects
+    defects: list[np.ndarray] = field(default_factory=list)  # training-side confirmed defects (`loop.defect_negatives`)
 
 
 @dataclass
@@ -194,7 +194,8 @@ def load_images(settings: Settings, job: RetrainJob, manifest: dict[str, Any]) -
     """Decode the manifest's images, each checked against its manifest sha256 once more (what is
     trained on is exactly the content that was validated and that content_sha256 names), then the
     labelled images: those that judge join the benchmark, confirmed normals the training images
-    (up to ``loop.max_k`` in all), confirmed defects the threshold's calibration."""
+    (up to ``loop.max_k`` in all), confirmed defects the fine-tuning's negatives where the product's
+    settings say so."""
     store = open_store(settings.storage_url)
     limits = image_limits()
     budget = PixelBudget(limits, f"upload {job.upload_id} of {job.product} with its labels")
@@ -224,7 +225,7 @@ def load_images(settings: Settings, job: RetrainJob, manifest: dict[str, Any]) -
         elif len(data.train) < job.loop.max_k:
             data.train.append(labelled(entry))
     get_run_logger().info("loaded %d training images, %d benchmark images (%d defect) and %d confirmed defects "
-                          "to calibrate on", len(data.train), len(data.eval_images), sum(data.eval_labels),
+                          "to fine-tune against", len(data.train), len(data.eval_images), sum(data.eval_labels),
                           len(data.defects))
     return data
 
@@ -284,17 +285,21 @@ def _server_lock(product: str) -> Iterator[None]:
 
 
 @task(persist_result=False)
-def fit(images: list[np.ndarray], config: DetectorConfig, device: str) -> tuple[Detector, FitReport]:
-    """Fine-tune and fit the scoring, with the threshold calibrated without labels (`Detector.fit`)."""
+def fit(images: list[np.ndarray], config: DetectorConfig, device: str, defects: list[np.ndarray]
+        ) -> tuple[Detector, FitReport]:
+    """Fine-tune (confirmed ``defects`` among the negatives) and fit the scoring, with the threshold
+    at the false-alarm target from the held-out normal scores (`Detector.fit`)."""
     logger = get_run_logger()
     dev = resolve_device(device)
     steps = config.finetune.steps if config.finetune else 0
-    logger.info("fine-tuning on %d images: %s at %d px, %d steps, %d pooled views, device %s", len(images),
-                config.backbone, config.size, steps, config.pool_views, dev)
+    logger.info("fine-tuning on %d images with %d confirmed defects: %s at %d px, %d steps, %d pooled views, "
+                "device %s", len(images), len(defects) if steps else 0, config.backbone, config.size, steps,
+                config.pool_views, dev)
     if note := stretch_warning([img.shape for img in images], config.resize):
         logger.warning("%s (\"resize\": \"tile\" in FSAD_TRAIN_OVERRIDES)", note)
     with training_slot(dev.type):
-        detector, report = Detector.fit(images, config, device=dev, progress=ProgressLine(logger.info))
+        detector, report = Detector.fit(images, config, device=dev, progress=ProgressLine(logger.info),
+                                        defects=defects)
     logger.info("fit done in %.1f s", report.seconds)
     return detector, report
 
@@ -313,23 +318,6 @@ def score_benchmark(detector: Detector, report: FitReport, data: UploadData) -> 
         [1] * len(report.synthetic_scores[detector.config.score])
     scores = components[detector.config.score]
     return Benchmark(LOO_SYNTHETIC, labels, scores, components, judge(labels, scores, kind=SYNTHETIC))
-
-
-@task(persist_result=False)
-def calibrate(detector: Detector, report: FitReport, data: UploadData) -> Threshold:
-    """Never on the benchmark: with confirmed defects on the training side, the F1-optimal threshold
-    between them and the fit's held-out normal scores; otherwise the fit's unsupervised threshold stays."""
-    t = detector.threshold
-    if data.defects:
-        normals = report.normal_scores[detector.config.score]
-        defects = detector.score(data.defects).raw_scores.tolist()
-        t = calibrate_supervised(np.asarray(normals + defects), [0] * len(normals) + [1] * len(defects)
-                                 ).with_details(unsupervised=t.to_dict(), calibrated_on="held-out normals and "
-                                                f"{len(defects)} confirmed defects of the training side")
-    get_run_logger().info("threshold %.4g (%s)", t.value, t.rule)
-    if t.details.get("provisional"):
-        get_run_logger().warning("the threshold is provisional: %s", t.details["provisional_reason"])
-    return t
 
 
 @task(persist_result=False)
@@ -401,14 +389,15 @@ def register(settings: Settings, product: str, model_uri: str, run_id: str, tags
 
 @task(**IO_RETRIES, persist_result=False)
 def gate(settings: Settings, product: str, version: str, bench: Benchmark, data: UploadData, device: str,
-         loop: LoopSettings) -> registry.GateDecision:
-    """Score the champion on the same labelled benchmark, decide, and record the verdict as version tags."""
+         loop: LoopSettings, retrained: bool) -> registry.GateDecision:
+    """Score the champion on the same labelled benchmark, decide, and record the verdict as version
+    tags; ``retrained``: the candidate is the champion's method and upload trained with newer labels."""
     tracking.configure(settings)
     images, labels, weights = (data.eval_images, data.eval_labels, data.eval_weights) if bench.kind == LABELLED \
         else (None, None, None)
     champion, champion_evidence = registry.champion_evidence(product, images, labels, weights, device, settings)
     decision = registry.gate_decision(bench.evidence, settings.gate_min_auroc, bench.kind, champion,
-                                      champion_evidence, loop.allow_unproven)
+                                      champion_evidence, loop.allow_unproven, retrained)
     registry.record_gate(product, version, decision)
     get_run_logger().info("gate %s: %s", "passed" if decision.passed else "FAILED", decision.reason)
     return decision
@@ -437,6 +426,12 @@ def pinned(settings: Settings, product: str) -> bool:
     """Whether a person has turned automatic promotion off for the product (`fsad pin`)."""
     tracking.configure(settings)
     return control.is_pinned(product)
+
+
+@task(**IO_RETRIES, cache_policy=NO_CACHE)
+def champion_tags(settings: Settings, product: str) -> dict[str, str]:
+    tracking.configure(settings)
+    return registry.champion_tags(product)
 
 
 @task(**IO_RETRIES, cache_policy=NO_CACHE)
@@ -558,16 +553,19 @@ def _train_and_promote(settings: Settings, product: str, upload_id: str, manifes
         return _stop_already_trained(settings, *found)
     data = load_images(settings, jobs[0], manifest)
     trained = {job.method: _train_and_evaluate(job, data) for job in jobs}
+    champion = champion_tags(settings, product)
     chosen, why = best_candidate({name: t.bench.evidence for name, t in trained.items()},
                                  {name: t.record.metrics.get("fit_seconds", 0.0) for name, t in trained.items()},
-                                 DAY0_METHOD)
+                                 DAY0_METHOD, champion.get("method"))
     get_run_logger().info("candidate chosen: %s", why)
     job = next(j for j in jobs if j.method == chosen)
     # Checked again before anything is logged: should the product lock ever lapse during a long
     # fine-tuning (its lease expired on a starved machine), a run that finished first wins.
     if (found := _already_trained(settings, jobs)) is not None:
         return _stop_already_trained(settings, *found)
-    return trained_summary(job, trained[chosen].record, _publish(settings, job, trained[chosen], why))
+    return trained_summary(job, trained[chosen].record,
+                           _publish(settings, job, trained[chosen], why, retrained=champion.get("method") == chosen
+                                    and champion.get("upload_id") == upload_id))
 
 
 def _already_trained(settings: Settings, jobs: list[RetrainJob]) -> tuple[RetrainJob, dict[str, Any]] | None:
@@ -589,10 +587,12 @@ def _stop_already_trained(settings: Settings, job: RetrainJob, existing: dict[st
 def _train_and_evaluate(job: RetrainJob, data: UploadData) -> Trained:
     """Fine-tune, judge the model on its benchmark and gather what the run logs."""
     fit_task = fit.with_options(tags={GPU_LIMIT}) if job.device == "cuda" else fit
-    detector, report = fit_task(data.train, job.config, job.device)
+    detector, report = fit_task(data.train, job.config, job.device, data.defects if job.loop.defect_negatives else [])
     bench = score_benchmark(detector, report, data)
-    threshold = calibrate(detector, report, data)
-    detector = detector.with_threshold(threshold)  # the saved model, its overlays and its report use it
+    threshold = detector.threshold  # never from the benchmark
+    get_run_logger().info("threshold %.4g (%s)", threshold.value, threshold.rule)
+    if threshold.details.get("provisional"):
+        get_run_logger().warning("the threshold is provisional: %s", threshold.details["provisional_reason"])
     metrics = evaluate(bench, threshold, report)
     shown = gallery(detector, data, bench)
     record = tracking.TrainingRecord(
@@ -604,14 +604,15 @@ def _train_and_evaluate(job: RetrainJob, data: UploadData) -> Trained:
     return Trained(record, detector, data, bench)
 
 
-def _publish(settings: Settings, job: RetrainJob, trained: Trained, choice: str) -> Published:
+def _publish(settings: Settings, job: RetrainJob, trained: Trained, choice: str, retrained: bool) -> Published:
     """Log and register the run, let the gate decide, promote a passing version, then log the report
-    (written last because its first line is the verdict). ``choice`` says why this candidate."""
+    (written last because its first line is the verdict). ``choice`` says why this candidate;
+    ``retrained``: it is the champion's method and upload trained with newer labels."""
     record, detector = trained.record, trained.detector
     logged = log_run(settings, record, detector)
     version = register(settings, job.product, logged.model_uri, logged.run_id,
                        {**version_tags(job, record), "candidate_choice": choice[:5000]})
-    decision = gate(settings, job.product, version, trained.bench, trained.data, job.device, job.loop)
+    decision = gate(settings, job.product, version, trained.bench, trained.data, job.device, job.loop, retrained)
     hold = decision.passed and pinned(settings, job.product)
     if decision.passed:
         aliases = verify_and_promote(settings, job.product, version, detector, record.example_image,

@@ -8,11 +8,9 @@ from fsad_core.calibration import (
     MIN_NORMALS_FOR_TAIL,
     RULE_PREDICTION_BOUND,
     RULE_SINGLE_IMAGE,
-    RULE_SUPERVISED_F1,
     RULE_SYNTHETIC_GAP,
     SMALL_K_GAP_FALSE_ALARM_FACTOR,
     Threshold,
-    calibrate_supervised,
     calibrate_unsupervised,
     gap_threshold,
     prediction_bound,
@@ -21,7 +19,6 @@ from fsad_core.calibration import (
     single_image_midpoint,
     synthetic_gap_midpoint,
 )
-from fsad_core.metrics import rates_at_threshold
 
 
 def test_gaussian_normals_give_the_gaussian_quantile():
@@ -207,30 +204,6 @@ def test_unsupervised_rejects_bad_input(bad):
         calibrate_unsupervised(bad)
     with pytest.raises(ValueError):
         calibrate_unsupervised([1.0, 2.0], synthetic_scores=bad)
-
-
-def test_supervised_separable_gives_f1_one_with_margin():
-    scores = [0.1, 0.2, 0.3, 0.8, 0.9]
-    labels = [0, 0, 0, 1, 1]
-    t = calibrate_supervised(scores, labels)
-    assert t.rule == RULE_SUPERVISED_F1
-    assert t.value == pytest.approx(0.55)
-    assert t.details["f1"] == 1.0
-    assert t.expected_false_alarm_rate == 0.0 and t.expected_miss_rate == 0.0
-
-
-def test_supervised_reproduces_the_f1_optimum():
-    rng = np.random.default_rng(2)
-    labels = rng.integers(0, 2, 300)
-    scores = np.round(rng.normal(size=300) + 1.2 * labels, 1)  # ties
-    t = calibrate_supervised(scores, labels)
-    best = max(rates_at_threshold(labels, scores, c)["f1"] or 0.0 for c in np.r_[np.unique(scores), scores.min() - 1])
-    assert t.details["f1"] == pytest.approx(best)
-
-
-def test_supervised_needs_both_classes():
-    with pytest.raises(ValueError, match="both"):
-        calibrate_supervised([0.1, 0.2], [0, 0])
 
 
 def test_threshold_json_round_trip():

@@ -8,7 +8,7 @@ import torch
 
 from fsad_core.calibration import calibrate_unsupervised
 from fsad_core.data import load_category
-from fsad_core.fitting import MAX_FOLDS, ViewPool, calibrate, held_out_folds, view_pool
+from fsad_core.fitting import DEFECT_VIEWS, MAX_FOLDS, ViewPool, calibrate, defect_views, held_out_folds, view_pool
 from fsad_core.fusion import FUSION_LOO, fused_spread_floor
 from fsad_core.methods import method_config
 from fsad_core.preprocess import InputSpec, prepare
@@ -86,3 +86,41 @@ def test_calibration_puts_the_fused_threshold_in_units_of_the_held_out_spreads()
     assert patch_only.threshold.details["min_spread"] == 0
     assert patch_only.synthetic_scores["patch"].size == 0
 
+
+
+def _extractor(config):
+    from fsad_core.backbone import create_backbone
+    from fsad_core.features import Extractor, build_network
+
+    net = build_network(config, create_backbone(config.backbone, config.weights)).eval()
+    return Extractor(net, config, config.input_spec(config.work_side), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("defect_first", [True, False])
+def test_of_a_tiled_defect_the_tile_farthest_from_the_normal_tiles_is_the_negative(washer, defect_first):
+    """A defect is local: the other tiles of a tiled part are normal and must not be pushed away."""
+    config = replace(method_config("default"), **SMALL, intensity="raw")
+    extractor = _extractor(config)
+    pool = view_pool([s.image() for s in washer.train], config, extractor.spec)
+    normal = washer.train[0].image()
+    defect = next(s for s in washer.test if s.label).image()
+    wide = np.concatenate([defect, normal] if defect_first else [normal, defect], axis=1)
+    views = defect_views(extractor, pool, [wide])
+    assert views.shape[0] == DEFECT_VIEWS
+    assert torch.equal(views[0], prepare(defect, extractor.spec)[0])
+    assert not torch.equal(views[1], views[0])  # then augmented copies
+
+
+def test_confirmed_defects_are_negatives_of_the_fine_tuning_only(washer):
+    from fsad_core.detector import Detector
+
+    images = [s.image() for s in washer.train]
+    defects = [s.image() for s in washer.test if s.label][:2]
+    probe = [s.image() for s in washer.test]
+    for method, changes in (("default", True), ("pretrained", False)):
+        config = replace(method_config(method), **SMALL)
+        plain, _ = Detector.fit(images, config, device="cpu")
+        taught, _ = Detector.fit(images, config, device="cpu", defects=defects)
+        assert taught.meta["defects"] == (2 if changes else 0) and plain.meta["defects"] == 0
+        differ = not np.allclose(plain.score(probe).raw_scores, taught.score(probe).raw_scores)
+        assert differ is changes, method

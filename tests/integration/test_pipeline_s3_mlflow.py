@@ -120,7 +120,7 @@ def test_good_upload_to_s3_is_validated_trained_and_promoted(stack, sets):
     # judges (no labels to calibrate on), so that threshold is the fit's own.
     from flows.mlops.registry import download_model
     saved = json.loads((download_model(f"models:/{model_name(P)}/1") / "config.json").read_text())["threshold"]
-    assert summary["threshold"]["rule"] == saved["rule"] != "supervised_f1"
+    assert summary["threshold"]["rule"] == saved["rule"]
     assert saved["value"] == summary["threshold"]["value"]
 
 

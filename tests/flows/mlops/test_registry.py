@@ -96,26 +96,30 @@ def _evidence(auroc: float, kind: str = LABELLED, spread: float = 0.0) -> Eviden
     return Evidence(kind, auroc, auroc - 0.05, min(1.0, auroc + 0.05), 20, 10 if kind == LABELLED else 3, resampled)
 
 
-@pytest.mark.parametrize("candidate, champ, champion, allow, passed, phrase", [
+@pytest.mark.parametrize("candidate, champ, champion, allow, retrained, passed, phrase", [
     # The minimum guards the first champion, on any evidence.
-    (_evidence(0.95, SYNTHETIC), None, None, False, True, "no champion yet"),
-    (_evidence(0.85), None, None, False, False, "below the minimum"),
-    # Labelled evidence both were scored on decides between them, whatever the minimum.
-    (_evidence(0.95), "3", _evidence(0.97), False, False, "not credibly better than champion v3"),
-    (_evidence(0.97), "3", _evidence(0.97), False, False, "above it in 0% of the paired resamples"),
-    # Better in the point estimate, but above the champion in 62 % of the paired resamples only.
-    (_evidence(0.98, spread=0.04), "3", _evidence(0.97), False, False, "above it in 62% of the paired"),
-    (_evidence(0.99, spread=0.01), "3", _evidence(0.97), False, True, "better than champion v3"),
-    (_evidence(0.85), "3", _evidence(0.80), False, True, "champion v3 is below the minimum"),
+    (_evidence(0.95, SYNTHETIC), None, None, False, False, True, "no champion yet"),
+    (_evidence(0.85), None, None, False, False, False, "below the minimum"),
+    # Labelled evidence both were scored on decides between them, whatever the minimum: another
+    # method must be credibly better (above the champion in 90 % of the paired resamples) ...
+    (_evidence(0.95), "3", _evidence(0.97), False, False, False, "not credibly better than champion v3"),
+    (_evidence(0.97), "3", _evidence(0.97), False, False, False, "above it in 50% of the paired resamples"),
+    (_evidence(0.98, spread=0.04), "3", _evidence(0.97), False, False, False, "above it in 62% of the paired"),
+    (_evidence(0.99, spread=0.01), "3", _evidence(0.97), False, False, True, "better than champion v3"),
+    (_evidence(0.85), "3", _evidence(0.80), False, False, True, "champion v3 is below the minimum"),
+    # ... the champion's method and upload trained again with newer labels at least as likely above it as below.
+    (_evidence(0.98, spread=0.04), "3", _evidence(0.97), False, True, True, "50% needed for its own model"),
+    (_evidence(0.97), "3", _evidence(0.97), False, True, True, "above it in 50% of the paired resamples"),
+    (_evidence(0.96, spread=0.04), "3", _evidence(0.97), False, True, False, "more often below than above"),
     # Evidence that cannot compare them keeps the champion, unless the product's settings allow it.
-    (_evidence(0.99, SYNTHETIC), "3", None, False, False, "cannot be compared with champion v3"),
-    (_evidence(0.99, SYNTHETIC), "3", _evidence(0.9, SYNTHETIC), False, False, "cannot be compared"),
-    (_evidence(0.95, SYNTHETIC), "3", None, True, True, "not compared (the product's settings allow it)"),
-    (_evidence(0.85, SYNTHETIC), "3", None, True, False, "below the minimum"),
-    (None, None, None, False, False, "undefined"),
+    (_evidence(0.99, SYNTHETIC), "3", None, False, True, False, "cannot be compared with champion v3"),
+    (_evidence(0.99, SYNTHETIC), "3", _evidence(0.9, SYNTHETIC), False, False, False, "cannot be compared"),
+    (_evidence(0.95, SYNTHETIC), "3", None, True, False, True, "not compared (the product's settings allow it)"),
+    (_evidence(0.85, SYNTHETIC), "3", None, True, False, False, "below the minimum"),
+    (None, None, None, False, False, False, "undefined"),
 ])
-def test_gate_policy(candidate, champ, champion, allow, passed, phrase):
-    d = gate_decision(candidate, 0.9, "labelled", champ, champion, allow)
+def test_gate_policy(candidate, champ, champion, allow, retrained, passed, phrase):
+    d = gate_decision(candidate, 0.9, "labelled", champ, champion, allow, retrained)
     assert d.passed is passed and phrase in d.reason
     tags = d.tags()
     assert tags["gate.verdict"] == ("passed" if passed else "failed")

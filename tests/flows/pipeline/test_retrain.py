@@ -52,7 +52,7 @@ from flows.store.upload import (
     upload_folder,
     write_upload_folder,
 )
-from fsad_core.calibration import Threshold
+from fsad_core.calibration import RULE_PREDICTION_BOUND, RULE_SINGLE_IMAGE, RULE_SYNTHETIC_GAP, Threshold
 from fsad_core.config import DetectorConfig
 from fsad_core.data import load_category
 from fsad_core.detector import Detector
@@ -61,6 +61,8 @@ from fsad_core.imageio import ImageReadError, read_image
 from fsad_core.synthetic import make_category
 from tests.html_pictures import pictures_of
 from tests.tiny_training import TINY_TRAINING
+
+UNSUPERVISED_RULES = (RULE_PREDICTION_BOUND, RULE_SYNTHETIC_GAP, RULE_SINGLE_IMAGE)
 
 P = "washer"
 U_GOOD, U_SAME, U_WORSE, U_CORRUPT, U_PARTIAL = (f"20260101T00000{i}Z-abc00{i}" for i in range(1, 6))
@@ -115,7 +117,7 @@ def test_good_upload_becomes_a_verified_champion(env, sets, tmp_path):
     assert summary["version"] == "1" and summary["eval_set"] == "labelled"
     assert summary["aliases"] == {CANDIDATE: "1", CHAMPION: "1"}
     assert summary["metrics"]["benchmark_auroc"] >= 0.9 and summary["gate"]["passed"]
-    assert summary["threshold"]["rule"] != "supervised_f1"  # never chosen on the benchmark: no labels to train on
+    assert summary["threshold"]["rule"] in UNSUPERVISED_RULES  # the fit's, never chosen on the benchmark
     json.dumps(summary)  # JSON-able: it is the flow's persisted result
     tags = registry.version_tags(P, "1")
     assert tags["verified"] == "true" and tags["gate.verdict"] == "passed"
@@ -207,7 +209,7 @@ def test_upload_without_eval_set_is_judged_on_leave_one_out_and_synthetic_anomal
     finally:
         env.delenv("FSAD_GATE_MIN_AUROC")
     assert summary["status"] == "promoted" and summary["eval_set"] == "loo+synthetic"
-    assert summary["threshold"]["rule"] != "supervised_f1"  # the fit's unsupervised threshold stays
+    assert summary["threshold"]["rule"] in UNSUPERVISED_RULES  # the fit's unsupervised threshold stays
     assert summary["metrics"]["n_benchmark_normal"] == 2 and summary["metrics"]["n_benchmark_defect"] > 0
     assert registry.version_tags("noeval", "1")["gate.eval_set"] == "loo+synthetic"
 
@@ -268,7 +270,7 @@ def test_labels_judge_train_and_calibrate_and_new_labels_make_a_new_version(env,
     for label in (GOOD, DEFECT):
         images = [(s.path.name, s.path.read_bytes()) for s in line.test if s.label == (label == DEFECT)]
         add_labels(store, "labelled", images, label, "ann", "command line")
-    store.put_json(training_key("labelled"), {"loop": {"benchmark_share": 0.5}})
+    store.put_json(training_key("labelled"), {"loop": {"benchmark_share": 0.5, "defect_negatives": True}})
     snapshot = LabelSnapshot.of(current_labels(store, "labelled"))
     judging, training = snapshot.split(0.5)
     assert judging and training  # the hash puts some on each side
@@ -281,8 +283,10 @@ def test_labels_judge_train_and_calibrate_and_new_labels_make_a_new_version(env,
     assert metrics["n_benchmark_normal"] == 5 + sum(e.label == GOOD for e in judging)
     assert metrics["n_benchmark_defect"] == 5 + sum(e.label == DEFECT for e in judging)
     assert metrics["benchmark_auroc_low"] <= metrics["benchmark_auroc"] <= metrics["benchmark_auroc_high"]
-    assert second.trained.threshold.rule == ("supervised_f1" if any(e.label == DEFECT for e in training)
-                                             else first.trained.threshold.rule)
+    assert second.trained.threshold.rule in UNSUPERVISED_RULES  # the false-alarm target, never the benchmark
+    model = Detector.load(registry.download_model(f"models:/{registry.model_name('labelled')}/2"))
+    trained_defects = sum(e.label == DEFECT for e in training)
+    assert model.meta["defects"] == (trained_defects if model.config.finetune else 0)  # the fine-tuning's negatives
     assert (tags["labels_sha256"], tags["labels_good"], tags["labels_defect"]) == (snapshot.digest, "10", "10")
     assert tags["candidate_choice"].startswith(f"{second.method}: ") and "candidates fast " in tags["candidate_choice"]
     assert second.gate.champion_version == "1" and second.gate.evidence == "labelled"  # compared on one benchmark
@@ -453,7 +457,7 @@ def _job() -> RetrainJob:
 
 
 def _record(job: RetrainJob) -> tracking.TrainingRecord:
-    threshold = Threshold(1.5, "supervised_f1", 0.02, None)
+    threshold = Threshold(1.5, "normal_prediction_bound", 0.02, None)
     return tracking.TrainingRecord(
         product=job.product, upload_id=job.upload_id, content_sha256=job.content_sha256, method=job.method,
         config=job.config, config_sha256=job.config_sha256, k=2, eval_set="labelled",
@@ -488,7 +492,7 @@ def test_a_trained_summary_has_the_same_fields_whether_the_gate_passed_or_not(pa
     assert summary["gate"] == {"passed": passed, "reason": "why", "min_auroc": 0.8, "candidate_auroc": 0.875,
                                "champion_version": "1", "champion_auroc": 0.9, "evidence": "synthetic",
                                "champion_below_minimum": False}
-    assert summary["threshold"] == {"value": 1.5, "rule": "supervised_f1", "expected_false_alarm_rate": 0.02}
+    assert summary["threshold"] == {"value": 1.5, "rule": "normal_prediction_bound", "expected_false_alarm_rate": 0.02}
     assert summary["training"] == {"size": job.config.size, "steps": job.config.finetune.steps,
                                    "pool_views": job.config.pool_views, "backbone": job.config.backbone,
                                    "device": "cpu"}

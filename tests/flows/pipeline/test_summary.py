@@ -18,7 +18,7 @@ IDENTITY = dict(product="washer", upload_id="u1", content_sha256="c" * 64, metho
 
 def _trained() -> RetrainSummary:
     trained = TrainedSummary("labelled", 4, {"benchmark_auroc": 0.97, "f1": 0.9},
-                             ThresholdSummary(1.25, "supervised_f1", 0.01),
+                             ThresholdSummary(1.25, "normal_prediction_bound", 0.01),
                              TrainingSummary(224, 60, 64, "tf_efficientnet_lite0", "cpu"))
     return RetrainSummary(**IDENTITY, status=PROMOTED, message="version 2 passed the gate and is now champion",
                           version="2", run_id="r", model="models:/fsad-washer/2",
@@ -30,7 +30,7 @@ def test_a_summary_survives_the_json_of_a_flow_result_and_keeps_its_flat_fields(
     summary = _trained()
     result = json.loads(json.dumps(summary.to_dict()))
     assert result["status"] == PROMOTED and result["metrics"]["benchmark_auroc"] == 0.97
-    assert result["threshold"]["rule"] == "supervised_f1" and result["gate"]["champion_version"] == "1"
+    assert result["threshold"]["rule"] == "normal_prediction_bound" and result["gate"]["champion_version"] == "1"
     assert RetrainSummary.from_dict(result) == summary and summary.champion == "2"
 
 
@@ -43,4 +43,4 @@ def test_an_already_trained_summary_has_no_measurements_and_says_so_in_few_lines
     assert summary.text().splitlines() == [
         "washer upload u1: already trained as version 2",
         'model     models:/fsad-washer/2  aliases {"champion": "2"}', "gate      passed: recorded"]
-    assert "threshold 1.25 (supervised_f1)" in _trained().text()
+    assert "threshold 1.25 (normal_prediction_bound)" in _trained().text()
