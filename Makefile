@@ -18,7 +18,7 @@ PEER_K ?= 1 4 8
 PEER_RUN = $(PEER_PYTHON) -c "import pathlib, runpy, sys, tempfile; sys.argv = sys.argv[1:]; \
 	runpy.run_path(sys.argv[0], {'TMP': pathlib.Path(tempfile.mkdtemp())}, '__main__')" $(PEER_HARNESS)
 
-.PHONY: install demo lint test bench bench-ablation bench-peer bench-sweep bench-line bench-serve bench-review bench-export \
+.PHONY: install demo lint test bench bench-ablation bench-peer bench-sweep bench-line bench-serve bench-review bench-export bench-negatives \
 	review-screenshots gpu-check stack-up stack-down clean
 
 install: $(STAMP)
@@ -95,6 +95,11 @@ bench-serve: $(STAMP)
 bench-export: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m flows.cli.export_bench --data $(BENCH_DATA) --k 4 --seed 0 \
 		--methods fast default --out $(BENCH_OUT)/export.json
+
+# Confirmed defects as fine-tuning negatives (loop.defect_negatives), with and without, on the same images.
+bench-negatives: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python -m flows.cli.negatives_bench --data $(BENCH_DATA) --seeds 0 1 2 \
+		--out $(BENCH_OUT)/negatives.json
 
 # Side by side: the peer's PatchCore, then fsad's pretrained, default and fast, on the same sets, k and
 # seed, one thread each, one after the other in one run; compare the records' ratios, not seconds.

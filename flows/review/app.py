@@ -10,7 +10,6 @@ registry is a one-line message on the page; a label already written stays writte
 from __future__ import annotations
 
 import functools
-import re
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -46,14 +45,13 @@ from flows.store.labels import (
     label_history,
     read_sources,
 )
-from flows.store.queue import OVERLAY, THUMB, drawn, media_key, queue_state, read_queue
+from flows.store.queue import ITEM_ID, OVERLAY, THUMB, drawn, picture_key, queue_state
 from flows.store.records import checked_text
 from flows.store.storage import ObjectNotFound, StorageError, Store, list_products, validate_name
 
 COOKIE = "fsad_review"
 PRE_SESSION = "fsad_review_signin"  # a signed-out browser's nonce, from which the sign-in form's CSRF token is made
 GRID = 24  # cards of the grid view
-ITEM_ID = re.compile(r"[0-9a-f]{32}")
 HERE = Path(__file__).parent
 
 
@@ -76,7 +74,7 @@ def create_app(review: Review) -> Starlette:
         Route("/", pages.products), Route("/signin", pages.signin_form),
         Route("/signin", pages.signin, methods=["POST"]),
         Route("/signout", pages.signout, methods=["POST"]), Route("/p/{product}", pages.product),
-        Route("/p/{product}/queue", pages.queue), Route("/p/{product}/picture/{item}/{kind}", pages.picture),
+        Route("/p/{product}/queue", pages.queue), Route("/p/{product}/picture/{version}/{item}/{kind}", pages.picture),
         Route("/p/{product}/label", pages.label, methods=["POST"]),
         Route("/p/{product}/undo", pages.undo, methods=["POST"]),
         Route("/p/{product}/control", pages.control, methods=["POST"]),
@@ -194,16 +192,14 @@ class Pages:
 
     @signed_in
     def picture(self, request: Request, operator: str, form: FormData | None) -> Response:
-        product, item_id, kind = _product(request), request.path_params["item"], request.path_params["kind"]
-        if not ITEM_ID.fullmatch(item_id) or kind not in (THUMB, OVERLAY):
+        product, version = _product(request), request.path_params["version"]
+        item_id, kind = request.path_params["item"], request.path_params["kind"]
+        if not ITEM_ID.fullmatch(item_id) or kind not in (THUMB, OVERLAY) or not version.isdigit():
             raise HTTPException(404, "no such picture")
-        item = next((i for i in read_queue(self.review.store, product) if i.id == item_id), None)
         try:
-            data = self.review.store.get_bytes(media_key(product, item, kind)) if item else None
+            data = self.review.store.get_bytes(picture_key(product, version, item_id, kind))
         except ObjectNotFound:
-            data = None
-        if data is None:
-            raise HTTPException(404, "no picture of this card")
+            raise HTTPException(404, "no picture of this card") from None
         return Response(data, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
 
     @signed_in

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
@@ -44,6 +45,7 @@ STRATUM_SHARE = 0.1  # of a run's images: the highest scores, and as many again 
 # threshold, and the audit the rest; a stratum too small to take its part leaves it to the others.
 ALLOCATION = {HIGHEST_SCORE: 0.4, NEAR_THRESHOLD: 0.3, AUDIT: 0.3}
 THUMB, OVERLAY = "thumb", "overlay"  # the two pictures of a queued image
+ITEM_ID = re.compile(r"[0-9a-f]{32}")  # `item_id`: what the review page names a queued image by
 
 
 @dataclass(frozen=True)
@@ -83,10 +85,18 @@ def queue_key(product: str) -> str:
 
 def media_key(product: str, item: QueueItem, kind: str) -> str:
     """Where the `THUMB` or `OVERLAY` PNG of a queued image is, by the version that decided it and the score unit."""
+    return picture_key(product, item.version, item.id, kind)
+
+
+def picture_key(product: str, version: str, image_id: str, kind: str) -> str:
+    """`media_key` from the parts the review page's picture address names, so that serving a
+    picture never reads the queue."""
     if kind not in (THUMB, OVERLAY):
         raise ValueError(f"picture {kind!r}: {THUMB} or {OVERLAY}")
-    return (f"{PRODUCTS}/{validate_name(product, 'product name')}/queue-media/v{validate_name(item.version)}/"
-            f"{UNIT}/{item.id}-{kind}.png")
+    if not ITEM_ID.fullmatch(image_id):
+        raise ValueError(f"picture of {image_id!r}: not a queued image's id")
+    return (f"{PRODUCTS}/{validate_name(product, 'product name')}/queue-media/v{validate_name(version)}/"
+            f"{UNIT}/{image_id}-{kind}.png")
 
 
 def drawn(items: Iterable[QueueItem]) -> dict[str, tuple[str, float]]:

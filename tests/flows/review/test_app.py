@@ -97,13 +97,18 @@ def test_a_hostile_file_name_shows_as_text(client, line):
     assert HOSTILE in [i.image.rsplit("/", 1)[1] for i in line.items]
 
 
-def test_pictures_are_found_by_card_id_only(client, line):
+def test_pictures_are_found_by_version_and_card_id_only_without_reading_the_queue(client, line, monkeypatch):
     sign_in(client)
-    item = line.items[0].id
-    answer = client.get(f"/p/{PRODUCT}/picture/{item}/overlay")
+    item, version = line.items[0].id, line.items[0].version
+    page = client.get(f"{QUEUE}?view=grid").text
+    assert f"/p/{PRODUCT}/picture/{version}/{item}/thumb" in page
+    monkeypatch.setattr("flows.store.queue.read_queue", lambda *a: pytest.fail("a picture read the queue"))
+    answer = client.get(f"/p/{PRODUCT}/picture/{version}/{item}/overlay")
     assert answer.status_code == 200 and answer.content.startswith(b"\x89PNG")
-    for path in (f"/p/{PRODUCT}/picture/{'0' * 32}/thumb", f"/p/{PRODUCT}/picture/{item}/queue.json",
-                 f"/p/..%2Fother/picture/{item}/thumb", f"/p/{PRODUCT}/picture/..%2F..%2Fqueue/thumb"):
+    here = f"/p/{PRODUCT}/picture"
+    for path in (f"{here}/{version}/{'0' * 32}/thumb", f"{here}/{version}/{item}/queue.json",
+                 f"{here}/9{version}/{item}/thumb", f"{here}/..%2F{version}/{item}/thumb",
+                 f"/p/..%2Fother/picture/{version}/{item}/thumb", f"{here}/{version}/..%2F..%2Fqueue/thumb"):
         assert client.get(path).status_code == 404, path
 
 
@@ -198,7 +203,7 @@ def test_a_slow_store_call_holds_up_no_other_operators_request(line, served, mon
                          re.S).group(1)
         signed = browser.post("/signin", data={"name": "ann", "token": TOKEN, "next": "/", "csrf": csrf})
         assert signed.status_code == 303
-        picture = f"/p/{PRODUCT}/picture/{line.items[0].id}/overlay"
+        picture = f"/p/{PRODUCT}/picture/{line.items[0].version}/{line.items[0].id}/overlay"
         waiting = threading.Thread(target=browser.get, args=(picture,))
         waiting.start()
         time.sleep(0.3)
