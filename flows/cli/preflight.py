@@ -12,6 +12,7 @@ from pathlib import Path
 from flows.mlops.names import CANDIDATE, CHAMPION, MODEL_PREFIX, model_name
 from flows.settings import Locations
 from flows.store.storage import latest_complete_upload, list_uploads, open_store, validate_name
+from fsad_core.data import CategoryError, load_category
 
 _MODEL_REF = re.compile(r"models:/([^/@]+)(?:@([^/]+)|/(\d+))")
 
@@ -28,13 +29,14 @@ def paths(given: list[str]) -> None:
 
 
 def category(path: str) -> None:
-    """An MVTec-layout category: ``train/good`` under ``path``."""
-    folder = Path(path)
-    if not folder.is_dir():
+    """An MVTec-layout category, as `fsad_core.data.load_category` reads it (no image is decoded)."""
+    if not Path(path).is_dir():
         raise NotReady(f"{path}: no such folder")
-    if not (folder / "train" / "good").is_dir():
-        raise NotReady(f"{path}: no train/good folder (expected the MVTec layout: train/good/*.png, "
-                       f"test/good|DEFECT/*.png); `fsad upload` takes a flat folder of normal images instead")
+    try:
+        load_category(path)
+    except CategoryError as exc:
+        raise NotReady(f"{exc}: train/good/*.png, test/good|DEFECT/*.png; `fsad upload` takes a flat folder of "
+                       f"normal images instead") from None
 
 
 def model(ref: str, where: Locations) -> None:

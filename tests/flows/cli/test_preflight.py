@@ -28,6 +28,7 @@ def home(tmp_path_factory) -> Path:
     (home / "images").mkdir()
     (home / "images" / "a.png").write_bytes(b"\x89PNG")
     (home / "flat").mkdir()
+    (home / "empty" / "train" / "good").mkdir(parents=True)
     return home
 
 
@@ -35,6 +36,8 @@ CASES = {
     "missing data folder": (["train", "--data", "{home}/nope", "--k", "4", "--out", "{home}/m"], "no such folder"),
     "no train/good": (["train", "--data", "{home}/flat", "--k", "4", "--out", "{home}/m"],
                       "no train/good folder (expected the MVTec layout"),
+    "no training images": (["train", "--data", "{home}/empty", "--k", "4", "--out", "{home}/m"],
+                           "{home}/empty/train/good: no images"),
     "unknown product": (["retrain", "--product", "ghost"],
                         "no complete upload of product ghost in {home}/store; `fsad upload --product ghost FOLDER`"),
     "no such upload": (["retrain", "--product", "ghost", "--upload", "20260101T000000Z-aaaaaa"],
