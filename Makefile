@@ -18,7 +18,7 @@ PEER_K ?= 1 4 8
 PEER_RUN = $(PEER_PYTHON) -c "import pathlib, runpy, sys, tempfile; sys.argv = sys.argv[1:]; \
 	runpy.run_path(sys.argv[0], {'TMP': pathlib.Path(tempfile.mkdtemp())}, '__main__')" $(PEER_HARNESS)
 
-.PHONY: install demo lint test bench bench-ablation bench-peer bench-sweep bench-line bench-serve bench-review bench-export bench-negatives \
+.PHONY: install demo lint test bench bench-ablation bench-peer bench-sweep bench-line bench-serve bench-review bench-export bench-negatives bench-replay \
 	review-screenshots gpu-check stack-up stack-down clean
 
 install: $(STAMP)
@@ -100,6 +100,10 @@ bench-export: $(STAMP)
 bench-negatives: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m flows.cli.negatives_bench --data $(BENCH_DATA) --seeds 0 1 2 \
 		--out $(BENCH_OUT)/negatives.json
+
+# The labelled benchmark against the held-out truth with the model fixed: the queue's draws replayed 200 times.
+bench-replay: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python -m flows.cli.replay_bench --data $(BENCH_DATA) --out $(BENCH_OUT)/replay.json
 
 # Side by side: the peer's PatchCore, then fsad's pretrained, default and fast, on the same sets, k and
 # seed, one thread each, one after the other in one run; compare the records' ratios, not seconds.
