@@ -128,10 +128,11 @@ def best_candidate(evidence: dict[str, Evidence], seconds: dict[str, float], day
     best = max(evidence, key=lambda name: evidence[name].auroc)
     tied = [name for name in evidence
             if name == best or evidence[best].share_above(evidence[name]) < PROMOTION_CONFIDENCE]
-    if incumbent in tied and incumbent != best:
-        chosen, why = incumbent, f"the champion's method, which the benchmark cannot tell from the best ({best})"
+    chosen = incumbent if incumbent in tied else min(tied, key=seconds.__getitem__)
+    if chosen == best:
+        why = "the best on the labelled benchmark"
+    elif chosen == incumbent:
+        why = f"the champion's method, which the benchmark cannot tell from the best ({best})"
     else:
-        chosen = min(tied, key=seconds.__getitem__)
-        why = "the best on the labelled benchmark" if chosen == best else \
-            f"the cheapest of those the labelled benchmark cannot tell from the best ({best})"
+        why = f"the cheapest of those the labelled benchmark cannot tell from the best ({best})"
     return chosen, f"{chosen}: {why} (candidates {shown})"

@@ -93,6 +93,8 @@ def test_the_best_candidate_on_labelled_evidence_else_the_champions_method_or_th
     chosen, why = best_candidate({"fast": close["default"], "default": close["fast"]}, seconds, "default",
                                  incumbent="default")
     assert chosen == "default" and "the champion's method, which the benchmark cannot tell from the best (fast)" in why
+    chosen, why = best_candidate(close, seconds, "default", incumbent="default")  # the champion's method is the best
+    assert chosen == "default" and "the best on the labelled benchmark" in why
     unlabelled = {"fast": _judged(3.0, SYNTHETIC), "default": _judged(0.0, SYNTHETIC)}
     assert best_candidate(unlabelled, seconds, "default", incumbent="fast")[0] == "default"
     assert best_candidate({"fast": apart["fast"]}, seconds, "default") == ("fast", "the only candidate")
