@@ -47,7 +47,7 @@ class DayRecord:
     labels_good: int
     labels_defect: int
     evidence: str | None
-    benchmark_auroc: float | None  # the champion's, as the gate saw it
+    benchmark_auroc: float | None  # the champion's, as the gate last saw it (`registry.belief`)
     benchmark_interval: list[float] | None
     heldout_auroc: float | None
     heldout_false_alarm_rate: float | None
@@ -148,15 +148,15 @@ class _Line:
         if version is None:
             return DayRecord(day, None, None, counts[GOOD], counts[DEFECT], None, None, None, None, None, None,
                              None if escape is None else escape.rate, seconds)
-        tags = registry.version_tags(self.product, version)
+        history = registry.versions(self.product)
+        method = next(v.tags.get("method") for v in history if v.version == version)
+        belief = registry.belief(history, version)
         detector = Detector.load(registry.download_model(f"models:/{registry.model_name(self.product)}/{version}"),
                                  device=self.settings.device)
         auroc, false_alarms, misses = held_out.measure(detector)
-        number = registry.tag_number
-        interval = [number(tags.get("gate.candidate_auroc_low")), number(tags.get("gate.candidate_auroc_high"))]
-        return DayRecord(day, version, tags.get("method"), counts[GOOD], counts[DEFECT], tags.get("gate.evidence"),
-                         number(tags.get("gate.candidate_auroc")), interval if None not in interval else None,
-                         auroc, false_alarms, misses, None if escape is None else escape.rate, seconds)
+        return DayRecord(day, version, method, counts[GOOD], counts[DEFECT], belief.evidence, belief.auroc,
+                         list(belief.interval) if belief.interval else None, auroc, false_alarms, misses,
+                         None if escape is None else escape.rate, seconds)
 
 
 def plot(result: dict[str, Any], path: Path) -> None:

@@ -65,17 +65,20 @@ class GateDecision:
     evidence: str = SYNTHETIC  # what the verdict stands on (`fsad_core.evidence`)
     candidate_interval: tuple[float, float] | None = None
     champion_below_minimum: bool = False  # flagged wherever the product's state is shown
+    champion_interval: tuple[float, float] | None = None  # the champion's on the same benchmark
 
     def tags(self) -> dict[str, str]:
         def num(v: float | None) -> str:
             return "n/a" if v is None else f"{v:.6f}"
 
         low, high = self.candidate_interval or (None, None)
+        champion_low, champion_high = self.champion_interval or (None, None)
         return {"gate.verdict": "passed" if self.passed else "failed", "gate.reason": self.reason,
                 "gate.min_auroc": num(self.min_auroc), "gate.candidate_auroc": num(self.candidate_auroc),
                 "gate.eval_set": self.eval_set, "gate.champion_version": self.champion_version or "none",
                 "gate.champion_auroc": num(self.champion_auroc), "gate.evidence": self.evidence,
                 "gate.candidate_auroc_low": num(low), "gate.candidate_auroc_high": num(high),
+                "gate.champion_auroc_low": num(champion_low), "gate.champion_auroc_high": num(champion_high),
                 "gate.champion_below_minimum": str(self.champion_below_minimum).lower()}
 
 
@@ -176,6 +179,31 @@ def versions(product: str) -> list[VersionRecord]:
                    for mv in found), key=lambda v: int(v.version))
 
 
+@dataclass(frozen=True)
+class Belief:
+    """What the gate last saw of a version: its benchmark AUROC, interval and the evidence's kind."""
+
+    evidence: str | None
+    auroc: float | None
+    interval: tuple[float, float] | None
+
+
+def belief(history: list[VersionRecord], version: str) -> Belief:
+    """The gate's latest view of ``version``: the newest later verdict that scored it, as champion,
+    on a labelled benchmark, else its own verdict's (`GateDecision.tags`)."""
+    def seen(tags: dict[str, str], role: str) -> Belief:
+        low, high = tag_number(tags.get(f"gate.{role}_auroc_low")), tag_number(tags.get(f"gate.{role}_auroc_high"))
+        return Belief(tags.get("gate.evidence"), tag_number(tags.get(f"gate.{role}_auroc")),
+                      None if low is None or high is None else (low, high))
+
+    for record in sorted(history, key=lambda v: -int(v.version)):
+        if record.version == version:
+            return seen(record.tags, "candidate")
+        if record.tags.get("gate.champion_version") == version and record.tags.get("gate.evidence") == LABELLED:
+            return seen(record.tags, "champion")
+    return Belief(None, None, None)
+
+
 NO_LABELS = "none"  # the labels_sha256 tag of a version trained without labels (absent on older versions)
 
 
@@ -234,7 +262,8 @@ def gate_decision(candidate: Evidence | None, min_auroc: float, eval_set: str, c
     def made(passed: bool, reason: str) -> GateDecision:
         return GateDecision(passed, reason, min_auroc, auroc, eval_set, champion_version,
                             None if champion is None else champion.auroc, SYNTHETIC if candidate is None else
-                            candidate.kind, None if candidate is None else (candidate.low, candidate.high), below)
+                            candidate.kind, None if candidate is None else (candidate.low, candidate.high), below,
+                            None if champion is None else (champion.low, champion.high))
 
     if candidate is None or not math.isfinite(candidate.auroc):
         return made(False, "benchmark AUROC undefined (the benchmark set lacks a class)")

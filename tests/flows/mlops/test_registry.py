@@ -372,3 +372,20 @@ def test_a_failure_while_moving_aliases_never_leaves_champion_on_an_unverified_v
     with pytest.raises(RegistryError, match="not verified"):
         registry.promote(PRODUCT, unverified)
     assert registry.aliases(PRODUCT) == moved and moved[CHAMPION] == v1
+
+
+def test_the_gates_latest_labelled_view_of_a_version_is_its_belief():
+    def gated(version: str, candidate: Evidence, champion_version: str | None = None,
+              champion: Evidence | None = None) -> registry.VersionRecord:
+        tags = gate_decision(candidate, 0.9, "labelled", champion_version, champion).tags()
+        return registry.VersionRecord(version, 0, "run", tags)
+
+    first = gated("1", _evidence(0.95, SYNTHETIC))
+    assert registry.belief([first], "1") == registry.Belief(SYNTHETIC, 0.95, (0.9, 1.0))
+    unlabelled = gated("2", _evidence(0.99, SYNTHETIC), "1", None)
+    judged = gated("3", _evidence(0.97), "1", _evidence(0.88))
+    later = gated("4", _evidence(0.90, SYNTHETIC), "1", None)
+    # The newest verdict that scored version 1 on labelled evidence, however old, and never its own synthetic one.
+    assert registry.belief([first, unlabelled, judged, later], "1") == registry.Belief(LABELLED, 0.88, (0.83, 0.93))
+    assert registry.belief([first, judged], "3") == registry.Belief(LABELLED, 0.97, (0.92, 1.0))
+    assert registry.belief([first], "7") == registry.Belief(None, None, None)
