@@ -90,15 +90,15 @@ class NoUpload(PermanentError):
 @dataclass
 class UploadData:
     """Decoded images of a retraining: the normal training images (the upload's, then confirmed
-    normals), the labelled benchmark (the upload's eval set and the labels that judge) and the
-    confirmed defects of the training side."""
+    normals), the labelled benchmark (the upload's eval set and the labels that judge) and, where
+    the product's settings say so, the training side's confirmed defects as fine-tuning negatives."""
 
     train: list[np.ndarray]
     eval_images: list[np.ndarray]
     eval_labels: list[int]
     eval_keys: list[str]
     eval_weights: list[float]  # what each benchmark image counts for: 1 for the upload's, a label's `judging_weight`
-    defects: list[np.ndarray] = field(default_factory=list)  # training-side confirmed defects (`loop.defect_negatives`)
+    defects: list[np.ndarray] = field(default_factory=list)  # fine-tuning negatives (`loop.defect_negatives`)
 
 
 @dataclass
@@ -221,7 +221,8 @@ def load_images(settings: Settings, job: RetrainJob, manifest: dict[str, Any]) -
         data.eval_weights.append(entry.judging_weight)
     for entry in training:
         if entry.label == DEFECT:
-            data.defects.append(labelled(entry))
+            if job.loop.defect_negatives:
+                data.defects.append(labelled(entry))
         elif len(data.train) < job.loop.max_k:
             data.train.append(labelled(entry))
     get_run_logger().info("loaded %d training images, %d benchmark images (%d defect) and %d confirmed defects "
@@ -587,7 +588,7 @@ def _stop_already_trained(settings: Settings, job: RetrainJob, existing: dict[st
 def _train_and_evaluate(job: RetrainJob, data: UploadData) -> Trained:
     """Fine-tune, judge the model on its benchmark and gather what the run logs."""
     fit_task = fit.with_options(tags={GPU_LIMIT}) if job.device == "cuda" else fit
-    detector, report = fit_task(data.train, job.config, job.device, data.defects if job.loop.defect_negatives else [])
+    detector, report = fit_task(data.train, job.config, job.device, data.defects)
     bench = score_benchmark(detector, report, data)
     threshold = detector.threshold  # never from the benchmark
     get_run_logger().info("threshold %.4g (%s)", threshold.value, threshold.rule)
