@@ -38,6 +38,7 @@ from flows.store.labels import (
     labelled_sources,
 )
 from flows.store.storage import PRODUCTS, ObjectNotFound, Store, validate_name
+from fsad_core.evidence import effective_count, wilson_interval
 from fsad_core.units import UNIT
 
 STRATUM_SHARE = 0.1  # of a run's images: the highest scores, and as many again nearest the threshold
@@ -181,10 +182,7 @@ def escape_estimate(labels: Iterable[LabelEntry], queue: Iterable[QueueItem]) ->
         return None
     weights, defective = np.array([w for w, _ in found]), np.array([d for _, d in found])
     rate = float(weights @ defective / weights.sum())
-    n, z = weights.sum() ** 2 / (weights ** 2).sum(), 1.6449
-    centre = (rate * n + z * z / 2) / (n + z * z)
-    half = z * math.sqrt(rate * (1 - rate) * n + z * z / 4) / (n + z * z)
-    return EscapeEstimate(len(found), int(defective.sum()), rate, max(0.0, centre - half), min(1.0, centre + half))
+    return EscapeEstimate(len(found), int(defective.sum()), rate, *wilson_interval(rate, effective_count(weights)))
 
 
 @dataclass(frozen=True)

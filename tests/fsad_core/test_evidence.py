@@ -12,10 +12,12 @@ from fsad_core.evidence import (
     SYNTHETIC,
     Evidence,
     best_candidate,
+    effective_count,
     evidence_kind,
     in_hash_share,
     judge,
     weighted_auroc,
+    wilson_interval,
 )
 
 
@@ -51,11 +53,21 @@ def test_the_interval_holds_the_auroc_and_narrows_with_more_images():
     assert (large.n_normal, large.n_defect) == (120, 120)
 
 
-def test_the_interval_covers_the_truth_about_as_often_as_it_says():
+def test_the_interval_covers_the_truth_at_least_as_often_as_it_says():
     # 90 % intervals from benchmarks of 15 + 15 images drawn from one line: the AUROC of the line
-    # (a gap of 1 sd: Phi(1 / sqrt 2) = 0.760) is inside in most of them.
-    covered = [(e.low <= 0.760 <= e.high) for e in (judge(*_scores(15, 15, 1.0, seed)) for seed in range(200))]
-    assert 0.82 <= np.mean(covered) <= 0.97
+    # (a gap of 1 sd: Phi(1 / sqrt 2) = 0.760) is inside in at least 90 % of them (the weighted
+    # draws of a line, where the bootstrap alone fails: tests/flows/store/test_queue.py).
+    judged = [judge(*_scores(15, 15, 1.0, seed)) for seed in range(200)]
+    assert np.mean([e.low <= 0.760 <= e.high for e in judged]) >= 0.9
+    e = judged[0]
+    assert (e.low, e.high) == pytest.approx(wilson_interval(e.auroc, 15), abs=0.02)  # the bound at 15 a class
+
+
+def test_wilson_interval_stays_inside_zero_and_one_and_narrows_with_the_count():
+    assert wilson_interval(0.0, 5)[0] == 0.0 and 0 < wilson_interval(0.0, 5)[1] < 0.5
+    assert wilson_interval(1.0, 5)[1] == 1.0
+    assert np.diff(wilson_interval(0.8, 100)) < np.diff(wilson_interval(0.8, 10)) / 2
+    assert effective_count(np.ones(7)) == pytest.approx(7) and effective_count(np.array([1.0, 1.0, 12.0])) < 2
 
 
 def test_fewer_than_five_of_a_class_is_not_labelled_evidence():

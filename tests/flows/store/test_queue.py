@@ -23,7 +23,7 @@ from flows.store.queue import (
     write_queue,
 )
 from flows.store.storage import LocalStore
-from fsad_core.evidence import weighted_auroc
+from fsad_core.evidence import judge, weighted_auroc
 
 
 def _decided(n: int, threshold: float = 0.5, run: str = "day-1") -> list[Decided]:
@@ -74,6 +74,29 @@ def test_the_weighted_labels_of_the_draws_estimate_the_lines_auroc_where_the_unw
     dy, ds, dw = (np.array([d[j] for d in drawn]) for j in range(3))
     assert abs(weighted_auroc(dy, ds, dw) - line) < 0.02
     assert abs(weighted_auroc(dy, ds) - line) > 0.04  # the same draws, unweighted, are far off
+
+
+def test_the_interval_of_a_few_days_of_draws_covers_the_lines_auroc():
+    """Five runs of 60 parts, 12 drawn a run: the hard defects (low scores) come with large weights
+    and are often not drawn at all, so the bootstrap of the draws alone reads high and narrow."""
+    rng = np.random.default_rng(1)
+    line = 0.802  # Phi(1.2 / sqrt 2): a defect 1.2 sd above a normal
+    covered, bootstrap_covered = [], []
+    for replay in range(80):
+        drawn = []
+        for run in range(5):
+            labels = rng.random(60) < 0.1
+            scores = rng.normal(0, 1, 60) + 1.2 * labels
+            decided = [Decided(f"{replay}/{run}/{i}", float(s), 1.5, bool(s > 1.5), "3") for i, s in enumerate(scores)]
+            truth = {d.image: int(y) for d, y in zip(decided, labels)}
+            drawn += [(truth[i.image], i.score, i.weight) for i in pick(decided, 12)]
+        y = [d[0] for d in drawn]
+        if min(sum(y), len(y) - sum(y)) < 5:
+            continue
+        e = judge(y, [d[1] for d in drawn], [d[2] for d in drawn])
+        covered.append(e.low <= line <= e.high)
+        bootstrap_covered.append(np.quantile(e.resampled, 0.05) <= line <= np.quantile(e.resampled, 0.95))
+    assert len(covered) > 40 and np.mean(covered) >= 0.8 > np.mean(bootstrap_covered)
 
 
 def test_the_stored_queue_leaves_out_what_is_labelled_since(tmp_path):
