@@ -37,8 +37,9 @@ def day_parts(labels: np.ndarray, days: int, per_day: int, share: float, rng: np
 
 
 def replay(scores: np.ndarray, labels: np.ndarray, threshold: float, truth: float, args: argparse.Namespace,
-           rng: np.random.Generator) -> list[tuple[float, bool]]:
-    """(benchmark AUROC - truth, whether its interval covers the truth) of each labelled day of one replay."""
+           rng: np.random.Generator) -> list[tuple[float, bool, float]]:
+    """(benchmark AUROC - truth, whether its interval covers the truth, the interval's width) of each
+    labelled day of one replay."""
     judging: list[tuple[int, float, float]] = []  # label, score, weight
     found = []
     for day, parts in enumerate(day_parts(labels, args.days, args.per_day, args.defect_share, rng)):
@@ -51,7 +52,7 @@ def replay(scores: np.ndarray, labels: np.ndarray, threshold: float, truth: floa
         y = [j[0] for j in judging]
         if min(sum(y), len(y) - sum(y)) >= MIN_PER_CLASS:
             evidence = judge(y, [j[1] for j in judging], [j[2] for j in judging])
-            found.append((evidence.auroc - truth, evidence.low <= truth <= evidence.high))
+            found.append((evidence.auroc - truth, evidence.low <= truth <= evidence.high, evidence.high - evidence.low))
     return found
 
 
@@ -67,13 +68,14 @@ def run(data: str, args: argparse.Namespace) -> dict:
     labels = np.asarray([s.label for s in split.stream])
     days = [d for _ in range(args.replays)
             for d in replay(scores, labels, detector.threshold.value, truth, args, rng)]
-    gaps = np.asarray([gap for gap, _ in days])
+    gaps = np.asarray([gap for gap, _, _ in days])
     return {"set": category.name, "method": args.method, "k": args.k, "seed": args.seed, "truth": truth,
             "replays": args.replays, "labelled_days": len(days),
             "mean_gap": float(gaps.mean()) if days else None,
             "mean_absolute_gap": float(np.abs(gaps).mean()) if days else None,
             "median_gap": float(np.median(gaps)) if days else None,
-            "coverage": float(np.mean([covered for _, covered in days])) if days else None}
+            "coverage": float(np.mean([covered for _, covered, _ in days])) if days else None,
+            "mean_interval_width": float(np.mean([width for _, _, width in days])) if days else None}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.out).write_text(json.dumps({"records": records, "setup": vars(args)}, indent=1))
     for r in records:
         print(f"{r['set']}: truth {r['truth']:.4f}, {r['labelled_days']} labelled days, mean gap {r['mean_gap']}, "
-              f"mean absolute gap {r['mean_absolute_gap']}, coverage {r['coverage']}", flush=True)
+              f"mean absolute gap {r['mean_absolute_gap']}, coverage {r['coverage']}, "
+              f"mean interval width {r['mean_interval_width']}", flush=True)
     return 0
 
 

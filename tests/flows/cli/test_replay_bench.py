@@ -25,5 +25,5 @@ def test_a_replay_sets_the_benchmark_against_the_truth_of_the_same_model(tmp_pat
                               "--defect-share", "0.3", "--benchmark-share", "0.9", "--replays", "5",
                               "--out", str(out)]) == 0
     (record,) = json.loads(out.read_text())["records"]
-    assert record["labelled_days"] > 0 and 0 <= record["coverage"] <= 1
+    assert record["labelled_days"] > 0 and 0 <= record["coverage"] <= 1 and 0 < record["mean_interval_width"] <= 1
     assert record["mean_absolute_gap"] >= abs(record["mean_gap"])
