@@ -209,7 +209,7 @@ def test_tiled_parts_are_left_out_whole_and_score_as_their_worst_tile(washer):
     assert config.resize == "tile"  # the default: nothing stretched
     parts = [wide(s.image()) for s in washer.sample_k_shot(3, 0)]
     detector, report = Detector.fit(parts, config, device="cpu")
-    assert detector.meta == {"k": 3, "tiles": 6, "fitted_on": cpu_description(), "colour": True,
+    assert detector.meta == {"k": 3, "tiles": 6, "defects": 0, "fitted_on": cpu_description(), "colour": True,
                              "fusion_rule": FUSION_LOO}
     assert report.normal_rule.startswith("leave-one-out") and len(report.normal_scores["fused"]) == 3
     test = [wide(s.image()) for s in washer.test]  # a defect, if any, in the left-hand tile
