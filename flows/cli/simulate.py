@@ -176,13 +176,14 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ranged = [r for r in believed if r["benchmark_interval"]]
     ax.fill_between([r["day"] for r in ranged], [r["benchmark_interval"][0] for r in ranged],
                     [r["benchmark_interval"][1] for r in ranged], alpha=0.2, label="its 90 % interval")
-    for method, auroc in result["baselines"].items():
-        if auroc is not None:
-            ax.axhline(auroc, linestyle=":", linewidth=1, color="grey")
-            ax.annotate(f"{method} on day 0", (days[0] if days else 0, auroc), fontsize=7, color="grey")
+    baselines = sorted((auroc, method) for method, auroc in result["baselines"].items() if auroc is not None)
+    for i, (auroc, method) in enumerate(baselines):  # the lower label below its line, the higher above
+        ax.axhline(auroc, linestyle=":", linewidth=1, color="grey")
+        ax.annotate(f"{method} on day 0", (days[0] if days else 0, auroc), fontsize=7, color="grey",
+                    va="top" if i == 0 and len(baselines) > 1 else "bottom")
     ax.set_xlabel("day")
     ax.set_ylabel("AUROC")
-    ax.set_title(Path(result["setup"]["data"]).name)
+    ax.set_title(f"{Path(result['setup']['data']).name}, seed {result['setup']['seed']}")
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
