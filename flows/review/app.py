@@ -45,7 +45,7 @@ from flows.store.labels import (
     label_history,
     read_sources,
 )
-from flows.store.queue import ITEM_ID, OVERLAY, THUMB, drawn, picture_key, queue_state
+from flows.store.queue import drawn, picture_key, queue_state
 from flows.store.records import checked_text
 from flows.store.storage import ObjectNotFound, StorageError, Store, list_products, validate_name
 
@@ -193,11 +193,14 @@ class Pages:
     @signed_in
     def picture(self, request: Request, operator: str, form: FormData | None) -> Response:
         product, version = _product(request), request.path_params["version"]
-        item_id, kind = request.path_params["item"], request.path_params["kind"]
-        if not ITEM_ID.fullmatch(item_id) or kind not in (THUMB, OVERLAY) or not version.isdigit():
+        if not version.isdigit():
             raise HTTPException(404, "no such picture")
+        try:  # `picture_key` refuses any card id or kind it does not write: no request value becomes a path
+            key = picture_key(product, version, request.path_params["item"], request.path_params["kind"])
+        except ValueError:
+            raise HTTPException(404, "no such picture") from None
         try:
-            data = self.review.store.get_bytes(picture_key(product, version, item_id, kind))
+            data = self.review.store.get_bytes(key)
         except ObjectNotFound:
             raise HTTPException(404, "no picture of this card") from None
         return Response(data, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
