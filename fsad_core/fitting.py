@@ -100,16 +100,16 @@ def defect_views(extractor: Extractor, pool: ViewPool, defects: Sequence[np.ndar
     then augmented copies of it, as the normal views are made."""
     config = extractor.config
     tiles = [prepare(array_at_work_size(image), extractor.spec) for image in defects]
-    if any(len(t) > 1 for t in tiles):
-        reference = _patches(extractor, pool.views[pool.view_in_tile == 0]).flatten(0, 1)
+    reference = (_patches(extractor, pool.views[pool.view_in_tile == 0]).flatten(0, 1)
+                 if any(len(t) > 1 for t in tiles) else None)  # only a tiled defect needs the normal patches
 
-        def farthest(candidates: torch.Tensor) -> torch.Tensor:
-            gaps = torch.stack([torch.cdist(p, reference).amin(1).amax() for p in _patches(extractor, candidates)])
-            return candidates[int(gaps.argmax())]
+    def farthest(candidates: torch.Tensor) -> torch.Tensor:
+        if len(candidates) == 1:
+            return candidates[0]
+        gaps = torch.stack([torch.cdist(p, reference).amin(1).amax() for p in _patches(extractor, candidates)])
+        return candidates[int(gaps.argmax())]
 
-        chosen = [farthest(t) if len(t) > 1 else t[0] for t in tiles]
-    else:
-        chosen = [t[0] for t in tiles]
+    chosen = [farthest(t) for t in tiles]
     return torch.cat([torch.cat([tile[None], augment_views(tile, DEFECT_VIEWS - 1, config.augment,
                                                             generator_seed=config.seed * 1000 + 500 + i)])
                       for i, tile in enumerate(chosen)])

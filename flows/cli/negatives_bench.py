@@ -58,8 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     records = json.loads(out.read_text())["records"] if out.exists() else []
     done = {(r["set"], r["seed"]) for r in records}
     for data in args.data:
+        name = load_category(data).name
         for seed in args.seeds:
-            if (load_category(data).name, seed) in done:
+            if (name, seed) in done:
                 continue
             records.append(run(data, args.method, args.k, seed, args.defects, args.images))
             out.parent.mkdir(parents=True, exist_ok=True)
