@@ -301,7 +301,10 @@ def fit(images: list[np.ndarray], config: DetectorConfig, device: str, defects: 
     with training_slot(dev.type):
         detector, report = Detector.fit(images, config, device=dev, progress=ProgressLine(logger.info),
                                         defects=defects)
-    logger.info("fit done in %.1f s", report.seconds)
+    logger.info("fit done in %.1f s; threshold %.4g (%s)", report.seconds, detector.threshold.value,
+                detector.threshold.rule)
+    if detector.threshold.details.get("provisional"):
+        logger.warning("the threshold is provisional: %s", detector.threshold.details["provisional_reason"])
     return detector, report
 
 
@@ -564,9 +567,8 @@ def _train_and_promote(settings: Settings, product: str, upload_id: str, manifes
     # fine-tuning (its lease expired on a starved machine), a run that finished first wins.
     if (found := _already_trained(settings, jobs)) is not None:
         return _stop_already_trained(settings, *found)
-    return trained_summary(job, trained[chosen].record,
-                           _publish(settings, job, trained[chosen], why, retrained=champion.get("method") == chosen
-                                    and champion.get("upload_id") == upload_id))
+    retrained = champion.get("method") == chosen and champion.get("upload_id") == upload_id
+    return trained_summary(job, trained[chosen].record, _publish(settings, job, trained[chosen], why, retrained))
 
 
 def _already_trained(settings: Settings, jobs: list[RetrainJob]) -> tuple[RetrainJob, dict[str, Any]] | None:
@@ -590,10 +592,7 @@ def _train_and_evaluate(job: RetrainJob, data: UploadData) -> Trained:
     fit_task = fit.with_options(tags={GPU_LIMIT}) if job.device == "cuda" else fit
     detector, report = fit_task(data.train, job.config, job.device, data.defects)
     bench = score_benchmark(detector, report, data)
-    threshold = detector.threshold  # never from the benchmark
-    get_run_logger().info("threshold %.4g (%s)", threshold.value, threshold.rule)
-    if threshold.details.get("provisional"):
-        get_run_logger().warning("the threshold is provisional: %s", threshold.details["provisional_reason"])
+    threshold = detector.threshold  # the fit's, never from the benchmark
     metrics = evaluate(bench, threshold, report)
     shown = gallery(detector, data, bench)
     record = tracking.TrainingRecord(
