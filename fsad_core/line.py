@@ -5,7 +5,9 @@ The k upload images come from the normal training images. Every other image is s
 stratified by label, into the held-out truth (a third: never labelled, trained on or seen by the
 gate) and the stream, ordered at the defect share asked for, as far as the set allows.
 Near-duplicates stay on one side: images whose names differ only in a trailing frame number
-(consecutive frames of one part: ``part7_f01.png``, ``part7_f02.png``) form one group.
+(consecutive frames of one part: ``part7_f01.png``, ``part7_f02.png``) form one group, and so do
+neighbours in name order that look alike (frames numbered ``000.jpg``, ``001.jpg`` of one part, told
+from their thumbnails). A group holding an upload image is never held out.
 """
 
 from __future__ import annotations
@@ -16,10 +18,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from .data import Category, Sample
+from .imageio import read_image
 
 HELD_OUT_SHARE = 1 / 3
+# Neighbours closer than this share of the folder's median distance between two of its images are
+# frames of one part: far below what separates two parts, so different parts of a uniform product
+# (MVTec's bottles, all alike) stay apart.
+NEAR_DUPLICATE = 0.5
+_THUMBNAIL = 32
 _FRAME = re.compile(r"^(.*\D)\d+$")  # a name with a trailing frame number after a non-digit
 
 
@@ -44,24 +53,56 @@ def split_line(category: Category, k: int, seed: int, defect_share: float = 0.1)
     rng = np.random.default_rng(seed)
     upload = category.sample_k_shot(k, seed)
     taken = {s.path for s in upload}
-    rest = [s for s in category.train + category.test if s.path not in taken]
     held_out: list[Sample] = []
     stream_good: list[Sample] = []
     stream_defect: list[Sample] = []
     for label, stream in ((0, stream_good), (1, stream_defect)):
-        groups = _groups([s for s in rest if s.label == label])
-        order = rng.permutation(len(groups))
-        quota = round(HELD_OUT_SHARE * sum(len(g) for g in groups))
-        for i in order:
+        groups = part_groups([s for s in category.train + category.test if s.label == label])
+        beside_upload = [g for g in groups if any(s.path in taken for s in g)]
+        stream.extend(s for g in beside_upload for s in g if s.path not in taken)
+        groups = [g for g in groups if g not in beside_upload]
+        quota = round(HELD_OUT_SHARE * (sum(len(g) for g in groups) + len(stream)))
+        for i in rng.permutation(len(groups)):
             (held_out if sum(s.label == label for s in held_out) < quota else stream).extend(groups[i])
     return LineSplit(upload, held_out, _at_share(stream_good, stream_defect, defect_share, rng))
 
 
-def _groups(samples: Sequence[Sample]) -> list[list[Sample]]:
-    by_group: dict[str, list[Sample]] = {}
-    for s in sorted(samples, key=lambda s: str(s.path)):
-        by_group.setdefault(frame_group(s.path), []).append(s)
-    return list(by_group.values())
+def part_groups(samples: Sequence[Sample]) -> list[list[Sample]]:
+    """``samples`` in groups of one part each: in name order, a neighbour of the same frame group, or
+    a near-duplicate of the one before it in its folder, joins its group."""
+    ordered = sorted(samples, key=lambda s: str(s.path))
+    alike = _alike_to_previous([s.path for s in ordered])
+    groups: list[list[Sample]] = []
+    for i, s in enumerate(ordered):
+        same_part = i > 0 and (alike[i] or frame_group(s.path) == frame_group(ordered[i - 1].path))
+        if same_part:
+            groups[-1].append(s)
+        else:
+            groups.append([s])
+    return groups
+
+
+def _alike_to_previous(paths: Sequence[Path]) -> list[bool]:
+    """For each path, whether it is a near-duplicate of the path before it in the same folder."""
+    alike = [False] * len(paths)
+    for folder in dict.fromkeys(p.parent for p in paths):
+        at = [i for i, p in enumerate(paths) if p.parent == folder]
+        if len(at) < 3:
+            continue
+        thumbnails = np.stack([_thumbnail(paths[i]) for i in at])
+        squared = (thumbnails ** 2).sum(1)
+        distance = np.sqrt(np.maximum(squared[:, None] + squared[None, :] - 2 * thumbnails @ thumbnails.T, 0))
+        typical = np.median(distance[np.triu_indices(len(at), 1)])
+        for j in range(1, len(at)):
+            alike[at[j]] = bool(distance[j, j - 1] < NEAR_DUPLICATE * typical)
+    return alike
+
+
+def _thumbnail(path: Path) -> np.ndarray:
+    """A small grey copy, standardised, so that two frames compare by shape and not by exposure."""
+    small = Image.fromarray(read_image(path)).convert("L").resize((_THUMBNAIL, _THUMBNAIL), Image.BILINEAR)
+    grey = np.asarray(small, np.float32)
+    return ((grey - grey.mean()) / (grey.std() + 1e-6)).ravel()
 
 
 def _at_share(good: list[Sample], defect: list[Sample], share: float, rng: np.random.Generator) -> list[Sample]:
