@@ -40,6 +40,7 @@ class Evidence:
     n_normal: int
     n_defect: int
     resampled: np.ndarray | None = field(default=None, compare=False, repr=False)  # the bootstrap's AUROCs
+    missed: float | None = None  # share of the defects (by weight) the model lets pass at its threshold
 
     def share_above(self, other: Evidence) -> float:
         """Of the paired resamples, the share in which this AUROC is above the other's, a tie counting
@@ -100,12 +101,13 @@ def wilson_interval(share: float, count: float) -> tuple[float, float]:
 
 
 def judge(labels: Sequence[int], scores: Sequence[float], weights: Sequence[float] | None = None,
-          kind: str | None = None, seed: int = 0) -> Evidence:
+          kind: str | None = None, seed: int = 0, flagged: Sequence[bool] | None = None) -> Evidence:
     """The benchmark's AUROC with its `INTERVAL_LEVEL` interval: the bootstrap's, widened to the
     distribution-free one. An AUROC's variance is at most A(1 - A) / min(defects, normals) whatever
     the scores (Birnbaum and Klose), so Wilson's interval at that count, on the weights' effective
     counts, holds where resampling a few weighted images cannot show the hard defects the draws
-    missed (docs/loop.md). ``kind`` defaults to what the counts allow (`evidence_kind`)."""
+    missed (docs/loop.md). ``kind`` defaults to what the counts allow (`evidence_kind`); with the
+    model's decisions (``flagged``), the share of the defects it misses."""
     pairs = _Pairs.of(labels, scores, weights)
     auroc = pairs.auroc()
     wins, wd, wn = pairs.wins, pairs.defect_weights, pairs.normal_weights
@@ -118,8 +120,9 @@ def judge(labels: Sequence[int], scores: Sequence[float], weights: Sequence[floa
     bound_low, bound_high = wilson_interval(auroc, min(effective_count(wd), effective_count(wn)))
     low, high = min(low, bound_low), max(high, bound_high)
     n_normal, n_defect = len(wn), len(wd)
+    missed = None if flagged is None else float(wd @ ~np.asarray(flagged, bool)[np.asarray(labels) == 1] / wd.sum())
     return Evidence(kind or evidence_kind(n_normal, n_defect), auroc, float(low), float(high), n_normal, n_defect,
-                    resampled)
+                    resampled, missed)
 
 
 def in_hash_share(sha256: str, share: float) -> bool:

@@ -252,10 +252,10 @@ def gate_decision(candidate: Evidence | None, min_auroc: float, eval_set: str, c
     the minimum: a candidate of another method when credibly better (above the champion in
     `PROMOTION_CONFIDENCE` of the paired resamples), the champion's own method and upload trained
     again with newer labels (``retrained``) when at least as likely above it as below
-    (`RETRAINING_CONFIDENCE`); a
-    champion below the minimum is flagged. On evidence that cannot compare the two (synthetic, or
-    too few labels) the champion stays, unless the product's settings allow it
-    (``allow_unproven``: then the minimum decides, as for a first champion)."""
+    (`RETRAINING_CONFIDENCE`), and another method only if it also lets no more of the benchmark's
+    defects pass at its threshold; a champion below the minimum is flagged. On evidence that cannot
+    compare the two (synthetic, or too few labels) the champion stays, unless the product's settings
+    allow it (``allow_unproven``: then the minimum decides, as for a first champion)."""
     auroc = None if candidate is None else candidate.auroc
     below = champion is not None and champion.auroc < min_auroc
 
@@ -290,7 +290,16 @@ def gate_decision(candidate: Evidence | None, min_auroc: float, eval_set: str, c
         needed, failed, kind = PROMOTION_CONFIDENCE, "not credibly better than", "another method"
     if share < needed:
         return made(False, f"{measured} {failed} {versus}, {needed:.0%} needed for {kind}{flag}")
+    if not retrained and _misses_more(candidate, champion):
+        return made(False, f"{measured} better than {versus}, but at its threshold it lets pass {candidate.missed:.0%} "
+                           f"of the benchmark's defects against the champion's {champion.missed:.0%}{flag}")
     return made(True, f"{measured} better than {versus} ({needed:.0%} needed for {kind}){flag}")
+
+
+def _misses_more(candidate: Evidence, champion: Evidence) -> bool:
+    """Whether the candidate lets more of the benchmark's defects pass than the champion: another
+    method brings its own threshold, which a better AUROC says nothing of."""
+    return candidate.missed is not None and champion.missed is not None and candidate.missed > champion.missed
 
 
 def champion_evidence(product: str, images: list[np.ndarray] | None, labels: list[int] | None,
@@ -304,7 +313,8 @@ def champion_evidence(product: str, images: list[np.ndarray] | None, labels: lis
         return version, None
     detector = Detector.load(download_model(f"models:/{model_name(product)}/{version}", settings=settings),
                              device=device)
-    return version, judge(labels, detector.score(images).scores, weights)
+    result = detector.score(images)
+    return version, judge(labels, result.scores, weights, flagged=result.is_anomaly)
 
 
 def record_gate(product: str, version: str, decision: GateDecision) -> None:

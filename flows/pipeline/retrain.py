@@ -315,7 +315,7 @@ def score_benchmark(detector: Detector, report: FitReport, data: UploadData) -> 
     if len(set(data.eval_labels)) == 2:  # both kinds: an AUROC to be had
         result = detector.score(data.eval_images)
         return Benchmark(LABELLED, list(data.eval_labels), result.raw_scores, result.components,
-                         judge(data.eval_labels, result.raw_scores, data.eval_weights))
+                         judge(data.eval_labels, result.raw_scores, data.eval_weights, flagged=result.is_anomaly))
     kinds = report.normal_scores.keys()
     components = {k: np.asarray(report.normal_scores[k] + report.synthetic_scores[k]) for k in kinds}
     labels = [0] * len(report.normal_scores[detector.config.score]) + \
