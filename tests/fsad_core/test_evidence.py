@@ -44,6 +44,14 @@ def test_weights_stand_for_how_images_were_picked():
         weighted_auroc([0, 0], [1.0, 2.0])
 
 
+def test_the_share_of_defects_let_pass_counts_each_defect_by_its_weight():
+    labels, scores = [0, 0, 1, 1, 1], [0.1, 0.9, 0.2, 0.8, 0.7]
+    flagged = [s > 0.5 for s in scores]  # the defect at 0.2 passes
+    assert judge(labels, scores, flagged=flagged).missed == pytest.approx(1 / 3)
+    assert judge(labels, scores, [1, 1, 4, 1, 1], flagged=flagged).missed == pytest.approx(4 / 6)
+    assert judge(labels, scores).missed is None
+
+
 def test_the_interval_holds_the_auroc_and_narrows_with_more_images():
     small = judge(*_scores(6, 6, 1.0))
     large = judge(*_scores(120, 120, 1.0))

@@ -7,7 +7,7 @@ import numpy as np
 from PIL import Image
 
 from fsad_core.data import load_category
-from fsad_core.line import frame_group, split_line
+from fsad_core.line import frame_group, part_groups, split_line
 from fsad_core.synthetic import make_category
 
 
@@ -37,3 +37,34 @@ def test_the_split_is_stable_disjoint_stratified_and_keeps_frames_together(tmp_p
     first = split.stream[:40]  # while both kinds last, about the share asked for
     assert 0.05 < np.mean([s.label for s in first]) < 0.4
     assert split_line(category, 4, seed=4).held_out != split.held_out
+
+
+def _frames(folder: Path, first: int, parts: int, frames: int, seed: int) -> list[list[Path]]:
+    """``parts`` parts of ``frames`` numbered frames each (``first``, ``first + 1``, ...): one picture of
+    a part, shifted by a little noise from frame to frame, as a camera on a line sees it."""
+    rng = np.random.default_rng(seed)
+    written, number = [], first
+    for _ in range(parts):
+        part = rng.integers(0, 255, (48, 48, 3))
+        written.append([])
+        for _ in range(frames):
+            path = folder / f"{number:03d}.png"
+            Image.fromarray(np.clip(part + rng.normal(0, 4, part.shape), 0, 255).astype(np.uint8)).save(path)
+            written[-1].append(path)
+            number += 1
+    return written
+
+
+def test_numbered_frames_of_one_part_stay_on_one_side_and_beside_the_upload_are_never_held_out(tmp_path):
+    root = make_category(tmp_path / "spindle", kind="object", n_train=0, n_test_good=0, n_test_defect=12, size=48)
+    train = _frames(root / "train" / "good", 0, parts=8, frames=3, seed=1)
+    tested = _frames(root / "test" / "good", 100, parts=6, frames=4, seed=2)
+    category = load_category(root)
+    grouped = [[s.path for s in g] for g in part_groups(category.train + category.test) if len(g) > 1]
+    assert sorted(grouped) == sorted(train + tested)  # each part a group, and nothing else joined
+    for seed in range(4):
+        split = split_line(category, 2, seed=seed, defect_share=0.2)
+        held_out = {s.path for s in split.held_out}
+        assert all(set(part) <= held_out or not set(part) & held_out for part in tested)
+        uploaded = {s.path for s in split.upload}
+        assert not {p for part in train if set(part) & uploaded for p in part} & held_out

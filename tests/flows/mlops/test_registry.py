@@ -90,10 +90,11 @@ def versions(settings, fitted):
 
 # ---- the gate's rules (no I/O) ------------------------------------------------------------------
 
-def _evidence(auroc: float, kind: str = LABELLED, spread: float = 0.0) -> Evidence:
+def _evidence(auroc: float, kind: str = LABELLED, spread: float = 0.0, missed: float | None = None) -> Evidence:
     """Evidence whose paired resamples lie evenly within ``spread`` of the AUROC (in one order)."""
     resampled = auroc + np.linspace(-spread, spread, RESAMPLES)
-    return Evidence(kind, auroc, auroc - 0.05, min(1.0, auroc + 0.05), 20, 10 if kind == LABELLED else 3, resampled)
+    return Evidence(kind, auroc, auroc - 0.05, min(1.0, auroc + 0.05), 20, 10 if kind == LABELLED else 3, resampled,
+                    missed)
 
 
 @pytest.mark.parametrize("candidate, champ, champion, allow, retrained, passed, phrase", [
@@ -107,9 +108,14 @@ def _evidence(auroc: float, kind: str = LABELLED, spread: float = 0.0) -> Eviden
     (_evidence(0.98, spread=0.04), "3", _evidence(0.97), False, False, False, "above it in 62% of the paired"),
     (_evidence(0.99, spread=0.01), "3", _evidence(0.97), False, False, True, "better than champion v3"),
     (_evidence(0.85), "3", _evidence(0.80), False, False, True, "champion v3 is below the minimum"),
+    # ... and let no more of the benchmark's defects pass at its own threshold ...
+    (_evidence(0.99, spread=0.01, missed=0.6), "3", _evidence(0.97, missed=0.5), False, False, False,
+     "lets pass 60% of the benchmark's defects against the champion's 50%"),
+    (_evidence(0.99, spread=0.01, missed=0.5), "3", _evidence(0.97, missed=0.5), False, False, True, "better than"),
     # ... the champion's method and upload trained again with newer labels at least as likely above it as below.
     (_evidence(0.98, spread=0.04), "3", _evidence(0.97), False, True, True, "50% needed for its own model"),
     (_evidence(0.97), "3", _evidence(0.97), False, True, True, "above it in 50% of the paired resamples"),
+    (_evidence(0.98, missed=0.6), "3", _evidence(0.97, missed=0.5), False, True, True, "50% needed for its own"),
     (_evidence(0.96, spread=0.04), "3", _evidence(0.97), False, True, False, "more often below than above"),
     # Evidence that cannot compare them keeps the champion, unless the product's settings allow it.
     (_evidence(0.99, SYNTHETIC), "3", None, False, True, False, "cannot be compared with champion v3"),
