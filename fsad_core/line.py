@@ -58,9 +58,9 @@ def split_line(category: Category, k: int, seed: int, defect_share: float = 0.1)
     stream_defect: list[Sample] = []
     for label, stream in ((0, stream_good), (1, stream_defect)):
         groups = part_groups([s for s in category.train + category.test if s.label == label])
-        beside_upload = [g for g in groups if any(s.path in taken for s in g)]
-        stream.extend(s for g in beside_upload for s in g if s.path not in taken)
-        groups = [g for g in groups if g not in beside_upload]
+        beside_upload = [any(s.path in taken for s in g) for g in groups]
+        stream.extend(s for g, beside in zip(groups, beside_upload) if beside for s in g if s.path not in taken)
+        groups = [g for g, beside in zip(groups, beside_upload) if not beside]
         quota = round(HELD_OUT_SHARE * (sum(len(g) for g in groups) + len(stream)))
         for i in rng.permutation(len(groups)):
             (held_out if sum(s.label == label for s in held_out) < quota else stream).extend(groups[i])
@@ -87,7 +87,7 @@ def _alike_to_previous(paths: Sequence[Path]) -> list[bool]:
     alike = [False] * len(paths)
     for folder in dict.fromkeys(p.parent for p in paths):
         at = [i for i, p in enumerate(paths) if p.parent == folder]
-        if len(at) < 3:
+        if len(at) < 3:  # two images have no typical distance to compare theirs with
             continue
         thumbnails = np.stack([_thumbnail(paths[i]) for i in at])
         squared = (thumbnails ** 2).sum(1)
