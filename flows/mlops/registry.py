@@ -290,16 +290,10 @@ def gate_decision(candidate: Evidence | None, min_auroc: float, eval_set: str, c
         needed, failed, kind = PROMOTION_CONFIDENCE, "not credibly better than", "another method"
     if share < needed:
         return made(False, f"{measured} {failed} {versus}, {needed:.0%} needed for {kind}{flag}")
-    if not retrained and _misses_more(candidate, champion):
+    if not retrained and candidate.misses_more(champion):
         return made(False, f"{measured} better than {versus}, but at its threshold it lets pass {candidate.missed:.0%} "
                            f"of the benchmark's defects against the champion's {champion.missed:.0%}{flag}")
     return made(True, f"{measured} better than {versus} ({needed:.0%} needed for {kind}){flag}")
-
-
-def _misses_more(candidate: Evidence, champion: Evidence) -> bool:
-    """Whether the candidate lets more of the benchmark's defects pass than the champion: another
-    method brings its own threshold, which a better AUROC says nothing of."""
-    return candidate.missed is not None and champion.missed is not None and candidate.missed > champion.missed
 
 
 def champion_evidence(product: str, images: list[np.ndarray] | None, labels: list[int] | None,

@@ -2,6 +2,7 @@
 the kind the counts allow, and the side of the split a content hash puts an image on."""
 
 import hashlib
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -118,6 +119,18 @@ def test_the_best_candidate_on_labelled_evidence_else_the_champions_method_or_th
     unlabelled = {"fast": _judged(3.0, SYNTHETIC), "default": _judged(0.0, SYNTHETIC)}
     assert best_candidate(unlabelled, seconds, "default", incumbent="fast")[0] == "default"
     assert best_candidate({"fast": apart["fast"]}, seconds, "default") == ("fast", "the only candidate")
+
+
+def test_another_method_that_lets_more_defects_pass_is_not_a_candidate_whatever_its_auroc():
+    seconds = {"fast": 5.0, "default": 90.0}
+    better, worse = _judged(3.0), _judged(0.0)
+    assert better.share_above(worse) >= 0.9
+    evidence = {"fast": replace(better, missed=0.5), "default": replace(worse, missed=0.25)}
+    chosen, why = best_candidate(evidence, seconds, "default", incumbent="default")
+    assert chosen == "default" and "fast let more defects pass than default" in why
+    assert best_candidate(evidence, seconds, "default", incumbent="fast")[0] == "fast"  # the champion's own method
+    evidence["fast"] = replace(better, missed=0.25)  # as few pass: the better AUROC decides
+    assert best_candidate(evidence, seconds, "default", incumbent="default")[0] == "fast"
 
 
 def test_two_models_judged_on_one_benchmark_are_compared_on_the_same_resamples():
