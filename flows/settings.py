@@ -141,6 +141,9 @@ def io_retry_delays(env: Mapping[str, str] | None = None) -> list[float]:
     return delays
 
 
+_TRAINING_FIELDS = ("benchmark_share", "max_k", "defect_negatives", "miss_rate_target")
+
+
 @dataclass(frozen=True)
 class LoopSettings:
     """A product's settings that are not the model's (``"loop"`` beside the model's fields): how its
@@ -151,7 +154,26 @@ class LoopSettings:
     max_k: int = 32  # normal images trained on at most: the upload's, then confirmed normals
     allow_unproven: bool = False  # a candidate may replace a champion on evidence that cannot compare them
     defect_negatives: bool = False  # training-side confirmed defects join the fine-tuning's negatives (docs/loop.md)
+    # Where set, the threshold is lowered until at most this share of the training side's confirmed
+    # defects pass (`calibration.lower_to_miss_target`; docs/loop.md).
+    miss_rate_target: float | None = None
     candidates: tuple[str, ...] = ("fast", "default")  # methods a retraining fits; the benchmark chooses
+
+    def __post_init__(self) -> None:
+        if self.miss_rate_target is not None and self.defect_negatives:
+            raise ValueError("loop.miss_rate_target with loop.defect_negatives would set the threshold on defects "
+                             "the model was trained on; set one of them")
+
+    def training_changes(self) -> dict[str, Any]:
+        """The settings that change what a retraining trains, where they differ from the defaults (a
+        version trained under the defaults keeps the identity it had before these settings existed)."""
+        default = LoopSettings()
+        return {name: getattr(self, name) for name in _TRAINING_FIELDS if getattr(self, name) != getattr(default, name)}
+
+    @property
+    def uses_defects(self) -> bool:
+        """Whether a retraining loads the training side's confirmed defects."""
+        return self.defect_negatives or self.miss_rate_target is not None
 
     def methods(self, asked: str | None) -> tuple[str, ...]:
         """The methods a retraining fits: the one asked for, else the candidates."""
@@ -220,9 +242,12 @@ def product_overrides(settings: Settings, store: Store, product: str) -> tuple[d
     return merge_overrides(settings.train_overrides, own), source
 
 
-def config_sha256(config: DetectorConfig) -> str:
-    """Identity of a training configuration (with the method's seed): same hash, same training."""
-    return hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode("utf-8")).hexdigest()
+def config_sha256(config: DetectorConfig, loop: LoopSettings | None = None) -> str:
+    """Identity of a training: the configuration (with the method's seed) and the label settings
+    that change what is trained (`LoopSettings.training_changes`): same hash, same training."""
+    changes = loop.training_changes() if loop is not None else {}
+    identity = {**config.to_dict(), LOOP: changes} if changes else config.to_dict()
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode("utf-8")).hexdigest()
 
 
 __all__ = ["LOOP", "LoopSettings", "Settings", "SettingsError", "config_sha256", "io_retry_delays", "load_settings",

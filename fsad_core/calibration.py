@@ -19,6 +19,7 @@ from .metrics import as_finite_scores, lowest_threshold_within
 RULE_PREDICTION_BOUND = "normal_prediction_bound"
 RULE_SYNTHETIC_GAP = "synthetic_gap"
 RULE_SINGLE_IMAGE = "single_image_midpoint"
+RULE_MISS_TARGET = "miss_rate_target"
 
 # Fewer leave-one-out scores than this give no spread one can put a tail on (two scores: their
 # half-difference), so their threshold is provisional; at k = 2 the bound missed its target badly
@@ -130,9 +131,14 @@ class PredictionBound:
 
     def false_alarm_rate(self, value: float) -> float:
         """The predictive tail mass above `value`: the share of new normal images it flags on average."""
-        if self.predictive_spread <= 0:
-            return 0.0
-        return float(stats.t.sf((value - self.centre) / self.predictive_spread, self.degrees_of_freedom))
+        return predictive_tail(value, self.centre, self.predictive_spread, self.degrees_of_freedom)
+
+
+def predictive_tail(value: float, centre: float, predictive_spread: float, degrees_of_freedom: int) -> float:
+    """The Student t tail mass above ``value``: the share of new normal scores above it."""
+    if predictive_spread <= 0:
+        return 0.0
+    return float(stats.t.sf((value - centre) / predictive_spread, degrees_of_freedom))
 
 
 def prediction_bound(normal: np.ndarray, target_false_alarm_rate: float, *,
@@ -308,3 +314,24 @@ def calibrate_unsupervised(normal_scores: np.ndarray | list[float],
         expected_miss_rate=None if synthetic is None else float(np.mean(synthetic <= value)),
         details=_unsupervised_details(normal, bound, min_spread, refinement, reason),
     )
+
+
+def lower_to_miss_target(threshold: Threshold, defect_scores: np.ndarray | list[float], target: float) -> Threshold:
+    """``threshold`` lowered until at most a share ``target`` of the confirmed defects' scores pass
+    (at or below it), never raised: a miss-rate target is paid for in false alarms, never in
+    defects the false-alarm target caught. The defects must be ones the model never trained on.
+    The expected false-alarm rate is the normal scores' predictive tail above the new value (None
+    where the threshold was provisional); the expected miss rate, the share of these defects."""
+    if not 0.0 <= target < 1.0:
+        raise ValueError(f"miss-rate target must be in [0, 1), got {target}")
+    defects = np.sort(as_finite_scores(defect_scores, "defect_scores"))
+    first_caught = float(defects[math.floor(target * defects.size)])  # it and every defect above are flagged
+    details = {**threshold.details, "miss_rate_target": target, "n_defects": int(defects.size),
+               "false_alarm_threshold": threshold.value}
+    if first_caught > threshold.value:  # the false-alarm target already catches enough of them
+        return replace(threshold, expected_miss_rate=float(np.mean(defects <= threshold.value)), details=details)
+    value = float(np.nextafter(first_caught, -np.inf))
+    tail = None if threshold.details.get("provisional") or "centre" not in threshold.details else predictive_tail(
+        value, threshold.details["centre"], threshold.details["predictive_spread"],
+        threshold.details["degrees_of_freedom"])
+    return Threshold(value, RULE_MISS_TARGET, tail, float(np.mean(defects <= value)), details)

@@ -49,6 +49,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "finetune.min_improvement": (0, 1.0), "finetune.loss.instance": (0, 100), "finetune.loss.cross": (0, 100),
     "finetune.loss.negative": (0, 100), "finetune.loss.temperature": (1e-3, 10),
     "loop.benchmark_share": (0.05, 0.9), "loop.max_k": (1, 256), "loop.reviews_per_run": (1, 100_000),
+    "loop.miss_rate_target": (0, 0.5),
 }
 _CHOICES: dict[str, tuple[str, ...]] = {"backbone": BUNDLED_BACKBONES, "loop.candidates": METHOD_NAMES}
 _NESTED = (AugmentConfig, FinetuneConfig, LossWeights)  # the configurations inside DetectorConfig

@@ -61,11 +61,11 @@ from flows.store.storage import (
 )
 from flows.store.upload import ManifestError, content_sha256, read_checked, read_manifest
 from flows.store.validation import ValidationReport, quarantine_upload, validate_upload, write_report
-from fsad_core.calibration import Threshold
+from fsad_core.calibration import Threshold, lower_to_miss_target
 from fsad_core.config import DetectorConfig
 from fsad_core.detector import Detector
 from fsad_core.devices import resolve_device
-from fsad_core.evidence import SYNTHETIC, Evidence, best_candidate, judge
+from fsad_core.evidence import MIN_PER_CLASS, SYNTHETIC, Evidence, best_candidate, judge
 from fsad_core.fitting import FitReport
 from fsad_core.imageio import PixelBudget, image_limits, read_header
 from fsad_core.metrics import image_auroc, rates_at_threshold
@@ -91,14 +91,15 @@ class NoUpload(PermanentError):
 class UploadData:
     """Decoded images of a retraining: the normal training images (the upload's, then confirmed
     normals), the labelled benchmark (the upload's eval set and the labels that judge) and, where
-    the product's settings say so, the training side's confirmed defects as fine-tuning negatives."""
+    the product's settings use them, the training side's confirmed defects."""
 
     train: list[np.ndarray]
     eval_images: list[np.ndarray]
     eval_labels: list[int]
     eval_keys: list[str]
     eval_weights: list[float]  # what each benchmark image counts for: 1 for the upload's, a label's `judging_weight`
-    defects: list[np.ndarray] = field(default_factory=list)  # fine-tuning negatives (`loop.defect_negatives`)
+    # fine-tuning negatives (`loop.defect_negatives`) or what the threshold must catch (`loop.miss_rate_target`)
+    defects: list[np.ndarray] = field(default_factory=list)
 
 
 @dataclass
@@ -194,8 +195,8 @@ def load_images(settings: Settings, job: RetrainJob, manifest: dict[str, Any]) -
     """Decode the manifest's images, each checked against its manifest sha256 once more (what is
     trained on is exactly the content that was validated and that content_sha256 names), then the
     labelled images: those that judge join the benchmark, confirmed normals the training images
-    (up to ``loop.max_k`` in all), confirmed defects the fine-tuning's negatives where the product's
-    settings say so."""
+    (up to ``loop.max_k`` in all), and confirmed defects where the product's settings use them
+    (`LoopSettings.uses_defects`)."""
     store = open_store(settings.storage_url)
     limits = image_limits()
     budget = PixelBudget(limits, f"upload {job.upload_id} of {job.product} with its labels")
@@ -221,12 +222,12 @@ def load_images(settings: Settings, job: RetrainJob, manifest: dict[str, Any]) -
         data.eval_weights.append(entry.judging_weight)
     for entry in training:
         if entry.label == DEFECT:
-            if job.loop.defect_negatives:
+            if job.loop.uses_defects:
                 data.defects.append(labelled(entry))
         elif len(data.train) < job.loop.max_k:
             data.train.append(labelled(entry))
-    get_run_logger().info("loaded %d training images, %d benchmark images (%d defect) and %d confirmed defects "
-                          "to fine-tune against", len(data.train), len(data.eval_images), sum(data.eval_labels),
+    get_run_logger().info("loaded %d training images, %d benchmark images (%d defect) and %d training-side "
+                          "confirmed defects", len(data.train), len(data.eval_images), sum(data.eval_labels),
                           len(data.defects))
     return data
 
@@ -306,6 +307,22 @@ def fit(images: list[np.ndarray], config: DetectorConfig, device: str, defects: 
     if detector.threshold.details.get("provisional"):
         logger.warning("the threshold is provisional: %s", detector.threshold.details["provisional_reason"])
     return detector, report
+
+
+@task(persist_result=False)
+def to_miss_target(detector: Detector, defects: list[np.ndarray], target: float) -> Detector:
+    """The detector with its threshold lowered until at most ``target`` of the training side's
+    confirmed defects pass (`calibration.lower_to_miss_target`); with fewer than `MIN_PER_CLASS`
+    of them the false-alarm target's threshold stands, as a share of so few says little."""
+    logger = get_run_logger()
+    if len(defects) < MIN_PER_CLASS:
+        logger.warning("miss-rate target %.3g not applied: %d training-side confirmed defects, %d needed; the "
+                       "false-alarm target's threshold stands", target, len(defects), MIN_PER_CLASS)
+        return detector
+    threshold = lower_to_miss_target(detector.threshold, detector.score(defects).raw_scores, target)
+    logger.info("miss-rate target %.3g on %d confirmed defects: threshold %.4g (%s), %.0f %% of them pass", target,
+                len(defects), threshold.value, threshold.rule, 100 * threshold.expected_miss_rate)
+    return detector.with_threshold(threshold)
 
 
 @task(persist_result=False)
@@ -550,7 +567,7 @@ def _train_and_promote(settings: Settings, product: str, upload_id: str, manifes
     # The identity of the files this run reads (validation found the declared hash equal to it; a
     # manifest replaced since cannot name other images as trained ones), and of its labels.
     labels, content = read_labels(settings, product), content_sha256(manifest["files"])
-    jobs = [RetrainJob(product, upload_id, content, name, seed, config, config_sha256(config),
+    jobs = [RetrainJob(product, upload_id, content, name, seed, config, config_sha256(config, loop),
                        resolve_device(settings.device).type, validation["uri"], validation["report_json"], labels,
                        loop) for name, config in configs.items()]
     if (found := _already_trained(settings, jobs)) is not None:
@@ -590,9 +607,11 @@ def _stop_already_trained(settings: Settings, job: RetrainJob, existing: dict[st
 def _train_and_evaluate(job: RetrainJob, data: UploadData) -> Trained:
     """Fine-tune, judge the model on its benchmark and gather what the run logs."""
     fit_task = fit.with_options(tags={GPU_LIMIT}) if job.device == "cuda" else fit
-    detector, report = fit_task(data.train, job.config, job.device, data.defects)
+    detector, report = fit_task(data.train, job.config, job.device, data.defects if job.loop.defect_negatives else [])
+    if job.loop.miss_rate_target is not None:
+        detector = to_miss_target(detector, data.defects, job.loop.miss_rate_target)
     bench = score_benchmark(detector, report, data)
-    threshold = detector.threshold  # the fit's, never from the benchmark
+    threshold = detector.threshold  # the fit's, or lowered on training-side defects: never from the benchmark
     metrics = evaluate(bench, threshold, report)
     shown = gallery(detector, data, bench)
     record = tracking.TrainingRecord(

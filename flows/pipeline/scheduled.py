@@ -92,8 +92,9 @@ def plan_product(settings: Settings, product: str, method: str | None, seed: int
     of its candidate methods): changing them retrains it."""
     store = open_store(settings.storage_url)
     overrides, source = product_overrides(settings, store, product)
-    config_hashes = tuple(config_sha256(training_config(name, seed, overrides, source))
-                          for name in loop_settings(overrides, source).methods(method))
+    loop = loop_settings(overrides, source)
+    config_hashes = tuple(config_sha256(training_config(name, seed, overrides, source), loop)
+                          for name in loop.methods(method))
     stale = tuple(u.upload_id for u in stale_incomplete_uploads(store, product, STALE_UPLOAD_S))
     latest = latest_complete_upload(store, product)
     if latest is None:

@@ -124,6 +124,15 @@ def test_a_configurations_hash_stays_what_earlier_versions_registered(method, di
     # Champions carry this hash: a refactor that changed it would retrain every product once and
     # register duplicates of versions already trained.
     assert config_sha256(method_config(method, seed=0)) == digest
+    assert config_sha256(method_config(method, seed=0), LoopSettings(reviews_per_run=5)) == digest  # not training
+
+
+def test_the_label_settings_that_change_training_change_its_identity():
+    config = method_config("fast", seed=0)
+    hashes = {config_sha256(config, loop) for loop in (
+        LoopSettings(), LoopSettings(miss_rate_target=0.1), LoopSettings(defect_negatives=True),
+        LoopSettings(max_k=8), LoopSettings(benchmark_share=0.3))}
+    assert len(hashes) == 5 and config_sha256(config) in hashes
 
 
 @pytest.mark.parametrize("uri, clean, user, password", [
@@ -149,7 +158,10 @@ def test_a_products_loop_settings_sit_beside_the_models_and_are_checked_as_they_
                          ({"loop": {"share": 0.5}}, "unknown setting loop.share"),
                          ({"loop": {"allow_unproven": "yes"}}, "loop.allow_unproven: true or false"),
                          ({"loop": {"candidates": ["fast", "nope"]}}, "loop.candidates: a list of different names"),
-                         ({"loop": {"candidates": []}}, "loop.candidates: a list of different names")):
+                         ({"loop": {"candidates": []}}, "loop.candidates: a list of different names"),
+                         ({"loop": {"miss_rate_target": 0.6}}, "loop.miss_rate_target: from 0 to 0.5"),
+                         ({"loop": {"miss_rate_target": 0.1, "defect_negatives": True}},
+                          "loop.miss_rate_target with loop.defect_negatives would set the threshold on defects")):
         with pytest.raises(SettingsError, match=f"here: {message}"):
             loop_settings(bad, "here")
 

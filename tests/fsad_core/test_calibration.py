@@ -6,6 +6,7 @@ from scipy import stats
 
 from fsad_core.calibration import (
     MIN_NORMALS_FOR_TAIL,
+    RULE_MISS_TARGET,
     RULE_PREDICTION_BOUND,
     RULE_SINGLE_IMAGE,
     RULE_SYNTHETIC_GAP,
@@ -13,6 +14,7 @@ from fsad_core.calibration import (
     Threshold,
     calibrate_unsupervised,
     gap_threshold,
+    lower_to_miss_target,
     prediction_bound,
     provisional_reason,
     refine_with_synthetic,
@@ -212,3 +214,20 @@ def test_threshold_json_round_trip():
     assert Threshold.from_dict(data) == t
     with pytest.raises(ValueError):
         Threshold(float("nan"), "x", None, None)
+
+
+def test_a_miss_rate_target_lowers_the_threshold_until_enough_defects_are_caught_and_never_raises_it():
+    normal = np.random.default_rng(0).normal(0, 1, 16)
+    threshold = calibrate_unsupervised(normal, target_false_alarm_rate=0.01)
+    defects = np.array([-0.5, 0.0, 0.5, 1.0, 1.5, 5.0, 6.0, 7.0, 8.0, 9.0])  # half below the threshold
+    assert np.mean(defects <= threshold.value) == 0.5
+    for target, passing in ((0.0, 0), (0.1, 1), (0.25, 2), (0.45, 4)):
+        lowered = lower_to_miss_target(threshold, defects, target)
+        assert lowered.rule == RULE_MISS_TARGET and int(np.sum(defects <= lowered.value)) == passing
+        assert lowered.value < threshold.value and lowered.expected_miss_rate == passing / 10
+        assert lowered.expected_false_alarm_rate > threshold.expected_false_alarm_rate  # paid in false alarms
+        assert lowered.details["false_alarm_threshold"] == threshold.value and lowered.details["n_defects"] == 10
+    caught = lower_to_miss_target(threshold, defects + 10, 0.0)  # the false-alarm target already catches them
+    assert caught.value == threshold.value and caught.rule == threshold.rule and caught.expected_miss_rate == 0.0
+    with pytest.raises(ValueError, match="miss-rate target"):
+        lower_to_miss_target(threshold, defects, 1.0)

@@ -52,7 +52,13 @@ from flows.store.upload import (
     upload_folder,
     write_upload_folder,
 )
-from fsad_core.calibration import RULE_PREDICTION_BOUND, RULE_SINGLE_IMAGE, RULE_SYNTHETIC_GAP, Threshold
+from fsad_core.calibration import (
+    RULE_MISS_TARGET,
+    RULE_PREDICTION_BOUND,
+    RULE_SINGLE_IMAGE,
+    RULE_SYNTHETIC_GAP,
+    Threshold,
+)
 from fsad_core.config import DetectorConfig
 from fsad_core.data import load_category
 from fsad_core.detector import Detector
@@ -241,6 +247,10 @@ def test_a_products_own_settings_are_checked_used_and_retrain_it_once(env):
     params = mlflow.MlflowClient().get_run(summary["run_id"]).data.params
     assert params["augment_flips"] == "none" and params["size"] == str(TINY_TRAINING["size"])  # merged
     assert "already trained as version 2" in plan_product.fn(settings, "noeval", "default", 0).reason
+    store.put_json(training_key("noeval"), {"augment": {"hflip": False}, "loop": {"reviews_per_run": 5}})
+    assert "already trained as version 2" in plan_product.fn(settings, "noeval", "default", 0).reason  # not training
+    store.put_json(training_key("noeval"), {"augment": {"hflip": False}, "loop": {"miss_rate_target": 0.1}})
+    assert "training configuration changed since champion" in plan_product.fn(settings, "noeval", "default", 0).reason
 
 
 def test_a_pinned_product_is_gated_but_not_promoted(env, sets):
@@ -291,6 +301,26 @@ def test_labels_judge_train_and_calibrate_and_new_labels_make_a_new_version(env,
     assert tags["candidate_choice"].startswith(f"{second.method}: ") and "candidates fast " in tags["candidate_choice"]
     assert second.gate.champion_version == "1" and second.gate.evidence == "labelled"  # compared on one benchmark
     assert retrain_flow("labelled")["status"] == "already_trained"  # the same labels: not trained twice
+
+
+def test_a_miss_rate_target_catches_the_training_sides_confirmed_defects(env, sets, tmp_path):
+    """Defects that look like normal parts (normal images labelled defective) pass the false-alarm
+    target's threshold; with ``loop.miss_rate_target`` 0 the version flags every one of them."""
+    store = open_store()
+    upload_folder(store, "missed", sets["good"], upload_id=U_GOOD)
+    assert retrain_flow("missed")["status"] == "promoted"
+    line = load_category(make_category(tmp_path / "line", kind="object", n_train=1, n_test_good=16,
+                                       n_test_defect=0, size=96, seed=2))
+    add_labels(store, "missed", [(s.path.name, s.path.read_bytes()) for s in line.test], DEFECT, "ann", "audit")
+    store.put_json(training_key("missed"), {"loop": {"miss_rate_target": 0.0}})
+    _, training = LabelSnapshot.of(current_labels(store, "missed")).split(0.5)
+    assert len(training) >= 5
+    second = RetrainSummary.from_dict(retrain_flow("missed"))
+    assert second.version == "2" and second.trained.threshold.rule == RULE_MISS_TARGET
+    model = Detector.load(registry.download_model(f"models:/{registry.model_name('missed')}/2"))
+    trained_side = [read_image(store.get_bytes(e.image_key)) for e in training]
+    assert model.score(trained_side).is_anomaly.all()
+    assert model.threshold.details["n_defects"] == len(training)
 
 
 def test_the_benchmark_counts_each_image_by_its_weight(sets):
