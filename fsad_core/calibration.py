@@ -316,6 +316,13 @@ def calibrate_unsupervised(normal_scores: np.ndarray | list[float],
     )
 
 
+def _just_below(score: float, scores: np.ndarray) -> float:
+    """Midway between ``score`` and the next lower of ``scores`` (or a small relative margin below
+    it): a defect caught by a hair would pass again on a rescore that rounds differently."""
+    lower = scores[scores < score]
+    return float((score + lower[-1]) / 2) if lower.size else score - 1e-4 * max(abs(score), 1e-6)
+
+
 def lower_to_miss_target(threshold: Threshold, defect_scores: np.ndarray | list[float], target: float) -> Threshold:
     """``threshold`` lowered until at most a share ``target`` of the confirmed defects' scores pass
     (at or below it), never raised: a miss-rate target is paid for in false alarms, never in
@@ -325,12 +332,12 @@ def lower_to_miss_target(threshold: Threshold, defect_scores: np.ndarray | list[
     if not 0.0 <= target < 1.0:
         raise ValueError(f"miss-rate target must be in [0, 1), got {target}")
     defects = np.sort(as_finite_scores(defect_scores, "defect_scores"))
-    first_caught = float(defects[math.floor(target * defects.size)])  # it and every defect above are flagged
+    first_caught = float(defects[math.floor(target * defects.size + 1e-9)])  # it and every defect above are flagged
     details = {**threshold.details, "miss_rate_target": target, "n_defects": int(defects.size),
                "false_alarm_threshold": threshold.value}
     if first_caught > threshold.value:  # the false-alarm target already catches enough of them
         return replace(threshold, expected_miss_rate=float(np.mean(defects <= threshold.value)), details=details)
-    value = float(np.nextafter(first_caught, -np.inf))
+    value = _just_below(first_caught, defects)
     tail = None if threshold.details.get("provisional") or "centre" not in threshold.details else predictive_tail(
         value, threshold.details["centre"], threshold.details["predictive_spread"],
         threshold.details["degrees_of_freedom"])

@@ -53,8 +53,8 @@ class Evidence:
     def misses_more(self, other: Evidence) -> bool:
         """Whether this model lets more of the benchmark's defects pass at its threshold than the
         other at its own: another method brings another threshold, which a better AUROC says
-        nothing of. False where either did not say what it decided."""
-        return self.missed is not None and other.missed is not None and self.missed > other.missed
+        nothing of. False where either did not say what it decided (and on a difference of rounding)."""
+        return self.missed is not None and other.missed is not None and self.missed > other.missed + 1e-9
 
 
 def evidence_kind(n_normal: int, n_defect: int) -> str:
@@ -139,21 +139,23 @@ def in_hash_share(sha256: str, share: float) -> bool:
 
 
 def best_candidate(evidence: dict[str, Evidence], seconds: dict[str, float], day0: str,
-                   incumbent: str | None = None) -> tuple[str, str]:
-    """The candidate method to register, and why. On labelled evidence, the best AUROC of the
-    candidates that let no more of the benchmark's defects pass than the champion's method
-    ``incumbent`` (the gate's rule for another method); of those the benchmark cannot tell from the
-    best (the best is above them in fewer than `PROMOTION_CONFIDENCE` of the paired resamples), the
-    champion's method where it is one of them (a change of method needs evidence, and the gate asks
-    for it), else the cheapest (fewest seconds). Without labelled evidence, the day-0 rule ``day0``."""
+                   incumbent: str | None = None, champion: Evidence | None = None) -> tuple[str, str]:
+    """The candidate method to register, and why. ``incumbent``: the method whose candidate is the
+    champion trained again; ``champion``: the champion's evidence on the same benchmark. On
+    labelled evidence, the best AUROC of the candidates the gate could take (all, where none could):
+    the incumbent, and those that let no more of the benchmark's defects pass than the champion; of
+    those the benchmark cannot tell from the best (the best is above them in fewer than
+    `PROMOTION_CONFIDENCE` of the paired resamples), the incumbent where it is one of them (a change
+    of method needs evidence, and the gate asks for it), else the cheapest (fewest seconds).
+    Without labelled evidence, the day-0 rule ``day0``."""
     if len(evidence) == 1:
         return next(iter(evidence)), "the only candidate"
     shown = ", ".join(f"{name} {e.auroc:.4f} ({e.low:.3f}-{e.high:.3f})" for name, e in evidence.items())
     if any(e.kind != LABELLED for e in evidence.values()):
         chosen = day0 if day0 in evidence else next(iter(evidence))
         return chosen, f"{chosen}: no labelled evidence, the day-0 rule (candidates {shown})"
-    allowed = [name for name in evidence if incumbent not in evidence or name == incumbent
-               or not evidence[name].misses_more(evidence[incumbent])]
+    allowed = [name for name in evidence
+               if name == incumbent or champion is None or not evidence[name].misses_more(champion)] or list(evidence)
     best = max(allowed, key=lambda name: evidence[name].auroc)
     tied = [name for name in allowed
             if name == best or evidence[best].share_above(evidence[name]) < PROMOTION_CONFIDENCE]
@@ -165,5 +167,5 @@ def best_candidate(evidence: dict[str, Evidence], seconds: dict[str, float], day
     else:
         why = f"the cheapest of those the labelled benchmark cannot tell from the best ({best})"
     passing = "" if len(allowed) == len(evidence) else \
-        f"; {', '.join(sorted(set(evidence) - set(allowed)))} let more defects pass than {incumbent}"
+        f"; {', '.join(sorted(set(evidence) - set(allowed)))} let more defects pass than the champion"
     return chosen, f"{chosen}: {why} (candidates {shown}{passing})"

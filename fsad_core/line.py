@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
 from .data import Category, Sample
 from .imageio import read_image
@@ -64,22 +66,28 @@ def split_line(category: Category, k: int, seed: int, defect_share: float = 0.1)
         quota = round(HELD_OUT_SHARE * (sum(len(g) for g in groups) + len(stream)))
         for i in rng.permutation(len(groups)):
             (held_out if sum(s.label == label for s in held_out) < quota else stream).extend(groups[i])
+        if not any(s.label == label for s in held_out):
+            kind = "defective" if label else "normal"
+            raise ValueError(f"{category.root}: no {kind} image is left for the held-out truth once the upload's "
+                             f"parts and their near-duplicates go to the stream ({len(groups)} other parts)")
     return LineSplit(upload, held_out, _at_share(stream_good, stream_defect, defect_share, rng))
 
 
 def part_groups(samples: Sequence[Sample]) -> list[list[Sample]]:
-    """``samples`` in groups of one part each: in name order, a neighbour of the same frame group, or
-    a near-duplicate of the one before it in its folder, joins its group."""
+    """``samples`` in groups of one part each (in name order): the connected images, where images of
+    one frame group are connected, and so is a near-duplicate to the image before it in its folder."""
     ordered = sorted(samples, key=lambda s: str(s.path))
     alike = _alike_to_previous([s.path for s in ordered])
-    groups: list[list[Sample]] = []
-    for i, s in enumerate(ordered):
-        same_part = i > 0 and (alike[i] or frame_group(s.path) == frame_group(ordered[i - 1].path))
-        if same_part:
-            groups[-1].append(s)
-        else:
-            groups.append([s])
-    return groups
+    first_of: dict[str, int] = {}
+    links = [(i, first_of.setdefault(frame_group(s.path), i)) for i, s in enumerate(ordered)]
+    links += [(i, i - 1) for i in range(1, len(ordered)) if alike[i]]
+    rows, cols = zip(*links) if links else ((), ())
+    graph = coo_matrix((np.ones(len(links)), (rows, cols)), shape=(len(ordered), len(ordered)))
+    _, part = connected_components(graph, directed=False)
+    groups: dict[int, list[Sample]] = {}
+    for s, p in zip(ordered, part):
+        groups.setdefault(int(p), []).append(s)
+    return list(groups.values())
 
 
 def _alike_to_previous(paths: Sequence[Path]) -> list[bool]:

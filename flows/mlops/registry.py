@@ -66,6 +66,8 @@ class GateDecision:
     candidate_interval: tuple[float, float] | None = None
     champion_below_minimum: bool = False  # flagged wherever the product's state is shown
     champion_interval: tuple[float, float] | None = None  # the champion's on the same benchmark
+    candidate_missed: float | None = None  # share of the benchmark's defects (by weight) let pass at its threshold
+    champion_missed: float | None = None
 
     def tags(self) -> dict[str, str]:
         def num(v: float | None) -> str:
@@ -79,7 +81,8 @@ class GateDecision:
                 "gate.champion_auroc": num(self.champion_auroc), "gate.evidence": self.evidence,
                 "gate.candidate_auroc_low": num(low), "gate.candidate_auroc_high": num(high),
                 "gate.champion_auroc_low": num(champion_low), "gate.champion_auroc_high": num(champion_high),
-                "gate.champion_below_minimum": str(self.champion_below_minimum).lower()}
+                "gate.champion_below_minimum": str(self.champion_below_minimum).lower(),
+                "gate.candidate_missed": num(self.candidate_missed), "gate.champion_missed": num(self.champion_missed)}
 
 
 def tag_number(text: str | None) -> float | None:
@@ -154,12 +157,6 @@ def aliases(product: str) -> dict[str, str]:
 
 def version_tags(product: str, version: str) -> dict[str, str]:
     return dict(_client().get_model_version(model_name(product), version).tags)
-
-
-def champion_tags(product: str) -> dict[str, str]:
-    """The champion's tags (its method, upload, labels...); empty without a champion."""
-    version = alias_version(product, CHAMPION)
-    return {} if version is None else version_tags(product, version)
 
 
 @dataclass(frozen=True)
@@ -263,7 +260,9 @@ def gate_decision(candidate: Evidence | None, min_auroc: float, eval_set: str, c
         return GateDecision(passed, reason, min_auroc, auroc, eval_set, champion_version,
                             None if champion is None else champion.auroc, SYNTHETIC if candidate is None else
                             candidate.kind, None if candidate is None else (candidate.low, candidate.high), below,
-                            None if champion is None else (champion.low, champion.high))
+                            None if champion is None else (champion.low, champion.high),
+                            None if candidate is None else candidate.missed,
+                            None if champion is None else champion.missed)
 
     if candidate is None or not math.isfinite(candidate.auroc):
         return made(False, "benchmark AUROC undefined (the benchmark set lacks a class)")
@@ -296,19 +295,36 @@ def gate_decision(candidate: Evidence | None, min_auroc: float, eval_set: str, c
     return made(True, f"{measured} better than {versus} ({needed:.0%} needed for {kind}){flag}")
 
 
-def champion_evidence(product: str, images: list[np.ndarray] | None, labels: list[int] | None,
-                      weights: list[float] | None = None, device: str = "auto",
-                      settings: Settings | None = None) -> tuple[str | None, Evidence | None]:
-    """(champion version, its evidence on the given labelled set, each image counted by its weight,
-    as the candidate's); (None, None) without a champion and (version, None) when there is no
-    labelled set to score it on."""
+@dataclass(frozen=True)
+class ChampionView:
+    """The champion as a retraining sees it: its version and tags, and its evidence on the run's
+    labelled benchmark, which the candidate choice and the gate both compare with."""
+
+    version: str | None
+    tags: dict[str, str]
+    evidence: Evidence | None
+
+    def retraining(self, upload_id: str) -> str | None:
+        """The champion's method where a candidate of it on ``upload_id`` is the champion trained
+        again with newer labels (the gate's `RETRAINING_CONFIDENCE`); None otherwise."""
+        return self.tags.get("method") if self.version and self.tags.get("upload_id") == upload_id else None
+
+
+def champion_view(product: str, images: list[np.ndarray] | None, labels: list[int] | None,
+                  weights: list[float] | None = None, device: str = "auto",
+                  settings: Settings | None = None) -> ChampionView:
+    """The champion, with its evidence on the given labelled set (each image counted by its weight,
+    as the candidate's; None without a set to score it on)."""
     version = alias_version(product, CHAMPION)
-    if version is None or not images or labels is None:
-        return version, None
+    if version is None:
+        return ChampionView(None, {}, None)
+    tags = version_tags(product, version)
+    if not images or labels is None:
+        return ChampionView(version, tags, None)
     detector = Detector.load(download_model(f"models:/{model_name(product)}/{version}", settings=settings),
                              device=device)
     result = detector.score(images)
-    return version, judge(labels, result.scores, weights, flagged=result.is_anomaly)
+    return ChampionView(version, tags, judge(labels, result.scores, weights, flagged=result.is_anomaly))
 
 
 def record_gate(product: str, version: str, decision: GateDecision) -> None:
@@ -497,8 +513,8 @@ def _move_aside_remains(target: Path) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
-__all__ = ["CANDIDATE", "CHAMPION", "PREVIOUS", "GateDecision", "RegistryError", "Verification", "VersionRecord",
-           "WrittenModel", "alias_version", "aliases", "champion_evidence", "deciding_alias", "download_model",
-           "gate_decision",
+__all__ = ["CANDIDATE", "CHAMPION", "PREVIOUS", "ChampionView", "GateDecision", "RegistryError", "Verification",
+           "VersionRecord", "WrittenModel", "alias_version", "aliases", "champion_view", "deciding_alias",
+           "download_model", "gate_decision",
            "find_trained_version", "find_upload_version", "model_name", "resolve_model", "promote", "record_gate",
            "register", "tag_number", "verify", "version_tags", "versions"]

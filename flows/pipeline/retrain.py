@@ -101,6 +101,11 @@ class UploadData:
     # fine-tuning negatives (`loop.defect_negatives`) or what the threshold must catch (`loop.miss_rate_target`)
     defects: list[np.ndarray] = field(default_factory=list)
 
+    @property
+    def has_labelled_benchmark(self) -> bool:
+        """Both kinds among the benchmark's images: an AUROC to be had."""
+        return len(set(self.eval_labels)) == 2
+
 
 @dataclass
 class Benchmark:
@@ -329,7 +334,7 @@ def to_miss_target(detector: Detector, defects: list[np.ndarray], target: float)
 def score_benchmark(detector: Detector, report: FitReport, data: UploadData) -> Benchmark:
     """Labelled eval set when the upload has one, else the fit's leave-one-out normal scores and
     synthetic-anomaly scores (each from a model that never saw that image)."""
-    if len(set(data.eval_labels)) == 2:  # both kinds: an AUROC to be had
+    if data.has_labelled_benchmark:
         result = detector.score(data.eval_images)
         return Benchmark(LABELLED, list(data.eval_labels), result.raw_scores, result.components,
                          judge(data.eval_labels, result.raw_scores, data.eval_weights, flagged=result.is_anomaly))
@@ -408,17 +413,23 @@ def register(settings: Settings, product: str, model_uri: str, run_id: str, tags
     return version
 
 
-@task(**IO_RETRIES, persist_result=False)
-def gate(settings: Settings, product: str, version: str, bench: Benchmark, data: UploadData, device: str,
-         loop: LoopSettings, retrained: bool) -> registry.GateDecision:
-    """Score the champion on the same labelled benchmark, decide, and record the verdict as version
-    tags; ``retrained``: the candidate is the champion's method and upload trained with newer labels."""
+@task(**IO_RETRIES, persist_result=False, cache_policy=NO_CACHE)
+def judge_champion(settings: Settings, product: str, data: UploadData, device: str) -> registry.ChampionView:
+    """The champion, scored on the run's labelled benchmark (the candidates' own) where there is one."""
     tracking.configure(settings)
-    images, labels, weights = (data.eval_images, data.eval_labels, data.eval_weights) if bench.kind == LABELLED \
-        else (None, None, None)
-    champion, champion_evidence = registry.champion_evidence(product, images, labels, weights, device, settings)
-    decision = registry.gate_decision(bench.evidence, settings.gate_min_auroc, bench.kind, champion,
-                                      champion_evidence, loop.allow_unproven, retrained)
+    labelled = data.has_labelled_benchmark
+    return registry.champion_view(product, data.eval_images if labelled else None,
+                                  data.eval_labels if labelled else None, data.eval_weights, device, settings)
+
+
+@task(**IO_RETRIES, persist_result=False)
+def gate(settings: Settings, product: str, version: str, bench: Benchmark, champion: registry.ChampionView,
+         loop: LoopSettings, retrained: bool) -> registry.GateDecision:
+    """Decide on the candidate against the champion on the same labelled benchmark and record the
+    verdict as version tags; ``retrained``: the candidate is the champion trained again."""
+    tracking.configure(settings)
+    decision = registry.gate_decision(bench.evidence, settings.gate_min_auroc, bench.kind, champion.version,
+                                      champion.evidence, loop.allow_unproven, retrained)
     registry.record_gate(product, version, decision)
     get_run_logger().info("gate %s: %s", "passed" if decision.passed else "FAILED", decision.reason)
     return decision
@@ -447,12 +458,6 @@ def pinned(settings: Settings, product: str) -> bool:
     """Whether a person has turned automatic promotion off for the product (`fsad pin`)."""
     tracking.configure(settings)
     return control.is_pinned(product)
-
-
-@task(**IO_RETRIES, cache_policy=NO_CACHE)
-def champion_tags(settings: Settings, product: str) -> dict[str, str]:
-    tracking.configure(settings)
-    return registry.champion_tags(product)
 
 
 @task(**IO_RETRIES, cache_policy=NO_CACHE)
@@ -574,18 +579,19 @@ def _train_and_promote(settings: Settings, product: str, upload_id: str, manifes
         return _stop_already_trained(settings, *found)
     data = load_images(settings, jobs[0], manifest)
     trained = {job.method: _train_and_evaluate(job, data) for job in jobs}
-    champion = champion_tags(settings, product)
+    champion = judge_champion(settings, product, data, jobs[0].device)
+    retraining = champion.retraining(upload_id)
     chosen, why = best_candidate({name: t.bench.evidence for name, t in trained.items()},
                                  {name: t.record.metrics.get("fit_seconds", 0.0) for name, t in trained.items()},
-                                 DAY0_METHOD, champion.get("method"))
+                                 DAY0_METHOD, retraining, champion.evidence)
     get_run_logger().info("candidate chosen: %s", why)
     job = next(j for j in jobs if j.method == chosen)
     # Checked again before anything is logged: should the product lock ever lapse during a long
     # fine-tuning (its lease expired on a starved machine), a run that finished first wins.
     if (found := _already_trained(settings, jobs)) is not None:
         return _stop_already_trained(settings, *found)
-    retrained = champion.get("method") == chosen and champion.get("upload_id") == upload_id
-    return trained_summary(job, trained[chosen].record, _publish(settings, job, trained[chosen], why, retrained))
+    published = _publish(settings, job, trained[chosen], why, champion, retrained=chosen == retraining)
+    return trained_summary(job, trained[chosen].record, published)
 
 
 def _already_trained(settings: Settings, jobs: list[RetrainJob]) -> tuple[RetrainJob, dict[str, Any]] | None:
@@ -623,7 +629,8 @@ def _train_and_evaluate(job: RetrainJob, data: UploadData) -> Trained:
     return Trained(record, detector, data, bench)
 
 
-def _publish(settings: Settings, job: RetrainJob, trained: Trained, choice: str, retrained: bool) -> Published:
+def _publish(settings: Settings, job: RetrainJob, trained: Trained, choice: str, champion: registry.ChampionView,
+             retrained: bool) -> Published:
     """Log and register the run, let the gate decide, promote a passing version, then log the report
     (written last because its first line is the verdict). ``choice`` says why this candidate;
     ``retrained``: it is the champion's method and upload trained with newer labels."""
@@ -631,7 +638,7 @@ def _publish(settings: Settings, job: RetrainJob, trained: Trained, choice: str,
     logged = log_run(settings, record, detector)
     version = register(settings, job.product, logged.model_uri, logged.run_id,
                        {**version_tags(job, record), "candidate_choice": choice[:5000]})
-    decision = gate(settings, job.product, version, trained.bench, trained.data, job.device, job.loop, retrained)
+    decision = gate(settings, job.product, version, trained.bench, champion, job.loop, retrained)
     hold = decision.passed and pinned(settings, job.product)
     if decision.passed:
         aliases = verify_and_promote(settings, job.product, version, detector, record.example_image,

@@ -229,5 +229,7 @@ def test_a_miss_rate_target_lowers_the_threshold_until_enough_defects_are_caught
         assert lowered.details["false_alarm_threshold"] == threshold.value and lowered.details["n_defects"] == 10
     caught = lower_to_miss_target(threshold, defects + 10, 0.0)  # the false-alarm target already catches them
     assert caught.value == threshold.value and caught.rule == threshold.rule and caught.expected_miss_rate == 0.0
+    many = np.linspace(-3, 1, 100)  # 0.29 * 100 is 28.999... in floating point: still 29 may pass
+    assert int(np.sum(many <= lower_to_miss_target(threshold, many, 0.29).value)) == 29
     with pytest.raises(ValueError, match="miss-rate target"):
         lower_to_miss_target(threshold, defects, 1.0)

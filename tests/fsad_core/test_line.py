@@ -4,6 +4,7 @@ side, and the stream at the defect share."""
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from fsad_core.data import load_category
@@ -68,3 +69,21 @@ def test_numbered_frames_of_one_part_stay_on_one_side_and_beside_the_upload_are_
         assert all(set(part) <= held_out or not set(part) & held_out for part in tested)
         uploaded = {s.path for s in split.upload}
         assert not {p for part in train if set(part) & uploaded for p in part} & held_out
+
+
+def test_frames_of_one_part_are_one_group_whatever_sorts_between_them(tmp_path):
+    root = make_category(tmp_path / "cam", kind="object", n_train=4, n_test_good=0, n_test_defect=6, size=48)
+    _frames(root / "test" / "good", 200, parts=1, frames=1, seed=3)  # other parts, so the folder has a typical distance
+    for name, seed in (("part3_f1", 4), ("part3_f1b", 5), ("part3_f2", 6), ("other", 7)):
+        Image.fromarray(np.random.default_rng(seed).integers(0, 255, (48, 48, 3)).astype(np.uint8)).save(
+            root / "test" / "good" / f"{name}.png")
+    category = load_category(root)
+    groups = [sorted(s.path.stem for s in g) for g in part_groups([s for s in category.test if s.label == 0])]
+    assert ["part3_f1", "part3_f2"] in groups and ["part3_f1b"] in groups
+
+
+def test_a_category_whose_normal_parts_are_all_in_the_upload_is_refused(tmp_path):
+    root = make_category(tmp_path / "two", kind="object", n_train=0, n_test_good=0, n_test_defect=6, size=48)
+    _frames(root / "train" / "good", 0, parts=2, frames=4, seed=1)
+    with pytest.raises(ValueError, match="no normal image is left for the held-out truth"):
+        split_line(load_category(root), 5, seed=0)  # five of eight frames: a frame of each part

@@ -134,6 +134,7 @@ def test_gate_policy(candidate, champ, champion, allow, retrained, passed, phras
     if candidate is not None:
         assert f"{candidate.n_normal} normal and {candidate.n_defect} defective, {candidate.kind}" in d.reason
         assert tags["gate.evidence"] == candidate.kind
+        assert tags["gate.candidate_missed"] == ("n/a" if candidate.missed is None else f"{candidate.missed:.6f}")
 
 
 # ---- the pyfunc model -----------------------------------------------------------------------------
@@ -190,12 +191,15 @@ def test_register_verify_promote_moves_champion_and_previous(settings, fitted, v
         assert check.ok, check.reason
         assert registry.version_tags(PRODUCT, version)["verified"] == "true"
     assert registry.promote(PRODUCT, v1) == {CANDIDATE: v2, CHAMPION: v1}
-    champion, evidence = registry.champion_evidence(PRODUCT, images, labels, device="cpu", settings=settings)
+    champion = registry.champion_view(PRODUCT, images, labels, device="cpu", settings=settings)
     scores = detector.score(images).scores
-    assert champion == v1 and evidence.auroc == pytest.approx(image_auroc(labels, scores))
+    assert champion.version == v1 and champion.evidence.auroc == pytest.approx(image_auroc(labels, scores))
+    assert champion.tags["verified"] == "true" and champion.evidence.missed is not None
     weights = [1.0 + 9.0 * (i % 2) for i in range(len(labels))]  # as the candidate's benchmark counts them
-    _, weighted = registry.champion_evidence(PRODUCT, images, labels, weights, device="cpu", settings=settings)
+    weighted = registry.champion_view(PRODUCT, images, labels, weights, device="cpu", settings=settings).evidence
     assert weighted.auroc == pytest.approx(weighted_auroc(labels, scores, weights))
+    unscored = registry.champion_view(PRODUCT, None, None, settings=settings)
+    assert unscored.version == v1 and unscored.evidence is None
     assert registry.promote(PRODUCT, v2) == {CANDIDATE: v2, CHAMPION: v2, PREVIOUS: v1}
 
 

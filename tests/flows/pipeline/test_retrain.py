@@ -325,7 +325,7 @@ def test_a_miss_rate_target_catches_the_training_sides_confirmed_defects(env, se
 
 def test_the_benchmark_counts_each_image_by_its_weight(sets):
     """A judging label stands for as many of the line's images as its weight (one over its chance of
-    a review); the benchmark's AUROC is the weighted one, as the champion's is (`champion_evidence`)."""
+    a review); the benchmark's AUROC is the weighted one, as the champion's is (`registry.champion_view`)."""
     from flows.pipeline.retrain import UploadData, score_benchmark
 
     folder = sets["good"]
