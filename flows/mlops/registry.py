@@ -307,7 +307,7 @@ class ChampionView:
     def retraining(self, upload_id: str) -> str | None:
         """The champion's method where a candidate of it on ``upload_id`` is the champion trained
         again with newer labels (the gate's `RETRAINING_CONFIDENCE`); None otherwise."""
-        return self.tags.get("method") if self.version and self.tags.get("upload_id") == upload_id else None
+        return self.tags.get("method") if self.tags.get("upload_id") == upload_id else None
 
 
 def champion_view(product: str, images: list[np.ndarray] | None, labels: list[int] | None,
